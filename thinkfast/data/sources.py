@@ -1,0 +1,208 @@
+"""Data specs -> problems. One string names a source everywhere (CLI, recipes, samples files):
+
+  gsm8k:PATH                                 GSM8K jsonl (`question`, `answer` ending in `#### N`)
+  math:PATH                                  MATH jsonl (`problem`, `answer`, optional `solution`)
+  jsonl:PATH?question=FIELD&answer=FIELD     any jsonl (`solution=FIELD`, `kind=number|gsm8k|math` optional)
+  rg:NAME?size=N&seed=S&KEY=VALUE...         a reasoning-gym generator (extra keys go to its config)
+  hf:ID[:CONFIG]:SPLIT                       a Hugging Face dataset (needs `datasets` and the network)
+  text:PATH                                  plain text (distillation data only; no answers)
+
+Every spec also takes `offset=N` and `limit=N` to select a slice of problems.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from ..errors import DataError
+
+SCHEMES = ("gsm8k", "math", "jsonl", "rg", "hf", "text")
+GRADER_KINDS = ("gsm8k", "math", "number")
+CALCULATOR_MARK = re.compile(r"<<[^>]*>>")
+
+
+@dataclass
+class Problem:
+    id: str  # stable within its source: used to resume sampling and to join samples with problems
+    question: str
+    answer: str  # gold final answer ("" for text sources)
+    kind: str = "number"  # grader kind: gsm8k | math | number
+    solution: str | None = None  # worked solution when the source has one (calculator marks removed)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataSpec:
+    scheme: str
+    target: str  # path, generator name or dataset id
+    params: dict[str, str]
+    text: str  # the spec as written
+
+    def int_param(self, name: str, default: int | None = None) -> int | None:
+        if name not in self.params:
+            return default
+        try:
+            return int(self.params[name])
+        except ValueError:
+            raise DataError(f"data spec {self.text!r}: {name}={self.params[name]!r} is not an integer") from None
+
+
+def parse_spec(spec: str) -> DataSpec:
+    if ":" not in spec:
+        raise DataError(f"data spec {spec!r}: expected SCHEME:TARGET with SCHEME one of {', '.join(SCHEMES)} (e.g. gsm8k:../shared/data/gsm8k_test.jsonl)")
+    scheme, rest = spec.split(":", 1)
+    if scheme not in SCHEMES:
+        raise DataError(f"data spec {spec!r}: unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    target, _, query = rest.partition("?")
+    if not target:
+        raise DataError(f"data spec {spec!r}: nothing after '{scheme}:'")
+    return DataSpec(scheme, target, dict(parse_qsl(query, keep_blank_values=True)), spec)
+
+
+def load_problems(spec: str) -> list[Problem]:
+    """All problems a spec names, in a stable order."""
+    s = parse_spec(spec)
+    loader = {"gsm8k": _gsm8k, "math": _math, "jsonl": _jsonl, "rg": _reasoning_gym, "hf": _hf, "text": _text}[s.scheme]
+    problems = loader(s)
+    offset, limit = s.int_param("offset", 0), s.int_param("limit")
+    return problems[offset: None if limit is None else offset + limit]
+
+
+def _read_jsonl(s: DataSpec) -> list[dict]:
+    path = Path(s.target)
+    if not path.is_file():
+        raise DataError(f"data spec {s.text!r}: file {path} does not exist")
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
+    return rows
+
+
+def _field(row: dict, name: str, s: DataSpec, n: int):
+    if name not in row:
+        raise DataError(f"{s.target}:{n}: no field {name!r} (fields: {sorted(row)}); map fields with ?question=...&answer=...")
+    return row[name]
+
+
+def gsm8k_final_answer(answer_text: str) -> str:
+    return answer_text.rsplit("####", 1)[-1].strip().replace(",", "")
+
+
+def _gsm8k(s: DataSpec) -> list[Problem]:
+    stem = Path(s.target).stem
+    out = []
+    for n, row in enumerate(_read_jsonl(s), 1):
+        full = _field(row, "answer", s, n)
+        if "####" not in full:
+            raise DataError(f"{s.target}:{n}: GSM8K answer has no '#### <number>' line; is this a GSM8K file?")
+        solution = CALCULATOR_MARK.sub("", full)
+        out.append(Problem(f"{stem}:{n - 1}", _field(row, "question", s, n), gsm8k_final_answer(full), "gsm8k", solution))
+    return out
+
+
+def _math(s: DataSpec) -> list[Problem]:
+    stem = Path(s.target).stem
+    out = []
+    for n, row in enumerate(_read_jsonl(s), 1):
+        meta = {k: row[k] for k in ("subject", "level") if k in row}
+        pid = row.get("unique_id") or f"{stem}:{n - 1}"
+        out.append(Problem(pid, _field(row, "problem", s, n), str(_field(row, "answer", s, n)), "math", row.get("solution"), meta))
+    return out
+
+
+def _kind(s: DataSpec, default: str) -> str:
+    kind = s.params.get("kind", default)
+    if kind not in GRADER_KINDS:
+        raise DataError(f"data spec {s.text!r}: kind={kind!r}; use one of {', '.join(GRADER_KINDS)}")
+    return kind
+
+
+def _jsonl(s: DataSpec) -> list[Problem]:
+    q, a, sol = s.params.get("question", "question"), s.params.get("answer", "answer"), s.params.get("solution")
+    idf = s.params.get("id")
+    kind = _kind(s, "number")
+    stem = Path(s.target).stem
+    out = []
+    for n, row in enumerate(_read_jsonl(s), 1):
+        pid = str(row[idf]) if idf and idf in row else f"{stem}:{n - 1}"
+        solution = CALCULATOR_MARK.sub("", row[sol]) if sol and row.get(sol) else None
+        out.append(Problem(pid, str(_field(row, q, s, n)), str(_field(row, a, s, n)), kind, solution))
+    return out
+
+
+def _rg_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def _reasoning_gym(s: DataSpec) -> list[Problem]:
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise DataError("data spec rg:...: the reasoning-gym package is not installed (pip install reasoning-gym)") from None
+    reserved = {"offset", "limit", "kind"}
+    cfg = {k: _rg_value(v) for k, v in s.params.items() if k not in reserved}
+    cfg.setdefault("size", 100)
+    cfg.setdefault("seed", 0)
+    try:
+        ds = reasoning_gym.create_dataset(s.target, **cfg)
+    except (KeyError, ValueError, TypeError, AssertionError) as e:
+        raise DataError(f"data spec {s.text!r}: reasoning-gym refused it ({e}); check the generator name and its options") from None
+    kind = _kind(s, "number")
+    out = []
+    for i, item in enumerate(ds):
+        meta = dict(item.get("metadata", {}))
+        solution = meta.get("answer_cot")
+        out.append(Problem(f"{s.target}:{cfg['seed']}:{i}", item["question"], str(item["answer"]), kind, solution, meta))
+    return out
+
+
+def _hf(s: DataSpec) -> list[Problem]:
+    parts = s.target.split(":")
+    if len(parts) not in (2, 3):
+        raise DataError(f"data spec {s.text!r}: expected hf:ID[:CONFIG]:SPLIT")
+    ds_id, split = parts[0], parts[-1]
+    config = parts[1] if len(parts) == 3 else None
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data spec {s.text!r}: needs the `datasets` package and network access (pip install datasets)") from None
+    try:
+        rows = datasets.load_dataset(ds_id, config, split=split)
+    except Exception as e:
+        raise DataError(f"data spec {s.text!r}: could not load ({str(e).splitlines()[0][:200]}); is the network up?") from None
+    q = s.params.get("question") or ("question" if "question" in rows.column_names else "problem")
+    a = s.params.get("answer", "answer")
+    kind = _kind(s, "gsm8k" if "gsm8k" in ds_id.lower() else "math")
+    out = []
+    for i, row in enumerate(rows):
+        gold = gsm8k_final_answer(row[a]) if kind == "gsm8k" else str(row[a])
+        sol = CALCULATOR_MARK.sub("", row[a]) if kind == "gsm8k" else row.get("solution")
+        out.append(Problem(f"{ds_id}:{split}:{i}", row[q], gold, kind, sol))
+    return out
+
+
+def _text(s: DataSpec) -> list[Problem]:
+    path = Path(s.target)
+    if not path.is_file():
+        raise DataError(f"data spec {s.text!r}: file {path} does not exist")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DataError(f"data spec {s.text!r}: {path} is not UTF-8 text") from None
+    docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+    return [Problem(f"{path.stem}:{i}", "", "", "number", d) for i, d in enumerate(docs)]

@@ -1,0 +1,105 @@
+"""The model configuration: one dataclass for teacher-shaped, pure Mamba (Llamba) and hybrid LMs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+SSM_PARAMS = ("discrete", "mamba2")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # default d_model // n_heads
+    d_mlp: int = 384
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # HF-style rope parameters without rope_theta, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_embeddings: bool = True
+    attn_layers: list[int] = field(default_factory=list)  # indices of layers that keep softmax attention
+    # Mamba-2 mixer
+    ssm_param: str = "mamba2"  # "discrete" (Llamba) or "mamba2" (MambaInLlama)
+    d_state: int | None = None  # default head_dim, so B and C can take W_K and W_Q
+    ssm_kv_heads: int | None = None  # heads of x and B before per-block expansion; default n_kv_heads
+    d_conv: int = 4
+    ssm_norm: bool | None = None  # gated RMSNorm; default on for mamba2, off for discrete
+    chunk_size: int = 64
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        self.attn_layers = sorted(int(i) for i in self.attn_layers)
+        self.validate()
+
+    # derived sizes
+    @property
+    def hd(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def n_state(self) -> int:
+        return self.d_state if self.d_state is not None else self.hd
+
+    @property
+    def n_xb_heads(self) -> int:
+        return self.ssm_kv_heads if self.ssm_kv_heads is not None else self.n_kv_heads
+
+    @property
+    def use_ssm_norm(self) -> bool:
+        return self.ssm_norm if self.ssm_norm is not None else self.ssm_param == "mamba2"
+
+    @property
+    def mamba_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if i not in set(self.attn_layers)]
+
+    def is_attention(self, layer: int) -> bool:
+        return layer in set(self.attn_layers)
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_mlp", "d_conv", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name}={getattr(self, name)} must be positive")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model config: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "pick sizes that divide or set head_dim"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
+                "grouped-query attention needs whole groups"
+            )
+        if self.n_heads % self.n_xb_heads:
+            raise ConfigError(
+                f"model config: n_heads={self.n_heads} is not a multiple of ssm_kv_heads={self.n_xb_heads}"
+            )
+        bad = [i for i in self.attn_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ConfigError(
+                f"model config: attn_layers {bad} out of range for a {self.n_layers}-layer model; "
+                f"use indices 0..{self.n_layers - 1}"
+            )
+        if self.ssm_param not in SSM_PARAMS:
+            raise ConfigError(f"model config: ssm_param={self.ssm_param!r}; use one of {', '.join(SSM_PARAMS)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"model config: unknown keys {unknown}; known keys are {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,172 @@
+"""Load a Llama-family teacher: an HF checkpoint folder (config.json + safetensors), a GGUF file, a hub id,
+or a thinkfast checkpoint whose layers are all attention (the embedded teacher)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from .config import ModelConfig
+
+LLAMA_TYPES = ("llama",)
+
+
+def _rope_from_hf(hf_cfg) -> tuple[float, dict | None]:
+    params = getattr(hf_cfg, "rope_parameters", None)  # transformers 5
+    if params is None:  # transformers 4 style
+        theta = getattr(hf_cfg, "rope_theta", 10000.0)
+        scaling = getattr(hf_cfg, "rope_scaling", None)
+        params = dict(scaling or {}, rope_theta=theta)
+    params = dict(params)
+    theta = float(params.pop("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    return theta, (None if kind == "default" else params)
+
+
+def model_config_from_hf(hf_cfg, where: str = "teacher") -> ModelConfig:
+    """ModelConfig of an all-attention model equal to an HF Llama config; refuses what it cannot reproduce."""
+    mt = getattr(hf_cfg, "model_type", None)
+    if mt not in LLAMA_TYPES:
+        raise ConfigError(
+            f"{where}: model_type {mt!r} is not Llama-family; thinkfast distils Llama-architecture teachers "
+            "(model_type 'llama', e.g. Llama-3.2-1B-Instruct, SmolLM2)"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(hf_cfg, flag, False):
+            raise ConfigError(f"{where}: {flag}=True is not supported; thinkfast's Llama layers have no biases")
+    act = getattr(hf_cfg, "hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{where}: hidden_act={act!r}; Llama-family MLPs use 'silu'")
+    theta, scaling = _rope_from_hf(hf_cfg)
+    n_layers = hf_cfg.num_hidden_layers
+    return ModelConfig(
+        vocab_size=hf_cfg.vocab_size,
+        d_model=hf_cfg.hidden_size,
+        n_layers=n_layers,
+        n_heads=hf_cfg.num_attention_heads,
+        n_kv_heads=getattr(hf_cfg, "num_key_value_heads", None) or hf_cfg.num_attention_heads,
+        head_dim=getattr(hf_cfg, "head_dim", None),
+        d_mlp=hf_cfg.intermediate_size,
+        rms_norm_eps=hf_cfg.rms_norm_eps,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=hf_cfg.max_position_embeddings,
+        tie_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
+        attn_layers=list(range(n_layers)),
+    )
+
+
+def state_dict_from_hf(hf_model) -> dict[str, torch.Tensor]:
+    """HF Llama parameter names -> ThinkfastLM names (an all-attention model)."""
+    rename = {
+        "input_layernorm": "input_norm",
+        "post_attention_layernorm": "mlp_norm",
+        "self_attn": "mixer",
+    }
+    out = {}
+    for name, tensor in hf_model.state_dict().items():
+        if "rotary_emb" in name:
+            continue
+        if name == "lm_head.weight":
+            if getattr(hf_model.config, "tie_word_embeddings", False):
+                continue
+            out["lm_head.weight"] = tensor
+            continue
+        parts = name.split(".")
+        if parts[0] == "model":
+            parts = parts[1:]
+        parts = [rename.get(p, p) for p in parts]
+        if parts[0] == "embed_tokens":
+            parts[0] = "embed"
+        out[".".join(parts)] = tensor
+    return out
+
+
+def _is_gguf(spec: str) -> bool:
+    return spec.lower().endswith(".gguf")
+
+
+def _read_config_json(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; point --teacher at an HF checkpoint folder, a .gguf file or a hub id")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); re-download or re-save the checkpoint") from None
+
+
+def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device=None):
+    """Returns (model, tokenizer or None). The model is an HF LlamaForCausalLM, or a ThinkfastForCausalLM
+    for a thinkfast all-attention checkpoint. Weights load from safetensors; remote code only when asked."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .hf import ThinkfastForCausalLM
+
+    spec = str(spec)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    path = Path(spec)
+    if _is_gguf(spec):
+        if not path.is_file():
+            raise CheckpointError(f"teacher GGUF file {spec} does not exist")
+        folder, load_kwargs = str(path.parent), dict(kwargs, gguf_file=path.name)
+    elif path.is_dir():
+        raw = _read_config_json(path)
+        if raw.get("model_type") not in LLAMA_TYPES + ("thinkfast",):
+            raise ConfigError(
+                f"{path}/config.json: model_type {raw.get('model_type')!r} is not Llama-family; thinkfast distils "
+                "Llama-architecture teachers (model_type 'llama')"
+            )
+        weights = list(path.glob("*.safetensors"))
+        if not weights:
+            raise CheckpointError(
+                f"{path}: no *.safetensors weights; thinkfast loads safetensors only (re-save the teacher with "
+                "save_pretrained(safe_serialization=True))"
+            )
+        folder, load_kwargs = str(path), dict(kwargs, use_safetensors=True)
+    elif path.exists() or spec.startswith((".", "/")):
+        raise CheckpointError(f"teacher {spec}: not a checkpoint folder or a .gguf file")
+    else:
+        folder, load_kwargs = spec, dict(kwargs, use_safetensors=True)  # hub id
+
+    try:
+        if not _is_gguf(spec):
+            hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            if hf_cfg.model_type == "thinkfast":
+                model = ThinkfastForCausalLM.from_pretrained(folder, dtype=dtype)
+                if model.config.role != "teacher":
+                    raise ConfigError(f"{spec}: a thinkfast {model.config.role} student, not an all-attention teacher")
+                return _placed(model, device), _load_tokenizer(folder, {})
+            model_config_from_hf(hf_cfg, where=str(spec))
+        model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
+    except (ConfigError, CheckpointError):
+        raise
+    except OSError as e:
+        raise CheckpointError(f"teacher {spec}: could not load ({_first_line(e)}); check the path or hub id (no network here?)") from None
+    except Exception as e:  # truncated safetensors, shape mismatches, GGUF parse errors
+        raise CheckpointError(f"teacher {spec}: weights could not be read ({_first_line(e)}); re-download or re-save them") from None
+    model_config_from_hf(model.config, where=str(spec))
+    tok_kwargs = {"gguf_file": path.name} if _is_gguf(spec) else {}
+    return _placed(model.eval(), device), _load_tokenizer(folder, tok_kwargs)
+
+
+def _placed(model, device):
+    return model if device is None else model.to(device)
+
+
+def _load_tokenizer(folder: str, kwargs: dict):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except Exception:
+        return None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

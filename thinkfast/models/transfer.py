@@ -1,0 +1,130 @@
+"""Teacher -> student weights: Llamba (every mixer Mamba-2) or hybrid (attention kept at `attn_layers`).
+
+Mamba mixers start from their layer's attention (MambaInLlama): x <- W_V, B <- W_K, C <- W_Q, out_proj <- W_O,
+identity conv, D = 0. Embeddings, norms, MLPs and head are copied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .config import ModelConfig
+from .hf import ThinkfastConfig, ThinkfastForCausalLM
+from .mixers import Mamba2Mixer
+from .teacher import load_teacher, model_config_from_hf, state_dict_from_hf
+
+KINDS = ("llamba", "hybrid", "teacher")
+
+
+def teacher_parts(teacher) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """(all-attention ModelConfig, ThinkfastLM-named state dict, HF token/template attributes) of a teacher."""
+    if isinstance(teacher, ThinkfastForCausalLM):
+        cfg = teacher.model_config
+        if len(cfg.attn_layers) != cfg.n_layers:
+            raise ConfigError(f"teacher is a thinkfast {teacher.config.role}, not an all-attention model")
+        sd = teacher.lm.state_dict()
+    else:
+        cfg = model_config_from_hf(teacher.config)
+        sd = state_dict_from_hf(teacher)
+    hf = teacher.config
+    extras = {k: getattr(hf, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return cfg, sd, extras
+
+
+def default_hybrid_layers(n_layers: int, fraction: float = 0.25) -> list[int]:
+    """Attention kept in `fraction` of the layers, spread evenly (one in the middle of each group)."""
+    n_attn = max(1, round(n_layers * fraction))
+    step = n_layers / n_attn
+    return sorted({min(n_layers - 1, int(step * i + step / 2)) for i in range(n_attn)})
+
+
+def from_teacher(
+    teacher,
+    kind: str = "llamba",
+    attn_layers: list[int] | None = None,
+    ssm_param: str | None = None,
+    init_from_attention: bool = True,
+    ssm_kv_heads: int | None = None,
+    d_conv: int = 4,
+    seed: int = 0,
+) -> ThinkfastForCausalLM:
+    """Build a student from a teacher (HF Llama model, thinkfast all-attention model, or a path/hub id/GGUF).
+
+    kind: "llamba" (no attention; Llamba's discrete SSM by default), "hybrid" (attention at `attn_layers`,
+    default a quarter of the layers; Mamba-2 parameterisation by default) or "teacher" (all attention: the
+    teacher itself in thinkfast's model, for the engine). `ssm_kv_heads` defaults to the teacher's KV heads
+    (x and B expanded per head block at run time); set it to n_heads to expand the weights once here.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"student kind {kind!r}: use one of {', '.join(KINDS)}")
+    if isinstance(teacher, (str, bytes)) or hasattr(teacher, "__fspath__"):
+        teacher, _ = load_teacher(teacher)
+    tcfg, sd, extras = teacher_parts(teacher)
+    n = tcfg.n_layers
+    if kind == "llamba":
+        if attn_layers:
+            raise ConfigError("a llamba student has no attention layers; drop --attn-layers or use --student hybrid")
+        layers = []
+    elif kind == "teacher":
+        layers = list(range(n))
+    else:
+        layers = default_hybrid_layers(n) if attn_layers is None else list(attn_layers)
+    if ssm_param is None:
+        ssm_param = "discrete" if kind == "llamba" else "mamba2"
+    scfg = tcfg.replace(attn_layers=layers, ssm_param=ssm_param, ssm_kv_heads=ssm_kv_heads, d_conv=d_conv)
+
+    torch.manual_seed(seed)
+    hf_cfg = ThinkfastConfig.from_model_config(scfg, **{k: v for k, v in extras.items() if v is not None})
+    student = ThinkfastForCausalLM(hf_cfg)
+    ref = next(iter(sd.values()))
+    student.to(ref.dtype)
+    own = student.lm.state_dict()
+    with torch.no_grad():
+        for name, tensor in sd.items():
+            if ".mixer." in name and int(name.split(".")[1]) not in set(layers):
+                continue  # attention weights of a layer that becomes Mamba: mapped below
+            if name not in own:
+                raise ConfigError(f"teacher parameter {name} has no place in the student; teacher/student configs differ")
+            if own[name].shape != tensor.shape:
+                raise ConfigError(f"teacher {name} has shape {tuple(tensor.shape)}, student expects {tuple(own[name].shape)}")
+            own[name].copy_(tensor)
+        if init_from_attention:
+            for i in scfg.mamba_layers:
+                p = f"layers.{i}.mixer."
+                init_mamba_from_attention(
+                    student.lm.layers[i].mixer, sd[p + "q_proj.weight"], sd[p + "k_proj.weight"], sd[p + "v_proj.weight"], sd[p + "o_proj.weight"], tcfg.n_kv_heads
+                )
+    return student.eval()
+
+
+def expand_kv_blocks(w: torch.Tensor, n_kv: int, n_heads: int) -> torch.Tensor:
+    """(n_kv*hd, d) -> (n_heads*hd, d): each KV head's block of rows repeated for its query group."""
+    hd = w.shape[0] // n_kv
+    return w.view(n_kv, hd, -1).repeat_interleave(n_heads // n_kv, dim=0).reshape(n_heads * hd, -1)
+
+
+@torch.no_grad()
+def init_mamba_from_attention(mixer: Mamba2Mixer, wq, wk, wv, wo, n_kv: int) -> None:
+    H, P, N, Hx = mixer.H, mixer.P, mixer.N, mixer.Hx
+    hd = wq.shape[0] // H
+    if P != hd:
+        raise ConfigError(f"Mamba head size {P} differs from the attention head size {hd}; cannot map weights")
+    if Hx != n_kv:
+        if Hx != H:
+            raise ConfigError(f"ssm_kv_heads={Hx} must equal the teacher's KV heads ({n_kv}) or query heads ({H})")
+        wk, wv = expand_kv_blocks(wk, n_kv, H), expand_kv_blocks(wv, n_kv, H)
+    W = mixer.in_proj.weight  # rows: z | x | B | C | dt
+    o_x = mixer.d_inner
+    o_b = o_x + mixer.d_x
+    o_c = o_b + mixer.d_b
+    W[o_x:o_b].copy_(wv)
+    if N == hd:  # d_state equal to the head size: B and C take K and Q exactly
+        W[o_b:o_c].copy_(wk)
+        W[o_c:o_c + mixer.d_c].copy_(wq)
+    mixer.out_proj.weight.copy_(wo)
+    # identity conv: each channel passes its current input through
+    mixer.conv1d.weight.zero_()
+    mixer.conv1d.weight[:, 0, -1] = 1.0
+    mixer.conv1d.bias.zero_()
+    mixer.D.zero_()  # attention has no skip connection inside the mixer
