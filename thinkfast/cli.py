@@ -1,7 +1,7 @@
 """`thinkfast <command>`: every command is a thin shell over a library function.
 
-Each area registers its own subcommands (`add_parsers(subparsers)` in its `cli` module), so the argument
-definitions live beside the code they drive. Bad input raises ThinkfastError: one line, exit status 2.
+Each group of commands lives in `thinkfast/commands/<group>.py` with `add_parsers(subparsers)`: argument
+parsing and glue only (the one place where engine and eval meet); the work is in the library. Bad input raises ThinkfastError: one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from .errors import ThinkfastError
 
 # module -> the commands it defines, in the order `--help` lists them
 COMMAND_MODULES = {
-    "thinkfast.demo": ["demo"],
-    "thinkfast.distill.cli": ["train-teacher", "distill", "sft"],
-    "thinkfast.engine.cli": ["sample", "bench"],
-    "thinkfast.eval.cli": ["score", "train-rm", "report"],
+    "thinkfast.commands.demo": ["demo", "train-teacher"],
+    "thinkfast.commands.distill": ["distill", "sft"],
+    "thinkfast.commands.sample": ["sample", "bench"],
+    "thinkfast.commands.evaluate": ["score", "train-rm", "report"],
 }
 
 

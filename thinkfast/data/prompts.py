@@ -1,0 +1,90 @@
+"""Prompts: the question as a chat turn (the model's own chat template when it has one), an instruction saying
+where the final answer goes, optional few-shot examples; and the matching SFT target for a worked solution."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .sources import Problem
+
+INSTRUCTIONS = {
+    "boxed": "Solve the problem step by step. Put the final answer in \\boxed{}.",
+    "hash": "Solve the problem step by step. Write the final answer on its own line after '#### '.",
+    "none": "",
+}
+BOXED = re.compile(r"\\boxed\{")
+
+
+@dataclass
+class PromptStyle:
+    instruction: str = "auto"  # auto (boxed for math, hash otherwise) | boxed | hash | none | any literal text
+    system: str | None = None
+    few_shot: list[Problem] | None = None
+    chat: bool = True  # use the tokenizer's chat template when it has one
+
+    def instruction_for(self, problem: Problem) -> str:
+        key = self.instruction
+        if key == "auto":
+            key = "boxed" if problem.kind == "math" else "hash"
+        return INSTRUCTIONS.get(key, key)
+
+
+def user_message(problem: Problem, style: PromptStyle) -> str:
+    instruction = style.instruction_for(problem)
+    return f"{problem.question}\n\n{instruction}" if instruction else problem.question
+
+
+def solution_text(problem: Problem, style: PromptStyle | None = None) -> str:
+    """The worked solution as a completion, ending in the final-answer format the instruction asks for."""
+    if problem.solution is None:
+        raise ValueError(f"problem {problem.id} has no worked solution")
+    sol = problem.solution.strip()
+    key = (style or PromptStyle()).instruction
+    if key == "auto":
+        key = "boxed" if problem.kind == "math" else "hash"
+    if key == "boxed" and not BOXED.search(sol):
+        sol = re.sub(r"\n?#### .*$", "", sol).rstrip() + f"\nThe final answer is $\\boxed{{{problem.answer}}}$."
+    elif key == "hash" and "#### " not in sol:
+        sol = f"{sol}\n#### {problem.answer}"
+    return sol
+
+
+def has_chat_template(tokenizer) -> bool:
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def messages_for(problem: Problem, style: PromptStyle) -> list[dict]:
+    msgs = [{"role": "system", "content": style.system}] if style.system else []
+    for ex in style.few_shot or []:
+        msgs.append({"role": "user", "content": user_message(ex, style)})
+        msgs.append({"role": "assistant", "content": solution_text(ex, style)})
+    msgs.append({"role": "user", "content": user_message(problem, style)})
+    return msgs
+
+
+def render_prompt(problem: Problem, tokenizer=None, style: PromptStyle | None = None) -> str:
+    """Text that precedes the model's answer (the assistant turn is opened, not closed)."""
+    style = style or PromptStyle()
+    if style.chat and has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages_for(problem, style), tokenize=False, add_generation_prompt=True)
+    parts = [style.system] if style.system else []
+    for ex in style.few_shot or []:
+        parts.append(f"Question: {user_message(ex, style)}\nAnswer: {solution_text(ex, style)}")
+    parts.append(f"Question: {user_message(problem, style)}\nAnswer:")
+    return "\n\n".join(parts)
+
+
+def render_example(problem: Problem, tokenizer=None, style: PromptStyle | None = None) -> tuple[str, str]:
+    """(prompt, completion) for SFT and distillation: completion is the worked solution plus end of turn."""
+    style = style or PromptStyle()
+    prompt = render_prompt(problem, tokenizer, style)
+    completion = solution_text(problem, style)
+    if style.chat and has_chat_template(tokenizer):
+        full = tokenizer.apply_chat_template(
+            messages_for(problem, style) + [{"role": "assistant", "content": completion}], tokenize=False
+        )
+        if full.startswith(prompt):  # the template's own end-of-turn marker follows the answer
+            return prompt, full[len(prompt):]
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    return prompt, " " + completion + eos
