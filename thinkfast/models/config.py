@@ -21,8 +21,8 @@ class ModelConfig:
     d_mlp: int = 384
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # HF-style rope parameters without rope_theta, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
-    rope_scaling: dict | None = None
+    # HF rope_parameters without rope_theta, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    rope_params: dict | None = None
     max_position_embeddings: int = 2048
     tie_embeddings: bool = True
     attn_layers: list[int] = field(default_factory=list)  # indices of layers that keep softmax attention

@@ -51,7 +51,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (hd/2,) with the rope types Llama checkpoints use: default, linear, llama3."""
     hd = cfg.hd
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    rs = cfg.rope_scaling or {}
+    rs = cfg.rope_params or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
         pass
