@@ -16,9 +16,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from ..errors import DataError
+from .worked import worked_solution
 
 SCHEMES = ("gsm8k", "math", "jsonl", "rg", "hf", "text")
 GRADER_KINDS = ("gsm8k", "math", "number")
@@ -60,7 +61,11 @@ def parse_spec(spec: str) -> DataSpec:
     target, _, query = rest.partition("?")
     if not target:
         raise DataError(f"data spec {spec!r}: nothing after '{scheme}:'")
-    return DataSpec(scheme, target, dict(parse_qsl(query, keep_blank_values=True)), spec)
+    params = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        params[unquote(key)] = unquote(value)  # not unquote_plus: '+' is an operator in rg specs, not a space
+    return DataSpec(scheme, target, params, spec)
 
 
 def load_problems(spec: str) -> list[Problem]:
@@ -141,6 +146,8 @@ def _jsonl(s: DataSpec) -> list[Problem]:
 
 
 def _rg_value(v: str):
+    if "," in v:  # a list option, e.g. operators=+,-
+        return tuple(_rg_value(x) for x in v.split(",") if x)
     for cast in (int, float):
         try:
             return cast(v)
@@ -166,7 +173,7 @@ def _reasoning_gym(s: DataSpec) -> list[Problem]:
     out = []
     for i, item in enumerate(ds):
         meta = dict(item.get("metadata", {}))
-        solution = meta.get("answer_cot")
+        solution = worked_solution(s.target, item)
         out.append(Problem(f"{s.target}:{cfg['seed']}:{i}", item["question"], str(item["answer"]), kind, solution, meta))
     return out
 
@@ -191,7 +198,7 @@ def _hf(s: DataSpec) -> list[Problem]:
     out = []
     for i, row in enumerate(rows):
         gold = gsm8k_final_answer(row[a]) if kind == "gsm8k" else str(row[a])
-        sol = CALCULATOR_MARK.sub("", row[a]) if kind == "gsm8k" else row.get("solution")
+        sol = CALCULATOR_MARK.sub("", row[a]) if kind == "gsm8k" else row.get(s.params.get("solution", "solution"))
         out.append(Problem(f"{ds_id}:{split}:{i}", row[q], gold, kind, sol))
     return out
 

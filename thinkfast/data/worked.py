@@ -1,0 +1,59 @@
+"""Worked solutions for procedural arithmetic that reasoning-gym gives only a final answer for.
+
+A sum is solved one term at a time, column by column with carries, the way a pupil writes it out:
+
+    841 + 82:
+    1+2=3
+    4+8=12
+    8+0+1=9
+    = 923
+
+Every token is a small local step, so a small model can learn it, and a chain of several terms runs to hundreds
+of characters: long enough that a Transformer's growing KV cache matters when sampling.
+"""
+
+from __future__ import annotations
+
+import re
+
+SUM = re.compile(r"^\s*\d+(\s*\+\s*\d+)+\s*$")
+
+
+def column_addition(a: int, b: int) -> list[str]:
+    lines = [f"{a} + {b}:"]
+    da, db = str(a)[::-1], str(b)[::-1]
+    carry = 0
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        total = x + y + carry
+        lines.append(f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}")
+        carry = total // 10
+    if carry:
+        lines.append(f"carry {carry}")
+    lines.append(f"= {a + b}")
+    return lines
+
+
+def sum_solution(expression: str) -> str | None:
+    """Worked solution of `a + b + ...` (non-negative integers), ending in `#### total`; None for other expressions."""
+    if not SUM.match(expression):
+        return None
+    terms = [int(t) for t in expression.split("+")]
+    lines, total = [], terms[0]
+    for term in terms[1:]:
+        lines += column_addition(total, term)
+        total += term
+    lines.append(f"#### {total}")
+    return "\n".join(lines)
+
+
+def worked_solution(generator: str, item: dict) -> str | None:
+    """A worked solution for a reasoning-gym item, from its own chain of thought or one we can derive."""
+    meta = item.get("metadata", {})
+    if meta.get("answer_cot"):
+        return meta["answer_cot"]
+    expression = meta.get("expression")
+    if generator in ("basic_arithmetic", "chain_sum") and expression:
+        return sum_solution(expression)
+    return None
