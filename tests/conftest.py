@@ -1,4 +1,5 @@
 import importlib.metadata
+import os
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+# Tests run tiny models: one intra-op thread is as fast as two on an idle 2-core machine and avoids OpenMP
+# stalls (measured 10-70x slower steps) when the cores are shared. Subprocesses inherit it through the env.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,19 @@ class PromptStyle:
         return INSTRUCTIONS.get(key, key)
 
 
+def declared_instruction(model_dir) -> str | None:
+    """The prompt instruction a checkpoint says it was trained with (`prompt_style` in its config.json), if any."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(model_dir) / "config.json"
+    try:
+        style = json.loads(cfg.read_text()).get("prompt_style") or {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    return style.get("instruction")
+
+
 def user_message(problem: Problem, style: PromptStyle) -> str:
     instruction = style.instruction_for(problem)
     return f"{problem.question}\n\n{instruction}" if instruction else problem.question
@@ -88,3 +101,23 @@ def render_example(problem: Problem, tokenizer=None, style: PromptStyle | None =
             return prompt, full[len(prompt):]
     eos = getattr(tokenizer, "eos_token", None) or ""
     return prompt, " " + completion + eos
+
+
+def few_shot_examples(source, k: int, seed: int = 0, exclude=()) -> list[Problem]:
+    """`k` worked examples for `PromptStyle.few_shot`, drawn with a fixed seed from a data spec (e.g. the
+    training split, `gsm8k:../shared/data/gsm8k_train.jsonl`) or a list of problems. Problems without a worked
+    solution are never drawn, nor any whose id or question is in `exclude` (pass the evaluated problems so
+    that none is shown its own solution)."""
+    import random
+
+    from ..errors import DataError
+    from .sources import load_problems
+
+    if k <= 0:
+        return []
+    problems = load_problems(source) if isinstance(source, str) else list(source)
+    banned = {x.id if isinstance(x, Problem) else x for x in exclude} | {x.question for x in exclude if isinstance(x, Problem)}
+    pool = [p for p in problems if p.solution and p.id not in banned and p.question not in banned]
+    if len(pool) < k:
+        raise DataError(f"few-shot: asked for {k} examples but only {len(pool)} problems with worked solutions are available")
+    return random.Random(seed).sample(pool, k)

@@ -2,11 +2,11 @@
 
 A sum is solved one term at a time, column by column with carries, the way a pupil writes it out:
 
-    841 + 82:
-    1+2=3
-    4+8=12
-    8+0+1=9
-    = 923
+    47 + 77:
+    ones: 7+7=14, write 4, carry 1
+    tens: 4+7+1=12, write 2, carry 1
+    hundreds: carry 1, write 1
+    so 47 + 77 = 124
 
 Every token is a small local step, so a small model can learn it, and a chain of several terms runs to hundreds
 of characters: long enough that a Transformer's growing KV cache matters when sampling.
@@ -17,21 +17,28 @@ from __future__ import annotations
 import re
 
 SUM = re.compile(r"^\s*\d+(\s*\+\s*\d+)+\s*$")
+PLACES = ["ones", "tens", "hundreds", "thousands"]
+
+
+def place_name(i: int) -> str:
+    return PLACES[i] if i < len(PLACES) else f"10^{i}"
 
 
 def column_addition(a: int, b: int) -> list[str]:
     lines = [f"{a} + {b}:"]
     da, db = str(a)[::-1], str(b)[::-1]
     carry = 0
-    for i in range(max(len(da), len(db))):
+    width = max(len(da), len(db))
+    for i in range(width):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         total = x + y + carry
-        lines.append(f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}")
+        step = f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}"
+        lines.append(f"{place_name(i)}: {step}, write {total % 10}" + (", carry 1" if total >= 10 else ""))
         carry = total // 10
     if carry:
-        lines.append(f"carry {carry}")
-    lines.append(f"= {a + b}")
+        lines.append(f"{place_name(width)}: carry 1, write 1")
+    lines.append(f"so {a} + {b} = {a + b}")
     return lines
 
 

@@ -21,6 +21,11 @@ import sys
 
 
 def main() -> None:
+    if len(sys.argv) > 1:  # a memory cap (MiB): a runaway sympy computation fails with MemoryError, not the machine
+        import resource
+
+        cap = int(sys.argv[1]) << 20
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     # the protocol owns the real stdout; anything a library prints goes to stderr instead
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)

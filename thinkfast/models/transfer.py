@@ -28,7 +28,8 @@ def teacher_parts(teacher) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
         cfg = model_config_from_hf(teacher.config)
         sd = state_dict_from_hf(teacher)
     hf = teacher.config
-    extras = {k: getattr(hf, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    # token ids, and the prompt style a model was trained with (the embedded teacher's), carry over to students
+    extras = {k: getattr(hf, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "prompt_style")}
     return cfg, sd, extras
 
 

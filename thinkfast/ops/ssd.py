@@ -41,7 +41,8 @@ def ssd_chunked(
     N = B.shape[-1]
     out_dtype = x.dtype
     x, log_a, B, C = (t.float() for t in (x, log_a, B, C))
-    L = chunk_size
+    # a short sequence is one chunk: no padding to a chunk multiple (prefill of short prompts)
+    L = T if T <= 2 * chunk_size else chunk_size
     pad = (-T) % L
     if pad:
         # a = 1 and zero input on padded steps: the state passes through unchanged.

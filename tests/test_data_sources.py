@@ -1,0 +1,94 @@
+"""Data specs on the real benchmark files, field mapping, reasoning-gym, slicing and bad specs."""
+
+import json
+
+import pytest
+
+from conftest import SHARED_DATA
+from thinkfast.data import load_problems, parse_spec
+from thinkfast.errors import DataError
+from thinkfast.eval.grading import grade, parse_number
+
+GSM8K_TEST = SHARED_DATA / "gsm8k_test.jsonl"
+MATH500 = SHARED_DATA / "math500_test.jsonl"
+
+
+def _need(path):
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+
+
+def test_gsm8k_spec_on_the_real_file():
+    _need(GSM8K_TEST)
+    probs = load_problems(f"gsm8k:{GSM8K_TEST}")
+    assert len(probs) == 1319
+    assert len({p.id for p in probs}) == 1319 and probs[0].id == "gsm8k_test:0"
+    assert all(p.kind == "gsm8k" and p.question and p.solution for p in probs)
+    assert all("<<" not in p.solution for p in probs)  # calculator marks removed
+    assert all(parse_number(p.answer) is not None and "," not in p.answer for p in probs)  # "2,125" -> "2125"
+    assert probs[0].answer == "18"
+    # every worked solution grades as correct against its own gold
+    assert all(grade(p.solution, p.answer, p.kind) for p in probs)
+
+
+def test_math_spec_on_the_real_file():
+    _need(MATH500)
+    probs = load_problems(f"math:{MATH500}")
+    assert len(probs) == 500
+    assert len({p.id for p in probs}) == 500 and probs[0].id.startswith("test/")
+    assert all(p.kind == "math" and p.answer and "\\boxed" in p.solution for p in probs)
+    assert {"subject", "level"} <= set(probs[0].meta)
+
+
+def test_offset_and_limit_slice_in_order():
+    _need(GSM8K_TEST)
+    full = load_problems(f"gsm8k:{GSM8K_TEST}")
+    part = load_problems(f"gsm8k:{GSM8K_TEST}?offset=10&limit=5")
+    assert [p.id for p in part] == [p.id for p in full[10:15]]
+
+
+def test_jsonl_field_mapping(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"uid": "a1", "q": "What is 2+2?", "a": 4, "work": "2+2=4"}, {"uid": "b2", "q": "1+1?", "a": "2", "work": "1+1=2"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")  # a blank line is fine
+    probs = load_problems(f"jsonl:{path}?question=q&answer=a&solution=work&id=uid&kind=number")
+    assert [(p.id, p.question, p.answer, p.kind, p.solution) for p in probs] == [
+        ("a1", "What is 2+2?", "4", "number", "2+2=4"), ("b2", "1+1?", "2", "number", "1+1=2")]
+
+
+def test_reasoning_gym_spec_is_deterministic():
+    a = load_problems("rg:chain_sum?size=6&seed=3")
+    b = load_problems("rg:chain_sum?size=6&seed=3")
+    assert [p.question for p in a] == [p.question for p in b] and len(a) == 6
+    assert a[0].id == "chain_sum:3:0" and all(parse_number(p.answer) is not None for p in a)
+    assert [p.question for p in load_problems("rg:chain_sum?size=6&seed=4")] != [p.question for p in a]
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("gsm8k_test.jsonl", "SCHEME:TARGET"),
+    ("csv:/tmp/x.csv", "unknown scheme"),
+    ("gsm8k:/nonexistent/file.jsonl", "does not exist"),
+    ("gsm8k:", "nothing after"),
+    ("rg:chain_sum?size=many", "size="),
+    ("rg:no_such_generator_xyz", "reasoning-gym"),
+])
+def test_bad_specs_are_one_line_errors(spec, match):
+    with pytest.raises(DataError, match=match) as e:
+        load_problems(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_rows_name_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "x", "answer": "1"}\n{"question": "y"\n')
+    with pytest.raises(DataError, match=f"{path}:2"):
+        load_problems(f"jsonl:{path}")
+    path.write_text('{"question": "x", "answer": "1"}\n{"prompt": "y", "answer": "2"}\n')
+    with pytest.raises(DataError, match="no field 'question'"):
+        load_problems(f"jsonl:{path}")
+    with pytest.raises(DataError, match="kind="):
+        load_problems(f"jsonl:{path}?kind=algebra")
+
+
+def test_parse_spec_keeps_plus_signs():
+    assert parse_spec("rg:basic_arithmetic?operators=+,-&size=3").params["operators"] == "+,-"

@@ -1,0 +1,110 @@
+"""Tokenisation and packing for distillation: prompt masks, whole examples per row, weighted mixing, resumable order."""
+
+import json
+
+import pytest
+import torch
+
+from thinkfast.data.packing import IGNORE, DataConfig, DataMix, build_data, encode_problems, pack_examples
+from thinkfast.data.prompts import PromptStyle
+from thinkfast.data.sources import Problem
+from thinkfast.distill.toy import chain_sum_problems, char_tokenizer
+from thinkfast.errors import DataError
+
+
+
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def test_prompt_tokens_are_masked_and_completion_is_the_solution(tok):
+    probs = chain_sum_problems(3, seed=1)
+    exs = encode_problems(probs, tok, PromptStyle(instruction="none", chat=False))
+    rows = pack_examples(exs, 256, pad_id=0, pack=False)
+    for r, ex in enumerate(exs):
+        # which example sits in row r: match by content
+        ids = rows.input_ids[r][rows.real[r]].tolist()
+        ex = next(e for e in exs if e.ids == ids)
+        tg = rows.targets[r]
+        trained = tg[tg != IGNORE].tolist()
+        assert tok.decode(trained) == tok.decode(ex.ids[ex.n_prompt:])
+        # the first trained position is the last prompt token, predicting the first completion token
+        first = int((tg != IGNORE).nonzero()[0])
+        assert first == ex.n_prompt - 1
+        assert int(tg[first]) == ex.ids[ex.n_prompt]
+    text = tok.decode(exs[0].ids[exs[0].n_prompt:])
+    assert text.endswith("<eos>") and "####" in text
+
+
+def test_chat_template_is_used_when_present(tok):
+    chat = char_tokenizer()
+    chat.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    p = chain_sum_problems(1, seed=2)[0]
+    ex = encode_problems([p], chat, PromptStyle(instruction="none"))[0]
+    prompt = chat.decode(ex.ids[:ex.n_prompt])
+    assert prompt.startswith("<user>") and prompt.endswith("<assistant>")
+    assert chat.decode(ex.ids[ex.n_prompt:]).startswith(p.solution[:5])
+
+
+def test_packing_keeps_examples_whole_and_masks_boundaries(tok):
+    exs = encode_problems(chain_sum_problems(40, seed=3), tok, PromptStyle(instruction="none", chat=False))
+    rows = pack_examples(exs, 200, pad_id=0, pack=True)
+    assert len(rows) < len(exs)  # several examples share a row
+    n_real = int(rows.real.sum())
+    assert n_real == sum(len(e.ids) for e in exs)  # nothing lost, nothing split
+    assert rows.n_truncated == 0
+    # right padding only: real tokens form a prefix of every row
+    for r in range(len(rows)):
+        k = int(rows.real[r].sum())
+        assert rows.real[r, :k].all() and not rows.real[r, k:].any()
+    # a position whose next token starts another example (BOS) is never trained
+    bos = tok.bos_token_id
+    for r in range(len(rows)):
+        ids, tg = rows.input_ids[r], rows.targets[r]
+        starts = (ids == bos).nonzero().flatten().tolist()
+        for s in starts[1:]:
+            assert int(tg[s - 1]) == IGNORE
+    # and every trained target is the actual next token
+    tg = rows.targets[:, :-1]
+    ok = tg != IGNORE
+    assert torch.equal(tg[ok], rows.input_ids[:, 1:][ok])
+
+
+def test_text_source_trains_every_token(tmp_path, tok):
+    path = tmp_path / "doc.txt"
+    path.write_text("first document here\n\nsecond one\n")
+    mix = build_data(DataConfig(specs=[f"text:{path}"], pack=False), tok, 64)
+    b = mix.next_batch(2)
+    assert int((b["targets"] != IGNORE).sum()) == int(b["real"].sum()) - 2  # all but each row's last token
+
+
+def test_mixing_follows_weights_and_resumes_exactly(tok):
+    a = pack_examples(encode_problems(chain_sum_problems(30, seed=4), tok), 64, name="a")
+    b = pack_examples(encode_problems(chain_sum_problems(30, seed=5, digits=3), tok), 64, name="b")
+    mix = DataMix([a, b], [0.75, 0.25], seed=7)
+    for _ in range(40):
+        mix.next_batch(8)
+    share_a = mix.state["cursor"][0] / mix.state["rows"]
+    assert 0.68 < share_a < 0.82
+    saved = json.loads(json.dumps(mix.state_dict()))
+    expect = [mix.next_batch(8) for _ in range(3)]
+    again = DataMix([a, b], [0.75, 0.25], seed=7)
+    again.load_state_dict(saved)
+    for e in expect:
+        got = again.next_batch(8)
+        assert all(torch.equal(got[k], e[k]) for k in e)
+
+
+def test_bad_data_inputs_raise_one_line_errors(tmp_path, tok):
+    with pytest.raises(DataError, match="one weight per --data"):
+        build_data(DataConfig(specs=[[Problem("1", "q", "1", solution="s")]], weights=[0.5, 0.5]), tok, 32)
+    with pytest.raises(DataError, match="does not exist"):
+        build_data(DataConfig(specs=[f"gsm8k:{tmp_path}/missing.jsonl"]), tok, 32)
+    with pytest.raises(DataError, match="tokenizer"):
+        build_data(DataConfig(specs=[[Problem("1", "q", "1", solution="s")]]), None, 32)

@@ -1,0 +1,202 @@
+"""The trainer: schedules, kill -> resume continues the same curve, NaN stops keeping the last good checkpoint,
+checkpoints are never overwritten by another run, and 2 data-parallel processes match 1."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from thinkfast.data.packing import DataConfig, build_data
+from thinkfast.distill.stages import SFTTask, StageConfig, distill
+from thinkfast.distill.toy import chain_sum_problems, char_tokenizer, random_model, tiny_config
+from thinkfast.distill.trainer import TrainConfig, TrainingDiverged, lr_at, train
+from thinkfast.errors import CheckpointError, ConfigError
+
+
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def _teacher(tok, seed=0):
+    cfg = tiny_config(len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64)
+    return random_model(cfg, seed=seed, tokenizer=tok)
+
+
+DATA = DataConfig(specs=[chain_sum_problems(60, seed=1)], instruction="none", chat=False)
+
+
+def _tc(steps, B=4, T=64, **kw):
+    kw.setdefault("log_every", 1)
+    return TrainConfig(tokens=steps * B * T, batch_size=B, seq_len=T, **kw)
+
+
+def _stages(**kw):
+    return [
+        StageConfig("matrix", _tc(5, lr=3e-3, **kw)),
+        StageConfig("hidden", _tc(6, lr=3e-3, **kw)),
+        StageConfig("kd", _tc(5, lr=3e-3, **kw)),
+    ]
+
+
+def _curve(out: Path):
+    recs = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    return [(r["stage"], r["step"], r["step_loss"], r["loss"]) for r in recs]
+
+
+def test_schedules():
+    cfg = TrainConfig(tokens=100 * 8 * 16, batch_size=8, seq_len=16, lr=1.0, min_lr_ratio=0.1, warmup=10)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # cosine falls monotonically
+    assert lrs[-1] == pytest.approx(0.1)
+    wsd = [lr_at(s, cfg.replace(schedule="wsd", decay=0.2)) for s in range(100)]
+    assert all(x == pytest.approx(1.0) for x in wsd[10:80])
+    assert wsd[-1] == pytest.approx(0.1) and wsd[85] < 1.0
+
+
+def test_killed_run_resumes_on_the_same_curve(tmp_path, tok):
+    full = tmp_path / "full"
+    distill(_teacher(tok), "llamba", DATA, _stages(ckpt_every=2), tokenizer=tok, out_dir=full, progress=False)
+
+    killed = tmp_path / "killed"
+    seen = []
+
+    def die(step, record):
+        seen.append((record.get("stage"), step))
+        if record.get("stage") == "hidden" and step == 5:  # after step 5; the last checkpoint is step 4
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(_teacher(tok), "llamba", DATA, _stages(ckpt_every=2), tokenizer=tok, out_dir=killed,
+                progress=False, callback=die)
+    state = json.loads((killed / "stages/02-hidden/ckpt/state.json").read_text())
+    assert state["step"] == 4 and not state["done"]
+    assert not (killed / "model.safetensors").exists()
+    # a new process: fresh models, same command with resume
+    distill(_teacher(tok), "llamba", DATA, _stages(ckpt_every=2), tokenizer=tok, out_dir=killed, progress=False,
+            resume=True)
+    a, b = _curve(full), _curve(killed)
+    assert [x[:2] for x in a] == [x[:2] for x in b]  # the killed steps were dropped from the log, then redone
+    for x, y in zip(a, b):
+        assert x[2] == pytest.approx(y[2], rel=1e-6, abs=1e-8), (x, y)
+        assert x[3] == pytest.approx(y[3], rel=1e-6, abs=1e-8), (x, y)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_existing_run_is_never_overwritten(tmp_path, tok):
+    out = tmp_path / "run"
+    distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(2))], tokenizer=tok, out_dir=out, progress=False)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(2))], tokenizer=tok, out_dir=out, progress=False)
+    with pytest.raises(CheckpointError, match="other settings"):  # resume with another budget = another run
+        distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(3))], tokenizer=tok, out_dir=out,
+                progress=False, resume=True)
+    with pytest.raises(CheckpointError, match="other settings"):  # another teacher of the same shape
+        distill(_teacher(tok, seed=5), "llamba", DATA, [StageConfig("kd", _tc(2))], tokenizer=tok, out_dir=out,
+                progress=False, resume=True)
+    assert files == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="token budget 0"):
+        distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(0))], tokenizer=tok, out_dir=tmp_path / "z",
+                progress=False)
+    assert not (tmp_path / "z").exists()
+
+
+class _NaNAfter(SFTTask):
+    def __init__(self, model, at):
+        super().__init__(model)
+        self.calls, self.at = 0, at
+
+    def loss(self, batch):
+        self.calls += 1
+        loss, parts = super().loss(batch)
+        return (loss * float("nan") if self.calls >= self.at else loss), parts
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tok):
+    model = _teacher(tok)
+    mix = build_data(DATA, tok, 64)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 6.*last good checkpoint \(step 4\)"):
+        train(_NaNAfter(model, 6), mix, _tc(10, ckpt_every=2), ckpt_dir=ckpt, log_path=tmp_path / "log.jsonl", progress=False)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 4
+    # the weights in memory were not touched by the NaN step: they are the step-5 weights, finite
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # resuming replays from step 4 with the same data
+    again = _teacher(tok)
+    res = train(SFTTask(again), build_data(DATA, tok, 64), _tc(10, ckpt_every=2), ckpt_dir=ckpt,
+                log_path=tmp_path / "log.jsonl", progress=False, resume=True)
+    assert res.resumed_from == 4 and res.steps == 10
+
+
+@pytest.fixture(scope="module")
+def saved_teacher(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("teacher")
+    model = _teacher(tok)
+    model.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    with open(root / "chain.jsonl", "w") as f:
+        for p in chain_sum_problems(40, seed=2):
+            f.write(json.dumps({"question": p.question, "answer": p.answer, "solution": p.solution}) + "\n")
+    return root
+
+
+TWO_RUNS = """
+import sys
+from thinkfast.cli import main
+args, root = sys.argv[1:-1], sys.argv[-1]
+assert main(args + ["--out", root + "/two"]) == 0
+assert main(args + ["--out", root + "/fsdp", "--fsdp-teacher"]) == 0
+"""
+
+
+def test_two_processes_match_one_with_the_same_global_batch(saved_teacher):
+    """DDP (gloo, 2 processes, 2 rows each) vs 1 process (2 micro-batches of 2): the same losses; and FSDP for
+    the teacher gives them too. One torchrun launch runs both 2-process commands (process start-up is slow)."""
+    from thinkfast.cli import main
+
+    root = saved_teacher
+    common = ["distill", "--teacher", str(root / "teacher"), "--student", "llamba", "--stages", "matrix,kd",
+              "--data", f"jsonl:{root}/chain.jsonl?solution=solution", "--tokens", "1536", "--seq-len", "128",
+              "--batch-size", "4", "--instruction", "none", "--no-chat", "--log-every", "1", "--no-progress",
+              "--lr", "3e-3"]
+    assert main(common + ["--out", str(root / "one"), "--micro-batch-size", "2"]) == 0
+    script = root / "two_runs.py"
+    script.write_text(TWO_RUNS)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(cmd + common + [str(root)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two, fsdp = (_curve(root / d) for d in ("one", "two", "fsdp"))
+    assert len(one) == 6 and [x[:2] for x in one] == [x[:2] for x in two] == [x[:2] for x in fsdp]
+    for x, y, z in zip(one, two, fsdp):
+        assert x[2] == pytest.approx(y[2], rel=1e-4, abs=1e-6), (x, y)
+        assert x[2] == pytest.approx(z[2], rel=1e-4, abs=1e-6), (x, z)
+    assert one[-1][2] < one[3][2]  # and it did train
+
+
+def test_kill_before_the_first_checkpoint_restarts_cleanly(tmp_path, tok):
+    mix = lambda: build_data(DATA, tok, 64)  # noqa: E731
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
+
+    def die(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(SFTTask(_teacher(tok)), mix(), _tc(5, ckpt_every=0), ckpt_dir=ckpt, log_path=log, progress=False, callback=die)
+    assert not ckpt.exists() and len(log.read_text().splitlines()) == 3
+    res = train(SFTTask(_teacher(tok)), mix(), _tc(5, ckpt_every=0), ckpt_dir=ckpt, log_path=log, progress=False, resume=True)
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5] and res.resumed_from == 0

@@ -1,0 +1,115 @@
+"""The engine's fast decode step against the model's reference step; the fused SSM update; GPU fast paths."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from thinkfast.engine.decode import CudaGraphStep, DecodeStep, compile_ssm_update, engine_state, ssm_update_
+from thinkfast.models import from_teacher
+from thinkfast.ops.ssd import ssd_step
+
+CASES = [("teacher", None), ("llamba", "discrete"), ("llamba", "mamba2"), ("hybrid", "mamba2")]
+
+
+
+
+def _student(kind, ssm_param):
+    lm = from_teacher(tiny_llama(), kind=kind, ssm_param=ssm_param).lm
+    with torch.no_grad():  # non-trivial conv, D and gate so every term of the Mamba step matters
+        for layer in lm.layers:
+            m = layer.mixer
+            if hasattr(m, "conv1d"):
+                m.conv1d.weight.normal_(0, 0.5)
+                m.conv1d.bias.normal_(0, 0.1)
+                m.D.normal_()
+    return lm
+
+
+def _prefilled_pair(lm, prompts, max_len):
+    """Two identical states with each row prefilled with its own prompt (rows at different positions)."""
+    # the reference in the model's own layout, the fast path in the engine's (SSM state stored P innermost)
+    states = [lm.allocate_state(len(prompts), max_len), engine_state(lm, len(prompts), max_len)]
+    for r, ids in enumerate(prompts):
+        one = lm.allocate_state(1, len(ids))
+        lm(torch.tensor([ids]), state=one)
+        for st in states:
+            st.copy_rows_(torch.tensor([r]), one, torch.tensor([0]), len(ids))
+    return states
+
+
+@pytest.mark.parametrize("kind,ssm_param", CASES)
+@torch.no_grad()
+def test_fast_step_equals_reference_step(kind, ssm_param):
+    lm = _student(kind, ssm_param)
+    prompts = [torch.randint(0, 101, (n,)).tolist() for n in (5, 17, 9, 30)]
+    ref_state, fast_state = _prefilled_pair(lm, prompts, 64)
+    fast = DecodeStep(lm, fast_state)
+    pos = torch.tensor([len(p) for p in prompts])
+    tok = torch.randint(0, 101, (4,))
+    for _ in range(6):
+        kv_len = int(pos.max()) + 1
+        ref = lm.step(tok, pos, ref_state)  # attends over the whole static cache
+        got = fast(tok, pos, kv_len)  # attends over the positions in use only
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
+        tok, pos = ref.argmax(-1), pos + 1
+    for a, b in zip(ref_state.caches, fast_state.caches):  # both left the same state behind
+        for x, y in zip(vars(a).values(), vars(b).values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=2e-5)
+
+
+@torch.no_grad()
+def test_fast_step_on_leading_rows_leaves_other_rows_alone():
+    lm = _student("hybrid", "mamba2")
+    prompts = [torch.randint(0, 101, (n,)).tolist() for n in (6, 11, 8)]
+    _, state = _prefilled_pair(lm, prompts, 32)
+    before = [[t.clone() for t in vars(c).values()] for c in state.caches]
+    DecodeStep(lm, state)(torch.tensor([3, 4]), torch.tensor([6, 11]), 12)  # rows 0 and 1 only
+    for c, old in zip(state.caches, before):
+        for t, o in zip(vars(c).values(), old):
+            assert torch.equal(t[2], o[2])
+            assert not torch.equal(t[:2], o[:2])
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_grouped_ssm_update_equals_reference_recurrence(fused):
+    update = ssm_update_
+    if fused:
+        update = compile_ssm_update()
+        if update is None:
+            pytest.skip("torch.compile is not available here")
+    for n, xg in ((3, 1), (2, 3)):  # x shared by a group (Llamba) or per head (dt-scaled); batch changes (dynamic)
+        Hx, g, P, N = 2, 3, 4, 5
+        state = torch.randn(n, Hx, g, P, N)
+        x, B, C = torch.randn(n, Hx, xg, P), torch.randn(n, Hx, N), torch.randn(n, Hx, g, N)
+        log_a = -torch.rand(n, Hx, g)
+        ref_state = state.reshape(n, Hx * g, P, N).clone()
+        y_ref, _ = ssd_step(ref_state, x.expand(n, Hx, g, P).reshape(n, -1, P), log_a.reshape(n, -1),
+                            B[:, :, None].expand(n, Hx, g, N).reshape(n, -1, N), C.reshape(n, -1, N))
+        hT = state.transpose(-1, -2).contiguous()  # the engine's layout: P innermost
+        y = update(hT, x, B, C, torch.exp(log_a))
+        torch.testing.assert_close(y.reshape(n, -1, P), y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hT.transpose(-1, -2).reshape(n, -1, P, N), ref_state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind,ssm_param", [("teacher", None), ("hybrid", "mamba2")])
+@torch.no_grad()
+def test_cuda_graph_step_equals_eager_step(kind, ssm_param):
+    lm = _student(kind, ssm_param).cuda()
+    prompts = [torch.randint(0, 101, (n,)).tolist() for n in (5, 17, 9, 30)]
+    a, b = _prefilled_pair(lm, prompts, 512)
+    eager = DecodeStep(lm, a, compile_ssm_update())
+    graphs = CudaGraphStep(DecodeStep(lm, b, compile_ssm_update()), 4, bucket=256)
+    snapshot = [[t.clone() for t in vars(c).values()] for c in b.caches]
+    graphs.capture_all()  # capturing runs the step: put the state back as the engine would find it
+    for c, old in zip(b.caches, snapshot):
+        for t, o in zip(vars(c).values(), old):
+            t.copy_(o)
+    pos = torch.tensor([len(p) for p in prompts], device="cuda")
+    tok = torch.randint(0, 101, (4,), device="cuda")
+    for _ in range(4):
+        ref = eager(tok, pos, int(pos.max()) + 1)
+        got = graphs(tok, pos, int(pos.max()) + 1)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        tok, pos = ref.argmax(-1), pos + 1

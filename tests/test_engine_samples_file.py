@@ -1,0 +1,165 @@
+"""`thinkfast sample`: the samples file, resume after a crash, config refusal, grading callback, sharding, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from thinkfast.cli import main
+from thinkfast.data.tokenizer import build_byte_tokenizer
+from thinkfast.engine import run as run_mod
+from thinkfast.engine.run import sample_to_file
+from thinkfast.engine.samples_file import RECORD_FIELDS
+from thinkfast.engine.sampling import SamplingParams
+from thinkfast.models import ModelConfig, ThinkfastConfig, ThinkfastForCausalLM
+
+N_PROBLEMS = 4
+
+
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny random hybrid checkpoint with the byte tokenizer, and a small jsonl data set."""
+    root = tmp_path_factory.mktemp("sample")
+    torch.manual_seed(0)
+    tok = build_byte_tokenizer()
+    cfg = ModelConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64, attn_layers=[1], chunk_size=16)
+    model = ThinkfastForCausalLM(ThinkfastConfig.from_model_config(cfg, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(root / "hybrid")
+    tok.save_pretrained(root / "hybrid")
+    data = root / "problems.jsonl"
+    data.write_text("".join(json.dumps({"q": f"What is {i} + {i}?", "a": str(2 * i)}) + "\n" for i in range(N_PROBLEMS)))
+    return root, f"jsonl:{data}?question=q&answer=a"
+
+
+def _args(root, spec, out, *extra):
+    return ["sample", "--model", str(root / "hybrid"), "--data", spec, "--out", str(out), "--n", "3", "--temperature", "1.0",
+            "--max-new-tokens", "12", "--batch-size", "5", "--seed", "7", "--quiet", "--no-grade", *extra]
+
+
+def _content(path):
+    """Each sample as written, minus the timing (which differs between runs)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return sorted(tuple(sorted((k, json.dumps(v)) for k, v in r.items() if k != "seconds")) for r in rows)
+
+
+def test_sample_writes_every_field_and_rerun_is_a_no_op(setup, tmp_path, capsys):
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out)) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == N_PROBLEMS * 3
+    assert {(r["problem_id"], r["sample_idx"]) for r in rows} == {(f"problems:{i}", j) for i in range(N_PROBLEMS) for j in range(3)}
+    for r in rows:
+        assert set(RECORD_FIELDS) <= set(r)
+        assert r["model"] == "hybrid" and r["role"] == "hybrid" and r["kind"] == "number" and r["reward"] is None
+        assert r["correct"] is None and r["answer"] is None  # --no-grade
+        assert r["finish_reason"] in ("eos", "stop", "length") and 1 <= r["gen_tokens"] <= 12 and r["seconds"] > 0
+        assert r["prompt_tokens"] > 10 and "What is" not in r["completion"]
+    assert len({r["config"] for r in rows}) == 1
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(_args(root, spec, out)) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert out.read_bytes() == before
+
+
+def test_resume_after_a_crash_gives_exactly_the_same_samples(setup, tmp_path):
+    root, spec = setup
+    full, crashed = tmp_path / "full.jsonl", tmp_path / "crashed.jsonl"
+    assert main(_args(root, spec, full)) == 0
+    lines = full.read_text().splitlines(keepends=True)
+    # a crash after 5 samples, in the middle of writing the 6th line
+    crashed.write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+    assert main(_args(root, spec, crashed)) == 0
+    assert _content(crashed) == _content(full)
+
+
+def test_another_configuration_is_refused_and_the_file_left_untouched(setup, tmp_path, capsys):
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out)) == 0
+    with open(out, "a") as f:
+        f.write('{"problem_id": "problems:9", "sample_')  # even a torn last line stays as it is
+    before = out.read_bytes()
+    capsys.readouterr()
+    args = _args(root, spec, out)
+    args[args.index("--temperature") + 1] = "0.5"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "another sampling configuration" in err and err.count("\n") == 1
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--n", "0"], "at least 1 sample"),
+    (["--top-p", "1.5"], "top-p"),
+    (["--batch-size", "0"], "batch-size"),
+])
+def test_bad_arguments_are_one_line_errors(setup, tmp_path, capsys, extra, needle):
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_foreign_file_and_long_prompt_are_refused(setup, tmp_path, capsys):
+    root, spec = setup
+    foreign = tmp_path / "notes.jsonl"
+    foreign.write_text("my own notes, no newline at the end")
+    assert main(_args(root, spec, foreign)) == 2
+    assert "not written by `thinkfast sample`" in capsys.readouterr().err
+    assert foreign.read_text() == "my own notes, no newline at the end"
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"q": "x" * 3000, "a": "1"}) + "\n")
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, f"jsonl:{long}?question=q&answer=a", out)) == 2
+    assert "model's limit" in capsys.readouterr().err
+
+
+def test_grading_callback_fills_answer_and_correct(setup, tmp_path):
+    root, spec = setup
+    calls = []
+
+    class Result:
+        def __init__(self, text, gold):
+            self.answer, self.correct, self.error = (text[:1] or None), text.startswith(gold), None
+
+    def grade(preds, golds, kinds):
+        calls.append(len(preds))
+        assert kinds == ["number"] * len(preds)
+        return [Result(p, g) for p, g in zip(preds, golds)]
+
+    out = tmp_path / "g.jsonl"
+    s = sample_to_file(str(root / "hybrid"), spec, out, 2, SamplingParams(max_new_tokens=6), batch_size=3, grade_fn=grade, progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert s.written == len(rows) == N_PROBLEMS * 2 == sum(calls)
+    for r in rows:
+        assert r["correct"] is r["completion"].startswith(r["gold"])
+        assert r["answer"] == (r["completion"][:1] or None)
+
+
+def test_real_grader_plugs_in(setup, tmp_path):
+    grading = pytest.importorskip("thinkfast.eval.grading")
+    root, spec = setup
+    out = tmp_path / "r.jsonl"
+    sample_to_file(str(root / "hybrid"), spec, out, 1, SamplingParams(max_new_tokens=6), grade_fn=grading.grade_many, progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(isinstance(r["correct"], bool) or r["grade_error"] for r in rows)
+
+
+def test_sharded_ranks_merge_into_the_single_process_file(setup, tmp_path, monkeypatch):
+    root, spec = setup
+    single = tmp_path / "single.jsonl"
+    assert main(_args(root, spec, single)) == 0
+    merged = tmp_path / "merged.jsonl"
+    monkeypatch.setattr(run_mod, "_barrier", lambda: None)  # ranks run one after the other here
+    for rank in (1, 0):  # rank 0 last: it merges the parts once everyone is done
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(_args(root, spec, merged)) == 0
+    assert not list(tmp_path.glob("merged.jsonl.part*"))
+    assert _content(merged) == _content(single)

@@ -1,0 +1,201 @@
+"""The engine: greedy == full-forward argmax, continuous batching, forks, HF equality, sampling, time accounting,
+stop conditions, bad input."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from thinkfast.engine import Engine, SamplingParams, sample_seed, sample_tokens
+from thinkfast.engine import engine as engine_mod
+from thinkfast.engine.sampling import filtered_probs
+from thinkfast.errors import ThinkfastError
+from thinkfast.models import from_teacher
+
+KINDS = [("teacher", None), ("llamba", "discrete"), ("hybrid", "mamba2")]
+
+
+
+
+def _lm(kind, ssm_param=None):
+    return from_teacher(tiny_llama(), kind=kind, ssm_param=ssm_param).lm
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(f"p{i}", torch.randint(3, 101, (n,), generator=g).tolist()) for i, n in enumerate(lengths)]
+
+
+@torch.no_grad()
+def _greedy_reference(lm, ids, steps):
+    """Step-by-step argmax of the full forward (no cache). Also the smallest top-2 logit gap met on the way."""
+    seq, gap = list(ids), float("inf")
+    for _ in range(steps):
+        logits = lm(torch.tensor([seq])).logits[0, -1]
+        top = logits.topk(2).values
+        gap = min(gap, float(top[0] - top[1]))
+        seq.append(int(logits.argmax()))
+    return seq[len(ids):], gap
+
+
+def _assert_greedy_matches(lm, completions, prompts, steps):
+    refs = {pid: _greedy_reference(lm, ids, steps) for pid, ids in prompts}
+    for c in completions:
+        ref, gap = refs[c.problem_id]
+        if c.tokens != ref:  # only a near-tie in the reference may flip under float reassociation
+            first = next(i for i, (a, b) in enumerate(zip(c.tokens, ref)) if a != b)
+            assert gap < 1e-4, f"{c.problem_id}/{c.sample_idx} diverges at token {first}"
+
+
+@pytest.mark.parametrize("kind,ssm_param", KINDS)
+def test_greedy_engine_equals_full_forward_argmax(kind, ssm_param):
+    lm = _lm(kind, ssm_param)
+    prompts = _prompts([13, 13, 4, 7, 21, 9, 13])
+    # 5 slots for 14 samples of mixed prompt lengths: refills, packing, rows at different positions, and
+    # prompts of one length prefilled in one batch
+    eng = Engine(lm, batch_size=5)
+    out = list(eng.generate(prompts, n=2, params=SamplingParams(temperature=0, max_new_tokens=16)))
+    assert sorted((c.problem_id, c.sample_idx) for c in out) == sorted((p, j) for p, _ in prompts for j in range(2))
+    assert all(c.gen_tokens == 16 and c.finish_reason == "length" for c in out)
+    assert eng.stats.prompts == 7 and eng.stats.prefill_batches < 7  # the first two prompts shared a prefill
+    _assert_greedy_matches(lm, out, prompts, 16)
+
+
+def test_continuous_batching_gives_each_sequence_its_tokens_alone():
+    lm = _lm("hybrid", "mamba2")
+    prompts = _prompts([3, 25, 8, 14, 5, 11])
+    stop = {17, 42}  # an EOS set that ends some samples early and at different times: slots refill mid-flight
+    params = SamplingParams(temperature=0.9, top_k=20, max_new_tokens=20)
+    batched = {(c.problem_id, c.sample_idx): c.tokens for c in Engine(lm, batch_size=4, stop_ids=stop).generate(prompts, 3, params, seed=5)}
+    alone = {}
+    for pid, ids in prompts:
+        for c in Engine(lm, batch_size=1, stop_ids=stop).generate([(pid, ids)], 3, params, seed=5):
+            alone[(c.problem_id, c.sample_idx)] = c.tokens
+    assert batched == alone
+    assert len({len(t) for t in batched.values()}) > 1, "the test needs samples of different lengths"
+
+
+def test_forked_samples_equal_separately_prefilled_ones():
+    lm = _lm("llamba", "discrete")
+    (pid, ids), = _prompts([12])
+    params = SamplingParams(temperature=1.0, max_new_tokens=12)
+    forked = {c.sample_idx: c.tokens for c in Engine(lm, batch_size=4).generate([(pid, ids)], 4, params, seed=1)}
+    for j in range(4):  # each sample from its own prefill, alone in the engine
+        (c,) = Engine(lm, batch_size=1).generate([(pid, ids)], 4, params, seed=1, only={pid: [j]})
+        assert c.tokens == forked[j]
+    assert len({tuple(t) for t in forked.values()}) > 1, "different seeds must give different samples"
+
+
+@torch.no_grad()
+def test_fork_copies_the_prefilled_state_exactly():
+    lm = _lm("hybrid", "mamba2")
+    ids = torch.randint(0, 101, (1, 10))
+    one = lm.allocate_state(1, 10)
+    lm(ids, state=one)
+    state = lm.allocate_state(3, 32)
+    state.copy_rows_(torch.tensor([0, 2]), one, torch.tensor([0, 0]), 10)
+    separate = lm.allocate_state(1, 32)
+    lm(ids, state=separate)
+    for mine, ref in zip(state.caches, separate.caches):
+        for t, r in zip(vars(mine).values(), vars(ref).values()):
+            if t.dim() == 4 and t.shape[2] == 32:  # KV cache: the prompt's positions
+                t, r = t[:, :, :10], r[:, :, :10]
+            assert torch.equal(t[0], r[0]) and torch.equal(t[2], r[0])
+
+
+def test_teacher_kv_path_reproduces_hf_greedy_generate():
+    hf = tiny_llama()
+    prompts = _prompts([6, 15, 9], seed=3)
+    eng = Engine(hf, batch_size=2, stop_ids=[])  # an HF Llama runs as an all-attention thinkfast model
+    out = {c.problem_id: c.tokens for c in eng.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=24))}
+    for pid, ids in prompts:
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert out[pid] == ref[0, len(ids):].tolist()
+
+
+def test_sample_tokens_follows_the_filtered_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]]))
+    n = 20000
+    u = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for params, expect in [
+        (SamplingParams(), [0.5, 0.25, 0.15, 0.07, 0.03]),
+        (SamplingParams(top_k=2), [2 / 3, 1 / 3, 0, 0, 0]),
+        (SamplingParams(top_p=0.8), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0, 0]),  # mass before token 3 is 0.9 >= 0.8
+        (SamplingParams(min_p=0.2), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0, 0]),
+    ]:
+        toks = sample_tokens(logits.expand(n, -1), u, params)
+        freq = torch.bincount(toks, minlength=5).double() / n
+        torch.testing.assert_close(freq, torch.tensor(expect, dtype=torch.float64), rtol=0, atol=0.015)
+    p = filtered_probs(logits, SamplingParams(temperature=0.5))
+    assert p[0, 0] / p[0, 1] == pytest.approx(4.0, rel=1e-4)  # temperature 0.5 squares the odds
+    assert sample_tokens(logits, torch.tensor([0.9999999999]), SamplingParams(top_k=1)).item() == 0
+    assert sample_tokens(logits, torch.tensor([0.3]), SamplingParams(temperature=0)).item() == 0
+
+
+def test_sample_seeds_are_stable_and_distinct():
+    assert sample_seed(0, "gsm8k_test:3", 1) == sample_seed(0, "gsm8k_test:3", 1)
+    seeds = {sample_seed(s, p, j) for s in (0, 1) for p in ("a", "b") for j in range(4)}
+    assert len(seeds) == 16 and all(0 <= x < 2**48 for x in seeds)
+
+
+def test_seconds_add_up_to_the_engine_wall_time():
+    lm = _lm("hybrid", "mamba2")
+    eng = Engine(lm, batch_size=3, stop_ids={5, 9})
+    out = list(eng.generate(_prompts([4, 12, 7]), 3, SamplingParams(temperature=1.0, max_new_tokens=10), seed=2))
+    assert all(c.seconds > 0 for c in out)
+    assert sum(c.seconds for c in out) == pytest.approx(eng.stats.wall_seconds, rel=1e-9)
+    assert eng.stats.gen_tokens == sum(c.gen_tokens for c in out)
+    assert eng.stats.samples == 9 and eng.stats.prompts == 3
+
+
+class _TinyTok:
+    """The smallest tokenizer the engine needs: id i < 256 is the letter "abcd"[i % 4], 256 is EOS."""
+
+    eos_token_id = 256
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("abcd"[i % 4] for i in ids if i < 256)
+
+
+def test_stop_strings_eos_and_length():
+    lm = from_teacher(tiny_llama(vocab=257), kind="teacher").lm
+    eng = Engine(lm, _TinyTok(), batch_size=3)
+    params = SamplingParams(temperature=5.0, max_new_tokens=30, stop=["abc"])  # hot: close to uniform
+    out = list(eng.generate([("p", [1, 2, 3, 4, 5])], 12, params, seed=0))
+    reasons = [c.finish_reason for c in out]
+    for c in out:
+        full = _TinyTok().decode(c.tokens)
+        if c.finish_reason == "stop":
+            assert full.endswith("abc") and "abc" not in full[:-1] and c.text == full[:-3]
+        elif c.finish_reason == "eos":
+            assert c.tokens[-1] == 256 and 256 not in c.tokens[:-1] and "abc" not in full
+        else:
+            assert c.finish_reason == "length" and c.gen_tokens == 30 and "abc" not in full
+    assert "stop" in reasons and "length" in reasons
+
+
+def test_bad_input_is_one_clear_error(monkeypatch):
+    lm = _lm("llamba", "discrete")
+    eng = Engine(lm, batch_size=2)
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    with pytest.raises(ThinkfastError, match="at least 1 sample"):
+        list(eng.generate(_prompts([3]), 0, params))
+    with pytest.raises(ThinkfastError, match="empty prompt"):
+        list(eng.generate([("e", [])], 1, params))
+    with pytest.raises(ThinkfastError, match="limit is 512 positions"):
+        list(eng.generate([("long", [1] * 600)], 1, params))
+    with pytest.raises(ThinkfastError, match="outside the model's vocabulary"):
+        list(eng.generate([("v", [1, 5000])], 1, params))
+    with pytest.raises(ThinkfastError, match="occurs twice"):
+        list(eng.generate([("a", [1, 2]), ("a", [3])], 1, params))
+    with pytest.raises(ThinkfastError, match="need a tokenizer"):
+        list(eng.generate([("a", [1, 2])], 1, SamplingParams(stop=["\n\n"])))
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(min_p=1.0), dict(max_new_tokens=0), dict(stop=[""])):
+        with pytest.raises(ThinkfastError):
+            SamplingParams(**bad)
+    # a batch that does not fit: the message says so and suggests one that does
+    monkeypatch.setattr(engine_mod, "available_memory", lambda device: 10 * 2**20)
+    with pytest.raises(ThinkfastError, match=r"batch size 100000 needs .* use --batch-size \d+") as e:
+        Engine(lm, batch_size=100000, max_len=64)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,185 @@
+"""Grading: answer extraction, strict number equality, math-verify in killable workers, the real benchmark files."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import SHARED_DATA
+from thinkfast.errors import ThinkfastError
+from thinkfast.eval.grading import (
+    MathGraderPool, canonical_answer, extract_answer, grade, grade_many, parse_number,
+)
+
+HANG = r"so the answer is \boxed{\dfrac{5^{(5^{(5^{(5^5)})} - 4)} - 5}{16}}"
+
+
+def _rows(name):
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return [json.loads(line) for line in path.open()]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = MathGraderPool(workers=2)
+    yield p
+    p.close()
+
+
+# ------------------------------------------------------------------------------------------ extraction
+
+
+@pytest.mark.parametrize("text,kind,expected", [
+    (r"first \boxed{3} then \boxed{\frac{1}{2}}", "math", r"\frac{1}{2}"),
+    (r"nested \boxed{\frac{a}{b^{2}}}", "math", r"\frac{a}{b^{2}}"),
+    (r"ok \boxed{7} and a cut-off \boxed{\frac{1}{", "math", "7"),  # truncated last box: the complete one counts
+    ("step\n#### 1,234\n", "gsm8k", "1,234"),
+    ("so 3 + 4 = 7 apples", "number", "7"),
+    (r"\boxed{12} but #### 13", "gsm8k", "12"),  # \boxed beats ####
+    ("no digits at all", "gsm8k", None),
+    ("3 + 4 = 7\n#### 7<|im_end|>\n", "gsm8k", "7"),  # an end-of-turn token is not part of the answer
+    (r"so \boxed{5}<|eot_id|>", "math", "5"),
+    ("", "math", None),
+    ("The final answer is $x^2+1$.", "math", "x^2+1"),
+])
+def test_extract_answer(text, kind, expected):
+    assert extract_answer(text, kind) == expected
+
+
+@pytest.mark.parametrize("pred,gold,ok", [
+    ("#### 18.00", "18", True),
+    ("#### $1,000", "1000", True),
+    ("#### 1000.5", "1000", False),
+    ("#### -5", "5", False),  # signs matter (reasoning-gym's own scorer ignores them)
+    ("#### −5", "-5", True),  # unicode minus
+    ("the answer is 18 dollars", "18", True),
+    (r"\boxed{18 \text{ cm}^2}", "18", True),
+    (r"\boxed{50\%}", "50", True),
+    (r"\boxed{\frac{36}{2}}", "18", True),
+    ("#### 36/2", "18", True),
+    ("#### x = 4", "4", True),
+    ("#### 4 or 5", "4", False),  # strict: no partial credit for hedging
+    ("#### 1,2", "12", False),  # a list is not a thousands separator
+    ("I give up", "3", False),
+    ("#### 1e400000000000", "1", False),  # absurd numbers are refused quickly, not computed
+])
+def test_number_grading(pred, gold, ok):
+    assert grade(pred, gold, "gsm8k") is ok
+    assert grade(pred, gold, "number") is ok
+
+
+def test_no_catastrophic_backtracking():
+    t = time.perf_counter()
+    for n in (30, 3000):
+        assert grade("#### 5 " + "a" * n + "!", "5", "gsm8k") is False
+        assert grade("#### 5 " + "ab " * n, "5", "gsm8k") is True
+    assert time.perf_counter() - t < 1.0
+
+
+def test_word_answers_for_number_kind():
+    assert grade("#### Alice", "alice", "number") is True
+    assert grade("#### Bob", "alice", "number") is False
+
+
+def test_canonical_answers_group_equal_values():
+    assert canonical_answer("1,000.00", "gsm8k") == canonical_answer("1000", "gsm8k") == "1000"
+    assert canonical_answer(r"\dfrac12", "math") == canonical_answer(r"\frac{1}{2}", "math") == canonical_answer("0.5", "math")
+    assert canonical_answer(r"\left( 3, \frac{\pi}{2} \right)", "math") == r"(3,\frac{\pi}{2})"
+    assert canonical_answer(None, "math") is None
+    assert parse_number("1/3") is not None and canonical_answer("2/6", "number") == "1/3"
+
+
+def test_unknown_kind_and_missing_gold_are_clear_errors():
+    with pytest.raises(ThinkfastError, match="unknown"):
+        grade("#### 1", "1", "algebra")
+    with pytest.raises(ThinkfastError, match="missing gold"):
+        grade_many(["#### 1"], [""], ["gsm8k"])
+    with pytest.raises(ThinkfastError, match="one of each"):
+        grade_many(["a", "b"], ["1"], ["gsm8k"])
+
+
+# ------------------------------------------------------------------------------------------ math workers
+
+
+def test_math_grading_basics(pool):
+    res = grade_many([r"\boxed{\dfrac{14}{3}}", r"\boxed{4.6667}", r"\boxed{\frac{\sqrt{2}}{2}}", "nothing here", r"\boxed{(3, \frac{\pi}{2})}"],
+                     [r"\frac{14}{3}", r"\frac{14}{3}", r"\frac{1}{\sqrt{2}}", "3", r"\left( 3, \frac{\pi}{2} \right)"],
+                     ["math"] * 5, pool=pool)
+    assert [r.correct for r in res] == [True, False, True, False, True]
+    assert res[3].answer is None and res[3].error is None  # no answer: wrong, not ungraded
+    assert all(r.error is None for r in res)
+
+
+def test_sympy_hang_is_ungraded_within_timeout(pool):
+    t = time.perf_counter()
+    res = grade_many([HANG, r"\boxed{2}"], ["1", "2"], ["math", "math"], timeout=2.0, pool=pool)
+    elapsed = time.perf_counter() - t
+    assert res[0].correct is None and "timed out" in res[0].error
+    assert res[1].correct is True  # the other item still graded
+    assert elapsed < 15, elapsed  # the hang is cut at ~2 s (plus a worker start), not minutes
+    # the pool replaced the killed worker and still works
+    assert grade_many([r"\boxed{3}"], ["3"], ["math"], pool=pool)[0].correct is True
+
+
+def test_crashed_worker_is_replaced_and_item_ungraded():
+    pool = MathGraderPool(workers=1)
+    try:
+        assert pool.verify_many([(r"\boxed{1}", "$1$")])[0] == (True, None)  # pool started
+        victim = pool.workers[0].proc.pid
+        threading.Timer(1.0, lambda: os.kill(victim, signal.SIGKILL)).start()
+        (correct, error), = pool.verify_many([(r"\boxed{" + extract_answer(HANG, "math") + "}", "$1$")], timeout=30)
+        assert correct is None and "crashed" in error
+        assert pool.verify_many([(r"\boxed{2}", "$2$")])[0] == (True, None)
+        assert pool.workers[0].proc.pid != victim
+    finally:
+        pool.close()
+
+
+def test_duplicate_items_graded_once(pool):
+    before = len(pool.cache)
+    res = grade_many([r"\boxed{\frac{2}{4}}"] * 50, [r"\frac{1}{2}"] * 50, ["math"] * 50, pool=pool)
+    assert all(r.correct for r in res)
+    assert len(pool.cache) == before + 1
+
+
+# ------------------------------------------------------------------------------------------ real files
+
+
+def test_gsm8k_test_solutions_match_their_own_answers():
+    rows = _rows("gsm8k_test.jsonl")
+    golds = [r["answer"].rsplit("####", 1)[-1].strip() for r in rows]
+    res = grade_many([r["answer"] for r in rows], golds, ["gsm8k"] * len(rows))
+    assert sum(r.correct for r in res) == len(rows) == 1319
+    shifted = grade_many([r["answer"] for r in rows], golds[1:] + golds[:1], ["gsm8k"] * len(rows))
+    coincidences = sum(parse_number(a) == parse_number(b) for a, b in zip(golds, golds[1:] + golds[:1]))
+    assert sum(r.correct for r in shifted) == coincidences  # only genuinely equal answers pass
+
+
+def _math500_check(rows, pool):
+    sols, golds = [r["solution"] for r in rows], [r["answer"] for r in rows]
+    own = grade_many(sols, golds, ["math"] * len(rows), pool=pool)
+    failures = [(r["unique_id"], g.answer, g.error) for r, g in zip(rows, own) if g.correct is not True]
+    other = golds[1:] + golds[:1]
+    res = grade_many(sols, other, ["math"] * len(rows), pool=pool)
+    accepted = [(canonical_answer(a, "math"), canonical_answer(b, "math")) for a, b, g in zip(golds, other, res) if g.correct is not False]
+    return failures, accepted
+
+
+def test_math500_reference_solutions_subset(pool):
+    rows = _rows("math500_test.jsonl")[:80]
+    failures, accepted = _math500_check(rows, pool)
+    assert failures == []
+    assert all(a == b for a, b in accepted), accepted  # accepted only where the two gold answers coincide
+
+
+@pytest.mark.slow
+def test_math500_reference_solutions_all(pool):
+    rows = _rows("math500_test.jsonl")
+    failures, accepted = _math500_check(rows, pool)
+    assert failures == [], failures
+    assert len(accepted) <= 5 and all(a == b for a, b in accepted), accepted

@@ -1,0 +1,144 @@
+"""Samples files -> reports: validation of lines, time axes, metrics.json schema, plots, CLI errors."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from thinkfast.cli import main as cli
+from thinkfast.errors import DataError
+from thinkfast.eval.metrics import pass_at_k
+from thinkfast.eval.report import build_report
+from thinkfast.eval.samples import read_samples
+
+
+def make_samples(path, model, role, p_correct, seconds, n=8, problems=12, hardware="cpu: test", rewards=True, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for p in range(problems):
+        gold = str(7 * p)
+        for i in range(n):
+            ok = rng.random() < p_correct
+            ans = gold if ok else rng.choice([str(7 * p + 1), str(7 * p + 2), None])
+            rows.append(dict(
+                problem_id=f"gsm8k_test:{p}", sample_idx=i, model=model, role=role,
+                completion=f"work\n#### {ans}" if ans else "no idea", answer=ans, gold=gold, kind="gsm8k",
+                correct=ans == gold, grade_error=None, reward=(0.5 * ok + 0.5 * rng.random()) if rewards else None,
+                gen_tokens=100, prompt_tokens=30, seconds=seconds, seed=i, finish_reason="stop", hardware=hardware, config="c0",
+            ))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    make_samples(tmp_path / "teacher.jsonl", "teacher", "teacher", 0.6, 0.4, seed=1)
+    make_samples(tmp_path / "llamba.jsonl", "llamba", "llamba", 0.4, 0.1, seed=2)
+    return [tmp_path / "teacher.jsonl", tmp_path / "llamba.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def test_reader_groups_by_model_and_problem(runs):
+    sset = read_samples(runs)
+    by = sset.by_model()
+    assert list(by) == ["teacher", "llamba"]
+    assert len(by["teacher"]) == 12 and all(len(v) == 8 for v in by["teacher"].values())
+    assert [s.sample_idx for s in by["llamba"]["gsm8k_test:3"]] == list(range(8))
+
+
+def test_same_file_twice_counts_once(runs):
+    sset = read_samples([runs[0], runs[0]])
+    assert len(sset.samples) == 96 and sset.duplicates == 96
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda line: line[:-5], "not valid JSON"),
+    (lambda line: line.replace('"gold": "7"', '"gold": ""'), "missing gold"),
+    (lambda line: line.replace('"kind": "gsm8k"', '"kind": "algebra"'), "kind='algebra'"),
+    (lambda line: line.replace('"correct": ', '"correct": "yes", "x": '), "correct='yes'"),
+    (lambda line: line.replace('"seconds": 0.4', '"seconds": -1'), "seconds"),
+])
+def test_malformed_line_names_file_and_line(runs, mutate, match):
+    lines = runs[0].read_text().splitlines()
+    lines[9] = mutate(lines[9])  # line 10 is problem 1's second sample (gold "7")
+    runs[0].write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=match) as e:
+        read_samples(runs)
+    assert f"{runs[0]}:10:" in str(e.value) and "--skip-bad-lines" in str(e.value)
+    sset = read_samples(runs, skip_bad_lines=True)
+    assert len(sset.bad) == 1 and sset.bad[0].line == 10
+    assert len(sset.samples) == 2 * 96 - 1
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def test_report_files_and_schema(runs, tmp_path):
+    out = tmp_path / "report"
+    m = build_report(runs, out, dataset="gsm8k:../shared/data/gsm8k_test.jsonl", wall_seconds=12.5, summary_notes="Students win.")
+    for name in ("report.md", "metrics.json", "coverage_vs_k.png", "coverage_vs_seconds.png", "accuracy_vs_k.png",
+                 "accuracy_vs_seconds.png", "pareto.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["wall_seconds"] == 12.5 and on_disk["dataset"].startswith("gsm8k:")
+    assert set(on_disk["models"]) == {"teacher", "llamba"}
+    t = on_disk["models"]["teacher"]
+    assert t["role"] == "teacher"
+    for key in ("pass_at_k", "maj_at_k", "bon_at_k", "weighted_bon_at_k"):
+        assert list(t[key]) == ["1", "2", "4", "8"], key
+        assert all(0.0 <= v <= 1.0 for v in t[key].values())
+        assert all(lo <= t[key][k] <= hi for k, (lo, hi) in t[key + "_ci"].items())
+    assert t["seconds_per_sample"] == pytest.approx(0.4)
+    assert t["seconds_per_problem"]["4"] == pytest.approx(1.6)  # k x seconds per sample
+    assert t["tokens_per_second"] == pytest.approx(100 / 0.4)
+    # pass@k is the mean of the per-problem unbiased estimates
+    rows = [json.loads(x) for x in runs[0].read_text().splitlines()]
+    per = [pass_at_k(8, sum(r["correct"] for r in rows if r["problem_id"] == f"gsm8k_test:{p}"), 2) for p in range(12)]
+    assert t["pass_at_k"]["2"] == pytest.approx(np.mean(per))
+    # the faster model owns the cheap end of the Pareto front
+    assert on_disk["pareto"]["pass_at_k"][0]["model"] == "llamba"
+    text = (out / "report.md").read_text()
+    assert "Students win." in text and "![coverage vs k](coverage_vs_k.png)" in text
+    assert m["models"]["llamba"]["pass_at_k"] == on_disk["models"]["llamba"]["pass_at_k"]
+
+
+def test_report_without_rewards_has_null_bon(tmp_path):
+    make_samples(tmp_path / "a.jsonl", "a", "hybrid", 0.5, 0.2, rewards=False)
+    m = build_report([tmp_path / "a.jsonl"], tmp_path / "r", plots=False)
+    assert m["models"]["a"]["bon_at_k"] is None and m["models"]["a"]["maj_at_k"]["8"] >= 0
+
+
+def test_problems_not_shared_are_left_out(tmp_path):
+    make_samples(tmp_path / "a.jsonl", "a", "teacher", 0.5, 0.2, problems=12)
+    make_samples(tmp_path / "b.jsonl", "b", "llamba", 0.5, 0.1, problems=9)
+    m = build_report([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "r", plots=False)
+    assert m["n_problems"] == 9 and m["models"]["a"]["n_problems"] == 9
+    assert any("3 problem(s)" in n for n in m["notes"])
+
+
+def test_mixed_hardware_is_refused_unless_allowed(tmp_path):
+    make_samples(tmp_path / "a.jsonl", "a", "teacher", 0.5, 0.2, hardware="NVIDIA H100")
+    make_samples(tmp_path / "b.jsonl", "b", "llamba", 0.5, 0.1, hardware="cpu")
+    with pytest.raises(DataError, match="different hardware"):
+        build_report([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "r", plots=False)
+    m = build_report([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "r", plots=False, allow_mixed_hardware=True)
+    assert m["hardware"] is None and any("not comparable" in n for n in m["notes"])
+
+
+def test_cli_report_and_errors(runs, tmp_path, capsys):
+    assert cli(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--no-plots", "--subsets", "32", "--bootstrap", "50"]) == 0
+    assert "pass@8" in capsys.readouterr().out
+    assert cli(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--ks", "1,16", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "k=16 is larger than the 8 samples" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    lines = runs[1].read_text().splitlines()
+    lines[3] = "{not json"
+    runs[1].write_text("\n".join(lines) + "\n")
+    assert cli(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert f"{runs[1]}:4:" in err and len(err.strip().splitlines()) == 1
+    assert cli(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--no-plots", "--skip-bad-lines"]) == 0
+    assert cli(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 2

@@ -1,0 +1,198 @@
+"""Reward models: the trainable ORM (learns, saves, loads, scores files) and the RLHFlow-style PRM mechanics."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_llama
+from thinkfast.cli import main as cli
+from thinkfast.data.tokenizer import build_byte_tokenizer
+from thinkfast.errors import ConfigError, DataError
+from thinkfast.eval.reward import (
+    ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, aggregate, auc, load_backbone, split_steps, train_orm,
+)
+from thinkfast.models import ModelConfig, ThinkfastConfig, ThinkfastForCausalLM
+
+GOOD, BAD = "so it checks out.", "so I am unsure?!"
+
+
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    tok = build_byte_tokenizer()
+    cfg = ModelConfig(vocab_size=len(tok), d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=128, attn_layers=[0])
+    torch.manual_seed(0)
+    model = ThinkfastForCausalLM(ThinkfastConfig.from_model_config(cfg))
+    path = tmp_path_factory.mktemp("backbone") / "student"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def toy_samples(n_problems=24, per=5, seed=0):
+    """Completions whose correctness shows in their last words: learnable by a head on a frozen random LM."""
+    rng = random.Random(seed)
+    rows = []
+    for p in range(n_problems):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        for i in range(per):
+            ok = rng.random() < 0.4
+            ans = a + b if ok else a + b + rng.choice([1, 2, 3])
+            rows.append(dict(problem_id=f"toy:{p}", sample_idx=i, model="student", role="hybrid",
+                             completion=f"{a} plus {b} is {ans}.\n#### {ans}\n{GOOD if ok else BAD}",
+                             answer=str(ans), gold=str(a + b), kind="gsm8k", correct=ok, grade_error=None, reward=None,
+                             gen_tokens=30, prompt_tokens=20, seconds=0.05, seed=i, finish_reason="stop", hardware="cpu",
+                             config="c", question=f"What is {a} plus {b}?"))
+    return rows
+
+
+def test_orm_learns_a_visible_signal(backbone_dir):
+    model, tok = load_backbone(backbone_dir)
+    rows = toy_samples()
+    rm = train_orm([r["question"] for r in rows], [r["completion"] for r in rows], [r["correct"] for r in rows],
+                   [r["problem_id"] for r in rows], model, tok, ORMConfig(), ORMTraining(), log=lambda *_: None)
+    assert rm.cfg.stats["history"][-1]["val_auc"] > 0.9
+    fresh = toy_samples(8, 5, seed=1)
+    s = rm.score([r["question"] for r in fresh], [r["completion"] for r in fresh])
+    assert auc(s, np.array([r["correct"] for r in fresh])) > 0.9
+    assert np.all((s > 0) & (s < 1))
+
+
+def test_orm_fine_tuning_top_block_reduces_loss(backbone_dir):
+    model, tok = load_backbone(backbone_dir)
+    rows = toy_samples(8, 4)
+    rm = train_orm([r["question"] for r in rows], [r["completion"] for r in rows], [r["correct"] for r in rows],
+                   [r["problem_id"] for r in rows], model, tok, ORMConfig(train_layers=1, max_len=96),
+                   ORMTraining(epochs=3, lr=1e-2, val_fraction=0),
+                   log=lambda *_: None)
+    h = rm.cfg.stats["history"]
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert not any(p.requires_grad for p in rm.parameters())
+
+
+def test_orm_refuses_one_class(backbone_dir):
+    model, tok = load_backbone(backbone_dir)
+    with pytest.raises(DataError, match="both kinds"):
+        train_orm([None, None], ["a", "b"], [True, True], ["p", "q"], model, tok)
+    with pytest.raises(ConfigError, match="train_layers"):
+        OutcomeRewardModel(model, tok, ORMConfig(train_layers=5))
+
+
+def test_orm_encoding_keeps_question_head_and_completion_tail(backbone_dir):
+    model, tok = load_backbone(backbone_dir)
+    rm = OutcomeRewardModel(model, tok, ORMConfig(max_len=64, question_tokens=20))
+    enc = rm.encode("Q" * 100, "x" * 200 + "THE END")
+    assert len(enc.ids) == 64 and enc.start == 20
+    assert tok.decode(enc.ids[-7:]) == "THE END"
+
+
+def test_cli_train_score_report(backbone_dir, tmp_path, capsys):
+    rows = toy_samples()
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["train-rm", "--samples", str(train), "--backbone", str(backbone_dir), "--out", str(tmp_path / "rm")]) == 0
+    assert "validation AUC" in capsys.readouterr().out
+    for name in ("reward_config.json", "head.safetensors", "backbone/config.json", "backbone/model.safetensors", "backbone/tokenizer.json"):
+        assert (tmp_path / "rm" / name).is_file(), name
+
+    test_rows = toy_samples(6, 4, seed=2)
+    test_rows[3]["correct"] = None  # ungraded: `score` grades it
+    test = tmp_path / "test.jsonl"
+    lines = [json.dumps(r) for r in test_rows]
+    lines.insert(5, "{broken line")
+    test.write_text("\n".join(lines) + "\n")
+    os.chmod(test, 0o640)
+    assert cli(["score", str(test), "--reward-model", str(tmp_path / "rm")]) == 2  # malformed line: refuse
+    assert test.read_text().splitlines() == lines  # untouched
+    assert cli(["score", str(test), "--reward-model", str(tmp_path / "rm"), "--skip-bad-lines"]) == 0
+    out = test.read_text().splitlines()
+    assert out[5] == "{broken line" and len(out) == len(lines)  # bad line kept verbatim, in place
+    scored = [json.loads(x) for i, x in enumerate(out) if i != 5]
+    assert all(0 < r["reward"] < 1 for r in scored)
+    assert scored[3]["correct"] is True or scored[3]["correct"] is False
+    assert [r["completion"] for r in scored] == [r["completion"] for r in test_rows]
+    assert oct(os.stat(test).st_mode & 0o777) == oct(0o640)
+
+    # the rewards are the loaded model's own scores
+    rm = OutcomeRewardModel.load(tmp_path / "rm")
+    again = rm.score([r["question"] for r in test_rows], [r["completion"] for r in test_rows])
+    assert np.allclose(again, [r["reward"] for r in scored], atol=1e-6)
+
+    assert cli(["report", str(test), "--out", str(tmp_path / "rep"), "--no-plots", "--skip-bad-lines"]) == 0
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert metrics["models"]["student"]["bon_at_k"]["4"] >= metrics["models"]["student"]["pass_at_k"]["1"] - 1e-9
+
+
+# ------------------------------------------------------------------------------------------ PRM
+
+
+@pytest.fixture(scope="module")
+def prm():
+    tok = build_byte_tokenizer()
+    model = tiny_llama(vocab=len(tok), hidden=32, layers=2, heads=4, kv_heads=2, rope_scaling=False)
+    return ProcessRewardModel(model, tok, aggregation="min")
+
+
+def test_split_steps():
+    assert split_steps("a\n\nb\n \n\nc") == ["a", "b", "c"]
+    assert split_steps("one step only") == ["one step only"]
+    assert split_steps("") == [""]
+
+
+def test_aggregations():
+    s = [0.9, 0.5, 0.8]
+    assert aggregate(s, "last") == 0.8 and aggregate(s, "min") == 0.5
+    assert aggregate(s, "mean") == pytest.approx(2.2 / 3) and aggregate(s, "product") == pytest.approx(0.36)
+    with pytest.raises(ConfigError):
+        aggregate(s, "max")
+
+
+def test_prm_step_scores_equal_prefix_by_prefix(prm):
+    """One batched forward (right-padded, several completions) == P(+) after each prefix, computed alone."""
+    questions = ["What is 2+3?", "Name a prime.", "Sum 1..4?"]
+    completions = ["2+3 = 5.\n\nSo the answer is 5.", "7 is prime.", "1+2 = 3\n\n3+3 = 6\n\n6+4 = 10\n\n#### 10"]
+    batched = prm.step_scores_many(questions, completions, batch_size=3)
+    tok, model = prm.tokenizer, prm.model
+    for q, c, got in zip(questions, completions, batched):
+        steps = split_steps(c)
+        assert len(got) == len(steps)
+        for i in range(len(steps)):
+            msgs = prm.conversation(q, steps)[: 2 * i + 1]
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, -1]
+            plus, minus = tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-")
+            expected = torch.softmax(logits[[plus, minus]].float(), -1)[0].item()
+            assert got[i] == pytest.approx(expected, abs=1e-5)
+    scores = prm.score(questions, completions)
+    assert scores == pytest.approx([min(s) for s in batched])
+
+
+def test_prm_needs_chat_template():
+    tok = build_byte_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(ConfigError, match="chat template"):
+        ProcessRewardModel(tiny_llama(vocab=len(tok), hidden=32, layers=1, heads=4, kv_heads=2, rope_scaling=False), tok)
+
+
+def test_cli_score_with_a_prm_folder(tmp_path, capsys):
+    tok = build_byte_tokenizer()
+    prm_dir = tmp_path / "prm"
+    tiny_llama(vocab=len(tok), hidden=32, layers=1, heads=4, kv_heads=2, rope_scaling=False).save_pretrained(prm_dir)
+    tok.save_pretrained(prm_dir)
+    rows = toy_samples(3, 2)
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["score", str(path), "--prm", str(prm_dir), "--prm-aggregation", "product", "--device", "cpu"]) == 0
+    scored = [json.loads(x) for x in path.read_text().splitlines()]
+    prm = ProcessRewardModel.from_pretrained(str(prm_dir), "product", device="cpu")
+    expected = prm.score([r["question"] for r in rows], [r["completion"] for r in rows])
+    assert np.allclose([r["reward"] for r in scored], expected, atol=1e-6)
+    assert cli(["score", str(path), "--prm", str(prm_dir), "--reward-model", str(tmp_path)]) == 2
+    assert "either" in capsys.readouterr().err

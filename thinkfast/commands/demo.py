@@ -1,0 +1,90 @@
+"""`thinkfast demo` and `thinkfast train-teacher`: the embedded default, end to end."""
+
+from __future__ import annotations
+
+import time
+
+
+def add_parsers(sub) -> None:
+    d = sub.add_parser(
+        "demo",
+        help="distil the embedded teacher into Llamba and hybrid students and compare them at a fixed time budget",
+        description="The paper's experiment at laptop scale: embedded teacher -> Llamba (MOHAWK 1-3) and hybrid "
+        "(reverse KL) students -> SFT -> n samples per held-out problem for all three in the same engine -> grading "
+        "-> outcome reward model -> report.md, metrics.json and plots in --out. Re-running the same command "
+        "continues an interrupted run.",
+    )
+    d.add_argument("--out", default="thinkfast-demo", help="output folder (default: ./thinkfast-demo)")
+    d.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in a few minutes (tiny budgets, no quality claims)")
+    d.add_argument("--teacher", help="a thinkfast all-attention teacher folder instead of the embedded one (e.g. from train-teacher)")
+    d.add_argument("--problems", type=int, help="held-out problems (default 40; --quick 4)")
+    d.add_argument("--n", type=int, help="samples per problem and model (default 32; --quick 4)")
+    d.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    d.add_argument("--batch-size", type=int, help="engine slots (default 64)")
+    d.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=run_demo_command)
+
+    t = sub.add_parser(
+        "train-teacher",
+        help="train the embedded teacher from scratch with a recipe (writes a save_pretrained folder)",
+        description="Train a small Llama teacher from scratch on procedural arithmetic with worked solutions "
+        "(recipe tiny-teacher: the checkpoint shipped with thinkfast). Resumable with --resume.",
+    )
+    t.add_argument("--recipe", default="tiny-teacher", help="recipe name under thinkfast/recipes or a path (default tiny-teacher)")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--tokens", help="token budget (overrides the recipe; e.g. 2M)")
+    t.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=run_train_teacher)
+
+
+def _threads(n):
+    import torch
+
+    from ..errors import ConfigError
+
+    if n is not None:
+        if n < 1:
+            raise ConfigError(f"--threads {n}: use at least 1")
+        torch.set_num_threads(n)
+
+
+def _quiet_hf():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def run_demo_command(args) -> int:
+    from ..demo import run_demo
+    from ..errors import ConfigError
+
+    _threads(args.threads)
+    _quiet_hf()
+    for name in ("problems", "n", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {v}: use at least 1")
+    if args.temperature is not None and args.temperature < 0:
+        raise ConfigError(f"--temperature {args.temperature}: use 0 (greedy) or more")
+    t0 = time.perf_counter()
+    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, teacher=args.teacher,
+                       problems=args.problems, n=args.n, temperature=args.temperature, batch_size=args.batch_size)
+    print(f"report: {args.out}/report.md  metrics: {args.out}/metrics.json  ({time.perf_counter() - t0:.0f} s this run, "
+          f"{metrics.get('wall_seconds') or 0:.0f} s in all)")
+    return 0
+
+
+def run_train_teacher(args) -> int:
+    from ..distill.recipes import parse_count
+    from ..embedded import train_teacher
+
+    _threads(args.threads)
+    _quiet_hf()
+    tokens = parse_count(args.tokens) if args.tokens else None
+    train_teacher(args.recipe, args.out, tokens=tokens, resume=args.resume, progress=not args.no_progress)
+    print(f"teacher written to {args.out}")
+    return 0

@@ -1,0 +1,236 @@
+"""`thinkfast distill` and `thinkfast sft`: argument parsing and glue over thinkfast.distill."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import CheckpointError, ConfigError, ThinkfastError
+
+TRAIN_FLAGS = [
+    # flag, key, type, help
+    ("--batch-size", "batch_size", int, "rows per optimizer step, across all processes"),
+    ("--micro-batch-size", "micro_batch_size", int, "rows per forward/backward on one process (gradient accumulation)"),
+    ("--seq-len", "seq_len", int, "tokens per row"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--min-lr-ratio", "min_lr_ratio", float, "final learning rate as a fraction of --lr"),
+    ("--schedule", "schedule", str, "cosine | wsd | constant (all after a linear warmup)"),
+    ("--warmup", "warmup", float, "warmup: fraction of steps (<1) or steps (>=1)"),
+    ("--decay", "decay", float, "wsd: fraction of steps spent decaying"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay (matrices only)"),
+    ("--grad-clip", "grad_clip", float, "gradient norm clip (0: off)"),
+    ("--log-every", "log_every", int, "steps between log records"),
+    ("--ckpt-every", "ckpt_every", int, "steps between checkpoints (0: only at the end of a stage)"),
+    ("--seed", "seed", int, "seed for data order"),
+    ("--precision", "precision", str, "auto (bf16 autocast on GPU) | fp32 | bf16"),
+    ("--device", "device", str, "cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if present, else cpu)"),
+]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="TOML recipe: a name under thinkfast/recipes (e.g. tiny-llamba) or a path; flags override it")
+    p.add_argument("--data", action="append", metavar="SPEC",
+                   help="data spec (repeatable): gsm8k:PATH, math:PATH, jsonl:PATH?..., rg:NAME?size=N, text:PATH, hf:...")
+    p.add_argument("--data-weights", metavar="W,W", help="mixing weights, one per --data (e.g. 0.7,0.3)")
+    p.add_argument("--tokens", metavar="N[,N...]", help="token budget: one value for every stage, or one per stage (2M, 1.5B, 300000)")
+    p.add_argument("--out", required=True, help="output folder: checkpoints, train_log.jsonl, then the save_pretrained model")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (model, optimizer, schedule, RNG, data position)")
+    p.add_argument("--tokenizer", help="tokenizer folder when the model has none")
+    p.add_argument("--instruction", help="prompt instruction: auto | boxed | hash | none | literal text")
+    p.add_argument("--no-chat", dest="chat", action="store_const", const=False, help="plain 'Question:/Answer:' prompts, no chat template")
+    p.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="one example per row instead of packing several")
+    p.add_argument("--train-prompt", dest="train_prompt", action="store_const", const=True, help="CE also on prompt tokens")
+    p.add_argument("--freeze", metavar="GROUPS", help="kd/sft: parameter groups kept frozen: embed,norm,mlp,attn,mamba")
+    p.add_argument("--tokens-per-chunk", dest="chunk_tokens", type=int, help="positions per vocabulary chunk in KL/CE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for flag, key, typ, help_ in TRAIN_FLAGS:
+        p.add_argument(flag, dest=key, type=typ, help=help_)
+
+
+def add_parsers(sub) -> None:
+    d = sub.add_parser(
+        "distill",
+        help="distil a Llama teacher into a Llamba (MOHAWK) or hybrid (reverse KL) student",
+        description="Distil a Llama-family teacher into a Mamba-2 student. Stages: matrix (MOHAWK 1), hidden "
+        "(MOHAWK 2), kd (end-to-end KL; forward for llamba, reverse for hybrid), sft. Writes checkpoints per "
+        "stage, train_log.jsonl, and finally a save_pretrained folder in --out.",
+    )
+    d.add_argument("--teacher", help="teacher: HF checkpoint folder, .gguf file, hub id, or thinkfast all-attention folder")
+    d.add_argument("--student", help="llamba | hybrid, or a saved thinkfast student folder to keep training (default llamba)")
+    d.add_argument("--attn-layers", dest="attn_layers", metavar="I,J", help="hybrid: layers that keep attention (default: a quarter, spread)")
+    d.add_argument("--ssm-param", dest="ssm_param", choices=["discrete", "mamba2"], help="SSM parameterisation (default: discrete for llamba, mamba2 for hybrid)")
+    d.add_argument("--stages", metavar="S,S", help="comma list from matrix,hidden,kd,sft (e.g. matrix,hidden,kd)")
+    d.add_argument("--layers", metavar="I,J", help="matrix/hidden: train only these Mamba layers")
+    d.add_argument("--train-mlp", dest="train_mlp", action="store_const", const=True, help="hidden: MLPs train too")
+    d.add_argument("--kd-loss", dest="loss", choices=["forward_kl", "reverse_kl", "soft_ce"], help="kd divergence")
+    d.add_argument("--ce-weight", dest="ce_weight", type=float, help="kd: add this x CE on the worked solutions (KL+CE)")
+    d.add_argument("--temperature", type=float, help="kd temperature")
+    d.add_argument("--positions", choices=["all", "completion"], help="kd: distil on all tokens or on completions only")
+    d.add_argument("--teacher-dtype", dest="teacher_dtype", help="dtype to load the teacher in (float32, bfloat16)")
+    d.add_argument("--fsdp-teacher", dest="fsdp_teacher", action="store_const", const=True,
+                   help="shard the teacher across torchrun processes (FSDP) when it does not fit one device")
+    _add_common(d)
+    d.set_defaults(func=run_distill)
+
+    s = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on worked solutions (students and teachers)",
+        description="Cross entropy on worked solutions, prompt tokens masked. Writes checkpoints, "
+        "train_log.jsonl and a save_pretrained folder in --out.",
+    )
+    s.add_argument("--model", help="model to fine-tune: a thinkfast folder (student or teacher) or an HF Llama folder / .gguf / hub id")
+    _add_common(s)
+    s.set_defaults(func=run_sft)
+
+
+FLAG_KEYS = ["data", "data_weights", "tokens", "tokenizer", "instruction", "chat", "pack", "train_prompt", "freeze",
+             "chunk_tokens", "teacher", "student", "attn_layers", "ssm_param", "stages", "layers", "train_mlp", "loss",
+             "ce_weight", "temperature", "positions", "teacher_dtype", "fsdp_teacher", "model"] + [k for _, k, _, _ in TRAIN_FLAGS]
+
+
+def _flags(args) -> dict:
+    return {k: getattr(args, k, None) for k in FLAG_KEYS}
+
+
+def _plan(args, command):
+    from ..distill.recipes import load_recipe, make_plan
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    return make_plan(recipe, _flags(args), command)
+
+
+def _load_tokenizer(spec: str | None, fallback):
+    if not spec:
+        return fallback
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except Exception as e:
+        raise ConfigError(f"--tokenizer {spec}: could not load a tokenizer ({str(e).splitlines()[0][:200]})") from None
+
+
+def _dtype(name):
+    from ..utils import parse_dtype
+
+    return parse_dtype(name)
+
+
+def _load_thinkfast_or_teacher(spec: str, dtype):
+    """A thinkfast folder (any role) as it is; anything else through the teacher loader."""
+    import json
+
+    from ..models import ThinkfastForCausalLM
+    from ..models.teacher import load_teacher
+
+    path = Path(spec)
+    cfg = path / "config.json"
+    if path.is_dir() and cfg.is_file():
+        try:
+            model_type = json.loads(cfg.read_text()).get("model_type")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+        if model_type == "thinkfast":
+            try:
+                model = ThinkfastForCausalLM.from_pretrained(path, dtype=dtype)
+            except Exception as e:
+                raise CheckpointError(f"{path}: could not load the thinkfast model ({str(e).splitlines()[0][:200]})") from None
+            from ..models.teacher import _load_tokenizer as load_tok
+
+            return model, load_tok(str(path), {})
+    return load_teacher(spec, dtype=dtype)
+
+
+def _progress(args):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would interleave with ours
+    return not args.no_progress
+
+
+def run_distill(args) -> int:
+    from ..distill.stages import distill
+    from ..models import ThinkfastForCausalLM, from_teacher
+
+    progress = _progress(args)
+    plan = _plan(args, "distill")
+    if not plan.teacher:
+        raise ConfigError("no teacher: pass --teacher (an HF folder, .gguf file or hub id) or set teacher in the recipe")
+    out = Path(args.out)
+    _check_out(out, args.resume)
+    teacher, tokenizer = _load_thinkfast_or_teacher(plan.teacher, _dtype(plan.teacher_dtype))
+    if isinstance(teacher, ThinkfastForCausalLM) and teacher.config.role != "teacher":
+        raise ConfigError(f"--teacher {plan.teacher}: a thinkfast {teacher.config.role} model; the teacher needs attention in every layer")
+    tokenizer = _load_tokenizer(plan.tokenizer, tokenizer)
+    if tokenizer is None:
+        raise ConfigError(f"teacher {plan.teacher} has no tokenizer; pass --tokenizer DIR")
+    if plan.student in ("llamba", "hybrid"):
+        if plan.student == "llamba" and plan.attn_layers:
+            raise ConfigError("--attn-layers is for --student hybrid; a llamba student has no attention")
+        student = from_teacher(teacher, kind=plan.student, attn_layers=plan.attn_layers, ssm_param=plan.ssm_param)
+    else:
+        student, _ = _load_thinkfast_or_teacher(plan.student, _dtype(plan.teacher_dtype))
+        if not isinstance(student, ThinkfastForCausalLM) or student.config.role == "teacher":
+            raise ConfigError(f"--student {plan.student}: use llamba, hybrid, or a saved thinkfast student folder")
+    student.float()
+    distill(teacher, student, plan.data, plan.stages, tokenizer=tokenizer, out_dir=out, resume=args.resume,
+            progress=progress, fsdp_teacher=plan.fsdp_teacher)
+    _report(out)
+    return 0
+
+
+def run_sft(args) -> int:
+    from ..distill.stages import sft
+
+    progress = _progress(args)
+    plan = _plan(args, "sft")
+    if not plan.model:
+        raise ConfigError("no model: pass --model (a thinkfast folder or an HF Llama) or set model in the recipe")
+    if len(plan.stages) != 1 or plan.stages[0].kind != "sft":
+        raise ConfigError("thinkfast sft runs the sft stage only; use thinkfast distill --stages ... for others")
+    out = Path(args.out)
+    _check_out(out, args.resume)
+    model, tokenizer = _load_thinkfast_or_teacher(plan.model, _dtype("float32"))
+    tokenizer = _load_tokenizer(plan.tokenizer, tokenizer)
+    if tokenizer is None:
+        raise ConfigError(f"model {plan.model} has no tokenizer; pass --tokenizer DIR")
+    stage = plan.stages[0]
+    sft(model.float(), stage.data or plan.data, stage.train, tokenizer=tokenizer, out_dir=out, resume=args.resume,
+        progress=progress, freeze=stage.freeze)
+    _report(out)
+    return 0
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """Cheap checks before any model is loaded (the library checks again, with the run's settings)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    if resume and not (out / "run.json").is_file():
+        raise CheckpointError(f"--resume: {out} holds no run to resume (no run.json); drop --resume to start one")
+    if not resume and (out / "run.json").is_file():
+        raise CheckpointError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
+
+
+def _report(out: Path) -> None:
+    import json
+
+    from ..distill.trainer import dist_info
+
+    if not dist_info().main:
+        return
+    last = {}
+    log = out / "train_log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            last[rec["stage"]] = rec
+    for stage, rec in last.items():
+        print(f"{stage}: step {rec['step']}, {rec['tokens']:,} tokens, loss {rec['loss']:.4g}", file=sys.stderr)
+    print(f"saved {out}")
+
+
+__all__ = ["add_parsers", "run_distill", "run_sft", "ThinkfastError"]

@@ -1,0 +1,151 @@
+"""`thinkfast sample` and `thinkfast bench`: glue over thinkfast.engine (grading comes from thinkfast.eval)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="sample N completions per problem with the batched engine into a graded samples file (resumable)",
+        description="Sample N chains of thought per problem (teacher or student, same engine), grade them and append them "
+        "to a JSONL samples file. Re-running the same command completes exactly the missing samples. Under torchrun, "
+        "each rank samples a slice of the problems and rank 0 merges the results into --out.",
+    )
+    p.add_argument("--model", required=True, help="thinkfast checkpoint folder (teacher, llamba or hybrid), HF Llama folder, .gguf file or hub id")
+    p.add_argument("--data", required=True, help="data spec, e.g. gsm8k:../shared/data/gsm8k_test.jsonl?limit=100")
+    p.add_argument("--out", required=True, help="samples file (JSONL) to create or resume")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
+                   help="samples per problem (default 1); under torchrun write --num-samples (torchrun takes --n as its own)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (default 0 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="generated tokens per sample at most (default 512)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the completion ends before it")
+    p.add_argument("--batch-size", type=int, default=64, help="decode slots (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each sample's seed derives from (seed, problem id, sample index)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available; LOCAL_RANK under torchrun)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--instruction", help="prompt instruction: auto, boxed, hash, none, or literal text (default: the one the "
+                   "model's config.json declares, e.g. none for the embedded models; else auto)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--no-chat", action="store_true", help="plain 'Question: ... Answer:' prompts even when the tokenizer has a chat template")
+    p.add_argument("--name", default=None, help="model name in the samples file (default: the checkpoint folder's name)")
+    p.add_argument("--no-grade", action="store_true", help="do not grade (answer and correct stay null)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the fused SSM update (auto: GPU only)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser(
+        "bench",
+        help="decode throughput of teacher vs students in this engine and vs HF generate(); writes benchmarks/",
+        description="Benchmark the engine on random-weight models of a preset's shapes: tokens/s, seconds per sample, peak "
+        "memory and roofline per (model, batch size, prompt length, generated length), and HF generate() on the teacher.",
+    )
+    b.add_argument("--preset", default="tiny", help="tiny (CPU, the demo's sizes) or llama-1b (Llama-3.2-1B shape; GPU)")
+    b.add_argument("--configs", default=None, help="BATCHxPROMPTxGEN list, e.g. 64x80x1024,1x80x1024 (default: the preset's)")
+    b.add_argument("--models", default=None, help="comma list of teacher, llamba, hybrid, teacher-hf (default: all)")
+    b.add_argument("--out", default=None, help="markdown file (default benchmarks/<preset>.md)")
+    b.add_argument("--json", default=None, help="also write the rows as a JSON list to this file")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    b.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the fused SSM update (auto: GPU only)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads per row (default: torch's default)")
+    b.add_argument("--repeats", type=int, default=1, help="timed runs per row; the fastest counts (default 1)")
+    b.add_argument("--no-isolate", action="store_true", help="run rows in this process (faster; peak memory less exact)")
+    b.set_defaults(func=cmd_bench)
+
+
+def _compile_flag(value: str):
+    return {"auto": "auto", "on": True, "off": False}[value]
+
+
+def cmd_sample(args) -> int:
+    from ..data.prompts import PromptStyle, declared_instruction
+    from ..engine.run import sample_to_file
+    from ..engine.sampling import SamplingParams
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            max_new_tokens=args.max_new_tokens, stop=args.stop)
+    instruction = args.instruction or declared_instruction(args.model) or "auto"
+    style = PromptStyle(instruction=instruction, system=args.system, chat=not args.no_chat)
+    grade_fn = None
+    if not args.no_grade:
+        from ..eval.grading import grade_many
+
+        grade_fn = grade_many
+    s = sample_to_file(args.model, args.data, args.out, args.n, params, seed=args.seed, batch_size=args.batch_size,
+                       device=args.device, dtype=args.dtype, style=style, grade_fn=grade_fn, name=args.name,
+                       compile=_compile_flag(args.compile), progress=not args.quiet)
+    if s.stats is None:
+        print(f"{s.out}: all {s.total} samples already there (config {s.config}); nothing to do")
+    else:
+        st = s.stats
+        print(f"{s.out}: wrote {s.written} samples ({s.skipped} already there), {st.gen_tokens:,} tokens in "
+              f"{st.wall_seconds:.1f} s of engine time ({st.tokens_per_second:,.0f} tok/s), config {s.config}")
+    return 0
+
+
+def _parse_configs(text: str | None):
+    if not text:
+        return None
+    out = []
+    for part in text.split(","):
+        try:
+            b, p, g = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--configs {part!r}: write BATCHxPROMPTxGEN, e.g. 64x80x1024") from None
+        if min(b, p, g) < 1:
+            raise ConfigError(f"--configs {part!r}: batch, prompt and gen must be positive")
+        out.append((b, p, g))
+    return out
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from ..engine.bench import PRESETS, markdown, run_bench
+    from ..engine.run import hardware_string
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"--preset {args.preset!r}: use one of {', '.join(PRESETS)}")
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_bench(args.preset, _parse_configs(args.configs), models, device, args.dtype, _compile_flag(args.compile),
+                     isolate=not args.no_isolate, threads=args.threads, repeats=args.repeats)
+    out = Path(args.out or f"benchmarks/{args.preset}.md")
+    from ..utils import atomic_write_json, atomic_write_text
+
+    atomic_write_text(out, markdown(rows, args.preset, hardware_string(device), _bench_command(args)))
+    print(f"wrote {out}")
+    if args.json:
+        atomic_write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_command(args) -> str:
+    parts = ["thinkfast bench", f"--preset {args.preset}"]
+    for flag in ("configs", "models", "device", "threads", "repeats", "json"):
+        value = getattr(args, flag)
+        if value:
+            parts.append(f"--{flag} {shlex.quote(str(value))}")
+    if args.dtype != "auto":
+        parts.append(f"--dtype {args.dtype}")
+    if args.compile != "auto":
+        parts.append(f"--compile {args.compile}")
+    if args.no_isolate:
+        parts.append("--no-isolate")
+    return " ".join(parts)

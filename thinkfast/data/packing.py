@@ -1,0 +1,300 @@
+"""Tokenisation and packing: problems or text -> fixed-length training rows with loss targets; weighted mixing.
+
+A row is three (T,) tensors:
+  input_ids  token ids, right-padded with `pad_id`
+  targets    the next token to predict at each position, or IGNORE (-100) where nothing is trained there
+             (prompt tokens, padding, the boundary between two packed examples)
+  real       True on real (non-pad) tokens
+Right padding only: with causal mixers the pads sit after every real token and change nothing before them, so
+no attention mask is needed and the SSM state never sees a pad.
+
+Examples are rendered with the tokenizer's chat template when it has one (`thinkfast.data.prompts`), the prompt
+and the worked solution tokenised separately so the split is exact; `text:` sources train on the whole text.
+`pack=True` places whole examples one after another in a row until the next does not fit (greedy, in shuffled
+order); an example longer than the row is truncated.
+
+`DataMix` draws rows from several sources with weights. The rows of a batch are a pure function of the mix's
+seed and a small state dict (rows drawn so far, per-source cursor), which checkpoints save: a resumed run sees
+the same batches as an uninterrupted one, and every process of a data-parallel run draws the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DataError
+from .prompts import PromptStyle, render_example
+from .sources import Problem, load_problems, parse_spec
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    n_prompt: int  # the first n_prompt tokens are context: their next-token predictions are not trained
+    source: str = ""
+
+
+@dataclass
+class DataConfig:
+    """What to train on. `specs` are data spec strings (DESIGN.md) or lists of Problems."""
+
+    specs: list = field(default_factory=list)
+    weights: list[float] | None = None  # relative, one per spec; default equal
+    pack: bool = True
+    instruction: str = "auto"  # PromptStyle instruction: auto | boxed | hash | none | literal text
+    chat: bool = True  # use the tokenizer's chat template when it has one
+    train_prompt: bool = False  # also train next-token targets on prompt tokens (CE); KD stages choose separately
+    seed: int = 0
+
+    def describe(self) -> list[str]:
+        return [s if isinstance(s, str) else f"<{len(s)} problems>" for s in self.specs]
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+def _encode_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _is_text_source(spec) -> bool:
+    return isinstance(spec, str) and parse_spec(spec).scheme == "text"
+
+
+def encode_problems(
+    problems: list[Problem], tokenizer, style: PromptStyle | None = None, text: bool = False, source: str = ""
+) -> list[Example]:
+    """Problems -> Examples (prompt ids + completion ids). `text=True`: each problem's solution is a plain document."""
+    if tokenizer is None:
+        raise DataError("tokenising data needs a tokenizer; give the teacher's (or --tokenizer DIR)")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if text:
+        ids = _encode_batch(tokenizer, [p.solution or "" for p in problems], add_special_tokens=True)
+        return [Example(x + ([eos] if eos is not None else []), 0, source) for x in ids]
+    style = style or PromptStyle()
+    prompts, completions = [], []
+    for p in problems:
+        if p.solution is None:  # no worked solution: the final answer alone is the completion
+            p = Problem(p.id, p.question, p.answer, p.kind, f"#### {p.answer}" if p.kind != "math" else p.answer, p.meta)
+        prompt, completion = render_example(p, tokenizer, style)
+        prompts.append(prompt)
+        completions.append(completion)
+    # a chat template writes its own special tokens (BOS included); plain prompts get the tokenizer's defaults,
+    # as a sampler calling tokenizer(prompt) would
+    templated = style.chat and bool(getattr(tokenizer, "chat_template", None))
+    p_ids = _encode_batch(tokenizer, prompts, add_special_tokens=not templated)
+    c_ids = _encode_batch(tokenizer, completions, add_special_tokens=False)
+    return [Example(p + c, len(p), source) for p, c in zip(p_ids, c_ids)]
+
+
+def load_examples(spec, tokenizer, style: PromptStyle | None = None) -> list[Example]:
+    """A data spec string (or a list of Problems) -> Examples."""
+    if isinstance(spec, str):
+        problems = load_problems(spec)
+        name = spec
+    else:
+        problems, name = list(spec), f"<{len(spec)} problems>"
+    if not problems:
+        raise DataError(f"data spec {name!r}: no problems or documents in it; check the file and offset/limit")
+    return encode_problems(problems, tokenizer, style, text=_is_text_source(spec), source=name)
+
+
+# ---------------------------------------------------------------- packing
+
+
+@dataclass
+class PackedRows:
+    input_ids: torch.Tensor  # (N, T) int32 (half the memory of int64; batches come out int64)
+    targets: torch.Tensor  # (N, T) int32, IGNORE where untrained
+    real: torch.Tensor  # (N, T) bool
+    n_examples: int = 0
+    n_truncated: int = 0
+    name: str = ""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def pack_examples(
+    examples: list[Example], seq_len: int, pad_id: int = 0, pack: bool = True, train_prompt: bool = False,
+    seed: int = 0, name: str = "",
+) -> PackedRows:
+    """Examples -> rows of `seq_len` tokens (whole examples, greedy, in a seeded shuffled order)."""
+    if seq_len < 2:
+        raise DataError(f"seq_len={seq_len}: rows need at least 2 tokens")
+    if not examples:
+        raise DataError(f"{name or 'data'}: no examples to pack")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows: list[list[tuple[list[int], int]]] = []
+    current: list[tuple[list[int], int]] = []
+    used = 0
+    truncated = 0
+    for i in order:
+        ex = examples[i]
+        ids, n_prompt = ex.ids, ex.n_prompt
+        if len(ids) > seq_len:
+            ids, truncated = ids[:seq_len], truncated + 1
+        if not ids:
+            continue
+        if current and (not pack or used + len(ids) > seq_len):
+            rows.append(current)
+            current, used = [], 0
+        current.append((ids, n_prompt))
+        used += len(ids)
+    if current:
+        rows.append(current)
+
+    N = len(rows)
+    input_ids = torch.full((N, seq_len), pad_id, dtype=torch.int32)
+    targets = torch.full((N, seq_len), IGNORE, dtype=torch.int32)
+    real = torch.zeros((N, seq_len), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        pos = 0
+        for ids, n_prompt in row:
+            L = len(ids)
+            t = torch.tensor(ids, dtype=torch.int32)
+            input_ids[r, pos:pos + L] = t
+            real[r, pos:pos + L] = True
+            # position pos+j predicts token j+1 of the same example; trained where token j+1 is completion
+            first = 1 if train_prompt else max(1, n_prompt)
+            if first < L:
+                targets[r, pos + first - 1:pos + L - 1] = t[first:]
+            pos += L
+    return PackedRows(input_ids, targets, real, len(examples), truncated, name)
+
+
+# ---------------------------------------------------------------- mixing
+
+
+def _parse_weights(weights, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise DataError(f"--data-weights has {len(weights)} values for {n} data specs; give one weight per --data")
+    if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise DataError(f"--data-weights {weights}: weights must be non-negative numbers with a positive sum")
+    return weights
+
+
+class DataMix:
+    """Weighted mixture of packed sources; batches are a pure function of (seed, state)."""
+
+    def __init__(self, sources: list[PackedRows], weights: list[float] | None = None, seed: int = 0):
+        if not sources:
+            raise DataError("no data: give at least one --data spec")
+        self.sources = sources
+        w = _parse_weights(weights, len(sources))
+        self.weights = torch.tensor(w, dtype=torch.float64) / sum(w)
+        self.seed = int(seed)
+        self._perms: dict[tuple[int, int], torch.Tensor] = {}
+        self.state = self.initial_state()
+
+    def initial_state(self) -> dict:
+        return {"rows": 0, "cursor": [0] * len(self.sources)}
+
+    @property
+    def seq_len(self) -> int:
+        return max(s.seq_len for s in self.sources)
+
+    def _perm(self, src: int, epoch: int) -> torch.Tensor:
+        key = (src, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + src * 7919 + epoch)
+            self._perms[key] = torch.randperm(len(self.sources[src]), generator=g)
+        return self._perms[key]
+
+    def next_batch(self, rows: int) -> dict[str, torch.Tensor]:
+        """The next `rows` rows (the global batch), advancing `self.state`. Trailing all-pad columns are cut."""
+        st = self.state
+        if len(self.sources) == 1:
+            choice = [0] * rows
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_033 + st["rows"])
+            choice = torch.multinomial(self.weights, rows, replacement=True, generator=g).tolist()
+        picks = []
+        for src in choice:
+            c = st["cursor"][src]
+            n = len(self.sources[src])
+            picks.append((src, int(self._perm(src, c // n)[c % n])))
+            st["cursor"][src] = c + 1
+        st["rows"] += rows
+        T = self.seq_len
+        batch = {k: [] for k in ("input_ids", "targets", "real")}
+        for src, i in picks:
+            s = self.sources[src]
+            for k in batch:
+                row = getattr(s, k)[i]
+                if row.shape[0] < T:  # sources packed at different lengths: pad to the longest
+                    fill = {"input_ids": 0, "targets": IGNORE, "real": False}[k]
+                    row = torch.cat([row, row.new_full((T - row.shape[0],), fill)])
+                batch[k].append(row)
+        out = {k: torch.stack(v) for k, v in batch.items()}
+        out["input_ids"], out["targets"] = out["input_ids"].long(), out["targets"].long()
+        used = int(out["real"].any(0).nonzero().max()) + 1 if out["real"].any() else 1
+        return {k: v[:, :used] for k, v in out.items()}
+
+    def state_dict(self) -> dict:
+        return {"rows": self.state["rows"], "cursor": list(self.state["cursor"]), "seed": self.seed,
+                "sources": [len(s) for s in self.sources]}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("sources") != [len(s) for s in self.sources] or d.get("seed") != self.seed:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(
+                f"checkpoint's data position is for other data ({d.get('sources')} rows, seed {d.get('seed')}; "
+                f"now {[len(s) for s in self.sources]}, seed {self.seed}); resume with the same --data and --seq-len"
+            )
+        self.state = {"rows": int(d["rows"]), "cursor": [int(c) for c in d["cursor"]]}
+
+    def summary(self) -> str:
+        parts = [f"{s.name or i}: {len(s)} rows ({s.n_examples} examples, {s.n_truncated} truncated), weight {w:.2f}"
+                 for i, (s, w) in enumerate(zip(self.sources, self.weights.tolist()))]
+        return "; ".join(parts)
+
+
+def pad_id_of(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = None) -> DataMix:
+    """Load, tokenise and pack every spec of `cfg` at `seq_len`, mixed with its weights.
+
+    `cache` (optional dict) keeps tokenised examples across calls, so stages with other row lengths re-pack
+    without re-reading or re-tokenising.
+    """
+    if not cfg.specs:
+        raise DataError("no data: give at least one --data spec (e.g. gsm8k:../shared/data/gsm8k_train.jsonl)")
+    weights = _parse_weights(cfg.weights, len(cfg.specs))
+    style = PromptStyle(instruction=cfg.instruction, chat=cfg.chat)
+    pad = pad_id_of(tokenizer)
+    sources = []
+    for k, spec in enumerate(cfg.specs):
+        key = (spec if isinstance(spec, str) else id(spec), cfg.instruction, cfg.chat)
+        if cache is not None and key in cache:
+            examples = cache[key]
+        else:
+            examples = load_examples(spec, tokenizer, style)
+            if cache is not None:
+                cache[key] = examples
+        name = spec if isinstance(spec, str) else f"problems[{k}]"
+        sources.append(pack_examples(examples, seq_len, pad, cfg.pack, cfg.train_prompt, cfg.seed + k, name))
+    return DataMix(sources, weights, cfg.seed)

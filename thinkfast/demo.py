@@ -1,0 +1,392 @@
+"""`thinkfast demo`: the paper's experiment end to end at laptop scale, on the embedded teacher.
+
+    teacher (shipped) -> Llamba student by MOHAWK 1-3 -> hybrid student by reverse KL -> SFT of both
+    -> n samples per held-out problem for all three in the same engine -> grade -> outcome reward model
+    trained on a training split -> report (coverage, majority, Best-of-N against k and against seconds)
+
+Every step writes its outputs under `--out` and is recorded in `demo.json` when it finishes; re-running the
+same command skips finished steps and resumes the interrupted one (training from its last checkpoint, sampling
+from the samples already written). A folder holding a demo with other settings is refused, never mixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .embedded import PROMPT_STYLE, TEACHER_SPEC, embedded_teacher_dir, sums_spec
+from .errors import CheckpointError, ConfigError
+from .utils import atomic_dir, atomic_write_json
+
+STEPS = ("data", "teacher", "llamba", "hybrid", "sample", "reward", "report")
+MODELS = ("teacher", "llamba", "hybrid")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja", "special_tokens_map.json")
+# seed ranges of reasoning-gym's basic_arithmetic (item i uses seed + i): disjoint from the teacher's [1000, 151000)
+DISTILL_SEED, RM_SEED, HELDOUT_SEED = 200_000, 600_000, 900_000
+
+
+@dataclass
+class DemoSettings:
+    problems: int = 40  # held-out problems
+    n: int = 32  # samples per problem and model
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1200
+    batch_size: int = 64
+    seed: int = 0
+    distill_examples: int = 20_000  # problems in the distillation split (more than the budgets below consume)
+    llamba_tokens: dict = field(default_factory=lambda: {"matrix": 150_000, "hidden": 300_000, "kd": 900_000, "sft": 200_000})
+    hybrid_tokens: dict = field(default_factory=lambda: {"kd": 700_000, "sft": 200_000})
+    seq_len: int = 1024
+    distill_batch: int = 8
+    rm_problems: int = 32  # training-split problems sampled for the reward model
+    rm_samples: int = 4  # samples per problem and model
+    rm_max_len: int = 192
+    teacher: str | None = None  # a thinkfast all-attention folder; default the embedded teacher
+    compile: str = "auto"
+
+    @classmethod
+    def quick_settings(cls) -> "DemoSettings":
+        """A smoke run of the whole pipeline in a few minutes: tiny budgets, no quality claims."""
+        return cls(problems=4, n=4, max_new_tokens=160, distill_examples=200,
+                   llamba_tokens={"matrix": 4096, "hidden": 4096, "kd": 8192, "sft": 4096},
+                   hybrid_tokens={"kd": 8192, "sft": 4096}, seq_len=512, distill_batch=4, rm_problems=4, rm_samples=2,
+                   rm_max_len=96)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Demo:
+    def __init__(self, out: str | os.PathLike, settings: DemoSettings, progress: bool = True, log=print):
+        self.out = Path(out)
+        self.s = settings
+        self.progress = progress
+        self.log = log
+        self.state_path = self.out / "demo.json"
+        self.state = self._open()
+
+    # ------------------------------------------------------------------ run bookkeeping
+
+    def _open(self) -> dict:
+        if self.state_path.is_file():
+            try:
+                state = json.loads(self.state_path.read_text())
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{self.state_path} is damaged; choose a new --out") from None
+            if state.get("fingerprint") != self.s.fingerprint():
+                raise CheckpointError(
+                    f"{self.out} holds a demo run with other settings; re-run it with the same flags to continue, "
+                    "or choose a new --out"
+                )
+            return state
+        if self.out.exists() and any(self.out.iterdir()):
+            raise CheckpointError(f"{self.out} is not empty and holds no demo run; choose a new --out")
+        state = {"fingerprint": self.s.fingerprint(), "settings": dataclasses.asdict(self.s), "done": [],
+                 "wall_seconds": 0.0, "step_seconds": {}}
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.state_path, state)
+        return state
+
+    def _finish_step(self, step: str, seconds: float, **extra) -> None:
+        self.state["done"].append(step)
+        self.state["step_seconds"][step] = round(self.state["step_seconds"].get(step, 0.0) + seconds, 2)
+        self.state.update(extra)
+        atomic_write_json(self.state_path, self.state)
+
+    def _charge(self, seconds: float) -> None:
+        self.state["wall_seconds"] = round(self.state["wall_seconds"] + seconds, 2)
+        atomic_write_json(self.state_path, self.state)
+
+    def run(self) -> dict:
+        """Run (or continue) every step; returns the metrics."""
+        for i, step in enumerate(STEPS, 1):
+            if step in self.state["done"]:
+                self.log(f"[{i}/{len(STEPS)}] {step}: done in an earlier run, skipped")
+                continue
+            self.log(f"[{i}/{len(STEPS)}] {step}: {STEP_TITLES[step]}")
+            t0 = time.perf_counter()
+            try:
+                getattr(self, f"step_{step}")()
+            finally:
+                self._charge(time.perf_counter() - t0)
+            self._finish_step(step, time.perf_counter() - t0)
+        return json.loads((self.out / "metrics.json").read_text())
+
+    # ------------------------------------------------------------------ paths and shared pieces
+
+    def model_dir(self, name: str) -> Path:
+        return self.out / "models" / name
+
+    def samples_path(self, name: str) -> Path:
+        return self.out / "samples" / f"{name}.jsonl"
+
+    @property
+    def dataset_spec(self) -> str:
+        return f"jsonl:{self.out / 'data' / 'heldout.jsonl'}?question=question&answer=answer&id=id&kind=number"
+
+    @property
+    def rm_spec(self) -> str:
+        return f"jsonl:{self.out / 'data' / 'rm_train.jsonl'}?question=question&answer=answer&id=id&kind=number"
+
+    @property
+    def distill_spec(self) -> str:
+        return sums_spec(self.s.distill_examples, DISTILL_SEED)
+
+    def style(self):
+        from .data.prompts import PromptStyle
+
+        return PromptStyle(**PROMPT_STYLE)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir("teacher"))
+
+    def teacher_model(self):
+        from .models import ThinkfastForCausalLM
+
+        return ThinkfastForCausalLM.from_pretrained(self.model_dir("teacher"), dtype=torch.float32)
+
+    # ------------------------------------------------------------------ steps
+
+    def step_data(self) -> None:
+        """Held-out and reward-model problems: fresh seeds, minus any question that occurs in a training split."""
+        from .data import load_problems
+
+        seen = {p.question for p in load_problems(self.distill_spec)}
+        if self.s.teacher is None:
+            seen |= {p.question for p in load_problems(TEACHER_SPEC)}
+        heldout = [p for p in load_problems(sums_spec(self.s.problems * 4, HELDOUT_SEED)) if p.question not in seen]
+        heldout = heldout[: self.s.problems]
+        seen |= {p.question for p in heldout}
+        rm = [p for p in load_problems(sums_spec(self.s.rm_problems * 4, RM_SEED)) if p.question not in seen][: self.s.rm_problems]
+        if len(heldout) < self.s.problems or len(rm) < self.s.rm_problems:
+            raise ConfigError("too few unseen problems for the held-out or reward-model split; lower --problems")
+        with atomic_dir(self.out / "data") as d:
+            for name, probs in (("heldout.jsonl", heldout), ("rm_train.jsonl", rm)):
+                with open(d / name, "w") as f:
+                    for p in probs:
+                        f.write(json.dumps({"id": p.id, "question": p.question, "answer": p.answer,
+                                            "terms": p.meta.get("num_terms"), "digits": p.meta.get("num_digits")}) + "\n")
+        self.log(f"  {len(heldout)} held-out problems ({self.dataset_spec}), {len(rm)} reward-model training problems")
+
+    def step_teacher(self) -> None:
+        src = Path(self.s.teacher) if self.s.teacher else embedded_teacher_dir()
+        from .models import ThinkfastForCausalLM
+
+        model = ThinkfastForCausalLM.from_pretrained(src, dtype=torch.float32)
+        if model.config.role != "teacher":
+            raise ConfigError(f"--teacher {src}: a thinkfast {model.config.role}, not an all-attention teacher")
+        with atomic_dir(self.model_dir("teacher")) as d:
+            for name in MODEL_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, d / name)
+        n = sum(p.numel() for p in model.parameters())
+        self.log(f"  teacher: {n / 1e6:.2f}M parameters, {model.config.n_layers} layers, "
+                 f"{model.config.n_heads} heads / {model.config.n_kv_heads} KV heads")
+
+    def _distill(self, name: str, kind: str, budgets: dict) -> None:
+        from .data.packing import DataConfig
+        from .distill.stages import StageConfig, distill
+        from .distill.trainer import TrainConfig
+
+        s = self.s
+        common = dict(batch_size=s.distill_batch, seq_len=s.seq_len, log_every=10, ckpt_every=25, seed=s.seed,
+                      warmup=0.05, weight_decay=0.0)
+        lr = {"matrix": 3e-3, "hidden": 2e-3, "kd": 1e-3, "sft": 3e-4}
+        stages = []
+        for stage, tokens in budgets.items():
+            extra = {}
+            if stage == "kd":
+                extra = {"loss": "forward_kl" if kind == "llamba" else "reverse_kl"}
+            stages.append(StageConfig(stage, TrainConfig(tokens=tokens, lr=lr[stage], **common), **extra))
+        data = DataConfig(specs=[self.distill_spec], instruction=PROMPT_STYLE["instruction"], seed=s.seed)
+        work = self.out / "work" / name
+        student = distill(self.teacher_model(), kind, data, stages, tokenizer=self.tokenizer(), out_dir=work,
+                          resume=True, progress=self.progress)
+        with atomic_dir(self.model_dir(name)) as d:
+            for f in MODEL_FILES:
+                if (work / f).is_file():
+                    shutil.copy2(work / f, d / f)
+        cfg = student.config
+        self.log(f"  {name}: attention at layers {cfg.attn_layers or 'none'}, {cfg.ssm_param} SSM; "
+                 f"log in {work / 'train_log.jsonl'}")
+
+    def step_llamba(self) -> None:
+        self._distill("llamba", "llamba", self.s.llamba_tokens)
+
+    def step_hybrid(self) -> None:
+        self._distill("hybrid", "hybrid", self.s.hybrid_tokens)
+
+    def _sample(self, name: str, spec: str, out: Path, n: int) -> None:
+        from .engine.run import sample_to_file
+        from .engine.sampling import SamplingParams
+        from .eval.grading import grade_many
+
+        params = SamplingParams(temperature=self.s.temperature, top_p=self.s.top_p, max_new_tokens=self.s.max_new_tokens)
+        summary = sample_to_file(str(self.model_dir(name)), spec, out, n, params, seed=self.s.seed,
+                                 batch_size=self.s.batch_size, device="cpu", dtype="float32", style=self.style(),
+                                 grade_fn=grade_many, name=name, compile=self.s.compile, progress=self.progress)
+        if summary.stats is not None:
+            st = summary.stats
+            self.log(f"  {name}: {summary.written} samples, {st.gen_tokens:,} tokens, {st.tokens_per_second:,.0f} tok/s")
+
+    def step_sample(self) -> None:
+        for name in MODELS:
+            self._sample(name, self.dataset_spec, self.samples_path(name), self.s.n)
+
+    def step_reward(self) -> None:
+        from .eval.reward import ORMConfig
+        from .eval.scoring import score_files, train_reward_model
+
+        rm_samples = []
+        for name in MODELS:
+            path = self.out / "work" / "rm-samples" / f"{name}.jsonl"
+            self._sample(name, self.rm_spec, path, self.s.rm_samples)
+            rm_samples.append(path)
+        from .eval.samples import read_samples
+
+        labels = {s.correct for s in read_samples(rm_samples).samples if s.correct is not None}
+        if labels != {True, False}:
+            # a verifier needs right and wrong completions; without one, BoN is left out of the report
+            self.state["reward_note"] = (f"no reward model: the {len(rm_samples)} training-split sample files hold only "
+                                         f"{'correct' if labels == {True} else 'wrong'} completions; Best-of-N is not reported")
+            self.log(f"  {self.state['reward_note']}")
+            return
+        rm_dir = self.out / "reward_model"
+        if not (rm_dir / "reward_config.json").is_file():
+            train_reward_model(rm_samples, str(self.model_dir("teacher")), rm_dir, data=self.rm_spec,
+                               orm=ORMConfig(max_len=self.s.rm_max_len, question_tokens=48), log=self._indent)
+        score_files([self.samples_path(m) for m in MODELS], reward_model=rm_dir, data=self.dataset_spec, log=self._indent)
+
+    def _indent(self, msg: str) -> None:
+        self.log(f"  {msg}")
+
+    def step_report(self) -> None:
+        from .eval.report import build_report
+
+        paths = [self.samples_path(m) for m in MODELS]
+        title = "thinkfast demo: embedded teacher vs its Llamba and hybrid students"
+        metrics = build_report(paths, self.out, dataset=self.dataset_spec, wall_seconds=None, plots=False)
+        claims = check_claims(metrics, paths)
+        wall = self.state["wall_seconds"]
+        notes = summary_notes(metrics, claims, wall)
+        if self.state.get("reward_note"):
+            notes.append(self.state["reward_note"] + ".")
+        metrics = build_report(paths, self.out, dataset=self.dataset_spec, wall_seconds=wall, summary_notes=notes, title=title)
+        metrics["claims"] = claims
+        metrics["demo"] = {"settings": dataclasses.asdict(self.s), "step_seconds": self.state["step_seconds"],
+                           "models": {m: str(self.model_dir(m)) for m in MODELS}}
+        atomic_write_json(self.out / "metrics.json", metrics)
+        for line in notes:
+            self.log(f"  {line}")
+
+
+STEP_TITLES = {
+    "data": "held-out and training splits (reasoning-gym sums, overlap with training dropped)",
+    "teacher": "the embedded teacher (a small Llama trained on worked solutions)",
+    "llamba": "Llamba student: MOHAWK stages 1-3 (matrix, hidden, forward KL), then SFT",
+    "hybrid": "hybrid student (attention in a quarter of the layers): reverse KL, then SFT",
+    "sample": "sampling every model on the held-out problems in the same engine, grading as it goes",
+    "reward": "outcome reward model: sample a training split, train the verifier, score every sample",
+    "report": "metrics, plots and report",
+}
+
+
+# ---------------------------------------------------------------------- the claims, checked on the measurements
+
+
+def _curves_at(paths, model: str, k: int) -> dict:
+    """Dataset-mean pass@k and maj@k of `model` at any k (not only powers of two)."""
+    from .eval.metrics import dataset_curves
+    from .eval.report import _problem_samples
+    from .eval.samples import read_samples
+
+    by_model = read_samples(paths).by_model()[model]
+    problems = {pid: _problem_samples(samples, model) for pid, samples in by_model.items()}
+    curves = dataset_curves(problems, [k], n_boot=10)
+    return {"pass": float(curves["pass_at_k"]["mean"][0]), "maj": float(curves["maj_at_k"]["mean"][0])}
+
+
+def check_claims(metrics: dict, paths) -> list[dict]:
+    """The demo issue's targets, each with what was measured and whether it held."""
+    models = metrics["models"]
+    t = models.get("teacher")
+    if t is None:
+        return []
+    n = max(int(k) for k in t["pass_at_k"])
+    p1 = t["pass_at_k"]["1"]
+    claims = [
+        {"claim": "teacher pass@1 between 0.3 and 0.85", "measured": p1, "held": 0.3 <= p1 <= 0.85},
+        {"claim": f"teacher pass@{n} >= pass@1 + 0.15", "measured": t["pass_at_k"][str(n)],
+         "held": t["pass_at_k"][str(n)] >= p1 + 0.15},
+    ]
+    for name, ratio in (("llamba", 0.8), ("hybrid", 0.9)):
+        if name in models:
+            m1 = models[name]["pass_at_k"]["1"]
+            claims.append({"claim": f"{name} pass@1 >= {ratio} x teacher's", "measured": m1,
+                           "target": ratio * p1, "held": m1 >= ratio * p1})
+    for name in ("llamba", "hybrid"):
+        if name in models:
+            r = models[name]["seconds_per_sample"] / t["seconds_per_sample"]
+            claims.append({"claim": f"{name} seconds per sample <= 0.7 x teacher's", "measured": r, "held": r <= 0.7})
+    k_teacher = min(8, n)
+    budget = k_teacher * t["seconds_per_sample"]
+    teacher_at = {"pass": t["pass_at_k"][str(k_teacher)], "maj": t["maj_at_k"][str(k_teacher)]}
+    best = None
+    for name in ("llamba", "hybrid"):
+        if name not in models:
+            continue
+        k = max(1, min(n, int(budget // models[name]["seconds_per_sample"])))
+        at = _curves_at(paths, name, k)
+        if best is None or (at["pass"], at["maj"]) > (best[2]["pass"], best[2]["maj"]):
+            best = (name, k, at)
+    if best is not None:
+        name, k, at = best
+        claims.append({"claim": f"at the teacher's time for {k_teacher} samples ({budget:.2f} s/problem), the best student "
+                                f"({name}, {k} samples) covers >= teacher pass@{k_teacher}",
+                       "measured": at["pass"], "target": teacher_at["pass"], "held": at["pass"] >= teacher_at["pass"]})
+        claims.append({"claim": f"... and its majority vote >= teacher maj@{k_teacher}",
+                       "measured": at["maj"], "target": teacher_at["maj"], "held": at["maj"] >= teacher_at["maj"]})
+    return claims
+
+
+def summary_notes(metrics: dict, claims: list[dict], wall: float) -> list[str]:
+    models = metrics["models"]
+    lines = []
+    if "teacher" in models:
+        t = models["teacher"]
+        for name in ("llamba", "hybrid"):
+            if name in models:
+                m = models[name]
+                lines.append(
+                    f"{name}: pass@1 {m['pass_at_k']['1']:.3f} vs the teacher's {t['pass_at_k']['1']:.3f} "
+                    f"({m['pass_at_k']['1'] / max(t['pass_at_k']['1'], 1e-9):.2f}x), at "
+                    f"{m['seconds_per_sample'] / t['seconds_per_sample']:.2f}x the teacher's seconds per sample."
+                )
+    held = [c for c in claims if c["held"]]
+    lines.append(f"{len(held)} of {len(claims)} targets held (whole demo: {wall / 60:.1f} minutes wall).")
+    for c in claims:
+        target = f" (target {c['target']:.3f})" if "target" in c else ""
+        lines.append(f"{'held' if c['held'] else 'DID NOT HOLD'}: {c['claim']}: measured {c['measured']:.3f}{target}.")
+    return lines
+
+
+def run_demo(out, quick: bool = False, progress: bool = True, log=print, **overrides) -> dict:
+    settings = DemoSettings.quick_settings() if quick else DemoSettings()
+    for k, v in overrides.items():
+        if v is not None:
+            if not hasattr(settings, k):
+                raise ConfigError(f"demo: unknown setting {k}")
+            setattr(settings, k, v)
+    return Demo(out, settings, progress, log).run()

@@ -1,0 +1,255 @@
+"""TOML recipes for `thinkfast distill` and `thinkfast sft`: every setting in a file, a flag overrides it.
+
+A recipe has top-level settings and one optional table per stage kind ([matrix], [hidden], [kd], [sft]).
+A stage's value comes from, in order: the command-line flag, the stage's table, the top level, the default.
+
+    teacher = "meta-llama/Llama-3.2-1B-Instruct"    # distill: teacher (path, GGUF, hub id)
+    model = "runs/llamba"                            # sft: the model to fine-tune
+    student = "llamba"                               # llamba | hybrid
+    attn_layers = [3, 8]                             # hybrid: attention kept here
+    stages = ["matrix", "hidden", "kd"]
+    data = ["gsm8k:../shared/data/gsm8k_train.jsonl"]
+    data_weights = [1.0]
+    seq_len = 1024                                   # any TrainConfig field: tokens, lr, batch_size, ...
+    [kd]
+    tokens = 1_000_000
+    loss = "forward_kl"                              # any StageConfig field: loss, temperature, freeze, ...
+
+`--recipe NAME` reads thinkfast/recipes/NAME.toml (shipped with the package); anything else is a path.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from ..data.packing import DataConfig
+from ..errors import ConfigError
+from .stages import STAGE_KINDS, StageConfig
+from .trainer import TrainConfig
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+STAGE_KEYS = {"layers", "train_mlp", "loss", "ce_weight", "temperature", "positions", "freeze", "chunk_tokens"}
+DATA_KEYS = {"data", "data_weights", "instruction", "chat", "pack", "train_prompt"}
+RUN_KEYS = {"teacher", "model", "student", "attn_layers", "ssm_param", "stages", "tokenizer", "fsdp_teacher",
+            "teacher_dtype", "description"}
+TOP_KEYS = RUN_KEYS | TRAIN_KEYS | STAGE_KEYS | DATA_KEYS
+PER_STAGE_KEYS = TRAIN_KEYS | STAGE_KEYS | DATA_KEYS
+
+
+def resolve_recipe(name: str) -> Path:
+    """NAME -> thinkfast/recipes/NAME.toml; a path (with / or .toml) as it is."""
+    p = Path(name)
+    if p.suffix == ".toml" or "/" in name or p.exists():
+        path = p
+    else:
+        path = RECIPE_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(x.stem for x in RECIPE_DIR.glob("*.toml"))) or "none"
+        raise ConfigError(f"recipe {name!r}: no such file ({path}); shipped recipes: {known}")
+    return path
+
+
+def load_recipe(name: str, extra_tables: tuple[str, ...] = ()) -> dict:
+    """Read and check a recipe: unknown keys are refused with the list of known ones.
+
+    `extra_tables` are tables a caller reads itself (train-teacher's [architecture]); they are returned unchecked."""
+    path = resolve_recipe(name)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {path}: not valid TOML ({e})") from None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key in extra_tables:
+                continue
+            if key not in STAGE_KINDS:
+                raise ConfigError(f"recipe {path}: unknown table [{key}]; stage tables are {', '.join(STAGE_KINDS)}")
+            for k in value:
+                if k not in PER_STAGE_KEYS:
+                    raise ConfigError(f"recipe {path}: unknown key {k!r} in [{key}]; known keys: {', '.join(sorted(PER_STAGE_KEYS))}")
+        elif key not in TOP_KEYS:
+            raise ConfigError(f"recipe {path}: unknown key {key!r}; known keys: {', '.join(sorted(TOP_KEYS))}")
+    data["_path"] = str(path)
+    return data
+
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(value, what: str = "--tokens") -> int:
+    """2M, 1.5B, 300e6, 300_000_000 -> int."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value!r} is not a number")
+    if isinstance(value, (int, float)):
+        n = value
+    else:
+        s = str(value).strip().lower().replace("_", "")
+        m = re.fullmatch(r"([0-9.]+(?:e[0-9]+)?)([kmbgt]?)", s)
+        if not m:
+            raise ConfigError(f"{what}: {value!r} is not a count (examples: 500000, 2M, 1.5B)")
+        n = float(m.group(1)) * _SUFFIX.get(m.group(2), 1)
+    if not math.isfinite(n):
+        raise ConfigError(f"{what}: {value!r} is not finite")
+    return int(round(n))
+
+
+def parse_int_list(value, what: str) -> list[int]:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        items = value
+    else:
+        items = [x for x in str(value).replace(" ", "").split(",") if x]
+    try:
+        return [int(x) for x in items]
+    except ValueError:
+        raise ConfigError(f"{what}: {value!r} is not a list of integers (e.g. 3,8,13)") from None
+
+
+def parse_list(value) -> list[str]:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [str(x) for x in value]
+    return [x for x in str(value).replace(" ", "").split(",") if x]
+
+
+@dataclass
+class Plan:
+    """Everything `distill` / `sft` need, resolved from recipe + flags."""
+
+    stages: list[StageConfig]
+    data: DataConfig
+    teacher: str | None = None
+    model: str | None = None
+    student: str = "llamba"
+    attn_layers: list[int] | None = None
+    ssm_param: str | None = None
+    tokenizer: str | None = None
+    fsdp_teacher: bool = False
+    teacher_dtype: str = "float32"
+
+
+def _coerce(key: str, value, where: str):
+    """Check and convert one setting from a recipe or a flag."""
+    if value is None:
+        return None
+    ints = {"tokens", "batch_size", "seq_len", "log_every", "ckpt_every", "seed", "chunk_tokens"}
+    floats = {"lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "beta1", "beta2", "grad_clip", "ce_weight", "temperature"}
+    try:
+        if key == "tokens":
+            return parse_count(value, f"{where}: tokens")
+        if key == "micro_batch_size":
+            return None if value in (0, "0") else int(value)
+        if key in ints:
+            return int(value)
+        if key in floats:
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {key}={value!r} is not a number") from None
+    if key in ("layers", "attn_layers"):
+        return parse_int_list(value, f"{where}: {key}")
+    if key in ("freeze", "data"):
+        return value if isinstance(value, list) else parse_list(value) if key == "freeze" else [value]
+    if key == "data_weights":
+        try:
+            return [float(x) for x in (value if isinstance(value, list) else str(value).split(","))]
+        except ValueError:
+            raise ConfigError(f"{where}: data_weights {value!r} are not numbers (e.g. 0.7,0.3)") from None
+    if key in ("train_mlp", "chat", "pack", "train_prompt", "fsdp_teacher") and not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Plan:
+    """Merge a recipe (or None) with flag values (None = not given). `flags['tokens']` may be a per-stage list."""
+    recipe = dict(recipe or {})
+    where = f"recipe {recipe.pop('_path')}" if "_path" in recipe else "settings"
+    tables = {k: recipe.pop(k) for k in list(recipe) if isinstance(recipe[k], dict)}
+    tables = {k: v for k, v in tables.items() if k in STAGE_KINDS}  # a caller's extra tables are its own
+    flags = {k: v for k, v in flags.items() if v is not None}
+
+    def top(key, default=None):
+        if key in flags:
+            return _coerce(key, flags[key], "flag --" + key.replace("_", "-"))
+        v = _coerce(key, recipe.get(key), where)
+        return default if v is None else v
+
+    stages = parse_list(flags.get("stages") or recipe.get("stages")) or (["sft"] if command == "sft" else None)
+    if not stages:
+        raise ConfigError("no stages: pass --stages (e.g. matrix,hidden,kd) or set stages in the recipe")
+    for s in stages:
+        if s not in STAGE_KINDS:
+            raise ConfigError(f"--stages: unknown stage {s!r}; use {', '.join(STAGE_KINDS)}")
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"--stages {','.join(stages)}: each stage kind can appear once")
+
+    token_flag = flags.get("tokens")
+    if isinstance(token_flag, str):
+        token_flag = [x for x in token_flag.split(",") if x]
+    if isinstance(token_flag, list) and len(token_flag) not in (1, len(stages)):
+        raise ConfigError(f"--tokens has {len(token_flag)} values for {len(stages)} stages; give one, or one per stage")
+
+    out = []
+    for k, kind in enumerate(stages):
+        table = tables.get(kind, {})
+
+        def get(key, default=None):
+            if key == "tokens" and token_flag is not None:
+                v = token_flag[k] if isinstance(token_flag, list) and len(token_flag) > 1 else (token_flag[0] if isinstance(token_flag, list) else token_flag)
+                return _coerce("tokens", v, "flag --tokens")
+            if key in flags:
+                return _coerce(key, flags[key], "flag --" + key.replace("_", "-"))
+            if key in table:
+                return _coerce(key, table[key], f"{where} [{kind}]")
+            return top(key, default)
+
+        train_kw = {f: get(f) for f in TRAIN_KEYS}
+        train_kw = {f: v for f, v in train_kw.items() if v is not None}
+        if "tokens" not in train_kw:
+            raise ConfigError(f"stage {kind}: no token budget; pass --tokens or set tokens in the recipe")
+        stage_kw = {f: get(f) for f in STAGE_KEYS}
+        stage_kw = {f: v for f, v in stage_kw.items() if v is not None}
+        data = None
+        if any(k in table for k in DATA_KEYS):
+            if "data" not in flags:  # a flag's data applies to every stage
+                data = _data_config(get, where)
+        out.append(StageConfig(kind, TrainConfig(**train_kw), **stage_kw, data=data))
+    plan = Plan(
+        stages=out,
+        data=_data_config(top, where),
+        teacher=top("teacher"),
+        model=top("model"),
+        student=top("student", "llamba"),
+        attn_layers=top("attn_layers"),
+        ssm_param=top("ssm_param"),
+        tokenizer=top("tokenizer"),
+        fsdp_teacher=bool(top("fsdp_teacher", False)),
+        teacher_dtype=top("teacher_dtype", "float32"),
+    )
+    for s in plan.stages:
+        s.validate()
+    return plan
+
+
+def _data_config(get, where) -> DataConfig:
+    specs = get("data") or []
+    return DataConfig(
+        specs=list(specs),
+        weights=get("data_weights"),
+        pack=get("pack", True),
+        instruction=get("instruction", "auto"),
+        chat=get("chat", True),
+        train_prompt=get("train_prompt", False),
+        seed=get("seed", 0),
+    )

@@ -1,0 +1,563 @@
+"""The stages: MOHAWK 1-3 (Llamba), hybrid KD (MambaInLlama), SFT; and `distill` / `sft`, which run them.
+
+  matrix  MOHAWK stage 1. Each student Mamba mixer gets the teacher's hidden state at its layer (one teacher
+          pass per batch, all layers at once) and its materialised mixing matrix is pulled towards the
+          teacher's softmax attention matrix (Frobenius). Only the mixers train.
+  hidden  MOHAWK stage 2. Same inputs; each student block's output is pulled towards the teacher's block
+          output (L2). Mixers train (and the MLPs with `train_mlp`).
+  kd      End-to-end distillation on the teacher's token distributions: forward KL (MOHAWK stage 3, the
+          Llamba default), reverse KL (MambaInLlama, the hybrid default) or soft CE, optionally + CE on the
+          worked solutions; parameter groups can stay frozen (`freeze=["mlp"]`).
+  sft     Cross entropy on worked solutions, prompt tokens masked; for students and teachers alike, and for a
+          randomly initialised model trained from scratch.
+
+`distill(teacher, student, data, stages, ...)` runs a list of stages with resumable checkpoints and writes a
+`save_pretrained` folder; `sft(model, data, train, ...)` is the one-stage version. Both take already-loaded
+models; the CLI (`thinkfast distill`, `thinkfast sft`) is glue over them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..data.packing import IGNORE, DataConfig, DataMix, build_data
+from ..errors import CheckpointError, ConfigError
+from ..models import ThinkfastForCausalLM, from_teacher
+from ..utils import atomic_write_json
+from .losses import KL_KINDS, hidden_loss, matrix_loss, vocab_loss
+from .trainer import ProgressArg, TrainConfig, TrainResult, barrier, dist_info, pick_device, train
+
+STAGE_KINDS = ("matrix", "hidden", "kd", "sft")
+FREEZE_GROUPS = ("embed", "norm", "mlp", "attn", "mamba")
+POSITIONS = ("all", "completion")
+# settings a resumed run may change without becoming "another run": where and how fast it runs, and the two
+# knobs one turns after a divergence (a lower learning rate, a tighter clip)
+RESUME_MAY_CHANGE = ("log_every", "ckpt_every", "device", "precision", "micro_batch_size", "lr", "grad_clip")
+
+
+@dataclass
+class StageConfig:
+    kind: str  # matrix | hidden | kd | sft
+    train: TrainConfig = field(default_factory=TrainConfig)
+    layers: list[int] | None = None  # matrix / hidden: Mamba layers to train (default all of them)
+    train_mlp: bool = False  # hidden: the MLPs train too
+    loss: str | None = None  # kd: forward_kl | reverse_kl | soft_ce (default forward_kl for llamba, reverse_kl for hybrid)
+    ce_weight: float = 0.0  # kd: + ce_weight x CE on the worked solutions ("KL+CE")
+    temperature: float = 1.0  # kd
+    positions: str = "all"  # kd: distil on all real tokens, or on completion tokens only
+    freeze: list[str] = field(default_factory=list)  # kd / sft: groups kept frozen: embed norm mlp attn mamba
+    chunk_tokens: int | None = None  # positions per vocabulary chunk (default: ~256 MiB of fp32 logits)
+    data: DataConfig | None = None  # this stage's data instead of the run's
+    name: str | None = None  # folder and log name (default: the kind)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    def validate(self, student_cfg=None) -> None:
+        where = f"stage {self.label}"
+        if self.kind not in STAGE_KINDS:
+            raise ConfigError(f"{where}: unknown stage {self.kind!r}; use one of {', '.join(STAGE_KINDS)}")
+        self.train.validate(where)
+        if self.loss is not None and self.loss not in KL_KINDS:
+            raise ConfigError(f"{where}: loss {self.loss!r}; use one of {', '.join(KL_KINDS)}")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"{where}: positions {self.positions!r}; use one of {', '.join(POSITIONS)}")
+        bad = [g for g in self.freeze if g not in FREEZE_GROUPS]
+        if bad:
+            raise ConfigError(f"{where}: cannot freeze {bad}; groups are {', '.join(FREEZE_GROUPS)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{where}: temperature {self.temperature} must be positive")
+        if self.ce_weight < 0:
+            raise ConfigError(f"{where}: ce_weight {self.ce_weight} must be >= 0")
+        if student_cfg is not None and self.kind in ("matrix", "hidden"):
+            mamba = set(student_cfg.mamba_layers)
+            if not mamba:
+                raise ConfigError(f"{where}: the student has no Mamba layers to align")
+            bad = [i for i in (self.layers or []) if i not in mamba]
+            if bad:
+                raise ConfigError(f"{where}: layers {bad} are not Mamba layers of the student (Mamba layers: {sorted(mamba)})")
+
+    def fingerprint(self) -> dict:
+        d = asdict(self)
+        d["train"] = {k: v for k, v in d["train"].items() if k not in RESUME_MAY_CHANGE}
+        if self.data is not None:
+            d["data"] = _data_fingerprint(self.data)
+        return d
+
+
+def _data_fingerprint(cfg: DataConfig) -> dict:
+    d = {k: v for k, v in asdict(cfg).items() if k != "specs"}
+    d["specs"] = cfg.describe()
+    return d
+
+
+# ---------------------------------------------------------------- models
+
+
+def as_teacher_model(teacher) -> ThinkfastForCausalLM:
+    """Any teacher (thinkfast all-attention model, HF Llama, path) as a frozen thinkfast all-attention model."""
+    if isinstance(teacher, ThinkfastForCausalLM):
+        if teacher.config.role != "teacher":
+            raise ConfigError(f"the teacher is a thinkfast {teacher.config.role} model; a teacher has attention in every layer")
+        model = teacher
+    else:
+        model = from_teacher(teacher, kind="teacher")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def check_compatible(teacher_cfg, student_cfg, kind: str) -> None:
+    """Refuse a teacher/student pair a stage cannot work with, naming the first mismatch."""
+    keys = ["vocab_size"]
+    if kind in ("matrix", "hidden"):
+        keys += ["d_model", "n_layers", "n_heads", "head_dim_", "rope_theta"]
+    for k in keys:
+        a = teacher_cfg.hd if k == "head_dim_" else getattr(teacher_cfg, k)
+        b = student_cfg.hd if k == "head_dim_" else getattr(student_cfg, k)
+        if a != b:
+            name = "head size" if k == "head_dim_" else k
+            raise ConfigError(
+                f"teacher and student configs differ: {name} {a} vs {b}; build the student from this teacher "
+                "(thinkfast.models.from_teacher or --student llamba|hybrid)"
+            )
+
+
+def _group_of(name: str, lm) -> str | None:
+    parts = name.split(".")
+    if parts[0] in ("embed", "lm_head"):
+        return "embed"
+    if parts[0] == "norm":
+        return "norm"
+    if parts[0] == "layers":
+        i = int(parts[1])
+        if parts[2] in ("input_norm", "mlp_norm"):
+            return "norm"
+        if parts[2] == "mlp":
+            return "mlp"
+        if parts[2] == "mixer":
+            return "attn" if lm.layers[i].is_attention else "mamba"
+    return None
+
+
+def set_trainable(student: ThinkfastForCausalLM, predicate) -> list[tuple[str, nn.Parameter]]:
+    """requires_grad on the student's parameters that `predicate(name)` selects, off elsewhere."""
+    out = []
+    for name, p in student.lm.named_parameters():
+        on = bool(predicate(name))
+        p.requires_grad_(on)
+        if on:
+            out.append((name, p))
+    return out
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """Full parameters of an FSDP-sharded module inside the block (no-op for an ordinary module)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.unshard()
+        try:
+            yield
+        finally:
+            module.reshard()
+    else:
+        yield
+
+
+def layer_inputs(lm, input_ids: torch.Tensor, upto: int):
+    """Run blocks 0..upto-1: returns ([h_0 .. h_upto] with h_i the input of block i, rope)."""
+    T = input_ids.shape[1]
+    positions = torch.arange(T, device=input_ids.device).expand(input_ids.shape[0], T)
+    rope = lm.rotary(positions)
+    with gathered(lm):
+        h = lm.embed(input_ids)
+    hs = [h]
+    for i in range(upto):
+        h = lm.layers[i](h, rope)
+        hs.append(h)
+    return hs, rope
+
+
+# ---------------------------------------------------------------- tasks
+
+
+class _Task:
+    name = "task"
+
+    def __init__(self, teacher: ThinkfastForCausalLM | None, student: ThinkfastForCausalLM):
+        self.teacher = teacher
+        self.model = student
+        self._trainable: list[tuple[str, nn.Parameter]] = []
+
+    def to(self, device):
+        self.model.to(device)
+        if self.teacher is not None and not _is_fsdp(self.teacher.lm):
+            self.teacher.to(device)
+        self.model.train()
+        return self
+
+    def trainable(self):
+        return self._trainable
+
+
+def _is_fsdp(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+class AlignTask(_Task):
+    """MOHAWK stages 1 (matrix orientation) and 2 (hidden-state alignment) over many layers at once."""
+
+    def __init__(self, teacher, student, kind: str, layers: list[int] | None = None, train_mlp: bool = False, name=None):
+        super().__init__(teacher, student)
+        self.kind = kind
+        self.name = name or kind
+        cfg = student.model_config
+        self.layers = sorted(layers) if layers else cfg.mamba_layers
+        chosen = set(self.layers)
+
+        def pick(n):
+            parts = n.split(".")
+            if parts[0] != "layers" or int(parts[1]) not in chosen:
+                return False
+            return parts[2] == "mixer" or (kind == "hidden" and train_mlp and parts[2] in ("mlp", "mlp_norm"))
+
+        self._trainable = set_trainable(student, pick)
+
+    def count(self, batch) -> int:
+        return int(batch["real"].sum())
+
+    def loss(self, batch):
+        ids, mask = batch["input_ids"], batch["real"]
+        t_lm, s_lm = self.teacher.lm, self.model.lm
+        with torch.no_grad():
+            hs, rope = layer_inputs(t_lm, ids, max(self.layers) + 1)
+        total = None
+        parts = {}
+        for i in self.layers:
+            h_in = hs[i]
+            if self.kind == "matrix":
+                with torch.no_grad(), gathered(t_lm.layers[i]):
+                    A = t_lm.layers[i].mixer.matrix(t_lm.layers[i].input_norm(h_in), rope)  # (B, H, T, T)
+                    u = s_lm.layers[i].input_norm(h_in)  # the norm is frozen here: no graph needed
+                M = s_lm.layers[i].mixer.matrix(u, rope)
+                l = matrix_loss(A, M, mask, reduction="sum")
+            else:
+                out = s_lm.layers[i](h_in, rope)
+                l = hidden_loss(hs[i + 1], out, mask, reduction="sum")
+            parts[f"layer{i}"] = l.detach()
+            total = l if total is None else total + l
+        # mean over layers keeps the scale independent of depth; parts log each layer's own loss
+        return total / len(self.layers), parts
+
+
+class KDTask(_Task):
+    """End-to-end distillation on the teacher's token distributions (MOHAWK stage 3, hybrid KD, KL+CE)."""
+
+    def __init__(self, teacher, student, loss: str = "forward_kl", ce_weight: float = 0.0, temperature: float = 1.0,
+                 positions: str = "all", freeze=(), chunk_tokens=None, name="kd"):
+        super().__init__(teacher, student)
+        self.name, self.kind, self.ce_weight, self.temperature = name, loss, ce_weight, temperature
+        self.positions, self.chunk_tokens = positions, chunk_tokens
+        frozen = set(freeze)
+        lm = student.lm
+        self._trainable = set_trainable(student, lambda n: _group_of(n, lm) not in frozen)
+
+    def _mask(self, batch):
+        return batch["real"] if self.positions == "all" else batch["targets"] != IGNORE
+
+    def count(self, batch) -> int:
+        return int(self._mask(batch).sum())
+
+    def loss(self, batch):
+        ids = batch["input_ids"]
+        s_out = self.model.lm(ids, compute_logits=False)
+        t_lm = self.teacher.lm
+        with torch.no_grad():
+            t_out = t_lm(ids, compute_logits=False)
+        with gathered(t_lm):
+            w_t = t_lm.head_weight.detach()
+            if _is_fsdp(t_lm):
+                w_t = w_t.clone()  # the gathered storage is freed on reshard; chunk recompute needs it later
+        return vocab_loss(
+            s_out.last_hidden, self.model.lm.head_weight, self._mask(batch), t_out.last_hidden, w_t,
+            batch["targets"], self.kind, self.temperature, self.ce_weight, self.chunk_tokens, reduction="sum",
+        )
+
+
+class SFTTask(_Task):
+    """Cross entropy on the trained targets (worked solutions; prompts masked unless the data trains them)."""
+
+    def __init__(self, model, freeze=(), chunk_tokens=None, name="sft"):
+        super().__init__(None, model)
+        self.name, self.chunk_tokens = name, chunk_tokens
+        frozen = set(freeze)
+        lm = model.lm
+        self._trainable = set_trainable(model, lambda n: _group_of(n, lm) not in frozen)
+
+    def count(self, batch) -> int:
+        return int((batch["targets"] != IGNORE).sum())
+
+    def loss(self, batch):
+        out = self.model.lm(batch["input_ids"], compute_logits=False)
+        mask = batch["targets"] != IGNORE
+        loss, parts = vocab_loss(out.last_hidden, self.model.lm.head_weight, mask, targets=batch["targets"],
+                                 kind=None, ce_weight=1.0, chunk_tokens=self.chunk_tokens, reduction="sum")
+        return loss, {}
+
+
+def make_task(stage: StageConfig, teacher, student):
+    if stage.kind in ("matrix", "hidden"):
+        return AlignTask(teacher, student, stage.kind, stage.layers, stage.train_mlp, stage.label)
+    if stage.kind == "kd":
+        loss = stage.loss or ("forward_kl" if student.config.role == "llamba" else "reverse_kl")
+        return KDTask(teacher, student, loss, stage.ce_weight, stage.temperature, stage.positions, stage.freeze,
+                      stage.chunk_tokens, stage.label)
+    return SFTTask(student, stage.freeze, stage.chunk_tokens, stage.label)
+
+
+# ---------------------------------------------------------------- running stages
+
+
+def _as_data_config(data) -> DataConfig | DataMix:
+    if isinstance(data, (DataConfig, DataMix)):
+        return data
+    if isinstance(data, str):
+        return DataConfig(specs=[data])
+    if isinstance(data, (list, tuple)):
+        return DataConfig(specs=list(data))
+    raise ConfigError(f"data: expected a DataConfig, a DataMix, a spec string or a list of specs, got {type(data).__name__}")
+
+
+class _DataSource:
+    """Packs data per stage (each stage may use its own row length), tokenising each spec once."""
+
+    def __init__(self, data, tokenizer):
+        self.default = _as_data_config(data)
+        self.tokenizer = tokenizer
+        self.cache: dict = {}
+        self.built: dict[int, DataMix] = {}
+
+    def prepare(self, stages: list[StageConfig]) -> None:
+        """Read, tokenise and pack every stage's data up front: a bad spec fails before anything is written."""
+        for stage in stages:
+            self.built[id(stage)] = self.for_stage(stage)
+
+    def for_stage(self, stage: StageConfig) -> DataMix:
+        if id(stage) in self.built:
+            return self.built[id(stage)]
+        cfg = stage.data or self.default
+        if isinstance(cfg, DataMix):
+            return cfg
+        return build_data(cfg, self.tokenizer, stage.train.seq_len, self.cache)
+
+    def describe(self, stage: StageConfig):
+        cfg = stage.data or self.default
+        return {"mix": cfg.summary()} if isinstance(cfg, DataMix) else _data_fingerprint(cfg)
+
+
+def _prepare_out(out_dir: Path, run: dict, resume: bool) -> None:
+    """Refuse to mix runs: a new run needs an empty or absent folder; --resume needs the same settings.
+
+    Every process checks before any process writes (barriers), so rank 0's run.json never fails rank 1's check.
+    """
+    dist_info()
+    barrier()
+    _check_out_dir(out_dir, run, resume)
+    barrier()
+    if dist_info().main and not (out_dir / "run.json").is_file():
+        atomic_write_json(out_dir / "run.json", run)
+
+
+def _check_out_dir(out_dir: Path, run: dict, resume: bool) -> None:
+    marker = out_dir / "run.json"
+    if marker.is_file():
+        try:
+            saved = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{marker} is damaged; choose a new --out") from None
+        if not resume:
+            raise CheckpointError(f"{out_dir} already holds a run; pass --resume to continue it, or choose a new --out")
+        if saved != run:
+            diff = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
+            raise CheckpointError(
+                f"{out_dir} holds a run with other settings ({', '.join(diff)} differ); resume with the same "
+                "settings, or choose a new --out"
+            )
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} is not empty and holds no thinkfast run; choose a new --out")
+
+
+def save_final(model: ThinkfastForCausalLM, out_dir: Path, tokenizer=None) -> None:
+    """save_pretrained (+ tokenizer) into out_dir, each file written under a temporary name, then renamed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=out_dir))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _model_fingerprint(model: ThinkfastForCausalLM, weights: bool = False) -> dict:
+    d = model.model_config.to_dict()
+    if weights:  # a cheap digest, so resuming against another teacher of the same shape is caught
+        w = model.lm.embed.weight.detach().reshape(-1)[:4096].float()
+        w = w.double().cpu()
+        d["weights_digest"] = f"{float((w * torch.arange(1, w.numel() + 1, dtype=torch.float64)).sum()):.6g}"
+    return d
+
+
+def run_stages(
+    teacher: ThinkfastForCausalLM | None,
+    student: ThinkfastForCausalLM,
+    source: _DataSource,
+    stages: list[StageConfig],
+    out_dir: Path | None,
+    resume: bool,
+    progress: ProgressArg,
+    callback=None,
+) -> list[TrainResult]:
+    results = []
+    for k, stage in enumerate(stages):
+        stage_dir = out_dir / "stages" / f"{k + 1:02d}-{stage.label}" if out_dir is not None else None
+        if teacher is not None:
+            check_compatible(teacher.model_config, student.model_config, stage.kind)
+        task = make_task(stage, teacher, student)
+        data = source.for_stage(stage)
+        fp = {"stage": stage.fingerprint(), "data": source.describe(stage), "student": _model_fingerprint(student)}
+        res = train(
+            task, data, stage.train,
+            ckpt_dir=stage_dir / "ckpt" if stage_dir is not None else None,
+            log_path=out_dir / "train_log.jsonl" if out_dir is not None else None,
+            resume=resume, progress=progress, fingerprint=json.loads(json.dumps(fp)), callback=callback,
+        )
+        results.append(res)
+    return results
+
+
+def shard_teacher(teacher: ThinkfastForCausalLM, device: torch.device) -> None:
+    """FSDP for a teacher too large for one device: blocks and the rest sharded across the processes.
+
+    Only the teacher is sharded (it only runs forward); the student stays replicated. The stages gather a
+    sharded module's weights explicitly (`gathered`) where they use it outside its forward.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if dist_info().world <= 1:
+        raise ConfigError("--fsdp-teacher shards the teacher across processes: launch with torchrun --nproc_per_node N")
+    teacher.to(device)
+    for block in teacher.lm.layers:
+        fully_shard(block)
+    fully_shard(teacher.lm)
+    with torch.no_grad():  # FSDP initialises lazily from the first forward: make the root run first
+        teacher.lm(torch.zeros(1, 1, dtype=torch.long, device=device), compute_logits=False)
+
+
+def distill(
+    teacher,
+    student,
+    data,
+    stages: list[StageConfig],
+    tokenizer=None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: ProgressArg = True,
+    attn_layers: list[int] | None = None,
+    fsdp_teacher: bool = False,
+    callback=None,
+) -> ThinkfastForCausalLM:
+    """Distil `teacher` into `student` through `stages`, in order.
+
+    teacher: a thinkfast all-attention model, an HF Llama model or a path (converted once to thinkfast's
+    all-attention model). student: a ThinkfastForCausalLM, or "llamba" / "hybrid" to build one from the teacher
+    (`attn_layers` for the hybrid). data: a DataConfig, a list of data specs, or a ready DataMix; each stage may
+    carry its own. out_dir: checkpoints per stage (`stages/NN-kind/ckpt`), `train_log.jsonl`, `run.json`, and
+    at the end the student as a save_pretrained folder (+ tokenizer). resume: continue a killed run in out_dir.
+    callback(step, record): called after every optimizer step of every stage (record: the last log record).
+    Returns the trained student (on the training device, in eval mode).
+    """
+    if not stages:
+        raise ConfigError("no stages: give at least one of matrix, hidden, kd, sft")
+    t_model = as_teacher_model(teacher)
+    if isinstance(student, str):
+        student = from_teacher(t_model, kind=student, attn_layers=attn_layers)
+    if not isinstance(student, ThinkfastForCausalLM):
+        raise ConfigError(f"student: expected a ThinkfastForCausalLM or 'llamba' / 'hybrid', got {type(student).__name__}")
+    for s in stages:
+        s.validate(student.model_config)
+        if s.kind != "sft":
+            check_compatible(t_model.model_config, student.model_config, s.kind)
+    labels = [s.label for s in stages]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"stages {labels}: give repeated kinds distinct names (StageConfig(name=...)); logs and checkpoints are keyed by name")
+    source = _DataSource(data, tokenizer)
+    source.prepare(stages)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        run = json.loads(json.dumps({
+            "command": "distill",
+            "teacher": _model_fingerprint(t_model, weights=True),
+            "student": _model_fingerprint(student),
+            "stages": [s.fingerprint() for s in stages],
+            "data": source.describe(StageConfig("kd")),
+        }))
+        _prepare_out(out, run, resume)
+    if fsdp_teacher:
+        shard_teacher(t_model, pick_device(stages[0].train, dist_info()))
+    run_stages(t_model, student, source, stages, out, resume, progress, callback)
+    student.eval()
+    if out is not None and dist_info().main:
+        save_final(student, out, tokenizer)
+    return student
+
+
+def sft(
+    model,
+    data,
+    train_cfg: TrainConfig | None = None,
+    tokenizer=None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: ProgressArg = True,
+    freeze: list[str] | tuple = (),
+    name: str = "sft",
+    callback=None,
+) -> ThinkfastForCausalLM:
+    """Supervised fine-tuning (CE on worked solutions, prompts masked) of any thinkfast model, or an HF Llama
+    (converted to thinkfast's all-attention model). Also trains a randomly initialised model from scratch.
+    out_dir: `stages/01-sft/ckpt`, `train_log.jsonl`, `run.json` and the final save_pretrained folder."""
+    if not isinstance(model, ThinkfastForCausalLM):
+        model = from_teacher(model, kind="teacher")
+    stage = StageConfig("sft", train=train_cfg or TrainConfig(), freeze=list(freeze), name=name)
+    stage.validate(model.model_config)
+    source = _DataSource(data, tokenizer)
+    source.prepare([stage])
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        run = json.loads(json.dumps({"command": "sft", "model": _model_fingerprint(model),
+                                     "stages": [stage.fingerprint()], "data": source.describe(stage)}))
+        _prepare_out(out, run, resume)
+    run_stages(None, model, source, [stage], out, resume, progress, callback)
+    model.eval()
+    if out is not None and dist_info().main:
+        save_final(model, out, tokenizer)
+    return model

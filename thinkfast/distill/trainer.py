@@ -1,0 +1,492 @@
+"""One training loop for every stage (MOHAWK 1-3, hybrid KD, SFT, training a teacher from scratch).
+
+A *task* says what is trained and how the loss is computed (`thinkfast.distill.stages`); this loop owns the rest:
+AdamW, warmup then cosine / WSD / constant learning rate, gradient accumulation and clipping, bf16 autocast on
+GPU, a token budget, a progress bar, a JSONL log, atomic checkpoints and exact resume, NaN stops, and data
+parallelism under torchrun.
+
+Loss normalisation: a task returns masked *sums*; the loop divides by the number of counted positions in the
+whole global batch (every process draws the same global batch, so each knows that number without talking).
+Gradients are then summed across processes, which gives exactly the gradient of the global token mean: the
+same curve for 1 process x 2 micro-batches as for 2 processes x 1.
+
+Data parallelism: under torchrun (WORLD_SIZE > 1) the student is replicated and its gradients are all-reduced
+once per optimizer step in flat buckets (gloo on CPU, NCCL on GPU). This is DDP without the wrapper, so stages
+that run parts of a model (MOHAWK 1-2 call single layers) need no special casing.
+
+Checkpoint folder (written to a temporary name, then renamed): model.safetensors (the whole task model),
+optimizer.pt (AdamW state, read back with weights_only=True), rng.pt, state.json (step, tokens, data position,
+run fingerprint). A finished stage keeps model + state.json with "done": true.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, ConfigError, ThinkfastError
+from ..utils import atomic_dir, atomic_write_json, atomic_write_text
+
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class TrainingDiverged(ThinkfastError):
+    """A non-finite loss or gradient: the run stopped; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    tokens: int = 1_000_000  # budget: optimizer steps = tokens // (batch_size * seq_len)
+    batch_size: int = 8  # rows per optimizer step, across all processes
+    micro_batch_size: int | None = None  # rows per forward/backward on one process (default: its whole share)
+    seq_len: int = 512
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, decay) | constant (after warmup)
+    warmup: float = 0.05  # fraction of steps (< 1) or a number of steps (>= 1)
+    decay: float = 0.2  # wsd: fraction of steps spent decaying
+    weight_decay: float = 0.1  # on matrices only (not norms, biases, SSM decay parameters)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    log_every: int = 10
+    ckpt_every: int = 200  # steps; 0 = only when the stage ends
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 (GPU only)
+    device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
+
+    def validate(self, where: str = "train") -> None:
+        if self.tokens <= 0:
+            raise ConfigError(f"{where}: token budget {self.tokens} must be positive (e.g. --tokens 2M)")
+        for name in ("batch_size", "seq_len", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}: {name}={getattr(self, name)} must be positive")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ConfigError(f"{where}: micro_batch_size={self.micro_batch_size} must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"{where}: lr={self.lr} must be a positive number")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"{where}: schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"{where}: precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.ckpt_every < 0:
+            raise ConfigError(f"{where}: ckpt_every={self.ckpt_every} must be >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.tokens // (self.batch_size * self.seq_len))
+
+    def replace(self, **kw) -> "TrainConfig":
+        names = {f.name for f in fields(self)}
+        return TrainConfig(**{**asdict(self), **{k: v for k, v in kw.items() if k in names}})
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based)."""
+    total = cfg.total_steps if total is None else total
+    warm = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * total))
+    lo = cfg.lr * cfg.min_lr_ratio
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        frac = (step - warm) / max(1, total - warm - 1)
+        return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    decay_steps = max(1, int(round(cfg.decay * total)))  # wsd
+    start = total - decay_steps
+    if step < start:
+        return cfg.lr
+    frac = (step - start + 1) / decay_steps
+    return cfg.lr + (lo - cfg.lr) * min(1.0, frac)
+
+
+class Task(Protocol):
+    """What one stage trains. Losses are masked sums; `count` is the number of positions they average over."""
+
+    name: str
+    model: nn.Module  # saved in checkpoints
+
+    def to(self, device: torch.device) -> "Task": ...
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]: ...
+
+    def count(self, batch: dict) -> int: ...
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    loss: float | None  # mean loss over the last logging window
+    history: list[dict] = field(default_factory=list)  # every logged record of this run
+    resumed_from: int = 0
+    skipped: bool = False  # the stage was already finished (resume)
+
+
+# ---------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size from torchrun's environment; initialises the process group on first use."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def barrier() -> None:
+    """Wait for every process (no-op without torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def pick_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
+    if cfg.device:
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r}: no CUDA device here; use --device cpu")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def all_reduce_(tensors: list[torch.Tensor], bucket_bytes: int = 32 << 20) -> None:
+    """Sum tensors in place across processes, a few flat buckets at a time."""
+    import torch.distributed as dist
+
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush():
+        if not bucket:
+            return
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in bucket:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+        bucket.clear()
+
+    for t in tensors:
+        if bucket and (t.dtype != bucket[0].dtype or size + t.numel() * t.element_size() > bucket_bytes):
+            flush()
+            size = 0
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+    flush()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def read_checkpoint_state(ckpt_dir: Path) -> dict | None:
+    path = Path(ckpt_dir) / "state.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); the checkpoint is damaged, remove {ckpt_dir} to restart") from None
+
+
+def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, state: dict) -> None:
+    from safetensors.torch import save_model
+
+    with atomic_dir(ckpt_dir) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+        atomic_write_json(tmp / "state.json", state)
+
+
+def load_model_weights(model: nn.Module, ckpt_dir: Path) -> None:
+    from safetensors.torch import load_model
+
+    path = Path(ckpt_dir) / "model.safetensors"
+    try:
+        load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+    except Exception as e:
+        raise CheckpointError(f"{path}: does not fit this model ({str(e).splitlines()[0][:200]}); resume with the same model settings") from None
+
+
+def check_fingerprint(state: dict, fingerprint: dict | None, where: Path) -> None:
+    if fingerprint is None:
+        return
+    saved = state.get("fingerprint")
+    if saved != fingerprint:
+        diff = sorted(k for k in set(saved or {}) | set(fingerprint) if (saved or {}).get(k) != fingerprint.get(k))
+        raise CheckpointError(
+            f"{where} holds a checkpoint of another run (settings differ: {', '.join(diff) or 'all'}); "
+            "resume with the same settings, or choose a new --out"
+        )
+
+
+def _truncate_log(log_path: Path, stage: str, step: int) -> None:
+    """Drop this stage's records after `step` (written by a run killed after its last checkpoint)."""
+    if not log_path.is_file():
+        return
+    keep = []
+    for line in log_path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if rec.get("stage") == stage and rec.get("step", 0) > step:
+            continue
+        keep.append(line)
+    atomic_write_text(log_path, "".join(x + "\n" for x in keep))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in named:
+        # matrices decay; vectors (norms, biases, dt_bias, A_log, D) and conv kernels do not
+        (decay if p.ndim >= 2 and "conv1d" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _micro_batches(batch: dict, rows: int) -> list[dict]:
+    n = batch["input_ids"].shape[0]
+    out = []
+    for i in range(0, n, rows):
+        mb = {k: v[i:i + rows] for k, v in batch.items()}
+        used = int(mb["real"].any(0).nonzero().max()) + 1 if mb["real"].any() else 1
+        out.append({k: v[:, :used] for k, v in mb.items()})  # cut this micro-batch's trailing pads
+    return out
+
+
+ProgressArg = bool | Callable[[dict], None]
+
+
+def train(
+    task: Task,
+    data,
+    cfg: TrainConfig,
+    ckpt_dir: str | os.PathLike | None = None,
+    log_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: ProgressArg = True,
+    fingerprint: dict | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train `task` on batches from `data` (a DataMix) for cfg.tokens tokens.
+
+    ckpt_dir: checkpoints go here (None: no checkpoints, no resume). log_path: JSONL records are appended here.
+    resume: continue from ckpt_dir's checkpoint (model, optimizer, schedule, RNG, data position); without it an
+    existing checkpoint is refused rather than overwritten. progress: True for a tqdm bar, False for silence, or
+    a function called with every logged record. callback(step, record): called after every optimizer step.
+    """
+    name = task.name
+    cfg.validate(name)
+    info = dist_info()
+    device = pick_device(cfg, info)
+    if cfg.batch_size % info.world:
+        raise ConfigError(f"{name}: batch_size={cfg.batch_size} must be divisible by the {info.world} processes")
+    share = cfg.batch_size // info.world
+    micro = min(cfg.micro_batch_size or share, share)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if use_bf16 and device.type != "cuda":
+        raise ConfigError(f"{name}: precision bf16 needs a GPU (autocast is GPU-only here); use --precision fp32")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
+    log_path = Path(log_path) if log_path is not None else None
+    total = cfg.total_steps
+    state = read_checkpoint_state(ckpt_dir) if ckpt_dir is not None else None
+    if state is not None and not resume:
+        raise CheckpointError(f"{ckpt_dir} already holds a checkpoint; pass --resume to continue it, or choose a new --out")
+    if state is not None:
+        check_fingerprint(state, fingerprint, ckpt_dir)
+
+    task.to(device)
+    if state is not None and state.get("done"):
+        load_model_weights(task.model, ckpt_dir)
+        return TrainResult(state["step"], state["tokens"], state.get("loss"), [], state["step"], skipped=True)
+
+    named = task.trainable()
+    if not named:
+        raise ConfigError(f"{name}: nothing to train (every parameter is frozen)")
+    opt_kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.AdamW(
+        _param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kwargs
+    )
+    params = [p for _, p in named]
+
+    torch.manual_seed(cfg.seed + info.rank)
+    step, tokens = 0, 0
+    if state is not None:
+        load_model_weights(task.model, ckpt_dir)
+        try:
+            optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location=device, weights_only=True))
+            _set_rng_state(torch.load(ckpt_dir / "rng.pt", weights_only=True))
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{ckpt_dir}: optimizer state unreadable ({str(e).splitlines()[0][:200]}); remove the folder to restart") from None
+        data.load_state_dict(state["data"])
+        step, tokens = int(state["step"]), int(state["tokens"])
+    if log_path is not None and info.main:
+        # records of this stage past the checkpoint (or all of them, when a killed run left no checkpoint)
+        _truncate_log(log_path, name, step)
+    resumed_from = step
+
+    use_bar = progress is True and info.main
+    bar = None
+    if use_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True, file=sys.stderr)
+    log_file = open(log_path, "a") if (log_path is not None and info.main) else None
+
+    history: list[dict] = []
+    win_loss, win_steps, win_real, win_parts = 0.0, 0, 0, {}
+    if state is not None and state.get("window"):
+        w = state["window"]
+        win_loss, win_steps, win_real, win_parts = w["loss"], w["steps"], w["real"], dict(w["parts"])
+    t_win = time.perf_counter()
+    last_loss = None
+    last_good = resumed_from if state is not None else None
+
+    def checkpoint_state(done: bool = False) -> dict:
+        # the open logging window travels too, so a resumed run logs the same averages
+        window = {"loss": win_loss, "steps": win_steps, "real": win_real, "parts": win_parts}
+        return {"stage": name, "step": step, "tokens": tokens, "total_steps": total, "done": done,
+                "loss": last_loss, "data": data.state_dict(), "window": window, "fingerprint": fingerprint}
+
+    try:
+        while step < total:
+            lr = lr_at(step, cfg, total)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batch = data.next_batch(cfg.batch_size)  # the global batch, identical on every process
+            n_count = max(1, task.count(batch))
+            mine = {k: v[info.rank * share:(info.rank + 1) * share] for k, v in batch.items()}
+            loss_sum = torch.zeros((), device=device)
+            parts_sum: dict[str, torch.Tensor] = {}
+            for mb in _micro_batches(mine, micro):
+                mb = _to(mb, device)
+                with autocast():
+                    l_sum, parts = task.loss(mb)
+                (l_sum / n_count).backward()
+                loss_sum += l_sum.detach().float()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0) + v.detach().float()
+            stats = torch.stack([loss_sum] + [parts_sum[k] for k in sorted(parts_sum)])
+            if info.world > 1:
+                all_reduce_([p.grad for p in params if p.grad is not None])
+                all_reduce_([stats])
+            stats = (stats / n_count).tolist()
+            loss_val = stats[0]
+            parts_val = dict(zip(sorted(parts_sum), stats[1:]))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), foreach=True))
+            if not math.isfinite(loss_val) or not math.isfinite(grad_norm):
+                what = "loss" if not math.isfinite(loss_val) else "gradient norm"
+                value = loss_val if what == "loss" else grad_norm
+                kept = f"the last good checkpoint (step {last_good}) is kept in {ckpt_dir}" if last_good is not None else "no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"{name}: {what} became {value} at step {step + 1}; stopped before updating, {kept}. "
+                    "Re-run the same command with --resume and a lower --lr (or a --grad-clip), or check the data"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += cfg.batch_size * cfg.seq_len
+            last_loss = loss_val
+            win_loss += loss_val
+            win_steps += 1
+            win_real += int(batch["real"].sum())
+            for k, v in parts_val.items():
+                win_parts[k] = win_parts.get(k, 0.0) + v
+
+            if step % cfg.log_every == 0 or step == total or step == 1:
+                elapsed = time.perf_counter() - t_win
+                record = {"stage": name, "step": step, "tokens": tokens, "loss": win_loss / win_steps,
+                          "step_loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                          "tok_s": win_real / max(elapsed, 1e-9)}
+                record.update({k: v / win_steps for k, v in win_parts.items()})
+                history.append(record)
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{record['tok_s']:.0f}", refresh=False)
+                if callable(progress) and info.main:
+                    progress(record)
+                win_loss, win_steps, win_real, win_parts = 0.0, 0, 0, {}
+                t_win = time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if ckpt_dir is not None and cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
+                if info.main:
+                    save_checkpoint(ckpt_dir, task.model, optimizer, checkpoint_state())
+                last_good = step
+            if callback is not None:
+                callback(step, history[-1] if history else {})
+        if ckpt_dir is not None and info.main:
+            save_checkpoint(ckpt_dir, task.model, None, checkpoint_state(done=True))
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+    final = history[-1]["loss"] if history else last_loss
+    return TrainResult(step, tokens, final, history, resumed_from)

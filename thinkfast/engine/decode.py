@@ -1,0 +1,216 @@
+"""One decode step over the static per-slot state: the engine's fast path, tested against `ThinkfastLM.step`.
+
+It reads the model's own modules and weights and computes the same function with less work per layer:
+  - attention: one fused q|k|v projection, RoPE applied to q and k at once, the new key and value written with
+    one `index_copy_`, and attention over only the positions in use (`kv_len`) with one additive mask shared by
+    every attention layer (SDPA, the query heads of a group read their KV head without copying it);
+  - Mamba: the SSM state update and its readout in one function (`ssm_update_`) over grouped heads (x and B are
+    broadcast to their query block, never copied), which `torch.compile` can fuse into a single pass over the
+    state: C++ on CPU, Triton on GPU. The state is read and written once per step.
+Rows are the first `n` slots of the state (the engine keeps its live samples packed at the front).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ..models.mixers import KVCache, SSMCache
+from ..models.model import ModelState, ThinkfastLM
+
+log = logging.getLogger(__name__)
+
+
+def ssm_update_(hT: torch.Tensor, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """One SSD recurrence step over grouped heads, in place; returns y.
+
+    hT (n, Hx, g, N, P) fp32: the state transposed, P innermost (see `engine_state`); x (n, Hx, 1 or g, P);
+    B (n, Hx, N); C (n, Hx, g, N); a (n, Hx, g) the decay.  h <- a h + x B^T ; y = h C  -> (n, Hx, g, P) fp32.
+    With P innermost the update is one fused multiply-add pass and the readout a row-vector product.
+    """
+    xB = B.float()[:, :, None, :, None] * x.float()[..., None, :]  # (n, Hx, 1 or g, N, P): once per group
+    torch.addcmul(xB, hT, a.float()[..., None, None], out=hT)
+    return torch.matmul(C.float()[..., None, :], hT)[..., 0, :]
+
+
+def ssm_update_functional(hT, x, B, C, a):
+    """`ssm_update_` written for torch.compile (no out=): Inductor fuses it into one pass over the state."""
+    new = hT * a.float()[..., None, None] + B.float()[:, :, None, :, None] * x.float()[..., None, :]
+    hT.copy_(new)
+    return (new * C.float()[..., :, None]).sum(-2)
+
+
+def compile_ssm_update():
+    """torch.compile'd SSM update (dynamic batch), or None when compilation is unavailable here."""
+    try:
+        return torch.compile(ssm_update_functional, dynamic=True, fullgraph=True)
+    except Exception as e:  # no compiler toolchain, unsupported platform
+        log.warning("torch.compile unavailable (%s); using the eager SSM update", e)
+        return None
+
+
+def engine_state(lm: ThinkfastLM, batch: int, max_len: int, device=None, dtype=None) -> ModelState:
+    """`lm.allocate_state` with the Mamba states stored transposed in memory, SSM state as (B, H, N, P) and conv
+    state as (B, d_conv - 1, conv_dim), and exposed as the usual (B, H, P, N) and (B, conv_dim, d_conv - 1)
+    views: the model's code reads and writes them as before; the fast step gets the innermost dimension it
+    reduces along rows (P for the state readout, channels for the conv), which vectorises on CPU."""
+    state = lm.allocate_state(batch, max_len, device, dtype)
+    for c in state.caches:
+        if isinstance(c, SSMCache):
+            c.ssm = torch.zeros_like(c.ssm.transpose(-1, -2).contiguous()).transpose(-1, -2)
+            c.conv = torch.zeros_like(c.conv.transpose(1, 2).contiguous()).transpose(1, 2)
+    return state
+
+
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm in one fused op (the same numbers: fp32 statistics, weight applied in x's dtype)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.eps).to(x.dtype)
+
+
+class DecodeStep:
+    """`step(tokens (n,), positions (n,), kv_len) -> logits (n, V)` on rows [0, n) of `state`, updating it.
+
+    Weights are read from the model when this is built (the fused q|k|v weight is a copy): rebuild it after
+    changing the model's weights.
+    """
+
+    def __init__(self, lm: ThinkfastLM, state: ModelState, ssm_update=None):
+        self.lm, self.state, self.cfg = lm, state, lm.cfg
+        self.ssm_update = ssm_update or ssm_update_
+        cfg = lm.cfg
+        self.hd, self.n_heads, self.n_kv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
+        self.max_len = state.max_len
+        self.attn_layers = [i for i, layer in enumerate(lm.layers) if layer.is_attention]
+        self.qkv_weight = {}
+        for i in self.attn_layers:
+            m = lm.layers[i].mixer
+            self.qkv_weight[i] = torch.cat([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]).detach()
+        self.neg_A, self.conv_w, self.D = {}, {}, {}
+        for i, layer in enumerate(lm.layers):
+            m = layer.mixer
+            if not layer.is_attention:
+                self.conv_w[i] = m.conv1d.weight.detach()[:, 0, :].t().contiguous()  # (d_conv, conv_dim)
+                self.D[i] = m.D.detach().to(lm.embed.weight.dtype).view(1, m.Hx, m.H // m.Hx, 1)
+                if not m.discrete:
+                    self.neg_A[i] = -torch.exp(m.A_log.detach().float())
+        # RoPE sign pattern: rotate_half(x) == roll(x, hd/2) * sign
+        half = self.hd // 2
+        self.rope_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(lm.embed.weight.device)
+        dev = lm.embed.weight.device
+        self.kv_heads = torch.arange(self.n_kv, device=dev)
+        self.arange = torch.arange(self.max_len, device=dev)
+
+    # ------------------------------------------------------------------ the step
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        lm = self.lm
+        n = tokens.shape[0]
+        h = F.embedding(tokens, lm.embed.weight)  # (n, D)
+        if self.attn_layers:
+            cos, sin = lm.rotary(positions[:, None])  # (n, 1, hd) fp32
+            sin = sin * self.rope_sign
+            valid = self.arange[:kv_len] <= positions[:, None]  # (n, S)
+            bias = torch.zeros(n, 1, 1, kv_len, dtype=h.dtype, device=h.device).masked_fill_(~valid[:, None, None, :], float("-inf"))
+            # flat row of each (slot, kv head, position) in a (B*n_kv*S_max, hd) view of the cache
+            write_idx = ((torch.arange(n, device=h.device)[:, None] * self.n_kv + self.kv_heads) * self.max_len + positions[:, None]).reshape(-1)
+        for i, (layer, cache) in enumerate(zip(lm.layers, self.state.caches)):
+            x = rms_norm(layer.input_norm, h)
+            if layer.is_attention:
+                y = self._attention(i, layer.mixer, x, cos, sin, bias, write_idx, cache, kv_len)
+            else:
+                y = self._mamba(i, layer.mixer, x, cache)
+            h = h + y
+            h = h + layer.mlp(rms_norm(layer.mlp_norm, h))
+        return lm.logits(rms_norm(lm.norm, h))
+
+    def _attention(self, i, m, x, cos, sin, bias, write_idx, cache: KVCache, kv_len):
+        n, H, Hk, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
+        qkv = F.linear(x, self.qkv_weight[i]).view(n, H + 2 * Hk, hd)
+        qk = qkv[:, : H + Hk].float()
+        qk = (qk * cos + torch.roll(qk, hd // 2, dims=-1) * sin).to(x.dtype)  # RoPE on q and k together
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hk:]
+        Bmax = cache.k.shape[0]
+        cache.k.view(Bmax * Hk * self.max_len, hd).index_copy_(0, write_idx, k.reshape(n * Hk, hd).to(cache.k.dtype))
+        cache.v.view(Bmax * Hk * self.max_len, hd).index_copy_(0, write_idx, v.reshape(n * Hk, hd).to(cache.v.dtype))
+        K, V = cache.k[:n, :, :kv_len], cache.v[:n, :, :kv_len]  # (n, Hk, S, hd) views
+        qg = q.reshape(n, Hk, H // Hk, hd)  # the G query heads of a group act as G queries against its KV head
+        y = F.scaled_dot_product_attention(qg, K.to(qg.dtype), V.to(qg.dtype), attn_mask=bias, scale=m.scale)
+        return m.o_proj(y.reshape(n, H * hd))
+
+    def _mamba(self, i, m, x, cache: SSMCache):
+        n = x.shape[0]
+        z, xBC, dt_raw = m._split(m.in_proj(x))
+        convT = cache.conv[:n].transpose(1, 2)  # (n, d_conv - 1, conv_dim), contiguous with an `engine_state`
+        window = torch.cat([convT, xBC.unsqueeze(1).to(convT.dtype)], dim=1)  # (n, d_conv, conv_dim)
+        convT.copy_(window[:, 1:])
+        xBC = ((window * self.conv_w[i]).sum(1) + m.conv1d.bias).to(x.dtype)
+        if not m.discrete:
+            xBC = F.silu(xBC)
+        xs, Bs, Cs = torch.split(xBC, [m.d_x, m.d_b, m.d_c], dim=-1)
+        Hx, g, P, N = m.Hx, m.H // m.Hx, m.P, m.N
+        xs = xs.view(n, Hx, 1, P)
+        Bs = Bs.view(n, Hx, N)
+        Cs = Cs.view(n, Hx, g, N)
+        dt = dt_raw.float() + m.dt_bias
+        if m.discrete:  # a = exp(-softplus(dt)) = sigmoid(-dt)
+            a, x_in = torch.sigmoid(-dt), xs
+        else:
+            dt = F.softplus(dt)
+            a = torch.exp(dt * self.neg_A[i])
+            x_in = xs * dt.view(n, Hx, g, 1).to(xs.dtype)
+        hT = cache.ssm[:n].transpose(-1, -2).view(n, Hx, g, N, P)  # P innermost with an `engine_state`
+        y = self.ssm_update(hT, x_in, Bs, Cs, a.view(n, Hx, g)).to(x.dtype)  # (n, Hx, g, P)
+        y = torch.addcmul(y, self.D[i], xs)  # + D x (unscaled x)
+        return m._gate_out(y.reshape(n, m.d_inner), z)
+
+
+class CudaGraphStep:
+    """CUDA-graph replay of a DecodeStep over all B slots, one graph per kv_len bucket (GPU only).
+
+    Capturing runs the step, which updates the state: so every bucket is captured up front, before any sample
+    owns a slot (`capture_all`). The engine then steps all B rows every time (free rows are harmless).
+    Untested on hardware in this repository's CI; `Engine(cuda_graphs=False)` turns it off.
+    """
+
+    def __init__(self, step: DecodeStep, batch: int, bucket: int = 256):
+        self.step, self.batch, self.bucket = step, batch, bucket
+        dev = step.lm.embed.weight.device
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def buckets(self) -> list[int]:
+        return sorted({min(self.step.max_len, b) for b in range(self.bucket, self.step.max_len + self.bucket, self.bucket)})
+
+    def _bucket(self, kv_len: int) -> int:
+        return min(self.step.max_len, -(-kv_len // self.bucket) * self.bucket)
+
+    def capture_all(self) -> None:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up outside capture: lazy inits, cuBLAS handles, compiled kernels
+            for _ in range(2):
+                self.step(self.tokens, self.positions, self.buckets()[0])
+        torch.cuda.current_stream().wait_stream(s)
+        pool = None
+        for S in reversed(self.buckets()):  # largest first, so smaller graphs reuse its memory pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.step(self.tokens, self.positions, S)
+            pool = graph.pool()
+            self.graphs[S] = (graph, out)
+        torch.cuda.synchronize()
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        n = tokens.shape[0]
+        if n != self.batch:
+            raise RuntimeError(f"CudaGraphStep replays {self.batch} rows, got {n}")
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        graph, out = self.graphs[self._bucket(kv_len)]
+        graph.replay()
+        return out

@@ -1,0 +1,552 @@
+"""The batched sampling engine: one engine for the teacher (all attention), hybrids and pure Mamba students.
+
+    engine = Engine(model, tokenizer, batch_size=64)
+    for c in engine.generate([(pid, prompt_ids), ...], n=32, params=SamplingParams(temperature=0.8), seed=0):
+        c.problem_id, c.sample_idx, c.text, c.finish_reason, c.gen_tokens, c.seconds
+
+How it works:
+  - static per-slot state (KV cache for attention layers, conv + SSM state for Mamba layers), allocated once
+    for `batch_size` slots; the decode loop allocates no state;
+  - each prompt is prefilled once (prompts of one length queued together share a batch) and its state forked
+    into the slots of its N samples;
+  - continuous batching: a finished sample's slot takes the next pending (problem, sample) at once; when
+    nothing is pending, live samples are packed into the leading rows so the step runs on live rows only;
+  - the step (`decode.DecodeStep`) attends over the positions in use only, and fuses the SSM update when
+    compiled; on GPU it is replayed from CUDA graphs;
+  - time accounting: every interval of the engine's wall time is charged to the samples it served (a decode
+    step split evenly among the rows it stepped, a prefill among the prompt's forks), so the samples' seconds
+    add up to the engine's wall time. This is the report's time axis.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..errors import ConfigError, ThinkfastError
+from ..models.model import ModelState, ThinkfastLM
+from .decode import CudaGraphStep, DecodeStep, compile_ssm_update, engine_state
+from .sampling import SamplingParams, sample_seed, sample_tokens, sample_uniforms
+
+log = logging.getLogger(__name__)
+
+# end-of-turn markers of common chat templates: generation stops at these as at EOS
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass
+class Completion:
+    problem_id: str
+    sample_idx: int
+    seed: int
+    tokens: list[int]  # generated ids, the stop token included when one ended it
+    text: str | None  # decoded completion without the stop token / stop string; None without a tokenizer
+    finish_reason: str  # eos | stop | length
+    prompt_tokens: int
+    seconds: float  # this sample's share of the engine's wall time
+
+    @property
+    def gen_tokens(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class EngineStats:
+    wall_seconds: float = 0.0  # engine time (clock paused while the caller holds a yielded batch)
+    prefill_seconds: float = 0.0
+    prompts: int = 0
+    prefill_batches: int = 0
+    samples: int = 0
+    gen_tokens: int = 0
+    steps: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.gen_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+@dataclass
+class _Request:
+    problem_id: str
+    prompt: list[int]
+    todo: list[int]  # sample indices to generate
+    queue: deque | None = None  # those not yet placed in a slot
+
+
+@dataclass
+class _Prefill:
+    state: ModelState  # the prompt's state (row `row`), exactly the prompt's length
+    row: int
+    logits: torch.Tensor  # (V,) next-token logits after the prompt
+    share: float  # prefill seconds charged to each fork
+    left: int  # forks not yet placed
+
+
+class _Slot:
+    __slots__ = ("req", "sample_idx", "seed", "tokens", "seconds", "limit")
+
+    def __init__(self, req: _Request, sample_idx: int, seed: int, limit: int, seconds: float):
+        self.req, self.sample_idx, self.seed, self.limit, self.seconds = req, sample_idx, seed, limit, seconds
+        self.tokens: list[int] = []
+
+
+def as_lm(model) -> ThinkfastLM:
+    """ThinkfastLM from a ThinkfastLM, a ThinkfastForCausalLM, or an HF Llama model (converted, kind="teacher")."""
+    if isinstance(model, ThinkfastLM):
+        return model
+    lm = getattr(model, "lm", None)
+    if isinstance(lm, ThinkfastLM):
+        return lm
+    if getattr(getattr(model, "config", None), "model_type", None) == "llama":
+        from ..models.transfer import from_teacher
+
+        return from_teacher(model, kind="teacher").lm
+    raise ConfigError(f"the engine runs thinkfast models or HF Llama models, not {type(model).__name__}")
+
+
+def model_role(lm: ThinkfastLM) -> str:
+    n_attn = len(lm.cfg.attn_layers)
+    return "teacher" if n_attn == lm.cfg.n_layers else "llamba" if n_attn == 0 else "hybrid"
+
+
+def stop_token_ids(tokenizer, model=None) -> set[int]:
+    """EOS of the tokenizer and of the model config, plus the chat template's end-of-turn token."""
+    ids: set[int] = set()
+
+    def add(x):
+        if isinstance(x, int):
+            ids.add(x)
+        elif isinstance(x, (list, tuple)):
+            ids.update(i for i in x if isinstance(i, int))
+
+    if tokenizer is not None:
+        add(getattr(tokenizer, "eos_token_id", None))
+        if getattr(tokenizer, "chat_template", None):
+            vocab = tokenizer.get_vocab()
+            for tok in END_OF_TURN_TOKENS:
+                if tok in vocab and tok in (tokenizer.chat_template or ""):
+                    ids.add(vocab[tok])
+    for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if cfg is not None:
+            add(getattr(cfg, "eos_token_id", None))
+    return ids
+
+
+def slot_bytes(cfg, max_len: int, dtype: torch.dtype) -> int:
+    """Decode-state bytes of one slot: KV cache for attention layers, conv + fp32 SSM state for Mamba layers."""
+    es = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for i in range(cfg.n_layers):
+        if cfg.is_attention(i):
+            total += 2 * cfg.n_kv_heads * max_len * cfg.hd * es
+        else:
+            conv_dim = cfg.n_xb_heads * cfg.hd + cfg.n_xb_heads * cfg.n_state + cfg.n_heads * cfg.n_state
+            total += conv_dim * (cfg.d_conv - 1) * es + cfg.n_heads * cfg.hd * cfg.n_state * 4
+    return total
+
+
+def available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+class Engine:
+    """Batched sampler over static per-slot state. See the module docstring.
+
+    model: ThinkfastLM, ThinkfastForCausalLM or an HF Llama model. tokenizer: an HF tokenizer (for texts,
+    EOS and stop strings), or None for token ids only. max_len: positions per slot (prompt + generation);
+    None sizes the state at the first `generate` call. device/dtype: where and in what precision to run; the
+    model is moved/cast in place when they differ from its own. compile: torch.compile the SSM update (fused
+    single pass); "auto" = on GPU only. cuda_graphs: replay decode steps from CUDA graphs ("auto" = on GPU).
+    """
+
+    def __init__(self, model, tokenizer=None, max_len: int | None = None, batch_size: int = 64, device=None, dtype=None,
+                 stop_ids: Iterable[int] | None = None, compile="auto", cuda_graphs="auto", memory_fraction: float = 0.9):
+        if batch_size < 1:
+            raise ConfigError(f"batch size {batch_size}: use at least 1")
+        self.model = model
+        self.lm = as_lm(model)
+        p = self.lm.embed.weight
+        self.device = torch.device(device) if device is not None else p.device
+        self.dtype = dtype if dtype is not None else p.dtype
+        if p.device != self.device or p.dtype != self.dtype:
+            self.lm.to(device=self.device, dtype=self.dtype)
+        self.lm.eval()
+        self.cfg = self.lm.cfg
+        self.role = model_role(self.lm)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.memory_fraction = memory_fraction
+        self.limit = int(self.cfg.max_position_embeddings)
+        self.stop_ids = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
+        on_gpu = self.device.type == "cuda"
+        self.use_compile = on_gpu if compile == "auto" else bool(compile)
+        self.use_graphs = on_gpu if cuda_graphs == "auto" else bool(cuda_graphs) and on_gpu
+        self.state: ModelState | None = None
+        self.max_len = 0
+        self.stats = EngineStats()
+        if max_len is not None:
+            self._allocate(max_len)
+
+    # ------------------------------------------------------------------ state
+
+    def _allocate(self, max_len: int) -> None:
+        if max_len < 2:
+            raise ConfigError(f"max_len {max_len}: need room for a prompt and at least one generated token")
+        max_len = min(int(max_len), self.limit)
+        per_slot = slot_bytes(self.cfg, max_len, self.dtype)
+        need = per_slot * self.batch_size
+        free = available_memory(self.device)
+        if self.state is not None:  # the old state is given back before the new one is allocated
+            free = None if free is None else free + self.state.nbytes()
+        if free is not None and need > self.memory_fraction * free:
+            fit = max(1, int(self.memory_fraction * free // max(per_slot, 1)))
+            raise ThinkfastError(
+                f"batch size {self.batch_size} needs {_gib(need)} of decode state ({per_slot / 2**20:.1f} MiB per slot at "
+                f"{max_len} positions) but only {_gib(free)} is free on {self.device}; use --batch-size {fit} or fewer "
+                "--max-new-tokens"
+            )
+        self.state = None
+        self._step = None
+        try:
+            self.state = engine_state(self.lm, self.batch_size, max_len, self.device, self.dtype)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if "memory" not in str(e).lower():
+                raise
+            self.state = None
+            fit = max(1, self.batch_size // 2)
+            raise ThinkfastError(
+                f"batch size {self.batch_size} does not fit in memory on {self.device} ({_gib(need)} of decode state); "
+                f"try --batch-size {fit}"
+            ) from None
+        self.max_len = max_len
+        B, dev = self.batch_size, self.device
+        self.tok = torch.zeros(B, dtype=torch.long, device=dev)  # next token to feed, per row
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)  # its position
+        self.logits = torch.zeros(B, self.cfg.vocab_size, dtype=torch.float32, device=dev)
+        ssm_update = compile_ssm_update() if self.use_compile else None
+        step = DecodeStep(self.lm, self.state, ssm_update)
+        if self.use_graphs:
+            try:
+                graphs = CudaGraphStep(step, B)
+                graphs.capture_all()
+                step = graphs
+            except Exception as e:  # keep sampling, without graphs
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", e)
+                self.use_graphs = False
+        self._step = step
+
+    def ensure_capacity(self, max_len: int) -> None:
+        """Size the state for `max_len` positions (reallocated only when it must grow)."""
+        if self.state is None or min(max_len, self.limit) > self.max_len:
+            self._allocate(max_len)
+
+    # ------------------------------------------------------------------ pieces of the loop
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[ModelState, torch.Tensor]:
+        """Prefill prompts of one length together: (state with a row per prompt, (G, V) next-token logits)."""
+        G, T = len(prompts), len(prompts[0])
+        pre = self.lm.allocate_state(G, T, self.device, self.dtype)
+        x = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        out = self.lm(x, state=pre, compute_logits=False)
+        return pre, self.lm.logits(out.last_hidden[:, -1]).float()
+
+    def _text(self, tokens: list[int], finish: str) -> str | None:
+        if self.tokenizer is None:
+            return None
+        body = tokens[:-1] if finish == "eos" else tokens
+        return self.tokenizer.decode(body, skip_special_tokens=True)
+
+    def _check(self, slot: _Slot, tok: int, params: SamplingParams) -> str | None:
+        """Append `tok` to the slot; the finish reason if that ended the sample."""
+        slot.tokens.append(tok)
+        if tok in self.stop_ids and not params.ignore_eos:
+            return "eos"
+        if params.stop and self.tokenizer is not None:
+            tail = self.tokenizer.decode(slot.tokens[-self._stop_window:], skip_special_tokens=True)
+            if any(s in tail for s in params.stop):
+                return "stop"
+        if len(slot.tokens) >= slot.limit:
+            return "length"
+        return None
+
+    def _finish(self, slot: _Slot, reason: str, params: SamplingParams) -> Completion:
+        text = self._text(slot.tokens, reason)
+        if reason == "stop" and text is not None:
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=len(text))
+            text = text[:cut]
+        self.stats.samples += 1
+        return Completion(slot.req.problem_id, slot.sample_idx, slot.seed, slot.tokens, text, reason, len(slot.req.prompt), slot.seconds)
+
+    # ------------------------------------------------------------------ the loop
+
+    def generate(self, prompts, n: int = 1, params: SamplingParams | None = None, seed: int = 0,
+                 only: dict[str, Iterable[int]] | None = None, progress: Callable[[EngineStats], None] | None = None) -> Iterator[Completion]:
+        """Yield finished samples, in the order they finish. See `generate_batches`."""
+        for batch in self.generate_batches(prompts, n, params, seed, only, progress):
+            yield from batch
+
+    def generate_batches(self, prompts, n: int = 1, params: SamplingParams | None = None, seed: int = 0,
+                         only: dict[str, Iterable[int]] | None = None,
+                         progress: Callable[[EngineStats], None] | None = None) -> Iterator[list[Completion]]:
+        """Sample `n` completions for each (problem_id, prompt_ids); yield them in batches as they finish.
+
+        only: problem_id -> the sample indices to generate (resume); default all of range(n).
+        Sample i of problem p uses the seed `sample_seed(seed, p, i)`: the same sample whatever the batch.
+        The engine's clock stops while the caller holds a batch, so grading and writing are not charged.
+        """
+        params = params or SamplingParams()
+        if n < 1:
+            raise ConfigError(f"n={n}: ask for at least 1 sample per problem")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer to read the text; give the engine one or drop the stop strings")
+        requests, seen = [], set()
+        for pid, ids in prompts:
+            if str(pid) in seen:
+                raise ConfigError(f"problem id {pid!r} occurs twice; samples are keyed by (problem id, sample index)")
+            seen.add(str(pid))
+            ids = [int(t) for t in ids]
+            if not ids:
+                raise ConfigError(f"problem {pid}: empty prompt; it needs at least one token (e.g. BOS)")
+            if len(ids) >= self.limit:
+                raise ConfigError(
+                    f"problem {pid}: prompt has {len(ids)} tokens but the model's limit is {self.limit} positions; "
+                    "shorten it (fewer few-shot examples, a shorter system prompt) or use a longer-context model"
+                )
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ConfigError(f"problem {pid}: token id {bad[0]} is outside the model's vocabulary of {self.cfg.vocab_size}; tokenizer and model do not match")
+            todo = sorted(set(int(i) for i in only.get(str(pid), ()))) if only is not None else list(range(n))
+            if todo:
+                requests.append(_Request(str(pid), ids, todo))
+        if not requests:
+            return
+        longest = max(len(r.prompt) for r in requests)
+        self.ensure_capacity(longest + params.max_new_tokens)
+        self._stop_window = 2 * max((len(s) for s in params.stop), default=1) + 4
+        self.stats = EngineStats()
+        yield from self._loop(requests, params, int(seed), progress)
+
+    def _loop(self, requests: list[_Request], params: SamplingParams, seed: int, progress) -> Iterator[list[Completion]]:
+        run = _Run(self, requests, params, seed)
+        while True:
+            with torch.inference_mode():
+                done = run.advance()
+            if progress is not None:
+                progress(self.stats)
+                run.resume_clock()
+            if done:
+                yield done
+                run.resume_clock()  # the caller's time is not the engine's
+            if run.finished:
+                return
+
+
+class _Run:
+    """One `generate` call: the pending queue, the slots, and the clock that charges time to samples."""
+
+    def __init__(self, engine: Engine, requests: list[_Request], params: SamplingParams, seed: int):
+        self.e, self.params, self.seed = engine, params, seed
+        B, dev = engine.batch_size, engine.device
+        for r in requests:
+            r.queue = deque(r.todo)
+        self.pending = deque(requests)  # requests with samples not yet placed, in order
+        self.prefills: dict[int, _Prefill] = {}
+        self.slots: list[_Slot | None] = [None] * B
+        self.uniforms = torch.zeros(B, params.max_new_tokens, dtype=torch.float64, device=dev)
+        self.gen_idx = torch.zeros(B, dtype=torch.long, device=dev)  # uniforms column of each row's next token
+        self.alive = torch.zeros(B, dtype=torch.long, device=dev)
+        self.compact = not engine.use_graphs  # graphs replay all B rows: free rows just idle there
+        self.rows = 0  # rows [0, rows) are stepped
+        self.started = False
+        self.finished = False
+        self.clock = time.perf_counter()
+        self.orphan = 0.0  # time not yet charged to anyone: goes to the next charge
+
+    # -------------------------------------------------------------- time
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.clock = now - self.clock, now
+        self.e.stats.wall_seconds += dt
+        return dt
+
+    def resume_clock(self) -> None:
+        self.clock = time.perf_counter()
+
+    def charge(self, rows, dt: float) -> None:
+        live = [self.slots[r] for r in rows if self.slots[r] is not None]
+        if not live:
+            self.orphan += dt
+            return
+        share = (dt + self.orphan) / len(live)
+        self.orphan = 0.0
+        for s in live:
+            s.seconds += share
+
+    # -------------------------------------------------------------- slots
+
+    MAX_PREFILL_TOKENS = 4096  # prompts prefilled together: bounds the prefill's transient memory
+
+    def _prefill_for(self, req: _Request, budget: int) -> _Prefill:
+        """The prompt's prefill; prompts of the same length queued right behind it, whose samples fit in the
+        `budget` free rows too, are prefilled in the same batch."""
+        if id(req) not in self.prefills:
+            group, forks = [req], len(req.queue)
+            for other in list(self.pending)[1:]:
+                if ((len(group) + 1) * len(req.prompt) > self.MAX_PREFILL_TOKENS or len(other.prompt) != len(req.prompt)
+                        or forks + len(other.queue) > budget):
+                    break
+                group.append(other)
+                forks += len(other.queue)
+            self.orphan += self.lap()
+            state, logits = self.e._prefill([r.prompt for r in group])
+            dt = self.lap()
+            st = self.e.stats
+            st.prefill_seconds += dt
+            st.prompts += len(group)
+            st.prefill_batches += 1
+            for g, r in enumerate(group):
+                self.prefills[id(r)] = _Prefill(state, g, logits[g], dt / forks, len(r.queue))
+        return self.prefills[id(req)]
+
+    def place(self, free: list[int]) -> list[Completion]:
+        """Fill free rows from the pending queue: fork the prompt's state, sample each sample's first token.
+
+        A sample that ends on its first token is finished at once and its row reused.
+        """
+        e, params, dev = self.e, self.params, self.e.device
+        done: list[Completion] = []
+        free = deque(sorted(free))
+        while free and self.pending:
+            req = self.pending[0]
+            pre = self._prefill_for(req, len(free))
+            take = []
+            while free and req.queue:
+                take.append((free.popleft(), req.queue.popleft()))
+            if not req.queue:
+                self.pending.popleft()
+            pre.left -= len(take)
+            if pre.left == 0:
+                del self.prefills[id(req)]
+            rows = [r for r, _ in take]
+            rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+            T = len(req.prompt)
+            e.state.copy_rows_(rows_t, pre.state, torch.full((len(rows),), pre.row, dtype=torch.long, device=dev), T)
+            limit = min(params.max_new_tokens, e.max_len - T)
+            new = []
+            for r, j in take:
+                self.slots[r] = _Slot(req, j, sample_seed(self.seed, req.problem_id, j), limit, pre.share)
+                new.append(self.slots[r])
+            self.uniforms[rows_t] = torch.stack([sample_uniforms(s.seed, params.max_new_tokens) for s in new]).to(dev)
+            first = sample_tokens(pre.logits.expand(len(rows), -1), self.uniforms[rows_t, 0], params).tolist()
+            e.stats.gen_tokens += len(rows)
+            ended = []
+            for r, t in zip(rows, first):
+                reason = e._check(self.slots[r], t, params)
+                if reason is not None:
+                    ended.append((r, reason))
+            e.tok[rows_t] = torch.tensor(first, dtype=torch.long, device=dev)
+            e.pos[rows_t] = T
+            self.gen_idx[rows_t] = 1
+            self.alive[rows_t] = 1
+            self.charge(rows, self.lap())
+            for r, reason in ended:
+                done.append(e._finish(self.slots[r], reason, params))
+                self._free(r)
+                free.append(r)
+        return done
+
+    def _free(self, r: int) -> None:
+        self.slots[r] = None
+        self.alive[r] = 0
+        self.e.pos[r] = 0  # a free row that is still stepped (CUDA graphs) writes harmlessly at position 0
+        self.gen_idx[r] = 0
+
+    def _pack(self) -> None:
+        """Move live rows into the holes below them so that rows [0, live) are the live ones."""
+        live = [r for r, s in enumerate(self.slots) if s is not None]
+        k = len(live)
+        holes = [r for r in range(k) if self.slots[r] is None]
+        movers = [r for r in live if r >= k]
+        if holes:
+            e, dev = self.e, self.e.device
+            h = torch.tensor(holes, dtype=torch.long, device=dev)
+            m = torch.tensor(movers, dtype=torch.long, device=dev)
+            length = max(len(self.slots[r].req.prompt) + len(self.slots[r].tokens) for r in movers)
+            e.state.copy_rows_(h, e.state, m, length)
+            for t in (e.tok, e.pos, self.gen_idx, self.alive, self.uniforms):
+                t[h] = t[m]
+            for a, b in zip(holes, movers):
+                self.slots[a], self.slots[b] = self.slots[b], None
+            for t in (e.pos, self.gen_idx, self.alive):
+                t[m] = 0
+            self.charge(holes, self.lap())
+        self.rows = k
+
+    # -------------------------------------------------------------- one iteration
+
+    def advance(self) -> list[Completion]:
+        e, params = self.e, self.params
+        if not self.started:
+            self.started = True
+            done = self.place(list(range(e.batch_size)))
+            self._set_rows()
+            return done
+        n = self.rows
+        slots = self.slots
+        live = [r for r in range(n) if slots[r] is not None]
+        kv_len = max(len(slots[r].req.prompt) + len(slots[r].tokens) for r in live)  # last fed position + 1
+        e.logits[:n] = e._step(e.tok[:n], e.pos[:n], kv_len)
+        e.stats.steps += 1
+        self.charge(range(n), self.lap())
+
+        u = self.uniforms[:n].gather(1, self.gen_idx[:n, None])[:, 0]
+        new = sample_tokens(e.logits[:n], u, params)
+        toks = new.tolist()
+        e.stats.gen_tokens += len(live)
+        ended = []
+        for r in live:
+            reason = e._check(slots[r], toks[r], params)
+            if reason is not None:
+                ended.append((r, reason))
+        e.tok[:n] = new
+        e.pos[:n] += self.alive[:n]
+        self.gen_idx[:n] += self.alive[:n]
+        self.charge(range(n), self.lap())
+
+        done = []
+        for r, reason in ended:
+            done.append(e._finish(slots[r], reason, params))
+            self._free(r)
+        if ended:
+            done += self.place([r for r, _ in ended])
+            self._set_rows()
+        return done
+
+    def _set_rows(self) -> None:
+        if not self.compact:
+            self.rows = self.e.batch_size
+        elif self.pending:  # nothing to pack while refills keep every row busy
+            self.rows = max(self.rows, 1 + max((r for r, s in enumerate(self.slots) if s is not None), default=-1))
+        else:
+            self._pack()
+        if not self.pending and all(s is None for s in self.slots):
+            self.finished = True

@@ -1,0 +1,263 @@
+"""`thinkfast sample` as a library function: problems -> prompts -> engine -> graded samples file.
+
+Grading is a callback (`grade_fn(predictions, golds, kinds) -> results with .correct/.answer/.error`): the
+engine never imports the evaluation code; the command passes `thinkfast.eval.grading.grade_many`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data import Problem, load_problems
+from ..data.prompts import PromptStyle, render_prompt
+from ..errors import CheckpointError, ConfigError, ThinkfastError
+from ..utils import parse_dtype
+from .engine import Engine, EngineStats, model_role
+from .samples_file import SamplesWriter, config_hash
+from .sampling import SamplingParams
+
+GradeFn = Callable[[list[str], list[str], list[str]], list]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def load_for_sampling(spec: str, device=None, dtype: torch.dtype = torch.float32):
+    """(ThinkfastForCausalLM, tokenizer, name) from a thinkfast checkpoint folder (any role), an HF Llama folder,
+    a .gguf file or a hub id. Llama teachers are converted to all-attention thinkfast models, so the teacher and
+    its students run in the same engine."""
+    from transformers import AutoTokenizer
+
+    from ..models import ThinkfastForCausalLM, from_teacher
+    from ..models.teacher import load_teacher
+
+    path = Path(spec)
+    name = path.stem if path.suffix.lower() == ".gguf" else (path.name or str(spec))
+    cfg_file = path / "config.json"
+    if path.is_dir() and cfg_file.is_file():
+        try:
+            model_type = json.loads(cfg_file.read_text()).get("model_type")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); re-save the checkpoint") from None
+        if model_type == "thinkfast":
+            if not list(path.glob("*.safetensors")):
+                raise CheckpointError(f"{path}: no *.safetensors weights; save the model with save_pretrained()")
+            try:
+                model = ThinkfastForCausalLM.from_pretrained(str(path), dtype=dtype)
+            except Exception as e:
+                raise CheckpointError(f"{path}: could not load the thinkfast checkpoint ({str(e).splitlines()[0][:200]})") from None
+            try:
+                tok = AutoTokenizer.from_pretrained(str(path))
+            except Exception:
+                tok = None
+            return _placed(model, device), _need_tokenizer(tok, spec), name
+    elif path.exists() and not path.is_dir() and path.suffix.lower() != ".gguf":
+        raise CheckpointError(f"--model {spec}: not a checkpoint folder or a .gguf file")
+    elif path.is_dir():
+        raise CheckpointError(f"--model {spec}: no config.json; point it at a save_pretrained() folder or a .gguf file")
+    teacher, tok = load_teacher(spec, dtype=dtype)
+    model = teacher if isinstance(teacher, ThinkfastForCausalLM) else from_teacher(teacher, kind="teacher")
+    return _placed(model.eval(), device), _need_tokenizer(tok, spec), name
+
+
+def _placed(model, device):
+    return model if device is None else model.to(device)
+
+
+def _need_tokenizer(tok, spec):
+    if tok is None:
+        raise CheckpointError(f"--model {spec}: no tokenizer found beside the weights; save one there (tokenizer.save_pretrained)")
+    return tok
+
+
+def encode_prompt(tokenizer, text: str, templated: bool) -> list[int]:
+    """A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's defaults."""
+    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+
+def hardware_string(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    n = torch.get_num_threads()
+    return f"{cpu} ({n} thread{'' if n == 1 else 's'})"
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when not launched by it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class SampleSummary:
+    out: Path
+    written: int  # samples written by this call (this rank)
+    skipped: int  # already in the file
+    total: int  # samples the configuration asks for (this rank's share)
+    config: str
+    stats: EngineStats | None
+    wall_seconds: float
+
+
+def sample_config(model_spec: str, data_spec: str, n: int, params: SamplingParams, seed: int, style: PromptStyle) -> dict:
+    """What the samples depend on; its hash tags every line of the file."""
+    model_id = str(Path(model_spec).resolve()) if Path(model_spec).exists() else model_spec
+    return {
+        "model": model_id, "data": data_spec, "n": n, "temperature": params.temperature, "top_p": params.top_p,
+        "top_k": params.top_k, "min_p": params.min_p, "max_new_tokens": params.max_new_tokens, "stop": list(params.stop),
+        "prompt": {"instruction": style.instruction, "system": style.system, "chat": style.chat,
+                   "few_shot": [p.id for p in style.few_shot or []]},
+        "seed": seed,
+    }
+
+
+def sample_to_file(
+    model_spec: str,
+    data_spec: str,
+    out,
+    n: int,
+    params: SamplingParams,
+    seed: int = 0,
+    batch_size: int = 64,
+    device=None,
+    dtype: str | torch.dtype | None = "auto",
+    style: PromptStyle | None = None,
+    grade_fn: GradeFn | None = None,
+    name: str | None = None,
+    compile="auto",
+    progress: bool = True,
+    problems: list[Problem] | None = None,
+) -> SampleSummary:
+    """Sample n completions per problem into the samples file `out`, resuming whatever is already there.
+
+    With torchrun each rank takes every world_size-th problem, writes its own part file, and rank 0 merges the
+    parts into `out` once all ranks are done.
+    """
+    t0 = time.perf_counter()
+    if n < 1:
+        raise ConfigError(f"--n {n}: ask for at least 1 sample per problem")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: use at least 1")
+    style = style or PromptStyle()
+    rank, world, local_rank = dist_env()
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if not isinstance(dtype, torch.dtype):
+        dtype = parse_dtype(dtype, device)
+
+    config = config_hash(sample_config(model_spec, data_spec, n, params, seed, style))
+    writer = SamplesWriter(out, config, rank, world)
+    done = writer.done()  # refuses a file of another configuration before any work
+
+    if problems is None:
+        problems = load_problems(data_spec)
+    if not problems:
+        raise ConfigError(f"data spec {data_spec!r} names no problems; check offset=/limit=")
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ConfigError(f"data spec {data_spec!r}: problem id {dup!r} occurs twice; samples are keyed by problem id")
+    mine = problems[rank::world]
+    todo = {p.id: [j for j in range(n) if (p.id, j) not in done] for p in mine}
+    todo = {k: v for k, v in todo.items() if v}
+    total = len(mine) * n
+    skipped = total - sum(len(v) for v in todo.values())
+
+    stats = None
+    written = 0
+    if todo:
+        model, tokenizer, default_name = load_for_sampling(model_spec, device, dtype)
+        name = name or default_name
+        role = model_role(model.lm)
+        templated = style.chat and bool(getattr(tokenizer, "chat_template", None))
+        prompts, by_id = [], {}
+        for p in mine:
+            if p.id in todo:
+                prompts.append((p.id, encode_prompt(tokenizer, render_prompt(p, tokenizer, style), templated)))
+                by_id[p.id] = p
+        engine = Engine(model, tokenizer, batch_size=batch_size, device=device, dtype=dtype, compile=compile)
+        hardware = hardware_string(device)
+        bar = _progress_bar(sum(len(v) for v in todo.values()), f"{name}" + (f" rank {rank}" if world > 1 else ""), progress and rank == 0)
+        last_tokens = [0]
+
+        def on_step(st: EngineStats):
+            if bar is not None and st.gen_tokens - last_tokens[0] >= 256:
+                last_tokens[0] = st.gen_tokens
+                bar.set_postfix_str(f"{st.tokens_per_second:,.0f} tok/s", refresh=False)
+
+        try:
+            for batch in engine.generate_batches(prompts, n, params, seed, only=todo, progress=on_step):
+                texts = [c.text or "" for c in batch]
+                probs = [by_id[c.problem_id] for c in batch]
+                grades = grade_fn(texts, [p.answer for p in probs], [p.kind for p in probs]) if grade_fn else [None] * len(batch)
+                records = [_record(c, p, g, name, role, hardware, config) for c, p, g in zip(batch, probs, grades)]
+                writer.append(records)
+                written += len(records)
+                if bar is not None:
+                    bar.update(len(records))
+        finally:
+            if bar is not None:
+                bar.close()
+        stats = engine.stats
+
+    if world > 1:
+        _barrier()
+        if rank == 0:
+            writer.merge_parts()
+    return SampleSummary(Path(out), written, skipped, total, config, stats, time.perf_counter() - t0)
+
+
+def _record(c, problem: Problem, grade, name: str, role: str, hardware: str, config: str) -> dict:
+    return {
+        "problem_id": c.problem_id, "sample_idx": c.sample_idx, "model": name, "role": role,
+        "completion": c.text if c.text is not None else "",
+        "answer": getattr(grade, "answer", None), "gold": problem.answer, "kind": problem.kind,
+        "correct": getattr(grade, "correct", None), "grade_error": getattr(grade, "error", None), "reward": None,
+        "gen_tokens": c.gen_tokens, "prompt_tokens": c.prompt_tokens, "seconds": round(c.seconds, 6), "seed": c.seed,
+        "finish_reason": c.finish_reason, "hardware": hardware, "config": config,
+    }
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+
+
+def _barrier() -> None:
+    """Wait for every torchrun rank (gloo; a long timeout, since ranks may sample for hours)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        except Exception as e:
+            raise ThinkfastError(f"torchrun rendezvous failed ({str(e).splitlines()[0][:200]}); check MASTER_ADDR/MASTER_PORT") from None
+    dist.barrier()

@@ -1,0 +1,421 @@
+"""Grading: pull the final answer out of a completion and decide whether it equals the gold answer.
+
+Kinds:
+  gsm8k, number  the final answer is the last `\\boxed{}`, else the text after the last `#### `, else the last number.
+                 Thousands separators, `$`, `%`, units and a leading `x =` are stripped; `18.00 == 18 == 36/2`;
+                 strict equality, no partial credit. A gold answer that is not a number (reasoning-gym tasks with
+                 word answers) is compared as text, ignoring case and surrounding spaces.
+  math           the same extraction (last `\\boxed{}` first); equivalence is decided by math-verify with the gold
+                 wrapped in `$...$`, in a pool of worker processes with a hard timeout per item. A hung or crashed
+                 worker is killed and replaced and its item is *ungraded* (correct=None, with the reason), never
+                 silently marked wrong.
+
+A completion with no extractable answer is graded wrong (the model did not answer), not ungraded.
+
+`GradeResult.answer` is the extracted answer in a canonical form (`"1,000.00"` -> `"1000"`, `\\dfrac12` and
+`\\frac{1}{2}` -> `"1/2"` ... ) so that majority voting counts equal answers together.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from ..errors import ThinkfastError
+
+KINDS = ("gsm8k", "math", "number")
+DEFAULT_TIMEOUT = 10.0  # seconds per math item; math-verify's own default is 5 s parse + 5 s verify
+WORKER_SCRIPT = Path(__file__).with_name("_mathverify_worker.py")
+WORKER_MEMORY_MB = 4096  # address-space cap per worker (an idle one uses under 100 MiB)
+
+
+@dataclass
+class GradeResult:
+    correct: bool | None  # None: ungraded (see `error`)
+    answer: str | None  # canonical extracted answer; None when the completion has none
+    error: str | None = None  # why it is ungraded
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ThinkfastError(f"grader kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+    return kind
+
+
+# --------------------------------------------------------------------------------------------- extraction
+
+BOX_COMMANDS = ("\\boxed", "\\fbox")
+SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>|</s>|<eos>|<end_of_turn>")  # <|im_end|>, <|eot_id|>, ...
+HASH_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
+FINAL_PHRASE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
+# a number as people write it: sign, thousands separators, decimals, an optional /denominator
+NUMBER = re.compile(r"[-−+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-−+]?\.\d+")
+
+
+def _braced(text: str, start: int) -> tuple[str, int] | None:
+    """Content of the {...} group opening at text[start] and the index after it; None if unbalanced."""
+    depth = 0
+    for j in range(start, len(text)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1: j], j + 1
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`); a cut-off one is skipped."""
+    end = len(text)
+    while True:
+        idx = max(text.rfind(cmd, 0, end) for cmd in BOX_COMMANDS)
+        if idx < 0:
+            return None
+        cmd = next(c for c in BOX_COMMANDS if text.startswith(c, idx))
+        i = idx + len(cmd)
+        if i < len(text) and text[i] == "{":
+            got = _braced(text, i)
+            if got is not None and got[0].strip():
+                return got[0].strip()
+        elif i < len(text) and text[i] == " ":  # \boxed 5
+            m = re.match(r" +([^\s$]+)", text[i:])
+            if m:
+                return m.group(1)
+        end = idx
+
+
+def extract_answer(text: str, kind: str) -> str | None:
+    """The raw final-answer text of a completion (not yet canonical), or None when it has none."""
+    check_kind(kind)
+    if not text:
+        return None
+    text = SPECIAL_TOKEN.sub("\n", text)  # an end-of-turn marker left in the text is not part of the answer
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    hashes = [m.group(1).strip() for m in HASH_ANSWER.finditer(text)]
+    if hashes and hashes[-1]:
+        return hashes[-1]
+    if kind == "math":
+        phrases = FINAL_PHRASE.findall(text)
+        if phrases:
+            return phrases[-1].strip().rstrip(".").strip("$ ") or None
+    numbers = NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+# --------------------------------------------------------------------------------------------- numbers
+
+UNIT_WORD = re.compile(r"[A-Za-z]+\.?(?:\^\{?[23]\}?)?")  # cm, ft., m^2, m^{3}
+LATEX_FRAC = re.compile(r"^([-+]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
+LATEX_FRAC_SHORT = re.compile(r"^([-+]?)\\[dt]?frac(\d)(\d)$")  # \frac12
+MAX_DIGITS = 64  # longer "numbers" are not answers; refusing them keeps Fraction arithmetic cheap
+
+
+def _strip_decorations(s: str) -> str:
+    s = s.replace("−", "-").replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r" \1 ", s)
+    s = re.sub(r"\^\{?\\circ\}?|°|\\circ", "", s)
+    s = re.sub(r"\\[!,;: ]|~|\\left|\\right|\\displaystyle", "", s)
+    s = s.replace("{,}", ",")
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)  # thousands separators only: "1,2" stays a list
+    s = s.strip().rstrip(".").strip()
+    s = re.sub(r"^[A-Za-z]\w*\s*=\s*", "", s)  # x = 5
+    return s.strip()
+
+
+def parse_number(text: str | None) -> Fraction | None:
+    """An exact number from an answer string, or None if it is not a single number (units allowed)."""
+    if text is None:
+        return None
+    s = _strip_decorations(text)
+    m = LATEX_FRAC.match(s) or LATEX_FRAC_SHORT.match(s)
+    if m:
+        num, den = parse_number(m.group(2)), parse_number(m.group(3))
+        if num is None or den is None or den == 0:
+            return None
+        return (-1 if m.group(1) == "-" else 1) * num / den
+    m = re.match(r"^([-+]?(?:\d+(?:\.\d*)?|\.\d+))(?:\s*/\s*(\d+))?", s)
+    if not m or len(m.group(0)) > MAX_DIGITS:
+        return None
+    rest = re.sub(r"\s*\^\s*", "^", s[m.end():]).strip()
+    if rest and not all(UNIT_WORD.fullmatch(w) for w in re.split(r"\s*/\s*|\s+", rest)):  # "18 dollars", "3 m/s"
+        return None
+    value = Fraction(m.group(1))
+    if m.group(2) is not None:
+        if int(m.group(2)) == 0:
+            return None
+        value /= int(m.group(2))
+    return value
+
+
+def canonical_number(x: Fraction) -> str:
+    """18 -> "18", 1/2 -> "0.5", 1/3 -> "1/3": one spelling per value."""
+    if x.denominator == 1:
+        return str(x.numerator)
+    d, twos, fives = x.denominator, 0, 0
+    while d % 2 == 0:
+        d, twos = d // 2, twos + 1
+    while d % 5 == 0:
+        d, fives = d // 5, fives + 1
+    if d != 1:
+        return f"{x.numerator}/{x.denominator}"
+    places = max(twos, fives)  # a terminating decimal: exact digits, no float rounding
+    scaled = abs(x.numerator) * 10**places // x.denominator
+    digits = str(scaled).rjust(places + 1, "0")
+    return ("-" if x < 0 else "") + (digits[:-places] + "." + digits[-places:]).rstrip("0")
+
+
+def _text_key(s: str) -> str:
+    return " ".join(_strip_decorations(s).split()).lower()
+
+
+def canonical_answer(raw: str | None, kind: str) -> str | None:
+    """The voting key of an extracted answer: equal answers spelled differently get one key."""
+    if raw is None:
+        return None
+    value = parse_number(raw)
+    if value is not None:
+        return canonical_number(value)
+    if kind != "math":
+        return _text_key(raw) or None
+    s = raw.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\(?:left|right)(?![A-Za-z])|\\displaystyle|\\[!,;: ]|~|\$", "", s)
+    s = re.sub(r"\^\{?\\circ\}?|\\%", "", s)
+    s = re.sub(r"^\\text\{([^{}]*)\}$", r"\1", s.strip())
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    return s or None
+
+
+# --------------------------------------------------------------------------------------------- grading
+
+
+def _missing_gold(gold) -> bool:
+    return gold is None or not str(gold).strip()
+
+
+def grade_number(prediction: str, gold: str, kind: str = "number") -> GradeResult:
+    """gsm8k / number grading: exact, in this process (bounded work, no pool needed)."""
+    raw = extract_answer(prediction, kind)
+    answer = canonical_answer(raw, kind)
+    if answer is None:
+        return GradeResult(False, None)
+    gold_value = parse_number(gold)
+    if gold_value is None:  # a word answer
+        return GradeResult(answer == _text_key(gold), answer)
+    pred_value = parse_number(raw)
+    return GradeResult(pred_value is not None and pred_value == gold_value, answer)
+
+
+def grade_many(predictions: list[str], golds: list[str], kinds: list[str], timeout: float = DEFAULT_TIMEOUT,
+               pool: "MathGraderPool | None" = None) -> list[GradeResult]:
+    """Grade a batch. math items go to the worker pool (started on first use, reused after); the rest run here."""
+    if not len(predictions) == len(golds) == len(kinds):
+        raise ThinkfastError(f"grade_many: {len(predictions)} predictions, {len(golds)} golds, {len(kinds)} kinds; pass one of each per item")
+    for i, (gold, kind) in enumerate(zip(golds, kinds)):
+        check_kind(kind)
+        if _missing_gold(gold):
+            raise ThinkfastError(f"item {i}: missing gold answer; every problem needs one to be graded")
+    results: list[GradeResult | None] = [None] * len(predictions)
+    math_items: list[int] = []
+    for i, (pred, gold, kind) in enumerate(zip(predictions, golds, kinds)):
+        if kind == "math":
+            raw = extract_answer(pred or "", kind)
+            if raw is None:
+                results[i] = GradeResult(False, None)
+            else:
+                results[i] = GradeResult(None, canonical_answer(raw, kind))
+                math_items.append(i)
+        else:
+            results[i] = grade_number(pred or "", str(gold), kind)
+    if math_items:
+        pool = pool or default_pool()
+        # math-verify sees the extracted answer boxed, so the verdict depends on the answer alone
+        pairs = [(f"\\boxed{{{extract_answer(predictions[i], 'math').strip().strip('$').strip()}}}", f"${str(golds[i]).strip().strip('$')}$")
+                 for i in math_items]
+        for i, (correct, error) in zip(math_items, pool.verify_many(pairs, timeout)):
+            results[i].correct, results[i].error = correct, error
+    return results  # type: ignore[return-value]
+
+
+def grade(prediction: str, gold: str, kind: str, timeout: float = DEFAULT_TIMEOUT) -> bool | None:
+    """True / False; None when the math grader could not decide in time (falsy, but not a verdict)."""
+    return grade_many([prediction], [gold], [kind], timeout)[0].correct
+
+
+# --------------------------------------------------------------------------------------------- worker pool
+
+
+class _Worker:
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-u", str(WORKER_SCRIPT), str(WORKER_MEMORY_MB)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+        )
+        self.fd = self.proc.stdout.fileno()
+        self.buffer = b""
+        self.ready = False
+        self.started = time.monotonic()
+        self.job: int | None = None  # index of the item it is working on
+        self.deadline = 0.0
+
+    def send(self, obj) -> None:
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+
+    def read_messages(self) -> list[dict] | None:
+        """Messages that arrived; None at end of file (the worker died)."""
+        data = os.read(self.fd, 1 << 16)
+        if not data:
+            return None
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class MathGraderPool:
+    """Worker processes running math-verify. Each item gets a hard deadline; a worker past it is killed and
+    replaced (lazily, when there is more work), and the item is reported ungraded. Safe to share between
+    threads (one batch at a time). Workers live until `close()` or interpreter exit."""
+
+    def __init__(self, workers: int | None = None, startup_timeout: float = 60.0, cache_size: int = 200_000):
+        self.size = max(1, workers or min(4, os.cpu_count() or 1))
+        self.startup_timeout = startup_timeout
+        self.workers: list[_Worker] = []
+        self.cache: OrderedDict[tuple[str, str], bool] = OrderedDict()  # definitive verdicts only
+        self.cache_size = cache_size
+        self.restarts = 0  # workers killed for a timeout or found dead
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for w in self.workers:
+                w.kill()
+            self.workers = []
+
+    def _retire(self, w: _Worker) -> None:
+        w.kill()
+        self.workers.remove(w)
+
+    def verify_many(self, pairs: list[tuple[str, str]], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[bool | None, str | None]]:
+        """[(prediction, gold_in_dollars)] -> [(correct or None, error or None)]."""
+        with self._lock:
+            out: list[tuple[bool | None, str | None] | None] = [None] * len(pairs)
+            first: dict[tuple[str, str], int] = {}
+            todo: deque[int] = deque()
+            for i, pair in enumerate(pairs):
+                if pair in self.cache:
+                    self.cache.move_to_end(pair)
+                    out[i] = (self.cache[pair], None)
+                elif pair not in first:  # grade each distinct pair once
+                    first[pair] = i
+                    todo.append(i)
+            if todo:
+                self._run(pairs, list(todo), out, timeout)
+            for i, pair in enumerate(pairs):
+                if out[i] is None:
+                    out[i] = out[first[pair]]
+            return out  # type: ignore[return-value]
+
+    def _run(self, pairs, todo_list: list[int], out, timeout: float) -> None:
+        todo = deque(todo_list)
+        failed_starts = 0
+        while todo or any(w.job is not None for w in self.workers):
+            busy = sum(w.job is not None for w in self.workers)
+            while len(self.workers) < min(self.size, busy + len(todo)):
+                self.workers.append(_Worker())
+            for w in self.workers:
+                if w.ready and w.job is None and todo:
+                    i = todo.popleft()
+                    try:
+                        w.send({"id": i, "pred": pairs[i][0], "gold": pairs[i][1]})
+                    except OSError:  # died while idle: put the item back, replace the worker
+                        todo.appendleft(i)
+                        self._retire(w)
+                        self.restarts += 1
+                        break
+                    w.job, w.deadline = i, time.monotonic() + timeout
+            now = time.monotonic()
+            deadlines = [w.deadline if w.ready else w.started + self.startup_timeout for w in self.workers if w.job is not None or not w.ready]
+            wait = max(0.0, min(deadlines) - now) if deadlines else 0.0
+            readable, _, _ = select.select([w.fd for w in self.workers], [], [], wait)
+            for w in [w for w in self.workers if w.fd in readable]:
+                msgs = w.read_messages()
+                if msgs is None:  # end of file: the worker died (crash, out of memory, killed from outside)
+                    if w.job is not None:
+                        out[w.job] = (None, f"math grader worker crashed (exit status {w.proc.wait()})")
+                    elif not w.ready:
+                        failed_starts += 1
+                    self._retire(w)
+                    self.restarts += 1
+                    continue
+                for msg in msgs:
+                    if "fatal" in msg:
+                        self.close_quietly()
+                        raise ThinkfastError(f"math grading workers cannot start: {msg['fatal']}; is math-verify installed in this environment?")
+                    if msg.get("ready"):
+                        w.ready, failed_starts = True, 0
+                    elif msg.get("id") == w.job:
+                        out[w.job] = (msg["correct"], msg["error"])
+                        if msg["correct"] is not None:
+                            self._remember(pairs[w.job], msg["correct"])
+                        w.job = None
+            if failed_starts >= 3:
+                self.close_quietly()
+                raise ThinkfastError("math grading workers die on start-up (3 in a row); run `python -c 'import math_verify'` to see why")
+            now = time.monotonic()
+            for w in list(self.workers):
+                if w.job is not None and now > w.deadline:
+                    out[w.job] = (None, f"math-verify timed out after {timeout:g}s")
+                    self._retire(w)
+                    self.restarts += 1
+                elif not w.ready and now > w.started + self.startup_timeout:
+                    self.close_quietly()
+                    raise ThinkfastError(f"math grading worker did not start within {self.startup_timeout:g}s; the machine may be overloaded")
+
+    def close_quietly(self) -> None:
+        for w in self.workers:
+            w.kill()
+        self.workers = []
+
+    def _remember(self, pair, verdict: bool) -> None:
+        self.cache[pair] = verdict
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+
+
+_default_pool: MathGraderPool | None = None
+_default_lock = threading.Lock()
+
+
+def default_pool() -> MathGraderPool:
+    """The process-wide pool `grade_many` uses; started on first math item, closed at exit."""
+    global _default_pool
+    with _default_lock:
+        if _default_pool is None:
+            _default_pool = MathGraderPool()
+            atexit.register(_default_pool.close)
+        return _default_pool

@@ -1,0 +1,374 @@
+"""Reports: samples files -> metrics.json, report.md and PNG plots (accuracy against k and against seconds).
+
+    build_report(["runs/teacher.jsonl", "runs/llamba.jsonl"], "runs/report", dataset="math:../shared/data/math500_test.jsonl")
+
+Models are compared on the problems they all have (the others are listed in the notes), each with the same
+number n of samples per problem (extra samples beyond the smallest count are left out, by sample_idx).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from ..utils import atomic_write_json, atomic_write_text
+from .budget import ModelTiming, best_within, check_hardware, model_timing, pareto_front
+from .grading import canonical_answer, extract_answer
+from .metrics import DEFAULT_SUBSETS, METRICS, ProblemSamples, dataset_curves, ks_for
+from .samples import Sample, SampleSet, read_samples
+
+LABELS = {"pass_at_k": "coverage (pass@k)", "maj_at_k": "majority vote (maj@k)", "bon_at_k": "Best-of-N (BoN@k)",
+          "weighted_bon_at_k": "weighted Best-of-N"}
+SHORT = {"pass_at_k": "pass@k", "maj_at_k": "maj@k", "bon_at_k": "BoN@k", "weighted_bon_at_k": "wBoN@k"}
+CI_LEVEL = 0.95
+
+
+def _answer(s: Sample) -> str | None:
+    if s.answer is not None:
+        return s.answer
+    return canonical_answer(extract_answer(s.completion, s.kind), s.kind)  # ungraded lines carry no answer yet
+
+
+def _problem_samples(samples: list[Sample], model: str) -> ProblemSamples:
+    rewards = [s.reward for s in samples]
+    have = sum(r is not None for r in rewards)
+    if 0 < have < len(rewards):
+        raise DataError(
+            f"model {model!r}: {have} of {len(rewards)} samples of problem {samples[0].problem_id} have a reward "
+            f"(e.g. {samples[0].where}); run `thinkfast score` on the whole file before reporting"
+        )
+    return ProblemSamples([_answer(s) for s in samples], [s.correct for s in samples], rewards if have else None)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _kmap(ks, values) -> dict[str, float]:
+    return {str(k): float(v) for k, v in zip(ks, values)}
+
+
+def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | None = None, n_subsets: int = DEFAULT_SUBSETS,
+                    n_boot: int = 1000, seed: int = 0, allow_mixed_hardware: bool = False, common_problems: bool = True) -> dict:
+    """The metrics.json content (without plots): per model curves, CIs, timing, Pareto fronts, budget tables."""
+    by_model = sset.by_model()
+    notes: list[str] = []
+    if sset.bad:
+        notes.append(f"{len(sset.bad)} malformed line(s) skipped, first at {sset.bad[0].path}:{sset.bad[0].line} ({sset.bad[0].reason})")
+    if sset.duplicates:
+        notes.append(f"{sset.duplicates} duplicate sample(s) (same model, problem and sample_idx) counted once")
+    problem_ids = list(next(iter(by_model.values())))
+    if common_problems and len(by_model) > 1:
+        common = set.intersection(*(set(p) for p in by_model.values()))
+        if not common:
+            raise DataError(f"models {', '.join(by_model)} share no problem_id; were they sampled on the same data?")
+        for model, problems in by_model.items():
+            dropped = len(problems) - len(common)
+            if dropped:
+                notes.append(f"{model}: {dropped} problem(s) not sampled by every model left out")
+        problem_ids = [p for p in problem_ids if p in common]
+    timings: dict[str, ModelTiming] = {m: model_timing([s for ps in probs.values() for s in ps]) for m, probs in by_model.items()}
+    hardware = check_hardware(timings, allow_mixed_hardware)
+    if hardware is None:
+        notes.append("samples come from different hardware (allowed by flag): the seconds axes are not comparable")
+
+    models: dict[str, dict] = {}
+    for model, problems in by_model.items():
+        pids = [p for p in (problem_ids if common_problems else problems) if p in problems]
+        counts = [len(problems[p]) for p in pids]
+        n = min(counts)
+        if max(counts) != n:
+            notes.append(f"{model}: problems have {n} to {max(counts)} samples; the first {n} (by sample_idx) of each are used")
+        use_ks = sorted(set(ks)) if ks else ks_for(n)
+        if max_k is not None:
+            use_ks = [k for k in use_ks if k <= max_k] or [1]
+        too_big = [k for k in use_ks if k > n]
+        if too_big:
+            raise DataError(f"k={too_big[0]} is larger than the {n} samples per problem of model {model!r}; use k <= {n}")
+        if use_ks[0] < 1:
+            raise DataError(f"k={use_ks[0]}: k must be at least 1")
+        chosen = {p: problems[p][:n] for p in pids}
+        curves = dataset_curves({p: _problem_samples(s, model) for p, s in chosen.items()}, use_ks, n_subsets, seed, n_boot)
+        used = [s for lst in chosen.values() for s in lst]
+        timing = model_timing(used)
+        roles = [r for r in dict.fromkeys(s.role for s in used) if r]
+        entry: dict = {
+            "role": roles[0] if len(roles) == 1 else (",".join(roles) or None),
+            "n_problems": len(pids),
+            "n_samples_per_problem": n,
+            "ks": use_ks,
+        }
+        for name in METRICS:
+            if name in curves:
+                entry[name] = _kmap(use_ks, curves[name]["mean"])
+                entry[name + "_ci"] = {str(k): [float(lo), float(hi)] for k, lo, hi in zip(use_ks, *curves[name]["ci"])}
+            else:
+                entry[name] = None  # no rewards: run `thinkfast score` first
+                entry[name + "_ci"] = None
+        entry.update(
+            seconds_per_sample=timing.seconds_per_sample,
+            seconds_per_problem=_kmap(use_ks, timing.seconds_at(use_ks)),
+            tokens_per_second=timing.tokens_per_second,
+            mean_gen_tokens=timing.mean_gen_tokens,
+            hardware=timing.hardware[0] if len(timing.hardware) == 1 else timing.hardware,
+            ungraded=sum(s.correct is None for s in used),
+            no_answer=sum(_answer(s) is None for s in used),
+            accuracy=float(np.mean([s.correct is True for s in used])),  # mean over all samples (= pass@1)
+        )
+        models[model] = entry
+
+    metrics = [m for m in METRICS if any(e[m] is not None for e in models.values())]
+    pareto, budgets = {}, {}
+    for name in metrics:
+        points = [(models[m]["seconds_per_problem"][str(k)], models[m][name][str(k)], m, k)
+                  for m in models if models[m][name] is not None for k in models[m]["ks"]]
+        pareto[name] = [{"model": m, "k": k, "seconds": s, "value": v} for s, v, m, k in pareto_front(points)]
+        budgets[name] = _budget_table(models, name)
+    return {"hardware": hardware, "n_problems": len(problem_ids), "models": models, "pareto": pareto, "budgets": budgets,
+            "settings": {"n_subsets": n_subsets, "bootstrap": n_boot, "ci_level": CI_LEVEL, "seed": seed,
+                         "common_problems": common_problems}, "notes": notes}
+
+
+def _budget_table(models: dict, name: str) -> list[dict]:
+    """At the slowest model's seconds per problem for each of its k: the best value each model reaches within it."""
+    have = {m: e for m, e in models.items() if e[name] is not None}
+    if not have:
+        return []
+    slowest = max(have, key=lambda m: have[m]["seconds_per_sample"])
+    rows = []
+    for k in have[slowest]["ks"]:
+        budget = have[slowest]["seconds_per_problem"][str(k)]
+        best = {}
+        for m, e in have.items():
+            secs = np.array([e["seconds_per_problem"][str(j)] for j in e["ks"]])
+            vals = np.array([e[name][str(j)] for j in e["ks"]])
+            got = best_within(secs, vals, budget)
+            best[m] = None if got is None else {"value": got[0], "k": e["ks"][got[1]]}
+        reached = {m: b for m, b in best.items() if b is not None}
+        winner = max(reached, key=lambda m: reached[m]["value"]) if reached else None
+        rows.append({"seconds": budget, "best": best, "winner": winner})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def _save(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _colors(models) -> dict[str, str]:
+    cycle = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+    return {m: cycle[i % len(cycle)] for i, m in enumerate(models)}
+
+
+def _curve(ax, entry, name, x_key, color, label):
+    ks = entry["ks"]
+    x = np.array(ks, dtype=float) if x_key == "k" else np.array([entry["seconds_per_problem"][str(k)] for k in ks])
+    y = np.array([entry[name][str(k)] for k in ks])
+    lo, hi = np.array([entry[name + "_ci"][str(k)] for k in ks]).T
+    ax.plot(x, y, marker="o", ms=3.5, color=color, label=label)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+
+
+def _k_axis(ax, ks):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("samples per problem k (log\u2082 scale)")
+
+
+def _front(ax, front):
+    if front:
+        ax.step([p["seconds"] for p in front], [p["value"] for p in front], where="post", color="black",
+                linestyle="--", linewidth=1, label="Pareto front")
+
+
+def write_plots(metrics: dict, out_dir: Path, title: str) -> list[str]:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    models = metrics["models"]
+    colors = _colors(models)
+    all_ks = sorted({k for e in models.values() for k in e["ks"]})
+    acc = [m for m in ("maj_at_k", "bon_at_k", "weighted_bon_at_k") if m in metrics["pareto"]]
+    written = []
+
+    def label(m):
+        role = models[m]["role"]
+        return f"{m} ({role})" if role and role != m else m
+
+    for x_key in ("k", "seconds"):
+        fig = Figure(figsize=(6, 4.2))
+        ax = fig.subplots()
+        for m, e in models.items():
+            _curve(ax, e, "pass_at_k", x_key, colors[m], label(m))
+        if x_key == "k":
+            _k_axis(ax, all_ks)
+        else:
+            _front(ax, metrics["pareto"].get("pass_at_k"))
+            ax.set_xscale("log")
+            ax.set_xlabel("seconds per problem (k \u00d7 seconds per sample, log scale)")
+        ax.set_ylabel("coverage: pass@k (fraction of problems)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"Coverage vs {'k' if x_key == 'k' else 'time'}: {title}", fontsize=9)
+        name = f"coverage_vs_{x_key}.png"
+        _save(fig, out_dir / name)
+        written.append(name)
+
+        fig = Figure(figsize=(4.6 * len(acc), 4.2))
+        axes = np.atleast_1d(fig.subplots(1, len(acc), sharey=True))
+        for ax, metric in zip(axes, acc):
+            for m, e in models.items():
+                if e[metric] is not None:
+                    _curve(ax, e, metric, x_key, colors[m], label(m))
+            if x_key == "k":
+                _k_axis(ax, all_ks)
+            else:
+                _front(ax, metrics["pareto"][metric])
+                ax.set_xscale("log")
+                ax.set_xlabel("seconds per problem (log scale)")
+            ax.set_title(LABELS[metric], fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("accuracy (fraction of problems)")
+        fig.suptitle(f"Accuracy vs {'k' if x_key == 'k' else 'time'}: {title}", fontsize=10)
+        name = f"accuracy_vs_{x_key}.png"
+        _save(fig, out_dir / name)
+        written.append(name)
+
+    shown = ["pass_at_k"] + acc
+    fig = Figure(figsize=(4.6 * len(shown), 4.2))
+    axes = np.atleast_1d(fig.subplots(1, len(shown), sharey=True))
+    for ax, metric in zip(axes, shown):
+        for m, e in models.items():
+            if e[metric] is None:
+                continue
+            xs = [e["seconds_per_problem"][str(k)] for k in e["ks"]]
+            ax.scatter(xs, [e[metric][str(k)] for k in e["ks"]], color=colors[m], s=18, label=label(m))
+        front = metrics["pareto"][metric]
+        _front(ax, front)
+        for p in front:
+            ax.annotate(f"k={p['k']}", (p["seconds"], p["value"]), fontsize=6, xytext=(3, -9), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per problem (log scale)")
+        ax.set_title(f"Pareto front: {SHORT[metric]}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("fraction of problems")
+    fig.suptitle(f"Which model is best at each time budget: {title}", fontsize=10)
+    _save(fig, out_dir / "pareto.png")
+    written.append("pareto.png")
+    return written
+
+
+# ------------------------------------------------------------------------------------------------- markdown
+
+
+def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
+    models = metrics["models"]
+    out = ["# Inference scaling report", ""]
+    facts = [f"- dataset: `{metrics.get('dataset') or 'unknown'}`", f"- problems: {metrics['n_problems']}",
+             f"- hardware: `{metrics['hardware'] or 'mixed'}`"]
+    if metrics.get("wall_seconds") is not None:
+        facts.append(f"- wall time of the run: {metrics['wall_seconds']:.0f} s")
+    facts.append(f"- samples files: {', '.join(f'`{p}`' for p in metrics['samples_files'])}")
+    out += facts + [""]
+    if summary_notes:
+        out += ["## Summary", ""]
+        out += [summary_notes] if isinstance(summary_notes, str) else [f"- {s}" for s in summary_notes]
+        out += [""]
+
+    out += ["## Models", "",
+            "| model | role | problems | n | s / sample | tokens / s | gen tokens | pass@1 | pass@n | maj@n | BoN@n | wBoN@n | ungraded | no answer |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, e in models.items():
+        last = str(e["ks"][-1])
+        cell = lambda name, k: _fmt(e[name][k]) if e[name] is not None else "–"  # noqa: E731
+        out.append(f"| {m} | {e['role'] or '–'} | {e['n_problems']} | {e['n_samples_per_problem']} | {_fmt(e['seconds_per_sample'], 3)} | "
+                   f"{_fmt(e['tokens_per_second'], 1)} | {_fmt(e['mean_gen_tokens'], 1)} | {cell('pass_at_k', '1')} | {cell('pass_at_k', last)} | "
+                   f"{cell('maj_at_k', last)} | {cell('bon_at_k', last)} | {cell('weighted_bon_at_k', last)} | {e['ungraded']} | {e['no_answer']} |")
+    out.append("")
+
+    pct = int(round(100 * metrics["settings"]["ci_level"]))
+    for name in METRICS:
+        rows = {m: e for m, e in models.items() if e[name] is not None}
+        if not rows:
+            continue
+        ks = sorted({k for e in rows.values() for k in e["ks"]})
+        out += [f"## {LABELS[name]} vs k", "", f"Mean over problems [{pct}% bootstrap CI over problems].", "",
+                "| model | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for m, e in rows.items():
+            cells = [f"{_fmt(e[name][str(k)])} [{_fmt(e[name + '_ci'][str(k)][0], 2)}, {_fmt(e[name + '_ci'][str(k)][1], 2)}]"
+                     if str(k) in e[name] else "–" for k in ks]
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+
+    out += ["## At a fixed time budget", "",
+            "Seconds per problem = k × the model's mean seconds per sample. Budgets are the slowest model's cost at each of its k; "
+            "each cell is the best the model reaches within that budget (its k in brackets).", ""]
+    for name, rows in metrics["budgets"].items():
+        if not rows:
+            continue
+        names = list(rows[0]["best"])
+        out += [f"**{LABELS[name]}**", "", "| budget (s / problem) | " + " | ".join(names) + " | best |", "|---|" + "---|" * (len(names) + 1)]
+        for r in rows:
+            cells = [f"{_fmt(b['value'])} (k={b['k']})" if b else "over budget" for b in r["best"].values()]
+            out.append(f"| {r['seconds']:.3g} | " + " | ".join(cells) + f" | {r['winner'] or '–'} |")
+        out.append("")
+
+    out += ["## Pareto fronts", "", "Points (model, k) that no other point beats with less time and higher accuracy.", ""]
+    for name, front in metrics["pareto"].items():
+        out.append(f"- {SHORT[name]}: " + ", ".join(f"{p['model']} k={p['k']} ({p['seconds']:.3g} s, {p['value']:.3f})" for p in front))
+    out.append("")
+
+    if plots:
+        out += ["## Plots", ""] + [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots] + [""]
+    out += ["## Method", "",
+            f"pass@k is the unbiased estimator 1 − C(n−c, k)/C(n, k). maj@k, BoN@k and weighted BoN@k are means over "
+            f"{metrics['settings']['n_subsets']} random size-k subsets of each problem's n samples (seed {metrics['settings']['seed']}); "
+            "ties go to the answer seen first in the subset; a completion without a final answer never votes; "
+            "ungraded samples count as wrong. Confidence intervals: percentile bootstrap over problems "
+            f"({metrics['settings']['bootstrap']} resamples).", ""]
+    if metrics["notes"]:
+        out += ["## Notes", ""] + [f"- {n}" for n in metrics["notes"]] + [""]
+    return "\n".join(out)
+
+
+def build_report(samples_paths, out_dir, dataset: str | None = None, wall_seconds: float | None = None,
+                 summary_notes: str | list[str] | None = None, *, ks: list[int] | None = None, max_k: int | None = None,
+                 n_subsets: int = DEFAULT_SUBSETS, n_boot: int = 1000, seed: int = 0, allow_mixed_hardware: bool = False,
+                 skip_bad_lines: bool = False, common_problems: bool = True, plots: bool = True, title: str | None = None) -> dict:
+    """Write report.md, metrics.json and PNG plots into `out_dir` (each file replaced atomically); return the metrics."""
+    paths = [Path(p) for p in ([samples_paths] if isinstance(samples_paths, (str, Path)) else samples_paths)]
+    sset = read_samples(paths, skip_bad_lines)
+    computed = compute_metrics(sset, ks, max_k, n_subsets, n_boot, seed, allow_mixed_hardware, common_problems)
+    if dataset is None:
+        specs = list(dict.fromkeys(s.record.get("dataset") for s in sset.samples if s.record.get("dataset")))
+        dataset = specs[0] if len(specs) == 1 else (", ".join(specs) if specs else None)
+    metrics = {"wall_seconds": wall_seconds, "dataset": dataset, **computed, "samples_files": [str(p) for p in paths]}
+    if summary_notes:
+        metrics["summary"] = summary_notes
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_plots(metrics, out, title or dataset or "samples") if plots else []
+    metrics["plots"] = written
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "report.md", _markdown(metrics, written, summary_notes))
+    for name in ("metrics.json", "report.md"):
+        os.chmod(out / name, 0o644)  # readable like any report (the atomic temporary files start private)
+    return metrics

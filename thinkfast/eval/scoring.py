@@ -1,0 +1,133 @@
+"""Samples files in, samples files out: (re)grade, add rewards, train a reward model from graded samples.
+
+`score_files` rewrites each file atomically (a temporary file beside it, then one rename), keeping every field
+and every line it did not touch (lines skipped with `skip_bad_lines` are copied through verbatim), and refuses
+to replace a file that grew while it was being scored (a sampler still appending to it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import DataError, ThinkfastError
+from ..utils import atomic_write_text
+from .grading import DEFAULT_TIMEOUT, grade_many
+from .reward import ORM_CONFIG, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, load_backbone, train_orm
+from .samples import Sample, read_samples, read_samples_file
+
+
+def load_questions(data_specs) -> dict[str, str]:
+    """problem_id -> question text, from data specs (the ones the samples were drawn from)."""
+    from ..data import load_problems
+
+    out: dict[str, str] = {}
+    for spec in [data_specs] if isinstance(data_specs, str) else (data_specs or []):
+        for p in load_problems(spec):
+            out[str(p.id)] = p.question
+    return out
+
+
+def questions_for(samples: list[Sample], questions: dict[str, str] | None) -> list[str | None]:
+    """The question of each sample: from the data specs when given, else a `question` field on the line."""
+    out = []
+    for s in samples:
+        q = questions.get(s.problem_id) if questions else s.record.get("question")
+        if questions and q is None:
+            raise DataError(f"{s.where}: problem_id {s.problem_id!r} is not in the data given with --data; pass the spec the samples were drawn from")
+        out.append(q if isinstance(q, str) else None)
+    return out
+
+
+def train_reward_model(samples_paths, backbone: str, out_dir, data=None, orm: ORMConfig | None = None,
+                       training: ORMTraining | None = None, skip_bad_lines: bool = False, device=None, log=print) -> OutcomeRewardModel:
+    """Train an ORM on the graded samples of the given files and save it to `out_dir` (written atomically)."""
+    sset = read_samples(samples_paths, skip_bad_lines)
+    graded = [s for s in sset.samples if s.correct is not None]
+    if not graded:
+        raise DataError("no graded samples (every `correct` is null); run `thinkfast score` without a reward model to grade them first")
+    questions = load_questions(data) if data else None
+    qs = questions_for(graded, questions)
+    cfg = orm or ORMConfig()
+    cfg.uses_question = any(q is not None for q in qs)
+    if not cfg.uses_question:
+        log("note: no questions (no --data and no `question` field): the verifier sees completions only")
+    model, tokenizer = load_backbone(backbone, device)
+    log(f"training a reward model on {len(graded)} completions ({sum(s.correct for s in graded)} correct) of "
+        f"{len({s.problem_id for s in graded})} problems; backbone {backbone} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
+    rm = train_orm(qs, [s.completion for s in graded], [bool(s.correct) for s in graded], [s.problem_id for s in graded],
+                   model, tokenizer, cfg, training, log)
+    rm.save(out_dir)
+    return rm
+
+
+def load_reward_model(path, device=None) -> OutcomeRewardModel:
+    path = Path(path)
+    if not (path / ORM_CONFIG).is_file():
+        raise DataError(f"{path}: not a reward model folder (no {ORM_CONFIG}); train one with `thinkfast train-rm`")
+    return OutcomeRewardModel.load(path, device)
+
+
+def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregation: str = "min", data=None, regrade: bool = True,
+                rescore: bool = False, skip_bad_lines: bool = False, batch_size: int = 16, device=None,
+                grade_timeout: float = DEFAULT_TIMEOUT, log=print) -> dict:
+    """Grade samples whose `correct` is null and fill `reward` (null ones, or all with `rescore`) in place.
+
+    reward_model: an ORM folder (or a loaded OutcomeRewardModel); prm: a PRM hub id or folder. Returns counts."""
+    if reward_model is not None and prm is not None:
+        raise ThinkfastError("give either --reward-model or --prm, not both")
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not paths:
+        raise DataError("no samples files given")
+    files = [read_samples_file(p, skip_bad_lines) for p in paths]  # validate all before touching any
+    sizes = {p: os.stat(p).st_size for p in paths}
+    questions = load_questions(data) if data else None
+    scorer = None
+    if reward_model is not None:
+        scorer = reward_model if isinstance(reward_model, OutcomeRewardModel) else load_reward_model(reward_model, device)
+        if scorer.cfg.uses_question and questions is None and not all(
+                isinstance(s.record.get("question"), str) for f in files for s in f.samples.values()):
+            raise DataError("this reward model was trained with questions; pass --data SPEC (the data the samples were drawn from)")
+    elif prm is not None:
+        scorer = ProcessRewardModel.from_pretrained(prm, prm_aggregation, device)
+    totals = {"files": len(files), "samples": 0, "regraded": 0, "ungraded": 0, "scored": 0, "skipped_lines": 0}
+    for f in files:
+        samples = list(f.samples.values())
+        totals["samples"] += len(samples)
+        totals["skipped_lines"] += len(f.bad)
+        if regrade:
+            todo = [s for s in samples if s.correct is None]
+            if todo:
+                results = grade_many([s.completion for s in todo], [s.gold for s in todo], [s.kind for s in todo], timeout=grade_timeout)
+                for s, r in zip(todo, results):
+                    s.record.update(correct=r.correct, answer=r.answer, grade_error=r.error)
+                    s.correct, s.answer = r.correct, r.answer
+                totals["regraded"] += sum(r.correct is not None for r in results)
+                totals["ungraded"] += sum(r.correct is None for r in results)
+        if scorer is not None:
+            todo = [s for s in samples if rescore or s.reward is None]
+            if todo:
+                qs = questions_for(todo, questions)
+                if isinstance(scorer, ProcessRewardModel) and any(q is None for q in qs):
+                    raise DataError("the PRM needs each problem's question; pass --data SPEC")
+                with tqdm(total=len(todo), desc=f"scoring {f.path.name}", unit="sample", leave=False) as bar:
+                    rewards = scorer.score(qs, [s.completion for s in todo], batch_size=batch_size, progress=bar)
+                for s, r in zip(todo, rewards):
+                    s.record["reward"] = float(r)
+                totals["scored"] += len(todo)
+        lines = list(f.lines)
+        for i, s in f.samples.items():
+            lines[i] = json.dumps(s.record, ensure_ascii=False)
+        if lines == f.lines:
+            log(f"{f.path}: {len(samples)} samples, nothing to grade or score")
+            continue
+        if os.stat(f.path).st_size != sizes[f.path]:
+            raise DataError(f"{f.path} changed while it was being scored (is `thinkfast sample` still writing it?); re-run when sampling is done")
+        mode = os.stat(f.path).st_mode & 0o777
+        atomic_write_text(f.path, "\n".join(lines) + "\n" if lines else "")
+        os.chmod(f.path, mode)  # the temporary file was private; keep the samples file's own permissions
+        log(f"{f.path}: {len(samples)} samples" + (f", {len(f.bad)} bad line(s) kept as they were" if f.bad else ""))
+    return totals
