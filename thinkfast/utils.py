@@ -23,6 +23,7 @@ def atomic_dir(final: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        usual_permissions(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
@@ -33,6 +34,16 @@ def atomic_dir(final: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def usual_permissions(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the permissions a plain mkdir / open would have: temporary folders
+    start private (0700), and transformers writes model.safetensors as 0600."""
+    mask = _umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -118,28 +118,10 @@ def _dtype(name):
 
 
 def _load_thinkfast_or_teacher(spec: str, dtype):
-    """A thinkfast folder (any role) as it is; anything else through the teacher loader."""
-    import json
+    """A thinkfast folder (any role) as it is; an HF Llama / GGUF / hub id as an all-attention thinkfast model."""
+    from ..models.teacher import load_thinkfast
 
-    from ..models import ThinkfastForCausalLM
-    from ..models.teacher import load_teacher
-
-    path = Path(spec)
-    cfg = path / "config.json"
-    if path.is_dir() and cfg.is_file():
-        try:
-            model_type = json.loads(cfg.read_text()).get("model_type")
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
-        if model_type == "thinkfast":
-            try:
-                model = ThinkfastForCausalLM.from_pretrained(path, dtype=dtype)
-            except Exception as e:
-                raise CheckpointError(f"{path}: could not load the thinkfast model ({str(e).splitlines()[0][:200]})") from None
-            from ..models.teacher import _load_tokenizer as load_tok
-
-            return model, load_tok(str(path), {})
-    return load_teacher(spec, dtype=dtype)
+    return load_thinkfast(spec, dtype=dtype, where="model")
 
 
 def _progress(args):

@@ -58,10 +58,12 @@ class DataConfig:
 # ---------------------------------------------------------------- tokenisation
 
 
-def _encode_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+def _encode_batch(tokenizer, texts: list[str], add_special_tokens: bool, chunk: int = 4096) -> list[list[int]]:
+    # in slices: a fast tokenizer's per-text encodings (offsets, token strings) cost far more than the ids
+    out: list[list[int]] = []
+    for i in range(0, len(texts), chunk):
+        out += tokenizer(texts[i:i + chunk], add_special_tokens=add_special_tokens)["input_ids"]
+    return out
 
 
 def _is_text_source(spec) -> bool:

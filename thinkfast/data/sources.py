@@ -77,6 +77,18 @@ def load_problems(spec: str) -> list[Problem]:
     return problems[offset: None if limit is None else offset + limit]
 
 
+def load_questions(spec: str) -> list[str]:
+    """The questions a spec names (same order and slice as `load_problems`), cheaper for large generated sets:
+    used to drop held-out problems that occur in a training split."""
+    s = parse_spec(spec)
+    if s.scheme != "rg":
+        return [p.question for p in load_problems(spec)]
+    ds = _rg_dataset(s)
+    offset, limit = s.int_param("offset", 0), s.int_param("limit")
+    end = len(ds) if limit is None else min(len(ds), offset + limit)
+    return [ds[i]["question"] for i in range(offset, end)]
+
+
 def _read_jsonl(s: DataSpec) -> list[dict]:
     path = Path(s.target)
     if not path.is_file():
@@ -156,7 +168,7 @@ def _rg_value(v: str):
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
-def _reasoning_gym(s: DataSpec) -> list[Problem]:
+def _rg_dataset(s: DataSpec):
     try:
         import reasoning_gym
     except ImportError:
@@ -169,12 +181,18 @@ def _reasoning_gym(s: DataSpec) -> list[Problem]:
         ds = reasoning_gym.create_dataset(s.target, **cfg)
     except (KeyError, ValueError, TypeError, AssertionError) as e:
         raise DataError(f"data spec {s.text!r}: reasoning-gym refused it ({e}); check the generator name and its options") from None
+    return ds
+
+
+def _reasoning_gym(s: DataSpec) -> list[Problem]:
+    ds = _rg_dataset(s)
+    seed = s.params.get("seed", "0")
     kind = _kind(s, "number")
     out = []
     for i, item in enumerate(ds):
         meta = dict(item.get("metadata", {}))
         solution = worked_solution(s.target, item)
-        out.append(Problem(f"{s.target}:{cfg['seed']}:{i}", item["question"], str(item["answer"]), kind, solution, meta))
+        out.append(Problem(f"{s.target}:{seed}:{i}", item["question"], str(item["answer"]), kind, solution, meta))
     return out
 
 

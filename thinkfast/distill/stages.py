@@ -32,7 +32,7 @@ import torch.nn as nn
 from ..data.packing import IGNORE, DataConfig, DataMix, build_data
 from ..errors import CheckpointError, ConfigError
 from ..models import ThinkfastForCausalLM, from_teacher
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, usual_permissions
 from .losses import KL_KINDS, hidden_loss, matrix_loss, vocab_loss
 from .trainer import ProgressArg, TrainConfig, TrainResult, barrier, dist_info, pick_device, train
 
@@ -411,6 +411,7 @@ def save_final(model: ThinkfastForCausalLM, out_dir: Path, tokenizer=None) -> No
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        usual_permissions(tmp)
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
     finally:

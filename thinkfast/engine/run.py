@@ -6,7 +6,6 @@ engine never imports the evaluation code; the command passes `thinkfast.eval.gra
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -34,48 +33,14 @@ def load_for_sampling(spec: str, device=None, dtype: torch.dtype = torch.float32
     """(ThinkfastForCausalLM, tokenizer, name) from a thinkfast checkpoint folder (any role), an HF Llama folder,
     a .gguf file or a hub id. Llama teachers are converted to all-attention thinkfast models, so the teacher and
     its students run in the same engine."""
-    from transformers import AutoTokenizer
-
-    from ..models import ThinkfastForCausalLM, from_teacher
-    from ..models.teacher import load_teacher
+    from ..models.teacher import load_thinkfast
 
     path = Path(spec)
     name = path.stem if path.suffix.lower() == ".gguf" else (path.name or str(spec))
-    cfg_file = path / "config.json"
-    if path.is_dir() and cfg_file.is_file():
-        try:
-            model_type = json.loads(cfg_file.read_text()).get("model_type")
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); re-save the checkpoint") from None
-        if model_type == "thinkfast":
-            if not list(path.glob("*.safetensors")):
-                raise CheckpointError(f"{path}: no *.safetensors weights; save the model with save_pretrained()")
-            try:
-                model = ThinkfastForCausalLM.from_pretrained(str(path), dtype=dtype)
-            except Exception as e:
-                raise CheckpointError(f"{path}: could not load the thinkfast checkpoint ({str(e).splitlines()[0][:200]})") from None
-            try:
-                tok = AutoTokenizer.from_pretrained(str(path))
-            except Exception:
-                tok = None
-            return _placed(model, device), _need_tokenizer(tok, spec), name
-    elif path.exists() and not path.is_dir() and path.suffix.lower() != ".gguf":
-        raise CheckpointError(f"--model {spec}: not a checkpoint folder or a .gguf file")
-    elif path.is_dir():
-        raise CheckpointError(f"--model {spec}: no config.json; point it at a save_pretrained() folder or a .gguf file")
-    teacher, tok = load_teacher(spec, dtype=dtype)
-    model = teacher if isinstance(teacher, ThinkfastForCausalLM) else from_teacher(teacher, kind="teacher")
-    return _placed(model.eval(), device), _need_tokenizer(tok, spec), name
-
-
-def _placed(model, device):
-    return model if device is None else model.to(device)
-
-
-def _need_tokenizer(tok, spec):
+    model, tok = load_thinkfast(spec, dtype=dtype, device=device, where="--model")
     if tok is None:
         raise CheckpointError(f"--model {spec}: no tokenizer found beside the weights; save one there (tokenizer.save_pretrained)")
-    return tok
+    return model, tok, name
 
 
 def encode_prompt(tokenizer, text: str, templated: bool) -> list[int]:

@@ -48,27 +48,14 @@ AGGREGATIONS = ("last", "min", "mean", "product")
 
 def load_backbone(path, device=None, dtype=torch.float32):
     """(ThinkfastForCausalLM, tokenizer) from a thinkfast or Llama-family checkpoint folder (or GGUF file)."""
-    from transformers import AutoTokenizer
+    from ..models.teacher import load_thinkfast
 
-    from ..models import ThinkfastForCausalLM, from_teacher
-    from ..models.teacher import load_teacher
-
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         raise CheckpointError(f"backbone {path} does not exist; point --backbone at a checkpoint folder (a student or teacher)")
-    cfg_file = path / "config.json"
-    if path.is_dir() and cfg_file.is_file() and json.loads(cfg_file.read_text()).get("model_type") == "thinkfast":
-        try:
-            model = ThinkfastForCausalLM.from_pretrained(str(path), dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except OSError as e:
-            raise CheckpointError(f"backbone {path}: could not load ({str(e).splitlines()[0][:200]}); does it hold the model and its tokenizer?") from None
-    else:
-        teacher, tokenizer = load_teacher(str(path), dtype=dtype)
-        model = from_teacher(teacher, kind="teacher")
+    model, tokenizer = load_thinkfast(str(path), dtype=dtype, device=device or "cpu", where="backbone")
     if tokenizer is None:
         raise CheckpointError(f"backbone {path}: no tokenizer found beside the weights; save the tokenizer into that folder")
-    return model.to(device or "cpu").eval(), tokenizer
+    return model, tokenizer
 
 
 def question_text(question: str | None, tokenizer) -> str:
@@ -196,7 +183,6 @@ class OutcomeRewardModel(nn.Module):
             self.tokenizer.save_pretrained(tmp / "backbone")
             save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_FILE))
             (tmp / ORM_CONFIG).write_text(json.dumps({"type": "orm", **asdict(self.cfg)}, indent=2) + "\n")
-            tmp.chmod(0o755)
 
     @classmethod
     def load(cls, path, device=None) -> "OutcomeRewardModel":

@@ -154,6 +154,36 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, tr
     return _placed(model.eval(), device), _load_tokenizer(folder, tok_kwargs)
 
 
+def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None, where: str = "--model",
+                   trust_remote_code: bool = False):
+    """(ThinkfastForCausalLM, tokenizer or None) from a thinkfast folder of any role, or from anything
+    `load_teacher` reads (HF Llama folder, .gguf, hub id), converted to an all-attention thinkfast model."""
+    from transformers import AutoTokenizer
+
+    from .hf import ThinkfastForCausalLM
+    from .transfer import from_teacher
+
+    path = Path(spec)
+    cfg_file = path / "config.json"
+    if path.is_dir() and cfg_file.is_file() and _read_config_json(path).get("model_type") == "thinkfast":
+        if not list(path.glob("*.safetensors")):
+            raise CheckpointError(f"{where} {spec}: no *.safetensors weights; save the model with save_pretrained()")
+        try:
+            model = ThinkfastForCausalLM.from_pretrained(str(path), dtype=dtype)
+        except Exception as e:
+            raise CheckpointError(f"{where} {spec}: could not load the thinkfast checkpoint ({_first_line(e)})") from None
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except Exception:
+            tok = None
+        return _placed(model.eval(), device), tok
+    if path.is_dir() and not cfg_file.is_file():
+        raise CheckpointError(f"{where} {spec}: no config.json; point it at a save_pretrained() folder or a .gguf file")
+    teacher, tok = load_teacher(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = teacher if isinstance(teacher, ThinkfastForCausalLM) else from_teacher(teacher, kind="teacher")
+    return _placed(model.eval(), device), tok
+
+
 def _placed(model, device):
     return model if device is None else model.to(device)
 

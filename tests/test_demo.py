@@ -1,0 +1,103 @@
+"""`thinkfast demo --quick`: the whole pipeline on the embedded teacher, its outputs, resume and refusal."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from thinkfast import demo as demo_module
+from thinkfast.cli import main
+from thinkfast.data import load_problems
+from thinkfast.eval.samples import read_samples
+
+ROLES = {"teacher": "teacher", "llamba": "llamba", "hybrid": "hybrid"}
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_quick_demo_writes_the_report_contract(quick_demo):
+    m = json.loads((quick_demo / "metrics.json").read_text())
+    assert m["wall_seconds"] > 0 and load_problems(m["dataset"])  # the held-out spec reads back
+    assert set(m["models"]) == set(ROLES)
+    for name, role in ROLES.items():
+        entry = m["models"][name]
+        assert entry["role"] == role
+        assert set(entry["pass_at_k"]) == {"1", "2", "4"}  # --quick: n = 4
+        for key in ("maj_at_k", "pass_at_k"):
+            assert all(0.0 <= v <= 1.0 for v in entry[key].values())
+        assert entry["seconds_per_sample"] > 0 and entry["tokens_per_second"] > 0
+        assert "bon_at_k" in entry and "weighted_bon_at_k" in entry
+        model = AutoModelForCausalLM.from_pretrained(quick_demo / "models" / name)
+        assert model.config.role == role and (quick_demo / "models" / name / "tokenizer.json").is_file()
+    assert [c["claim"] for c in m["claims"]]  # each target is stated with what was measured
+    for png in ("coverage_vs_k.png", "coverage_vs_seconds.png", "accuracy_vs_k.png", "accuracy_vs_seconds.png"):
+        assert (quick_demo / png).stat().st_size > 1000
+    assert "DID NOT HOLD" in (quick_demo / "report.md").read_text() or "held" in (quick_demo / "report.md").read_text()
+
+
+def test_demo_samples_can_be_reproduced_with_thinkfast_sample(quick_demo, capsys):
+    m = json.loads((quick_demo / "metrics.json").read_text())
+    settings = m["demo"]["settings"]
+    samples = quick_demo / "samples" / "llamba.jsonl"
+    before = samples.read_bytes()
+    # the same configuration from the command line: everything is already there, nothing is redone
+    rc = main(["sample", "--model", str(quick_demo / "models" / "llamba"), "--data", m["dataset"], "--n", str(settings["n"]),
+               "--temperature", str(settings["temperature"]), "--top-p", str(settings["top_p"]),
+               "--max-new-tokens", str(settings["max_new_tokens"]), "--seed", str(settings["seed"]),
+               "--out", str(samples), "--quiet"])
+    assert rc == 0 and "nothing to do" in capsys.readouterr().out
+    assert samples.read_bytes() == before
+    assert len(read_samples(samples).samples) == settings["problems"] * settings["n"]
+
+
+def test_rerun_skips_finished_steps_and_other_settings_are_refused(quick_demo, capsys):
+    state = json.loads((quick_demo / "demo.json").read_text())
+    assert state["done"] == list(demo_module.STEPS)
+    assert main(["demo", "--quick", "--out", str(quick_demo), "--no-progress"]) == 0
+    assert "done in an earlier run" in capsys.readouterr().out
+    assert main(["demo", "--quick", "--n", "2", "--out", str(quick_demo), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0]
+
+
+def test_interrupted_demo_continues_from_the_last_finished_step(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    calls = []
+    original = demo_module.Demo.step_hybrid
+
+    def crash(self):
+        calls.append("crash")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module.Demo, "step_hybrid", crash)
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 130
+    assert json.loads((out / "demo.json").read_text())["done"] == ["data", "teacher", "llamba"]
+    monkeypatch.setattr(demo_module.Demo, "step_hybrid", original)
+    monkeypatch.setattr(demo_module.Demo, "step_llamba", lambda self: calls.append("llamba again"))
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert calls == ["crash"]  # the finished llamba step was not redone
+    assert json.loads((out / "demo.json").read_text())["done"] == list(demo_module.STEPS)
+
+
+def test_out_folder_with_other_content_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_hybrid_keeps_attention_where_stage_two_was_hardest(tmp_path):
+    d = demo_module.Demo(tmp_path / "run", demo_module.DemoSettings.quick_settings(), progress=False, log=lambda m: None)
+    assert d.hybrid_attention_layers() is None  # no Llamba run yet: the evenly spread default
+    log = d.out / "work" / "llamba" / "train_log.jsonl"
+    log.parent.mkdir(parents=True)
+    rows = [{"stage": "hidden", "step": 1, "layer0": 9.0, "layer1": 1.0, "layer2": 2.0, "layer3": 3.0},
+            {"stage": "hidden", "step": 2, "layer0": 4.1, "layer1": 2.0, "layer2": 2.0, "layer3": 11.6},
+            {"stage": "kd", "step": 1, "loss": 0.5}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert d.hybrid_attention_layers() == [3]  # the last stage-2 record, one layer in four

@@ -1,0 +1,103 @@
+"""The embedded default: worked solutions, the byte tokenizer, the shipped teacher and the recipe that made it."""
+
+import json
+import tomllib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from thinkfast.data import load_problems
+from thinkfast.data.tokenizer import build_byte_tokenizer
+from thinkfast.data.worked import sum_solution
+from thinkfast.distill.recipes import RECIPE_DIR
+from thinkfast.embedded import TEACHER_SPEC, TINY_TEACHER, train_teacher
+from thinkfast.eval.grading import grade
+
+
+@pytest.mark.parametrize("expression", ["7 + 5", "999 + 1 + 0", "47 + 77 + 60 + 9999", "0 + 0"])
+def test_worked_sum_solutions_are_correct_and_graded_right(expression):
+    total = sum(int(t) for t in expression.split("+"))
+    sol = sum_solution(expression)
+    assert sol.endswith(f"#### {total}")
+    assert grade(sol, str(total), "number") is True and grade(sol, str(total + 1), "number") is False
+    # every column line is true arithmetic
+    for line in sol.splitlines():
+        if "=" in line and ":" in line and "write" in line:
+            lhs, rhs = line.split(": ", 1)[1].split(",")[0].split("=")
+            assert sum(int(x) for x in lhs.split("+")) == int(rhs), line
+
+
+def test_worked_solutions_are_hundreds_of_tokens():
+    problems = load_problems(TEACHER_SPEC.replace("size=150000", "size=300"))
+    lengths = [len(p.solution) for p in problems]
+    assert all(p.solution and p.solution.endswith("#### " + p.answer) for p in problems)
+    assert sum(lengths) / len(lengths) > 250 and max(lengths) > 600
+
+
+def test_byte_tokenizer_roundtrips_any_text_and_has_a_chat_template(tmp_path):
+    tok = build_byte_tokenizer()
+    text = "Calculate 13 + 92.\nso 13 + 92 = 105 ✓ é"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and len(ids) == len(text.encode())
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    prompt = again.apply_chat_template([{"role": "user", "content": "Calculate 1 + 2."}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n") and again.eos_token == "<|im_end|>"
+
+
+def test_shipped_teacher_matches_its_recipe_and_loads():
+    recipe = tomllib.loads((RECIPE_DIR / "tiny-teacher.toml").read_text())
+    cfg = json.loads((TINY_TEACHER / "config.json").read_text())
+    for key, value in recipe["architecture"].items():
+        assert cfg[key] == value, key
+    assert cfg["attn_layers"] == list(range(cfg["n_layers"])) and cfg["n_kv_heads"] < cfg["n_heads"]  # GQA
+    model = AutoModelForCausalLM.from_pretrained(TINY_TEACHER)
+    tok = AutoTokenizer.from_pretrained(TINY_TEACHER)
+    assert model.config.role == "teacher" and len(tok) == cfg["vocab_size"]
+
+
+def test_shipped_teacher_solves_a_sum_greedily():
+    model = AutoModelForCausalLM.from_pretrained(TINY_TEACHER).eval()
+    tok = AutoTokenizer.from_pretrained(TINY_TEACHER)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Calculate 23 + 45."}], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    lm = model.lm
+    with torch.no_grad():
+        state = lm.allocate_state(1, 512)
+        logits = lm(ids, state=state).logits[:, -1]
+        out, pos = [], ids.shape[1]
+        for _ in range(200):
+            nxt = logits.argmax(-1)
+            if nxt.item() == tok.eos_token_id:
+                break
+            out.append(nxt.item())
+            logits = lm.step(nxt, torch.tensor([pos]), state)
+            pos += 1
+    assert grade(tok.decode(out), "68", "number") is True, tok.decode(out)
+
+
+def test_teacher_recipe_still_trains(tmp_path):
+    # the recipe as shipped, on a slice of its data (its full 150k problems take minutes to prepare)
+    small = TEACHER_SPEC.replace("size=150000", "size=64")
+    model = train_teacher("tiny-teacher", tmp_path / "t", tokens=4096, progress=False, flags={"data": [small]})
+    assert model.config.role == "teacher"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "t")
+    assert loaded.config.prompt_style == {"instruction": "none"}
+    assert (tmp_path / "t" / "tokenizer.json").is_file()
+
+
+def test_written_model_folders_are_readable_like_any_folder(tmp_path):
+    # temporary folders start 0700 and transformers writes model.safetensors 0600; outputs get the usual modes
+    import os
+    import stat
+
+    from thinkfast.utils import atomic_dir
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_TEACHER)
+    with atomic_dir(tmp_path / "m") as d:
+        model.save_pretrained(d)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o666 & ~umask
