@@ -163,3 +163,12 @@ def test_sharded_ranks_merge_into_the_single_process_file(setup, tmp_path, monke
         assert main(_args(root, spec, merged)) == 0
     assert not list(tmp_path.glob("merged.jsonl.part*"))
     assert _content(merged) == _content(single)
+
+
+@pytest.mark.parametrize("command", [["sample", "--model", "m", "--data", "d", "--out", "o"], ["bench"], ["demo"]])
+def test_threads_must_be_positive(command, capsys):
+    # torch.set_num_threads(-1) would raise a RuntimeError traceback; argparse refuses the value first
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--threads", "-1"])
+    assert e.value.code == 2
+    assert "argument --threads: -1 must be at least 1" in capsys.readouterr().err.splitlines()[-1]

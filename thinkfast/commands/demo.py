@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from . import positive_int
+
 
 def add_parsers(sub) -> None:
     d = sub.add_parser(
@@ -17,11 +19,11 @@ def add_parsers(sub) -> None:
     d.add_argument("--out", default="thinkfast-demo", help="output folder (default: ./thinkfast-demo)")
     d.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in a few minutes (tiny budgets, no quality claims)")
     d.add_argument("--teacher", help="a thinkfast all-attention teacher folder instead of the embedded one (e.g. from train-teacher)")
-    d.add_argument("--problems", type=int, help="held-out problems (default 24; --quick 4)")
-    d.add_argument("--n", type=int, help="samples per problem and model (default 32; --quick 4)")
+    d.add_argument("--problems", type=positive_int, help="held-out problems (default 24; --quick 4)")
+    d.add_argument("--n", type=positive_int, help="samples per problem and model (default 32; --quick 4)")
     d.add_argument("--temperature", type=float, help="sampling temperature (default 1.3)")
-    d.add_argument("--batch-size", type=int, help="engine slots (default 64)")
-    d.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    d.add_argument("--batch-size", type=positive_int, help="engine slots (default 64)")
+    d.add_argument("--threads", type=positive_int, help="torch CPU threads (default: all cores)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo_command)
 
@@ -35,7 +37,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--tokens", help="token budget (overrides the recipe; e.g. 2M)")
     t.add_argument("--resume", action="store_true", help="continue a killed run in --out")
-    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--threads", type=positive_int, help="torch CPU threads")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=run_train_teacher)
 
@@ -43,11 +45,7 @@ def add_parsers(sub) -> None:
 def _threads(n):
     import torch
 
-    from ..errors import ConfigError
-
-    if n is not None:
-        if n < 1:
-            raise ConfigError(f"--threads {n}: use at least 1")
+    if n is not None:  # validated by argparse (positive_int)
         torch.set_num_threads(n)
 
 
@@ -64,10 +62,6 @@ def run_demo_command(args) -> int:
 
     _threads(args.threads)
     _quiet_hf()
-    for name in ("problems", "n", "batch_size"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {v}: use at least 1")
     if args.temperature is not None and args.temperature < 0:
         raise ConfigError(f"--temperature {args.temperature}: use 0 (greedy) or more")
     t0 = time.perf_counter()

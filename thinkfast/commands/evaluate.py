@@ -5,16 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ThinkfastError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+from . import positive_int as _positive_int
 
 
 def _ks(text: str) -> list[int]:

@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 from ..errors import ConfigError
+from . import positive_int
 
 
 def add_parsers(sub) -> None:
@@ -38,7 +39,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--name", default=None, help="model name in the samples file (default: the checkpoint folder's name)")
     p.add_argument("--no-grade", action="store_true", help="do not grade (answer and correct stay null)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the fused SSM update (auto: GPU only)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
@@ -56,7 +57,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     b.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the fused SSM update (auto: GPU only)")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads per row (default: torch's default)")
+    b.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per row (default: torch's default)")
     b.add_argument("--repeats", type=int, default=1, help="timed runs per row; the fastest counts (default 1)")
     b.add_argument("--no-isolate", action="store_true", help="run rows in this process (faster; peak memory less exact)")
     b.set_defaults(func=cmd_bench)
