@@ -92,6 +92,37 @@ def test_another_configuration_is_refused_and_the_file_left_untouched(setup, tmp
     assert out.read_bytes() == before
 
 
+def test_retrained_weights_are_refused_and_a_moved_folder_resumes(setup, tmp_path, capsys):
+    """The config hash covers the model's weights, not its path."""
+    import shutil
+
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    model_dir = tmp_path / "model"
+    shutil.copytree(root / "hybrid", model_dir)
+    args = _args(root, spec, out, "--name", "student")
+    args[args.index("--model") + 1] = str(model_dir)
+    full = tmp_path / "full.jsonl"
+    assert main(args[:args.index("--out") + 1] + [str(full)] + args[args.index("--out") + 2:]) == 0
+    lines = full.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:4]))
+    moved = tmp_path / "moved"
+    model_dir.rename(moved)
+    args[args.index("--model") + 1] = str(moved)
+    assert main(args) == 0  # same weights elsewhere: the file resumes
+    assert _content(out) == _content(full)
+    model = ThinkfastForCausalLM.from_pretrained(moved)
+    with torch.no_grad():
+        model.lm.embed.weight.add_(0.01)
+    model.save_pretrained(moved)  # "retrained" in place
+    out.write_text("".join(lines[:4]))
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "another sampling configuration" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--n", "0"], "at least 1 sample"),
     (["--top-p", "1.5"], "top-p"),

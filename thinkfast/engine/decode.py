@@ -28,10 +28,11 @@ def ssm_update_(hT: torch.Tensor, x: torch.Tensor, B: torch.Tensor, C: torch.Ten
 
     hT (n, Hx, g, N, P) fp32: the state transposed, P innermost (see `engine_state`); x (n, Hx, 1 or g, P);
     B (n, Hx, N); C (n, Hx, g, N); a (n, Hx, g) the decay.  h <- a h + x B^T ; y = h C  -> (n, Hx, g, P) fp32.
-    With P innermost the update is one fused multiply-add pass and the readout a row-vector product.
+    Both updates write into the state itself (no state-sized temporary: at CPU sizes the state lives in cache
+    and a temporary doubles its traffic); the readout is a row-vector product along P.
     """
-    xB = B.float()[:, :, None, :, None] * x.float()[..., None, :]  # (n, Hx, 1 or g, N, P): once per group
-    torch.addcmul(xB, hT, a.float()[..., None, None], out=hT)
+    hT.mul_(a.float()[..., None, None])
+    hT.addcmul_(B.float()[:, :, None, :, None], x.float()[..., None, :])
     return torch.matmul(C.float()[..., None, :], hT)[..., 0, :]
 
 

@@ -84,9 +84,44 @@ class SampleSummary:
     wall_seconds: float
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+
+
+def _file_fingerprint(path: Path, h, whole_below: int = 64 * 2**20, blocks: int = 32, block: int = 2**16) -> None:
+    """Feed `path`'s size and content into the hash `h`: all of it when small, else evenly spaced blocks (a few MB
+    read from a multi-GB checkpoint; any retraining changes them)."""
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with path.open("rb") as f:
+        if size <= whole_below:
+            for chunk in iter(lambda: f.read(2**20), b""):
+                h.update(chunk)
+            return
+        for i in range(blocks):
+            f.seek((size - block) * i // (blocks - 1))
+            h.update(f.read(block))
+
+
+def model_fingerprint(model_spec: str) -> str:
+    """What identifies the model a samples file was drawn from: a hash of its weight files (and config) when the
+    spec is a local folder or file, so that moving the folder keeps a file resumable and retraining into the same
+    folder does not; the spec itself otherwise (a hub id)."""
+    import hashlib
+
+    path = Path(model_spec)
+    if not path.exists():
+        return str(model_spec)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+    h = hashlib.sha256()
+    for f in files:
+        _file_fingerprint(f, h)
+    return "weights:" + h.hexdigest()[:16]
+
+
 def sample_config(model_spec: str, data_spec: str, n: int, params: SamplingParams, seed: int, style: PromptStyle) -> dict:
     """What the samples depend on; its hash tags every line of the file."""
-    model_id = str(Path(model_spec).resolve()) if Path(model_spec).exists() else model_spec
+    model_id = model_fingerprint(model_spec)
     return {
         "model": model_id, "data": data_spec, "n": n, "temperature": params.temperature, "top_p": params.top_p,
         "top_k": params.top_k, "min_p": params.min_p, "max_new_tokens": params.max_new_tokens, "stop": list(params.stop),
