@@ -73,3 +73,60 @@ def test_low_precision_inputs_accumulate_in_fp32():
     y_ref, h_ref = ssd_sequential(*[t.float() for t in lo])
     torch.testing.assert_close(h_lo, h_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y_lo.float(), y_ref, rtol=1e-2, atol=1e-2)
+
+
+def _simple_gla_reference(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, **kwargs):
+    """flash-linear-attention's documented simple-GLA contract, as a loop: tensors (b, T, H, *), g the per-head
+    log forget gate, S_t = exp(g_t) S_{t-1} + k_t^T v_t with S (K, V), o_t = scale * q_t S_t."""
+    b, T, H, K = q.shape
+    S = torch.zeros(b, H, K, v.shape[-1]) if initial_state is None else initial_state.clone()
+    out = []
+    for t in range(T):
+        S = S * torch.exp(g[:, t])[..., None, None] + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(out, 1), (S if output_final_state else None)
+
+
+def test_fla_adapter_maps_ssd_onto_simple_gla():
+    """q = C, k = B, v = x, g = log a, scale 1, and the state transposed: checked against fla's contract."""
+    from thinkfast.ops.ssd import ssd_fla
+
+    x, log_a, B, C = random_inputs(2, 37, 3, 4, 5)
+    h0 = torch.randn(2, 3, 4, 5)
+    y_ref, h_ref = ssd_sequential(x, log_a, B, C, initial_state=h0)
+    y, h = ssd_fla(_simple_gla_reference, x, log_a, B, C, initial_state=h0, return_final_state=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    y0_ref, _ = ssd_sequential(x, log_a, B, C)
+    torch.testing.assert_close(ssd_fla(_simple_gla_reference, x, log_a, B, C), y0_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_keeps_pytorch_path_for_cpu_and_for_training(monkeypatch):
+    import thinkfast.ops.ssd as ssd
+
+    calls = []
+    monkeypatch.setattr(ssd, "fla_kernel", lambda: (lambda *a, **k: calls.append(1) or _simple_gla_reference(*a, **k)))
+    x, log_a, B, C = random_inputs(1, 9, 2, 4, 3, requires_grad=True)
+    y = ssd.ssd_scan(x, log_a, B, C, chunk_size=4)
+    y.sum().backward()  # the PyTorch path: differentiable
+    assert not calls and x.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_fla_kernel_equals_chunked_scan_on_gpu(dtype):
+    from thinkfast.ops.ssd import fla_kernel, ssd_fla
+
+    kernel = fla_kernel()
+    if kernel is None:
+        pytest.skip("flash-linear-attention (fla-core) is not installed")
+    x, log_a, B, C = (t.cuda() for t in random_inputs(4, 300, 8, 64, 64))
+    h0 = torch.randn(4, 8, 64, 64, device="cuda")
+    x, B, C = x.to(dtype), B.to(dtype), C.to(dtype)
+    y_ref, h_ref = ssd_chunked(x, log_a, B, C, initial_state=h0, return_final_state=True)
+    y, h = ssd_fla(kernel, x, log_a, B, C, initial_state=h0, return_final_state=True)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(h, h_ref, rtol=tol, atol=tol)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.ssd import ssd_chunked, ssd_matrix, ssd_step
+from ..ops.ssd import ssd_matrix, ssd_scan, ssd_step
 from .config import ModelConfig
 
 
@@ -304,7 +304,7 @@ class Mamba2Mixer(nn.Module):
             m = attention_mask.to(log_a.dtype)
             log_a = log_a * m[..., None]
             x_in = x_in * m[..., None, None].to(x_in.dtype)
-        y, final = ssd_chunked(x_in, log_a, B, C, self.cfg.chunk_size, return_final_state=True)
+        y, final = ssd_scan(x_in, log_a, B, C, self.cfg.chunk_size, return_final_state=True)
         if cache is not None:
             cache.ssm.copy_(final)
         y = y + self.D.to(y.dtype)[:, None] * xh

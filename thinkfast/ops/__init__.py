@@ -1,3 +1,3 @@
-from .ssd import ssd_chunked, ssd_matrix, ssd_sequential, ssd_step
+from .ssd import ssd_chunked, ssd_matrix, ssd_scan, ssd_sequential, ssd_step
 
-__all__ = ["ssd_chunked", "ssd_step", "ssd_matrix", "ssd_sequential"]
+__all__ = ["ssd_chunked", "ssd_scan", "ssd_step", "ssd_matrix", "ssd_sequential"]

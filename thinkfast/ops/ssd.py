@@ -9,8 +9,14 @@ All three paths accumulate in fp32 whatever the input dtype; tests hold them equ
 
 from __future__ import annotations
 
+import inspect
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 def segsum(log_a: torch.Tensor) -> torch.Tensor:
@@ -80,6 +86,53 @@ def ssd_chunked(
 
     y = y.reshape(b, c * L, H, P)[:, :T].to(out_dtype)
     return (y, final_state) if return_final_state else y
+
+
+def fla_kernel():
+    """flash-linear-attention's chunked simple-GLA function when `fla` is installed (and THINKFAST_FLA is not
+    0), else None. Simple GLA is SSD under other names: q = C, k = B, v = x, g = log a, scale 1."""
+    if os.environ.get("THINKFAST_FLA", "1") == "0":
+        return None
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:  # not installed, or no usable Triton here
+        return None
+    return chunk_simple_gla
+
+
+_fla_failed = False
+
+
+def ssd_fla(kernel, x, log_a, B, C, initial_state=None, return_final_state=False):
+    """`ssd_chunked` computed by fla's kernel (`kernel(q, k, v, g, scale, initial_state, output_final_state)`,
+    tensors (b, T, H, *), state (b, H, K=N, V=P)). Same returns as `ssd_chunked`."""
+    dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    q, k, v = (t.to(dtype).contiguous() for t in (C, B, x))
+    h0 = None if initial_state is None else initial_state.float().transpose(-1, -2).contiguous()
+    extra = {"head_first": False} if "head_first" in inspect.signature(kernel).parameters else {}
+    y, final = kernel(q, k, v, g=log_a.float().contiguous(), scale=1.0, initial_state=h0,
+                      output_final_state=return_final_state, **extra)
+    y = y.to(x.dtype)
+    if not return_final_state:
+        return y
+    return y, final.float().transpose(-1, -2)
+
+
+def ssd_scan(x, log_a, B, C, chunk_size: int = 64, initial_state=None, return_final_state: bool = False):
+    """The chunked scan through the fastest path available: fla's Triton kernel for CUDA inputs outside
+    autograd (prefill; its backward needs a newer Triton than some GPUs ship), else `ssd_chunked`.
+    If the kernel fails once (unsupported GPU or Triton), it is not tried again in this process."""
+    global _fla_failed
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, log_a, B, C))
+    if x.is_cuda and not grad and not _fla_failed:
+        kernel = fla_kernel()
+        if kernel is not None:
+            try:
+                return ssd_fla(kernel, x, log_a, B, C, initial_state, return_final_state)
+            except Exception as e:
+                _fla_failed = True
+                log.warning("flash-linear-attention kernel failed (%s); using the PyTorch chunked scan", e)
+    return ssd_chunked(x, log_a, B, C, chunk_size, initial_state, return_final_state)
 
 
 def ssd_step(state: torch.Tensor, x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
