@@ -1,6 +1,6 @@
 """`thinkfast demo`: the paper's experiment end to end at laptop scale, on the embedded teacher.
 
-    teacher (shipped) -> Llamba student by MOHAWK 1-3 -> hybrid student by reverse KL -> SFT of both
+    teacher (shipped) -> Llamba student by MOHAWK 1-3 -> hybrid student by hidden alignment + KD (forward KL) -> SFT of both
     -> n samples per held-out problem for all three in the same engine -> grade -> outcome reward model
     trained on a training split -> report (coverage, majority, Best-of-N against k and against seconds)
 

@@ -12,7 +12,7 @@ def add_parsers(sub) -> None:
         "demo",
         help="distil the embedded teacher into Llamba and hybrid students and compare them at a fixed time budget",
         description="The paper's experiment at laptop scale: embedded teacher -> Llamba (MOHAWK 1-3) and hybrid "
-        "(reverse KL) students -> SFT -> n samples per held-out problem for all three in the same engine -> grading "
+        "(hidden alignment + KD, attention kept in a quarter of the layers) students, forward KL -> SFT -> n samples per held-out problem for all three in the same engine -> grading "
         "-> outcome reward model -> report.md, metrics.json and plots in --out. Re-running the same command "
         "continues an interrupted run.",
     )
