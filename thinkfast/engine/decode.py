@@ -64,11 +64,12 @@ class CompiledStep:
         self.state = step.state
         # only the row count and the context length vary: every tensor the step holds (state, fused weights,
         # tables) keeps its sizes, else equal sizes get unified with the row count and force recompiles
-        held = [t for c in step.state.caches for t in vars(c).values() if torch.is_tensor(t)]
+        held = [t for c in step.state.caches for t in vars(c).values()]
         for v in vars(step).values():
-            held += [v] if torch.is_tensor(v) else [t for t in v.values() if torch.is_tensor(t)] if isinstance(v, dict) else []
+            held += list(v.values()) if isinstance(v, dict) else [v]
         for t in held:
-            torch._dynamo.mark_static(t)
+            if torch.is_tensor(t):
+                torch._dynamo.mark_static(t)
         self.compiled = torch.compile(step.__call__, dynamic=True)
         self.failed: str | None = None
 
