@@ -203,3 +203,27 @@ def test_threads_must_be_positive(command, capsys):
         main([*command, "--threads", "-1"])
     assert e.value.code == 2
     assert "argument --threads: -1 must be at least 1" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_large_weight_files_are_fingerprinted_by_sampled_blocks(tmp_path):
+    """Multi-GB checkpoints are not read whole: evenly spaced blocks (first and last included) and the size."""
+    import hashlib
+
+    from thinkfast.engine.run import _file_fingerprint
+
+    def digest(path):
+        h = hashlib.sha256()
+        _file_fingerprint(path, h, whole_below=1024, blocks=4, block=64)
+        return h.hexdigest()
+
+    f = tmp_path / "model.safetensors"
+    data = bytearray(range(256)) * 40  # 10 KiB
+    f.write_bytes(bytes(data))
+    base = digest(f)
+    for offset in (0, len(data) - 1, (len(data) - 64) // 3 + 10):  # inside the first, last and second block
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        f.write_bytes(bytes(changed))
+        assert digest(f) != base
+    f.write_bytes(bytes(data) + b"\0")  # the size counts too
+    assert digest(f) != base
