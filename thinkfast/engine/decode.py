@@ -61,7 +61,6 @@ class CompiledStep:
 
     def __init__(self, step: DecodeStep):
         self.step = step
-        self.state = step.state
         # only the row count and the context length vary: every tensor the step holds (state, fused weights,
         # tables) keeps its sizes, else equal sizes get unified with the row count and force recompiles
         held = [t for c in step.state.caches for t in vars(c).values()]

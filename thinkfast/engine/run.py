@@ -6,6 +6,7 @@ engine never imports the evaluation code; the command passes `thinkfast.eval.gra
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import time
@@ -106,8 +107,6 @@ def model_fingerprint(model_spec: str) -> str:
     """What identifies the model a samples file was drawn from: a hash of its weight files (and config) when the
     spec is a local folder or file, so that moving the folder keeps a file resumable and retraining into the same
     folder does not; the spec itself otherwise (a hub id)."""
-    import hashlib
-
     path = Path(model_spec)
     if not path.exists():
         return str(model_spec)
