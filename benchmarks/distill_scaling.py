@@ -40,7 +40,9 @@ def main() -> None:
     ap.add_argument("demo_dir")
     ap.add_argument("--student", default="hybrid", choices=["hybrid", "llamba"])
     ap.add_argument("--tokens", type=int, default=1_600_000)
-    ap.add_argument("--every", type=int, default=50, help="optimizer steps (8 x 1024 tokens each) between evaluations")
+    ap.add_argument("--every", type=int, default=50, help="optimizer steps between evaluations")
+    ap.add_argument("--rows", type=int, default=8, help="rows per optimizer step (the README's table: 8)")
+    ap.add_argument("--row-tokens", type=int, default=1024, help="tokens per row (the README's table: 1024)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
@@ -81,7 +83,7 @@ def main() -> None:
         log.flush()
 
     evaluate(0, 0)
-    rows_per_step, seq_len = 8, 1024
+    rows_per_step, seq_len = args.rows, args.row_tokens
 
     def every(step, record):
         if step % args.every == 0:

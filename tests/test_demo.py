@@ -101,3 +101,15 @@ def test_hybrid_keeps_attention_where_stage_two_was_hardest(tmp_path):
             {"stage": "kd", "step": 1, "loss": 0.5}]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert d.hybrid_attention_layers() == [3]  # the last stage-2 record, one layer in four
+
+
+def test_demo_recipe_keeps_the_stage_order_and_the_tokens_of_every_step():
+    s = demo_module.DemoSettings()
+    stages = demo_module.distill_stages(s, s.llamba_tokens)
+    assert [st.kind for st in stages] == list(s.llamba_tokens)
+    assert [st.train.tokens for st in stages] == list(s.llamba_tokens.values())
+    # stage 1 may use shorter rows, never fewer tokens per optimizer step
+    assert {st.train.batch_size * st.train.seq_len for st in stages} == {s.distill_batch * s.seq_len}
+    assert [st.loss for st in stages if st.kind == "kd"] == [s.kd_loss]
+    longer = demo_module.distill_stages(demo_module.DemoSettings(seq_len=1024, distill_batch=2), {"matrix": 8192})[0]
+    assert (longer.train.seq_len, longer.train.batch_size) == (s.matrix_seq_len, 4)

@@ -1,6 +1,6 @@
 """`thinkfast demo`: the paper's experiment end to end at laptop scale, on the embedded teacher.
 
-    teacher (shipped) -> Llamba student by MOHAWK 1-3 -> hybrid student by hidden alignment + KD (forward KL) -> SFT of both
+    teacher (shipped) -> Llamba student by MOHAWK 1-3 (forward KL) -> hybrid student by hidden-state alignment -> SFT of both
     -> n samples per held-out problem for all three in the same engine -> grade -> outcome reward model
     trained on a training split -> report (coverage, majority, Best-of-N against k and against seconds)
 
@@ -33,6 +33,12 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 # seed ranges of reasoning-gym's basic_arithmetic (item i uses seed + i): disjoint from the teacher's [1000, 151000)
 DISTILL_SEED, RM_SEED, HELDOUT_SEED = 200_000, 600_000, 900_000
 
+# learning rates: KD from a sweep (8 x 1024-token rows: 2e-3 / 1e-3 / 5e-4 / 2.5e-4 -> KL 0.71 / 0.31 / 0.24 / 0.31;
+# 1-row steps: 5e-4 and 2.5e-4 end level); SFT gently, with a long warmup: a fresh Adam's first steps move every
+# weight by ~lr
+DISTILL_LR = {"matrix": 3e-3, "hidden": 2e-3, "kd": 5e-4, "sft": 1e-4}
+DISTILL_WARMUP = {"matrix": 0.05, "hidden": 0.05, "kd": 0.1, "sft": 0.3}
+
 
 @dataclass
 class DemoSettings:
@@ -45,14 +51,20 @@ class DemoSettings:
     seed: int = 0
     distill_examples: int = 20_000  # problems in the distillation split (more than the budgets below consume)
     llamba_tokens: dict = field(default_factory=lambda: {"matrix": 24_000, "hidden": 150_000, "kd": 300_000, "sft": 40_000})
-    hybrid_tokens: dict = field(default_factory=lambda: {"hidden": 100_000, "kd": 300_000, "sft": 40_000})
-    # forward KL for both students: at these budgets the hybrid's reverse KL (MambaInLlama's choice) stalls
-    # (after 100k hidden + 200k kd tokens, CE on worked solutions 1.72 with reverse KL vs 0.28 with forward)
+    # the hybrid: hidden-state alignment to the teacher, then SFT; no end-to-end KD stage: at these budgets KD
+    # tokens bought less than SFT tokens (benchmarks/distill_recipe.md), the over-trained teacher being nearly
+    # one-hot on these solutions while each KD step also pays a teacher forward
+    hybrid_tokens: dict = field(default_factory=lambda: {"hidden": 200_000, "sft": 300_000})
+    # forward KL for any KD stage (the Llamba's MOHAWK stage 3): at these budgets reverse KL (MambaInLlama's
+    # choice) stalled (hybrid, after 100k hidden + 200k kd tokens, CE on worked solutions 1.72 vs 0.28 forward)
     kd_loss: str = "forward_kl"
-    seq_len: int = 1024
+    # one 512-token row per optimizer step: at a fixed token budget, many small steps beat few large ones here
+    # (hybrid, 100k hidden + 300k KD tokens: KL 0.145 with 8 x 1024-token rows, 0.054 with 2 x 1024, 0.040 with
+    # 1 x 1024, 0.028 with 1 x 512), and small rows also run ~15% more tokens per second on 2 cores
+    seq_len: int = 512
     matrix_seq_len: int = 512  # stage 1 materialises L x L matrices per head: shorter rows, same tokens per step
-    distill_batch: int = 8
-    rm_problems: int = 24  # training-split problems sampled for the reward model
+    distill_batch: int = 1
+    rm_problems: int = 16  # training-split problems sampled for the reward model
     rm_samples: int = 4  # samples per problem and model
     rm_max_len: int = 192
     teacher: str | None = None  # a thinkfast all-attention folder; default the embedded teacher
@@ -63,11 +75,29 @@ class DemoSettings:
         """A smoke run of the whole pipeline in a few minutes: tiny budgets, no quality claims."""
         return cls(problems=4, n=4, max_new_tokens=160, distill_examples=200,
                    llamba_tokens={"matrix": 4096, "hidden": 4096, "kd": 8192, "sft": 4096},
-                   hybrid_tokens={"hidden": 4096, "kd": 8192, "sft": 4096}, seq_len=512, distill_batch=4, rm_problems=4, rm_samples=2,
+                   hybrid_tokens={"hidden": 4096, "sft": 8192}, seq_len=512, distill_batch=4, rm_problems=4, rm_samples=2,
                    rm_max_len=96)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def distill_stages(s: DemoSettings, budgets: dict) -> list:
+    """The demo's distillation recipe: one StageConfig per (stage, tokens) of `budgets`, in order."""
+    from .distill.stages import StageConfig
+    from .distill.trainer import TrainConfig
+
+    common = dict(batch_size=s.distill_batch, seq_len=s.seq_len, log_every=10, ckpt_every=100, seed=s.seed,
+                  weight_decay=0.0)
+    stages = []
+    for stage, tokens in budgets.items():
+        extra = {"loss": s.kd_loss} if stage == "kd" else {}
+        train = TrainConfig(tokens=tokens, lr=DISTILL_LR[stage], warmup=DISTILL_WARMUP[stage], **common)
+        if stage == "matrix" and s.matrix_seq_len < s.seq_len:
+            train = dataclasses.replace(train, seq_len=s.matrix_seq_len,
+                                        batch_size=s.distill_batch * s.seq_len // s.matrix_seq_len)
+        stages.append(StageConfig(stage, train, **extra))
+    return stages
 
 
 class Demo:
@@ -221,26 +251,10 @@ class Demo:
 
     def _distill(self, name: str, kind: str, budgets: dict) -> None:
         from .data.packing import DataConfig
-        from .distill.stages import StageConfig, distill
-        from .distill.trainer import TrainConfig
+        from .distill.stages import distill
 
         s = self.s
-        common = dict(batch_size=s.distill_batch, seq_len=s.seq_len, log_every=10, ckpt_every=25, seed=s.seed,
-                      weight_decay=0.0)
-        # learning rates from a sweep at these budgets (kd 2e-3 / 1e-3 / 5e-4 / 2.5e-4 -> KL 0.71 / 0.31 / 0.24 /
-        # 0.31); SFT gently, with a long warmup: a fresh Adam's first steps move every weight by ~lr
-        lr = {"matrix": 3e-3, "hidden": 2e-3, "kd": 5e-4, "sft": 1e-4}
-        warmup = {"matrix": 0.05, "hidden": 0.05, "kd": 0.1, "sft": 0.3}
-        stages = []
-        for stage, tokens in budgets.items():
-            extra = {}
-            if stage == "kd":
-                extra = {"loss": s.kd_loss}
-            train = TrainConfig(tokens=tokens, lr=lr[stage], warmup=warmup[stage], **common)
-            if stage == "matrix" and s.matrix_seq_len < s.seq_len:
-                train = dataclasses.replace(train, seq_len=s.matrix_seq_len,
-                                            batch_size=s.distill_batch * s.seq_len // s.matrix_seq_len)
-            stages.append(StageConfig(stage, train, **extra))
+        stages = distill_stages(s, budgets)
         data = DataConfig(specs=[self.distill_spec], instruction=PROMPT_STYLE["instruction"], seed=s.seed)
         work = self.out / "work" / name
         attn_layers = self.hybrid_attention_layers() if kind == "hybrid" else None
@@ -329,7 +343,7 @@ STEP_TITLES = {
     "teacher": "the embedded teacher (a small Llama trained on worked solutions)",
     "llamba": "Llamba student: MOHAWK stages 1-3 (matrix, hidden, forward KL), then SFT",
     "hybrid": "hybrid student (attention kept in a quarter of the layers, where Mamba imitated it worst): "
-              "hidden-state alignment, end-to-end KD, then SFT",
+              "hidden-state alignment to the teacher, then SFT",
     "sample": "sampling every model on the held-out problems in the same engine, grading as it goes",
     "reward": "outcome reward model: sample a training split, train the verifier, score every sample",
     "report": "metrics, plots and report",

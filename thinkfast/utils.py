@@ -88,3 +88,16 @@ def parse_dtype(name: str | None, device: torch.device | None = None) -> torch.d
 
         raise ConfigError(f"dtype {name!r}: use one of auto, {', '.join(table)}")
     return table[name]
+
+
+def progress_bar(total: int, desc: str, unit: str, **kwargs):
+    """A tqdm bar on stderr; when stderr is not a terminal (a log file, CI) it updates every 30 s, not many
+    times a second, so logs stay readable."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    stream = kwargs.pop("file", sys.stderr)
+    interactive = hasattr(stream, "isatty") and stream.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True,
+                mininterval=0.1 if interactive else 30.0, maxinterval=10.0 if interactive else 60.0, **kwargs)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -35,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError, ThinkfastError
-from ..utils import atomic_dir, atomic_write_json, atomic_write_text
+from ..utils import atomic_dir, atomic_write_json, atomic_write_text, progress_bar
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -392,9 +391,7 @@ def train(
     use_bar = progress is True and info.main
     bar = None
     if use_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(total, name, "step", initial=step)
     log_file = open(log_path, "a") if (log_path is not None and info.main) else None
 
     history: list[dict] = []

@@ -243,9 +243,9 @@ def _record(c, problem: Problem, grade, name: str, role: str, hardware: str, con
 def _progress_bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
+    from ..utils import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+    return progress_bar(total, desc, "sample")
 
 
 def _barrier() -> None:

@@ -11,10 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..errors import DataError, ThinkfastError
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, progress_bar
 from .grading import DEFAULT_TIMEOUT, grade_many
 from .reward import ORM_CONFIG, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, load_backbone, train_orm
 from .samples import Sample, read_samples, read_samples_file
@@ -113,7 +111,7 @@ def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregatio
                 qs = questions_for(todo, questions)
                 if isinstance(scorer, ProcessRewardModel) and any(q is None for q in qs):
                     raise DataError("the PRM needs each problem's question; pass --data SPEC")
-                with tqdm(total=len(todo), desc=f"scoring {f.path.name}", unit="sample", leave=False) as bar:
+                with progress_bar(len(todo), f"scoring {f.path.name}", "sample", leave=False) as bar:
                     rewards = scorer.score(qs, [s.completion for s in todo], batch_size=batch_size, progress=bar)
                 for s, r in zip(todo, rewards):
                     s.record["reward"] = float(r)

@@ -1,0 +1,130 @@
+"""The hybrid student's distillation recipe at the demo's token budget: rows per step and the split over stages.
+
+Takes a finished `thinkfast demo` folder and, for each setting `ROWSxLENGTH:STAGE=TOKENS+STAGE=TOKENS...`,
+distils the demo's hybrid again from its teacher (attention at the demo hybrid's layers; the demo's learning
+rates and schedules, `thinkfast.demo.distill_stages`), changing only the rows per optimizer step, the row length
+and the tokens of each stage. Then it samples the first --problems held-out problems greedily, at temperature
+1.0 (4 samples each) and at the demo's 1.3 (8 samples each) in the engine.
+
+    python benchmarks/distill_recipe.py DEMO_DIR --jobs 2 --settings \
+        8x1024:hidden=100000+kd=300000,1x512:hidden=100000+kd=300000,1x512:hidden=200000+sft=300000
+
+Writes benchmarks/distill_recipe.md (and .json); README.md quotes it. --jobs runs settings side by side, one
+thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ANSWER = re.compile(r"#### *(-?\d+)")
+
+
+def run_setting(demo_dir: str, setting: str, problems: int, out_root: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from transformers import AutoTokenizer
+
+    from thinkfast.data import load_problems
+    from thinkfast.data.packing import DataConfig
+    from thinkfast.data.prompts import PromptStyle, render_prompt
+    from thinkfast.demo import DISTILL_SEED, DemoSettings, distill_stages
+    from thinkfast.distill.stages import distill
+    from thinkfast.embedded import PROMPT_STYLE, sums_spec
+    from thinkfast.engine.engine import Engine
+    from thinkfast.engine.run import encode_prompt
+    from thinkfast.engine.sampling import SamplingParams
+    from thinkfast.models import ThinkfastForCausalLM
+
+    demo = Path(demo_dir)
+    shape, _, recipe = setting.partition(":")
+    rows, length = (int(x) for x in shape.split("x"))
+    settings = dataclasses.replace(DemoSettings(), distill_batch=rows, seq_len=length)
+    budgets = {k: int(v) for k, v in (part.split("=") for part in recipe.split("+"))}
+    stages = distill_stages(settings, budgets)
+    attn_layers = json.loads((demo / "models" / "hybrid" / "config.json").read_text())["attn_layers"]
+    tok = AutoTokenizer.from_pretrained(demo / "models" / "teacher")
+    teacher = ThinkfastForCausalLM.from_pretrained(demo / "models" / "teacher")
+    data = DataConfig(specs=[sums_spec(settings.distill_examples, DISTILL_SEED)], instruction=PROMPT_STYLE["instruction"],
+                      seed=settings.seed)
+    out = Path(out_root) / setting.replace(":", "_").replace("+", "_").replace("=", "")
+    t0 = time.time()
+    student = distill(teacher, "hybrid", data, stages, tokenizer=tok, out_dir=out, progress=False, attn_layers=attn_layers)
+    seconds = time.time() - t0
+    last = {}
+    for line in (out / "train_log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        last[row["stage"]] = row["loss"]
+
+    style = PromptStyle(instruction=PROMPT_STYLE["instruction"])
+    spec = f"jsonl:{demo / 'data' / 'heldout.jsonl'}?question=question&answer=answer&id=id&kind=number"
+    held = load_problems(spec)[:problems]
+    prompts = [(p.id, encode_prompt(tok, render_prompt(p, tok, style), True)) for p in held]
+    gold = {p.id: p.answer for p in held}
+
+    def accuracy(temperature: float, n: int) -> float:
+        engine = Engine(student, tok, batch_size=64, compile=False)
+        done = list(engine.generate(prompts, n=n, params=SamplingParams(temperature=temperature, max_new_tokens=1200), seed=1))
+        return sum(bool((m := ANSWER.search(c.text or "")) and m.group(1) == gold[c.problem_id]) for c in done) / len(done)
+
+    student.eval()
+    with torch.no_grad():
+        greedy, warm, hot = accuracy(0.0, 1), accuracy(1.0, 4), accuracy(settings.temperature, 8)
+    return {"setting": setting, "rows": rows, "row_tokens": length, "budgets": budgets,
+            "steps": {s.kind: s.train.tokens // (rows * length) for s in stages},
+            "final_loss": last, "seconds": round(seconds), "tokens_per_second": round(sum(budgets.values()) / seconds),
+            "greedy": greedy, "t1.0": warm, f"t{settings.temperature}": hot}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("demo_dir")
+    ap.add_argument("--settings", required=True, help="comma-separated ROWSxLENGTH:STAGE=TOKENS+STAGE=TOKENS...")
+    ap.add_argument("--problems", type=int, default=24)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/distill_recipe")
+    args = ap.parse_args()
+    demo = Path(args.demo_dir)
+    work = demo / "work" / "distill-recipe"
+    settings = args.settings.split(",")
+    with ProcessPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(run_setting, [str(demo)] * len(settings), settings, [args.problems] * len(settings),
+                                [str(work)] * len(settings)))
+    from thinkfast.demo import DemoSettings
+
+    temp = DemoSettings().temperature
+    lines = [
+        "# The hybrid's distillation recipe at the demo's token budget",
+        "",
+        f"Command: `python benchmarks/distill_recipe.py DEMO_DIR --jobs {args.jobs} --settings {args.settings}` "
+        "(one thread per setting; seconds compare only within this table).",
+        "",
+        "Each row distils the demo's hybrid from the embedded teacher with the demo's learning rates and cosine "
+        "schedules (`thinkfast.demo.distill_stages`), changing only the rows per optimizer step, their length and the "
+        f"tokens per stage. Accuracy: the first {args.problems} held-out problems of DEMO_DIR, greedy, 4 samples at "
+        f"temperature 1.0, 8 at the demo's {temp}. Losses: the last logged window (10 steps) of each stage "
+        "(hidden: L2 distance of block outputs per token, mean over the Mamba layers; kd: KL per token; sft: CE per token).",
+        "",
+        f"| rows x tokens | stages (tokens) | steps | final losses | greedy | T=1.0 | T={temp} | tokens/s |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        stages_txt = " + ".join(f"{k} {v // 1000}k" for k, v in r["budgets"].items())
+        steps_txt = " + ".join(str(v) for v in r["steps"].values())
+        loss_txt = ", ".join(f"{k} {v:.4f}" for k, v in r["final_loss"].items())
+        lines.append(f"| {r['rows']} x {r['row_tokens']} | {stages_txt} | {steps_txt} | {loss_txt} | {r['greedy']:.3f} | "
+                     f"{r['t1.0']:.3f} | {r[f't{temp}']:.3f} | {r['tokens_per_second']:,} |")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
