@@ -92,8 +92,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/distill_recipe")
     args = ap.parse_args()
     demo = Path(args.demo_dir)
+    if not (demo / "models" / "hybrid" / "config.json").is_file() or not (demo / "data" / "heldout.jsonl").is_file():
+        raise SystemExit(f"{demo}: not a finished `thinkfast demo` folder (models/hybrid and data/heldout.jsonl missing)")
     work = demo / "work" / "distill-recipe"
     settings = args.settings.split(",")
+    for setting in settings:
+        if not re.fullmatch(r"\d+x\d+:(matrix|hidden|kd|sft)=\d+(\+(matrix|hidden|kd|sft)=\d+)*", setting):
+            raise SystemExit(f"--settings: {setting!r} is not ROWSxLENGTH:STAGE=TOKENS+...; e.g. 1x512:hidden=200000+sft=300000")
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_setting, [str(demo)] * len(settings), settings, [args.problems] * len(settings),
                                 [str(work)] * len(settings)))

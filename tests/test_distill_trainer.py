@@ -200,3 +200,22 @@ def test_kill_before_the_first_checkpoint_restarts_cleanly(tmp_path, tok):
     res = train(SFTTask(_teacher(tok)), mix(), _tc(5, ckpt_every=0), ckpt_dir=ckpt, log_path=log, progress=False, resume=True)
     steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5] and res.resumed_from == 0
+
+
+def test_progress_bars_write_rarely_into_logs_and_often_to_terminals():
+    import io
+
+    from thinkfast.utils import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    log, tty = io.StringIO(), Terminal()
+    for stream in (log, tty):
+        with progress_bar(1000, "steps", "step", file=stream) as bar:
+            for _ in range(1000):
+                bar.update(1)
+    # a log gets the opening and closing states only; both end at the same final count
+    assert log.getvalue().count("\r") <= 3 and "1000/1000" in log.getvalue()
+    assert bar.mininterval < 1 and "1000/1000" in tty.getvalue()
