@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -93,8 +94,6 @@ def parse_dtype(name: str | None, device: torch.device | None = None) -> torch.d
 def progress_bar(total: int, desc: str, unit: str, **kwargs):
     """A tqdm bar on stderr; when stderr is not a terminal (a log file, CI) it updates every 30 s, not many
     times a second, so logs stay readable."""
-    import sys
-
     from tqdm.auto import tqdm
 
     stream = kwargs.pop("file", sys.stderr)

@@ -11,10 +11,10 @@ def add_parsers(sub) -> None:
     d = sub.add_parser(
         "demo",
         help="distil the embedded teacher into Llamba and hybrid students and compare them at a fixed time budget",
-        description="The paper's experiment at laptop scale: embedded teacher -> Llamba (MOHAWK 1-3) and hybrid "
-        "(hidden alignment + KD, attention kept in a quarter of the layers) students, forward KL -> SFT -> n samples per held-out problem for all three in the same engine -> grading "
-        "-> outcome reward model -> report.md, metrics.json and plots in --out. Re-running the same command "
-        "continues an interrupted run.",
+        description="The paper's experiment at laptop scale: embedded teacher -> Llamba (MOHAWK 1-3, forward KL) "
+        "and hybrid (attention kept in a quarter of the layers, hidden-state alignment) students -> SFT of both -> "
+        "n samples per held-out problem for all three in the same engine -> grading -> outcome reward model -> "
+        "report.md, metrics.json and plots in --out. Re-running the same command continues an interrupted run.",
     )
     d.add_argument("--out", default="thinkfast-demo", help="output folder (default: ./thinkfast-demo)")
     d.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in a few minutes (tiny budgets, no quality claims)")
