@@ -1,7 +1,9 @@
-"""The hybrid student's distillation recipe at the demo's token budget: rows per step and the split over stages.
+"""A demo student's distillation recipe at the demo's token budget: rows per step and the split over stages.
 
-Takes a finished `thinkfast demo` folder and, for each setting `ROWSxLENGTH:STAGE=TOKENS+STAGE=TOKENS...`,
-distils the demo's hybrid again from its teacher (attention at the demo hybrid's layers; the demo's learning
+Takes a finished `thinkfast demo` folder and, for each setting `ROWSxLENGTH[u]:STAGE=TOKENS+STAGE=TOKENS...`
+(`u`: one whole example per row, unpacked, the budget counted in the examples' real tokens),
+distils the demo's hybrid (or, with --student llamba, its Llamba) again from its teacher (the hybrid's attention
+at the demo hybrid's layers; the demo's learning
 rates and schedules, `thinkfast.demo.distill_stages`), changing only the rows per optimizer step, the row length
 and the tokens of each stage. Then it samples the first --problems held-out problems greedily, at temperature
 1.0 (4 samples each) and at the demo's 1.3 (8 samples each) in the engine.
@@ -9,7 +11,8 @@ and the tokens of each stage. Then it samples the first --problems held-out prob
     python benchmarks/distill_recipe.py DEMO_DIR --jobs 2 --settings \
         8x1024:hidden=100000+kd=300000,1x512:hidden=100000+kd=300000,1x512:hidden=200000+sft=300000
 
-Writes benchmarks/distill_recipe.md (and .json); README.md quotes it. --jobs runs settings side by side, one
+Writes --out .md and .json (default benchmarks/distill_recipe-latest); benchmarks/distill_recipe.md collects
+the recorded runs, each with its command, and README.md quotes it. --jobs runs settings side by side, one
 thread each.
 """
 
@@ -26,7 +29,17 @@ from pathlib import Path
 ANSWER = re.compile(r"#### *(-?\d+)")
 
 
-def run_setting(demo_dir: str, setting: str, problems: int, out_root: str) -> dict:
+def steps_of(out: Path) -> dict:
+    """Optimizer steps each stage took, from its log."""
+    steps = {}
+    for line in (out / "train_log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        steps[row["stage"]] = row["step"]
+    return steps
+
+
+def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, student_kind: str = "hybrid",
+                attn_layers: list[int] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -45,18 +58,21 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str) -> di
 
     demo = Path(demo_dir)
     shape, _, recipe = setting.partition(":")
-    rows, length = (int(x) for x in shape.split("x"))
+    unpacked = shape.endswith("u")  # one whole example per row instead of packed rows
+    rows, length = (int(x) for x in shape.rstrip("u").split("x"))
     settings = dataclasses.replace(DemoSettings(), distill_batch=rows, seq_len=length)
     budgets = {k: int(v) for k, v in (part.split("=") for part in recipe.split("+"))}
     stages = distill_stages(settings, budgets)
-    attn_layers = json.loads((demo / "models" / "hybrid" / "config.json").read_text())["attn_layers"]
+    if student_kind == "hybrid" and attn_layers is None:
+        attn_layers = json.loads((demo / "models" / "hybrid" / "config.json").read_text())["attn_layers"]
     tok = AutoTokenizer.from_pretrained(demo / "models" / "teacher")
     teacher = ThinkfastForCausalLM.from_pretrained(demo / "models" / "teacher")
     data = DataConfig(specs=[sums_spec(settings.distill_examples, DISTILL_SEED)], instruction=PROMPT_STYLE["instruction"],
-                      seed=settings.seed)
-    out = Path(out_root) / setting.replace(":", "_").replace("+", "_").replace("=", "")
+                      seed=settings.seed, pack=not unpacked)
+    where = f"-attn{'-'.join(map(str, attn_layers))}" if student_kind == "hybrid" else ""
+    out = Path(out_root) / f"{student_kind}{where}-{setting.replace(':', '_').replace('+', '_').replace('=', '')}"
     t0 = time.time()
-    student = distill(teacher, "hybrid", data, stages, tokenizer=tok, out_dir=out, progress=False, attn_layers=attn_layers)
+    student = distill(teacher, student_kind, data, stages, tokenizer=tok, out_dir=out, progress=False, attn_layers=attn_layers)
     seconds = time.time() - t0
     last = {}
     for line in (out / "train_log.jsonl").read_text().splitlines():
@@ -77,8 +93,8 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str) -> di
     student.eval()
     with torch.no_grad():
         greedy, warm, hot = accuracy(0.0, 1), accuracy(1.0, 4), accuracy(settings.temperature, 8)
-    return {"setting": setting, "rows": rows, "row_tokens": length, "budgets": budgets,
-            "steps": {s.kind: s.train.tokens // (rows * length) for s in stages},
+    return {"student": student_kind, "attn_layers": attn_layers, "setting": setting, "rows": rows, "row_tokens": length, "unpacked": unpacked, "budgets": budgets,
+            "steps": steps_of(out),
             "final_loss": last, "seconds": round(seconds), "tokens_per_second": round(sum(budgets.values()) / seconds),
             "greedy": greedy, "t1.0": warm, f"t{settings.temperature}": hot}
 
@@ -89,29 +105,35 @@ def main() -> None:
     ap.add_argument("--settings", required=True, help="comma-separated ROWSxLENGTH:STAGE=TOKENS+STAGE=TOKENS...")
     ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/distill_recipe")
+    ap.add_argument("--student", choices=["hybrid", "llamba"], default="hybrid")
+    ap.add_argument("--attn-layers", help="hybrid: comma-separated attention layers (default: the demo hybrid's)")
+    ap.add_argument("--out", default="benchmarks/distill_recipe-latest")
     args = ap.parse_args()
     demo = Path(args.demo_dir)
     if not (demo / "models" / "hybrid" / "config.json").is_file() or not (demo / "data" / "heldout.jsonl").is_file():
         raise SystemExit(f"{demo}: not a finished `thinkfast demo` folder (models/hybrid and data/heldout.jsonl missing)")
     work = demo / "work" / "distill-recipe"
+    attn = [int(x) for x in args.attn_layers.split(",")] if args.attn_layers else None
     settings = args.settings.split(",")
     for setting in settings:
-        if not re.fullmatch(r"\d+x\d+:(matrix|hidden|kd|sft)=\d+(\+(matrix|hidden|kd|sft)=\d+)*", setting):
+        if not re.fullmatch(r"\d+x\d+u?:(matrix|hidden|kd|sft)=\d+(\+(matrix|hidden|kd|sft)=\d+)*", setting):
             raise SystemExit(f"--settings: {setting!r} is not ROWSxLENGTH:STAGE=TOKENS+...; e.g. 1x512:hidden=200000+sft=300000")
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_setting, [str(demo)] * len(settings), settings, [args.problems] * len(settings),
-                                [str(work)] * len(settings)))
+                                [str(work)] * len(settings), [args.student] * len(settings),
+                                [attn] * len(settings)))
     from thinkfast.demo import DemoSettings
 
     temp = DemoSettings().temperature
     lines = [
-        "# The hybrid's distillation recipe at the demo's token budget",
+        f"# The {args.student} student's distillation recipe at the demo's token budget",
         "",
-        f"Command: `python benchmarks/distill_recipe.py DEMO_DIR --jobs {args.jobs} --settings {args.settings}` "
+        f"Command: `python benchmarks/distill_recipe.py DEMO_DIR --student {args.student}"
+        + (f" --attn-layers {args.attn_layers}" if args.attn_layers else "")
+        + f" --jobs {args.jobs} --settings {args.settings}` "
         "(one thread per setting; seconds compare only within this table).",
         "",
-        "Each row distils the demo's hybrid from the embedded teacher with the demo's learning rates and cosine "
+        f"Each row distils the demo's {args.student} from the embedded teacher with the demo's learning rates and cosine "
         "schedules (`thinkfast.demo.distill_stages`), changing only the rows per optimizer step, their length and the "
         f"tokens per stage. Accuracy: the first {args.problems} held-out problems of DEMO_DIR, greedy, 4 samples at "
         f"temperature 1.0, 8 at the demo's {temp}. Losses: the last logged window (10 steps) of each stage "
@@ -124,7 +146,8 @@ def main() -> None:
         stages_txt = " + ".join(f"{k} {v // 1000}k" for k, v in r["budgets"].items())
         steps_txt = " + ".join(str(v) for v in r["steps"].values())
         loss_txt = ", ".join(f"{k} {v:.4f}" for k, v in r["final_loss"].items())
-        lines.append(f"| {r['rows']} x {r['row_tokens']} | {stages_txt} | {steps_txt} | {loss_txt} | {r['greedy']:.3f} | "
+        shape = f"{r['rows']} x {r['row_tokens']}" + (" (one example per row)" if r.get("unpacked") else " (packed)")
+        lines.append(f"| {shape} | {stages_txt} | {steps_txt} | {loss_txt} | {r['greedy']:.3f} | "
                      f"{r['t1.0']:.3f} | {r[f't{temp}']:.3f} | {r['tokens_per_second']:,} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")

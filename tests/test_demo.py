@@ -108,8 +108,46 @@ def test_demo_recipe_keeps_the_stage_order_and_the_tokens_of_every_step():
     stages = demo_module.distill_stages(s, s.llamba_tokens)
     assert [st.kind for st in stages] == list(s.llamba_tokens)
     assert [st.train.tokens for st in stages] == list(s.llamba_tokens.values())
-    # stage 1 may use shorter rows, never fewer tokens per optimizer step
-    assert {st.train.batch_size * st.train.seq_len for st in stages} == {s.distill_batch * s.seq_len}
+    # stage 1 may use shorter rows, more of them per step; every other stage one full-length row per step
+    shapes = {st.kind: (st.train.batch_size, st.train.seq_len) for st in stages}
+    assert shapes.pop("matrix") == (s.distill_batch * s.seq_len // s.matrix_seq_len, s.matrix_seq_len)
+    assert set(shapes.values()) == {(s.distill_batch, s.seq_len)}
     assert [st.loss for st in stages if st.kind == "kd"] == [s.kd_loss]
     longer = demo_module.distill_stages(demo_module.DemoSettings(seq_len=1024, distill_batch=2), {"matrix": 8192})[0]
     assert (longer.train.seq_len, longer.train.batch_size) == (s.matrix_seq_len, 4)
+
+
+def test_demo_rows_hold_the_longest_worked_example_whole():
+    # a cut example never shows a student how a long sum ends: the rows must hold the longest one the
+    # distillation split can draw (8 terms of 3 digits, a carry in every column)
+    from transformers import AutoTokenizer
+
+    from thinkfast.data.packing import encode_problems, pack_examples
+    from thinkfast.data.prompts import PromptStyle
+    from thinkfast.data.sources import Problem
+    from thinkfast.data.worked import sum_solution
+    from thinkfast.embedded import PROMPT_STYLE, TINY_TEACHER
+
+    s = demo_module.DemoSettings()
+    assert not s.pack
+    tok = AutoTokenizer.from_pretrained(TINY_TEACHER)
+    expression = " + ".join(["999"] * 8)
+    worst = Problem("worst", f"Calculate {expression}.", str(999 * 8), "number", sum_solution(expression))
+    examples = encode_problems([worst], tok, PromptStyle(**PROMPT_STYLE))
+    assert 1000 < len(examples[0].ids) <= s.seq_len
+    rows = pack_examples(examples, s.seq_len, pad_id=0, pack=s.pack)
+    assert rows.n_truncated == 0
+    assert s.max_new_tokens >= len(examples[0].ids) - examples[0].n_prompt  # and sampling can write it out
+
+
+@pytest.mark.parametrize("student", ["llamba", "hybrid"])
+def test_shipped_tiny_recipes_are_the_demo_recipe(student):
+    from thinkfast.distill.recipes import load_recipe, make_plan
+
+    s = demo_module.DemoSettings()
+    plan = make_plan(load_recipe(f"tiny-{student}"), {})
+    ours = demo_module.distill_stages(s, getattr(s, f"{student}_tokens"))
+    assert plan.student == student and plan.data.pack == s.pack
+    keys = ("tokens", "lr", "warmup", "batch_size", "seq_len", "weight_decay", "min_lr_ratio", "schedule", "grad_clip")
+    assert [(st.kind, st.loss if st.kind == "kd" else None, [getattr(st.train, k) for k in keys]) for st in plan.stages] == \
+           [(st.kind, st.loss, [getattr(st.train, k) for k in keys]) for st in ours]

@@ -108,3 +108,24 @@ def test_bad_data_inputs_raise_one_line_errors(tmp_path, tok):
         build_data(DataConfig(specs=[f"gsm8k:{tmp_path}/missing.jsonl"]), tok, 32)
     with pytest.raises(DataError, match="tokenizer"):
         build_data(DataConfig(specs=[[Problem("1", "q", "1", solution="s")]]), None, 32)
+
+
+def test_one_example_rows_start_at_a_prompt_and_count_their_real_tokens(tok):
+    exs = encode_problems(chain_sum_problems(40, seed=6), tok, PromptStyle(instruction="none", chat=False))
+    longest = max(len(e.ids) for e in exs)
+    rows = pack_examples(exs, longest, pad_id=0, pack=False)
+    assert len(rows) == len(exs) and rows.n_truncated == 0
+    assert (rows.input_ids[:, 0] == tok.bos_token_id).all()  # every row begins an example, as sampling does
+    mean_len = sum(len(e.ids) for e in exs) / len(exs)
+    assert rows.row_tokens == pytest.approx(mean_len) and rows.row_tokens < longest
+    packed = pack_examples(exs, longest, pad_id=0, pack=True)
+    assert packed.row_tokens == longest  # packed rows count their full length, as before
+    mix = DataMix([rows, packed], [0.5, 0.5])
+    assert mix.row_tokens == pytest.approx((mean_len + longest) / 2)
+
+
+def test_a_short_row_is_truncated_and_says_so(tok):
+    exs = encode_problems(chain_sum_problems(10, seed=7, digits=3), tok, PromptStyle(instruction="none", chat=False))
+    short = min(len(e.ids) for e in exs) + 1
+    rows = pack_examples(exs, short, pad_id=0, pack=False)
+    assert rows.n_truncated == sum(len(e.ids) > short for e in exs) > 0

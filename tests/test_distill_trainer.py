@@ -1,6 +1,7 @@
 """The trainer: schedules, kill -> resume continues the same curve, NaN stops keeping the last good checkpoint,
 checkpoints are never overwritten by another run, and 2 data-parallel processes match 1."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -219,3 +220,14 @@ def test_progress_bars_write_rarely_into_logs_and_often_to_terminals():
     # a log gets the opening and closing states only; both end at the same final count
     assert log.getvalue().count("\r") <= 3 and "1000/1000" in log.getvalue()
     assert bar.mininterval < 1 and "1000/1000" in tty.getvalue()
+
+
+def test_one_example_rows_spend_the_budget_in_real_tokens(tmp_path, tok):
+    # rows of one example are mostly padding: the budget counts their real tokens, so the steps are
+    # budget / (rows per step x mean example length), not budget / (rows x seq_len)
+    data = build_data(dataclasses.replace(DATA, pack=False), tok, 256)
+    assert data.row_tokens < 100
+    cfg = TrainConfig(tokens=2000, batch_size=2, seq_len=256, lr=1e-3, log_every=1)
+    result = train(SFTTask(_teacher(tok)), data, cfg, progress=False)
+    assert result.steps == int(2000 // (2 * data.row_tokens)) > cfg.total_steps
+    assert abs(result.tokens - 2000) < 2 * data.row_tokens

@@ -11,7 +11,9 @@ no attention mask is needed and the SSM state never sees a pad.
 Examples are rendered with the tokenizer's chat template when it has one (`thinkfast.data.prompts`), the prompt
 and the worked solution tokenised separately so the split is exact; `text:` sources train on the whole text.
 `pack=True` places whole examples one after another in a row until the next does not fit (greedy, in shuffled
-order); an example longer than the row is truncated.
+order); `pack=False` gives each example a row of its own, so every row starts at a prompt, as sampling does. An
+example longer than the row is truncated (its end, the final answer included, is never trained): choose a
+`seq_len` that holds the longest example.
 
 `DataMix` draws rows from several sources with weights. The rows of a batch are a pure function of the mix's
 seed and a small state dict (rows drawn so far, per-source cursor), which checkpoints save: a resumed run sees
@@ -119,6 +121,7 @@ class PackedRows:
     n_examples: int = 0
     n_truncated: int = 0
     name: str = ""
+    packed: bool = True  # False: one example per row (rows then hold far fewer real tokens than seq_len)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -126,6 +129,12 @@ class PackedRows:
     @property
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
+
+    @property
+    def row_tokens(self) -> float:
+        """Tokens a row counts for in a token budget: seq_len for packed rows, the mean real tokens of a row for
+        one-example rows (whose trailing pads a batch of them drops)."""
+        return float(self.seq_len) if self.packed else float(self.real.sum()) / max(1, len(self))
 
 
 def pack_examples(
@@ -173,7 +182,7 @@ def pack_examples(
             if first < L:
                 targets[r, pos + first - 1:pos + L - 1] = t[first:]
             pos += L
-    return PackedRows(input_ids, targets, real, len(examples), truncated, name)
+    return PackedRows(input_ids, targets, real, len(examples), truncated, name, pack)
 
 
 # ---------------------------------------------------------------- mixing
@@ -209,6 +218,11 @@ class DataMix:
     @property
     def seq_len(self) -> int:
         return max(s.seq_len for s in self.sources)
+
+    @property
+    def row_tokens(self) -> float:
+        """Expected tokens of one drawn row, as a token budget counts them (PackedRows.row_tokens)."""
+        return float(sum(w * s.row_tokens for w, s in zip(self.weights.tolist(), self.sources)))
 
     def _perm(self, src: int, epoch: int) -> torch.Tensor:
         key = (src, epoch)

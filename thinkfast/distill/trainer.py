@@ -46,7 +46,7 @@ class TrainingDiverged(ThinkfastError):
 
 @dataclass
 class TrainConfig:
-    tokens: int = 1_000_000  # budget: optimizer steps = tokens // (batch_size * seq_len)
+    tokens: int = 1_000_000  # budget: optimizer steps = tokens // (batch_size * tokens per row: seq_len when packed)
     batch_size: int = 8  # rows per optimizer step, across all processes
     micro_batch_size: int | None = None  # rows per forward/backward on one process (default: its whole share)
     seq_len: int = 512
@@ -84,7 +84,12 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return max(1, self.tokens // (self.batch_size * self.seq_len))
+        return self.steps_for(self.seq_len)
+
+    def steps_for(self, row_tokens: float) -> int:
+        """Optimizer steps of the budget when one row counts `row_tokens` tokens (seq_len for packed rows, the
+        mean example length for one-example rows)."""
+        return max(1, int(self.tokens // (self.batch_size * max(1.0, row_tokens))))
 
     def replace(self, **kw) -> "TrainConfig":
         names = {f.name for f in fields(self)}
@@ -351,7 +356,8 @@ def train(
 
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
     log_path = Path(log_path) if log_path is not None else None
-    total = cfg.total_steps
+    row_tokens = getattr(data, "row_tokens", cfg.seq_len)
+    total = cfg.steps_for(row_tokens)
     state = read_checkpoint_state(ckpt_dir) if ckpt_dir is not None else None
     if state is not None and not resume:
         raise CheckpointError(f"{ckpt_dir} already holds a checkpoint; pass --resume to continue it, or choose a new --out")
@@ -446,7 +452,7 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += cfg.batch_size * cfg.seq_len
+            tokens += int(round(cfg.batch_size * row_tokens))
             last_loss = loss_val
             win_loss += loss_val
             win_steps += 1

@@ -1,0 +1,83 @@
+"""Where a demo model first leaves the worked solution, greedily decoded on fresh sums.
+
+    python benchmarks/student_errors.py DEMO_DIR/models/hybrid [--problems 96] [--seed 950000]
+
+Each problem is decoded greedily in the engine and compared, character by character, with the reference
+solution (`thinkfast.data.worked.sum_solution`). The first differing character is classified by what writing it
+needed: the next term of the question (the header of a pairwise block, `143 + 14:`), the running total carried
+from the previous block, an operand digit of a column (`ones: 3+4`), a column's sum, the `so` line, or the final
+answer. benchmarks/distill_recipe.md records the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+
+import torch
+
+KINDS = ("exact", "next term from the question", "running total", "operand digit in a column", "column sum",
+         "write/carry", "so-line", "final answer", "other")
+
+
+def classify(reference: str, completion: str) -> str:
+    if completion.strip() == reference.strip():
+        return "exact"
+    n = min(len(reference), len(completion))
+    i = next((k for k in range(n) if reference[k] != completion[k]), n)
+    line = reference[:i].split("\n")[-1]  # the reference line up to the first wrong character
+    if re.fullmatch(r"\d+ \+ \d*", line):
+        return "next term from the question"
+    if re.fullmatch(r"\d*", line):
+        return "running total"
+    if line.startswith("so "):
+        return "so-line"
+    if line.startswith("#"):
+        return "final answer"
+    if re.fullmatch(r"[\w^]+: (carry 1, )?\d*(\+\d*)*", line):
+        return "operand digit in a column"
+    if "=" in line and "write" not in line:
+        return "column sum"
+    if "write" in line or "carry" in line:
+        return "write/carry"
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="a thinkfast model folder with its tokenizer (e.g. DEMO_DIR/models/hybrid)")
+    ap.add_argument("--problems", type=int, default=96)
+    ap.add_argument("--seed", type=int, default=950_000, help="reasoning-gym seed of the fresh problems (held-out range)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from thinkfast.data import load_problems
+    from thinkfast.data.prompts import PromptStyle, render_prompt
+    from thinkfast.data.worked import sum_solution
+    from thinkfast.embedded import PROMPT_STYLE, sums_spec
+    from thinkfast.engine.engine import Engine
+    from thinkfast.engine.run import encode_prompt
+    from thinkfast.engine.sampling import SamplingParams
+    from thinkfast.models import ThinkfastForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = ThinkfastForCausalLM.from_pretrained(args.model).eval()
+    problems = load_problems(sums_spec(args.problems, args.seed))
+    style = PromptStyle(**PROMPT_STYLE)
+    prompts = [(p.id, encode_prompt(tok, render_prompt(p, tok, style), True)) for p in problems]
+    engine = Engine(model, tok, batch_size=64, compile=False)
+    with torch.no_grad():
+        done = list(engine.generate(prompts, n=1, params=SamplingParams(temperature=0.0, max_new_tokens=1200), seed=1))
+    by_id = {p.id: p for p in problems}
+    counts = collections.Counter(classify(sum_solution(by_id[c.problem_id].meta["expression"]), c.text or "") for c in done)
+    print(f"{args.model}: {len(done)} problems, greedy")
+    print("| " + " | ".join(KINDS) + " |")
+    print("|" + "---:|" * len(KINDS))
+    print("| " + " | ".join(str(counts.get(k, 0)) for k in KINDS) + " |")
+
+
+if __name__ == "__main__":
+    main()
