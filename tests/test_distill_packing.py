@@ -129,3 +129,10 @@ def test_a_short_row_is_truncated_and_says_so(tok):
     short = min(len(e.ids) for e in exs) + 1
     rows = pack_examples(exs, short, pad_id=0, pack=False)
     assert rows.n_truncated == sum(len(e.ids) > short for e in exs) > 0
+
+
+def test_cut_examples_are_reported(tok, caplog):
+    problems = chain_sum_problems(10, seed=8, digits=3)
+    with caplog.at_level("WARNING"):
+        build_data(DataConfig(specs=[problems], instruction="none", chat=False, pack=False), tok, 24)
+    assert "are cut" in caplog.text and "raise --seq-len" in caplog.text

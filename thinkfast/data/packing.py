@@ -22,6 +22,7 @@ the same batches as an uninterrupted one, and every process of a data-parallel r
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from .prompts import PromptStyle, render_example
 from .sources import Problem, load_problems, parse_spec
 
 IGNORE = -100
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -291,11 +293,11 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = None) -> DataMix:
+def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = None, warn_cut: bool = True) -> DataMix:
     """Load, tokenise and pack every spec of `cfg` at `seq_len`, mixed with its weights.
 
     `cache` (optional dict) keeps tokenised examples across calls, so stages with other row lengths re-pack
-    without re-reading or re-tokenising.
+    without re-reading or re-tokenising. `warn_cut`: log a warning when examples are longer than the rows.
     """
     if not cfg.specs:
         raise DataError("no data: give at least one --data spec (e.g. gsm8k:../shared/data/gsm8k_train.jsonl)")
@@ -312,5 +314,9 @@ def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = No
             if cache is not None:
                 cache[key] = examples
         name = spec if isinstance(spec, str) else f"problems[{k}]"
-        sources.append(pack_examples(examples, seq_len, pad, cfg.pack, cfg.train_prompt, cfg.seed + k, name))
+        rows = pack_examples(examples, seq_len, pad, cfg.pack, cfg.train_prompt, cfg.seed + k, name)
+        if rows.n_truncated and warn_cut:
+            log.warning("%s: %d of %d examples are longer than seq_len %d and are cut (their ends never trained); "
+                        "raise --seq-len to keep them whole", name, rows.n_truncated, rows.n_examples, seq_len)
+        sources.append(rows)
     return DataMix(sources, weights, cfg.seed)

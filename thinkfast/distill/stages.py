@@ -363,7 +363,8 @@ class _DataSource:
         cfg = stage.data or self.default
         if isinstance(cfg, DataMix):
             return cfg
-        return build_data(cfg, self.tokenizer, stage.train.seq_len, self.cache)
+        # a cut example costs the alignment stages only positions; KD and SFT never learn how it ends
+        return build_data(cfg, self.tokenizer, stage.train.seq_len, self.cache, warn_cut=stage.kind in ("kd", "sft"))
 
     def describe(self, stage: StageConfig):
         cfg = stage.data or self.default
