@@ -227,3 +227,14 @@ def test_large_weight_files_are_fingerprinted_by_sampled_blocks(tmp_path):
         assert digest(f) != base
     f.write_bytes(bytes(data) + b"\0")  # the size counts too
     assert digest(f) != base
+
+
+def test_a_missing_model_folder_is_named_as_the_model(setup, tmp_path, capsys):
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    args = _args(root, spec, out)
+    args[args.index("--model") + 1] = str(tmp_path / "no-such-model")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "no such folder" in err and "teacher" not in err and err.count("\n") == 1
+    assert not out.exists()

@@ -179,6 +179,8 @@ def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         return _placed(model.eval(), device), tok
     if path.is_dir() and not cfg_file.is_file():
         raise CheckpointError(f"{where} {spec}: no config.json; point it at a save_pretrained() folder or a .gguf file")
+    if not path.exists() and str(spec).startswith((".", "/", "~")):  # a local path, not a hub id
+        raise CheckpointError(f"{where} {spec}: no such folder or file; check the path (a save_pretrained() folder or a .gguf file)")
     teacher, tok = load_teacher(spec, dtype=dtype, trust_remote_code=trust_remote_code)
     model = teacher if isinstance(teacher, ThinkfastForCausalLM) else from_teacher(teacher, kind="teacher")
     return _placed(model.eval(), device), tok
