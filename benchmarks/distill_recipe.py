@@ -29,13 +29,13 @@ from pathlib import Path
 ANSWER = re.compile(r"#### *(-?\d+)")
 
 
-def steps_of(out: Path) -> dict:
-    """Optimizer steps each stage took, from its log."""
-    steps = {}
+def stage_ends(out: Path) -> tuple[dict, dict]:
+    """Per stage, from its log: the optimizer steps it took and its last logged loss."""
+    steps, loss = {}, {}
     for line in (out / "train_log.jsonl").read_text().splitlines():
         row = json.loads(line)
-        steps[row["stage"]] = row["step"]
-    return steps
+        steps[row["stage"]], loss[row["stage"]] = row["step"], row["loss"]
+    return steps, loss
 
 
 def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, student_kind: str = "hybrid",
@@ -74,10 +74,7 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     t0 = time.time()
     student = distill(teacher, student_kind, data, stages, tokenizer=tok, out_dir=out, progress=False, attn_layers=attn_layers)
     seconds = time.time() - t0
-    last = {}
-    for line in (out / "train_log.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        last[row["stage"]] = row["loss"]
+    steps, last = stage_ends(out)
 
     style = PromptStyle(instruction=PROMPT_STYLE["instruction"])
     spec = f"jsonl:{demo / 'data' / 'heldout.jsonl'}?question=question&answer=answer&id=id&kind=number"
@@ -94,7 +91,7 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     with torch.no_grad():
         greedy, warm, hot = accuracy(0.0, 1), accuracy(1.0, 4), accuracy(settings.temperature, 8)
     return {"student": student_kind, "attn_layers": attn_layers, "setting": setting, "rows": rows, "row_tokens": length, "unpacked": unpacked, "budgets": budgets,
-            "steps": steps_of(out),
+            "steps": steps,
             "final_loss": last, "seconds": round(seconds), "tokens_per_second": round(sum(budgets.values()) / seconds),
             "greedy": greedy, "t1.0": warm, f"t{settings.temperature}": hot}
 

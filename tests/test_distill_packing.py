@@ -124,7 +124,7 @@ def test_one_example_rows_start_at_a_prompt_and_count_their_real_tokens(tok):
     assert mix.row_tokens == pytest.approx((mean_len + longest) / 2)
 
 
-def test_a_short_row_is_truncated_and_says_so(tok):
+def test_a_short_row_cuts_examples_and_counts_them(tok):
     exs = encode_problems(chain_sum_problems(10, seed=7, digits=3), tok, PromptStyle(instruction="none", chat=False))
     short = min(len(e.ids) for e in exs) + 1
     rows = pack_examples(exs, short, pad_id=0, pack=False)

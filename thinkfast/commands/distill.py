@@ -39,7 +39,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder when the model has none")
     p.add_argument("--instruction", help="prompt instruction: auto | boxed | hash | none | literal text")
     p.add_argument("--no-chat", dest="chat", action="store_const", const=False, help="plain 'Question:/Answer:' prompts, no chat template")
-    p.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="one example per row instead of packing several")
+    p.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="one example per row instead of packing several (the token budget then counts the examples' real tokens)")
     p.add_argument("--train-prompt", dest="train_prompt", action="store_const", const=True, help="CE also on prompt tokens")
     p.add_argument("--freeze", metavar="GROUPS", help="kd/sft: parameter groups kept frozen: embed,norm,mlp,attn,mamba")
     p.add_argument("--tokens-per-chunk", dest="chunk_tokens", type=int, help="positions per vocabulary chunk in KL/CE")
