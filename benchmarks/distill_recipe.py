@@ -61,8 +61,15 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     unpacked = shape.endswith("u")  # one whole example per row instead of packed rows
     rows, length = (int(x) for x in shape.rstrip("u").split("x"))
     settings = dataclasses.replace(DemoSettings(), distill_batch=rows, seq_len=length)
-    budgets = {k: int(v) for k, v in (part.split("=") for part in recipe.split("+"))}
-    stages = distill_stages(settings, budgets)
+    budgets, lrs = {}, {}
+    for part in recipe.split("+"):
+        stage, _, value = part.partition("=")
+        tokens, _, lr = value.partition("@")
+        budgets[stage] = int(tokens)
+        if lr:
+            lrs[stage] = float(lr)
+    stages = [dataclasses.replace(st, train=dataclasses.replace(st.train, lr=lrs[st.kind])) if st.kind in lrs else st
+              for st in distill_stages(settings, budgets)]
     if student_kind == "hybrid" and attn_layers is None:
         attn_layers = json.loads((demo / "models" / "hybrid" / "config.json").read_text())["attn_layers"]
     tok = AutoTokenizer.from_pretrained(demo / "models" / "teacher")
@@ -82,24 +89,28 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     prompts = [(p.id, encode_prompt(tok, render_prompt(p, tok, style), True)) for p in held]
     gold = {p.id: p.answer for p in held}
 
-    def accuracy(temperature: float, n: int) -> float:
+    def accuracy(temperature: float, n: int) -> tuple[float, float]:
+        """Fraction of samples right, and of problems with at least one right (coverage at n)."""
         engine = Engine(student, tok, batch_size=64, compile=False)
         done = list(engine.generate(prompts, n=n, params=SamplingParams(temperature=temperature, max_new_tokens=1200), seed=1))
-        return sum(bool((m := ANSWER.search(c.text or "")) and m.group(1) == gold[c.problem_id]) for c in done) / len(done)
+        right = [c.problem_id for c in done if (m := ANSWER.search(c.text or "")) and m.group(1) == gold[c.problem_id]]
+        return len(right) / len(done), len(set(right)) / len(prompts)
 
     student.eval()
     with torch.no_grad():
-        greedy, warm, hot = accuracy(0.0, 1), accuracy(1.0, 4), accuracy(settings.temperature, 8)
+        (greedy, _), (warm, _), (hot, hot_cover) = accuracy(0.0, 1), accuracy(1.0, 4), accuracy(settings.temperature, 8)
     return {"student": student_kind, "attn_layers": attn_layers, "setting": setting, "rows": rows, "row_tokens": length, "unpacked": unpacked, "budgets": budgets,
-            "steps": steps,
+            "lrs": lrs, "steps": steps,
             "final_loss": last, "seconds": round(seconds), "tokens_per_second": round(sum(budgets.values()) / seconds),
-            "greedy": greedy, "t1.0": warm, f"t{settings.temperature}": hot}
+            "greedy": greedy, "t1.0": warm, f"t{settings.temperature}": hot, f"t{settings.temperature}_pass@8": hot_cover}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("demo_dir")
-    ap.add_argument("--settings", required=True, help="comma-separated ROWSxLENGTH:STAGE=TOKENS+STAGE=TOKENS...")
+    ap.add_argument("--settings", required=True,
+                    help="comma-separated ROWSxLENGTH[u]:STAGE=TOKENS[@LR]+STAGE=TOKENS[@LR]... (@LR: that stage's "
+                         "learning rate instead of the demo's)")
     ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--student", choices=["hybrid", "llamba"], default="hybrid")
@@ -113,7 +124,7 @@ def main() -> None:
     attn = [int(x) for x in args.attn_layers.split(",")] if args.attn_layers else None
     settings = args.settings.split(",")
     for setting in settings:
-        if not re.fullmatch(r"\d+x\d+u?:(matrix|hidden|kd|sft)=\d+(\+(matrix|hidden|kd|sft)=\d+)*", setting):
+        if not re.fullmatch(r"\d+x\d+u?:(matrix|hidden|kd|sft)=\d+(@[\d.e-]+)?(\+(matrix|hidden|kd|sft)=\d+(@[\d.e-]+)?)*", setting):
             raise SystemExit(f"--settings: {setting!r} is not ROWSxLENGTH:STAGE=TOKENS+...; e.g. 1x512:hidden=200000+sft=300000")
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_setting, [str(demo)] * len(settings), settings, [args.problems] * len(settings),
@@ -133,19 +144,21 @@ def main() -> None:
         f"Each row distils the demo's {args.student} from the embedded teacher with the demo's learning rates and cosine "
         "schedules (`thinkfast.demo.distill_stages`), changing only the rows per optimizer step, their length and the "
         f"tokens per stage. Accuracy: the first {args.problems} held-out problems of DEMO_DIR, greedy, 4 samples at "
-        f"temperature 1.0, 8 at the demo's {temp}. Losses: the last logged window (10 steps) of each stage "
+        f"temperature 1.0, 8 at the demo's {temp} (pass@8: problems solved by at least one of those 8). Losses: the last logged window (10 steps) of each stage "
         "(hidden: L2 distance of block outputs per token, mean over the Mamba layers; kd: KL per token; sft: CE per token).",
         "",
-        f"| rows x tokens | stages (tokens) | steps | final losses | greedy | T=1.0 | T={temp} | tokens/s |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        f"| rows x tokens | stages (tokens) | steps | final losses | greedy | T=1.0 | T={temp} | pass@8 T={temp} | tokens/s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        stages_txt = " + ".join(f"{k} {v // 1000}k" for k, v in r["budgets"].items())
+        stages_txt = " + ".join(f"{k} {v // 1000}k" + (f" @ lr {r['lrs'][k]:g}" if k in r.get("lrs", {}) else "")
+                                for k, v in r["budgets"].items())
         steps_txt = " + ".join(str(v) for v in r["steps"].values())
         loss_txt = ", ".join(f"{k} {v:.4f}" for k, v in r["final_loss"].items())
         shape = f"{r['rows']} x {r['row_tokens']}" + (" (one example per row)" if r.get("unpacked") else " (packed)")
         lines.append(f"| {shape} | {stages_txt} | {steps_txt} | {loss_txt} | {r['greedy']:.3f} | "
-                     f"{r['t1.0']:.3f} | {r[f't{temp}']:.3f} | {r['tokens_per_second']:,} |")
+                     f"{r['t1.0']:.3f} | {r[f't{temp}']:.3f} | {r.get(f't{temp}_pass@8', float('nan')):.3f} | "
+                     f"{r['tokens_per_second']:,} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
     print("\n".join(lines))
