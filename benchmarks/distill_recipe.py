@@ -124,8 +124,10 @@ def main() -> None:
     attn = [int(x) for x in args.attn_layers.split(",")] if args.attn_layers else None
     settings = args.settings.split(",")
     for setting in settings:
-        if not re.fullmatch(r"\d+x\d+u?:(matrix|hidden|kd|sft)=\d+(@[\d.e-]+)?(\+(matrix|hidden|kd|sft)=\d+(@[\d.e-]+)?)*", setting):
-            raise SystemExit(f"--settings: {setting!r} is not ROWSxLENGTH:STAGE=TOKENS+...; e.g. 1x512:hidden=200000+sft=300000")
+        stage = r"(matrix|hidden|kd|sft)=\d+(@\d+(\.\d*)?(e-?\d+)?)?"
+        if not re.fullmatch(rf"\d+x\d+u?:{stage}(\+{stage})*", setting):
+            raise SystemExit(f"--settings: {setting!r} is not ROWSxLENGTH[u]:STAGE=TOKENS[@LR]+...; "
+                             "e.g. 1x1200u:hidden=200000+sft=300000@1e-4")
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_setting, [str(demo)] * len(settings), settings, [args.problems] * len(settings),
                                 [str(work)] * len(settings), [args.student] * len(settings),
@@ -151,13 +153,13 @@ def main() -> None:
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        stages_txt = " + ".join(f"{k} {v // 1000}k" + (f" @ lr {r['lrs'][k]:g}" if k in r.get("lrs", {}) else "")
+        stages_txt = " + ".join(f"{k} {v // 1000}k" + (f" @ lr {r['lrs'][k]:g}" if k in r["lrs"] else "")
                                 for k, v in r["budgets"].items())
         steps_txt = " + ".join(str(v) for v in r["steps"].values())
         loss_txt = ", ".join(f"{k} {v:.4f}" for k, v in r["final_loss"].items())
         shape = f"{r['rows']} x {r['row_tokens']}" + (" (one example per row)" if r.get("unpacked") else " (packed)")
         lines.append(f"| {shape} | {stages_txt} | {steps_txt} | {loss_txt} | {r['greedy']:.3f} | "
-                     f"{r['t1.0']:.3f} | {r[f't{temp}']:.3f} | {r.get(f't{temp}_pass@8', float('nan')):.3f} | "
+                     f"{r['t1.0']:.3f} | {r[f't{temp}']:.3f} | {r[f't{temp}_pass@8']:.3f} | "
                      f"{r['tokens_per_second']:,} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
