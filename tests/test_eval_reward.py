@@ -13,7 +13,8 @@ from thinkfast.cli import main as cli
 from thinkfast.data.tokenizer import build_byte_tokenizer
 from thinkfast.errors import ConfigError, DataError
 from thinkfast.eval.reward import (
-    ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, aggregate, auc, load_backbone, split_steps, train_orm,
+    RESYNC_TOKENS, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, aggregate, auc, load_backbone, question_text,
+    split_steps, train_orm,
 )
 from thinkfast.models import ModelConfig, ThinkfastConfig, ThinkfastForCausalLM
 
@@ -55,7 +56,7 @@ def test_orm_learns_a_visible_signal(backbone_dir):
     model, tok = load_backbone(backbone_dir)
     rows = toy_samples()
     rm = train_orm([r["question"] for r in rows], [r["completion"] for r in rows], [r["correct"] for r in rows],
-                   [r["problem_id"] for r in rows], model, tok, ORMConfig(), ORMTraining(), log=lambda *_: None)
+                   [r["problem_id"] for r in rows], model, tok, ORMConfig(features="pooled"), ORMTraining(), log=lambda *_: None)
     assert rm.cfg.stats["history"][-1]["val_auc"] > 0.9
     fresh = toy_samples(8, 5, seed=1)
     s = rm.score([r["question"] for r in fresh], [r["completion"] for r in fresh])
@@ -67,7 +68,7 @@ def test_orm_fine_tuning_top_block_reduces_loss(backbone_dir):
     model, tok = load_backbone(backbone_dir)
     rows = toy_samples(8, 4)
     rm = train_orm([r["question"] for r in rows], [r["completion"] for r in rows], [r["correct"] for r in rows],
-                   [r["problem_id"] for r in rows], model, tok, ORMConfig(train_layers=1, max_len=96),
+                   [r["problem_id"] for r in rows], model, tok, ORMConfig(train_layers=1, max_len=96, features="both"),
                    ORMTraining(epochs=3, lr=1e-2, val_fraction=0),
                    log=lambda *_: None)
     h = rm.cfg.stats["history"]
@@ -75,27 +76,112 @@ def test_orm_fine_tuning_top_block_reduces_loss(backbone_dir):
     assert not any(p.requires_grad for p in rm.parameters())
 
 
+def likely_and_slipped(model, tok, n_problems, seed):
+    """Per problem: the backbone's own greedy continuation (labelled correct, twice) and three copies with one
+    character swapped for a random one (labelled wrong): a signal only the backbone's likelihood can see."""
+    rng = random.Random(seed)
+    letters = [tok(ch, add_special_tokens=False)["input_ids"][0] for ch in "abcdefghijklmnopqrstuvwxyz"]
+    rows = []
+    for p in range(n_problems):
+        question = f"Problem {p}: {rng.randint(0, 999)}"
+        ids = tok(question_text(question, tok), add_special_tokens=False)["input_ids"]
+        out = []
+        with torch.no_grad():
+            for _ in range(24):
+                logits = model(torch.tensor([ids + out])).logits[0, -1, letters]
+                out.append(letters[int(logits.argmax())])
+        greedy = tok.decode(out)
+        for i in range(5):
+            text = list(greedy)
+            if i >= 2:
+                j = rng.randrange(len(text) - 1)
+                text[j] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != text[j]])
+            rows.append(dict(question=question, completion="".join(text), correct=i < 2, problem_id=f"p{p}"))
+    return rows
+
+
+def test_orm_likelihood_features_learn_what_the_backbone_finds_unlikely(backbone_dir):
+    model, tok = load_backbone(backbone_dir)
+    rows = likely_and_slipped(model, tok, 20, seed=0)
+    rm = train_orm([r["question"] for r in rows], [r["completion"] for r in rows], [r["correct"] for r in rows],
+                   [r["problem_id"] for r in rows], model, tok, ORMConfig(), ORMTraining(), log=lambda *_: None)
+    assert rm.cfg.features == "likelihood" and rm.head.in_features == 2
+    fresh = likely_and_slipped(model, tok, 8, seed=1)
+    s = rm.score([r["question"] for r in fresh], [r["completion"] for r in fresh])
+    assert auc(s, np.array([r["correct"] for r in fresh])) > 0.9
+
+
 def test_orm_refuses_one_class(backbone_dir):
     model, tok = load_backbone(backbone_dir)
     with pytest.raises(DataError, match="both kinds"):
         train_orm([None, None], ["a", "b"], [True, True], ["p", "q"], model, tok)
     with pytest.raises(ConfigError, match="train_layers"):
-        OutcomeRewardModel(model, tok, ORMConfig(train_layers=5))
+        OutcomeRewardModel(model, tok, ORMConfig(train_layers=5, features="both"))
+    with pytest.raises(ConfigError, match="does not read"):
+        OutcomeRewardModel(model, tok, ORMConfig(train_layers=1))
+    with pytest.raises(ConfigError, match="use one of"):
+        OutcomeRewardModel(model, tok, ORMConfig(features="hidden"))
 
 
 def test_orm_encoding_keeps_question_head_and_completion_tail(backbone_dir):
     model, tok = load_backbone(backbone_dir)
-    rm = OutcomeRewardModel(model, tok, ORMConfig(max_len=64, question_tokens=20))
+    rm = OutcomeRewardModel(model, tok, ORMConfig(max_len=64, question_tokens=20, features="pooled"))
     enc = rm.encode("Q" * 100, "x" * 200 + "THE END")
     assert len(enc.ids) == 64 and enc.start == 20
     assert tok.decode(enc.ids[-7:]) == "THE END"
+    # with the likelihood features the end of the turn is scored too, and a cut leaves its first tokens unscored
+    rm = OutcomeRewardModel(model, tok, ORMConfig(max_len=64, question_tokens=20))
+    enc = rm.encode("Q" * 100, "x" * 200 + "THE END")
+    assert len(enc.ids) == 64 and enc.ids[-1] == tok.eos_token_id and tok.decode(enc.ids[-8:-1]) == "THE END"
+    assert enc.scored_from == 20 + RESYNC_TOKENS
+    assert rm.encode("Q", "short").scored_from == rm.encode("Q", "short").start
+    # a completion that fits is kept whole, however close to the limit
+    for n in (10, 30, 42):
+        enc = rm.encode("Q" * 100, "y" * n)
+        assert enc.ids[enc.start:] == tok("y" * n, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_orm_likelihood_features_are_the_backbone_log_probs(backbone_dir):
+    """Mean and min log-prob of the completion (and its end of turn), equal to a plain forward pass, in any batch."""
+    model, tok = load_backbone(backbone_dir)
+    rm = OutcomeRewardModel(model, tok, ORMConfig(max_len=400, features="both"))
+    pairs = [("What is 2 plus 3?", "2 plus 3 is 5.\n#### 5"), ("Q?", "a much longer completion " * 6), ("Hi", "x")]
+    encs = [rm.encode(q, c) for q, c in pairs]
+    batched = rm.pooled(encs, batch_size=3)
+    assert batched.shape == (3, 2 * 64 + 2)
+    for enc, row in zip(encs, batched):
+        ids = torch.tensor([enc.ids])
+        with torch.no_grad():
+            logp = model(ids).logits[0].log_softmax(-1)
+        lp = logp[enc.start - 1:-1].gather(1, ids[0, enc.start:, None])[:, 0]
+        torch.testing.assert_close(row[-2:], torch.stack([lp.mean(), lp.min()]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([rm.pooled([e]) for e in encs]), batched, atol=1e-5, rtol=1e-5)
+
+
+def test_orm_without_likelihood_loads_from_an_older_folder(backbone_dir, tmp_path):
+    """A folder written before the likelihood features (no `features` key) loads as the pooled-states head it is."""
+    model, tok = load_backbone(backbone_dir)
+    rows = toy_samples(8, 4)
+    rm = train_orm([r["question"] for r in rows], [r["completion"] for r in rows], [r["correct"] for r in rows],
+                   [r["problem_id"] for r in rows], model, tok, ORMConfig(features="pooled"), ORMTraining(val_fraction=0),
+                   log=lambda *_: None)
+    rm.save(tmp_path / "rm")
+    cfg_path = tmp_path / "rm" / "reward_config.json"
+    raw = json.loads(cfg_path.read_text())
+    del raw["features"]
+    cfg_path.write_text(json.dumps(raw))
+    again = OutcomeRewardModel.load(tmp_path / "rm")
+    assert again.cfg.features == "pooled" and again.head.in_features == 2 * 64
+    qs, cs = [r["question"] for r in rows], [r["completion"] for r in rows]
+    np.testing.assert_allclose(again.score(qs, cs), rm.score(qs, cs), rtol=1e-5)
 
 
 def test_cli_train_score_report(backbone_dir, tmp_path, capsys):
     rows = toy_samples()
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert cli(["train-rm", "--samples", str(train), "--backbone", str(backbone_dir), "--out", str(tmp_path / "rm")]) == 0
+    assert cli(["train-rm", "--samples", str(train), "--backbone", str(backbone_dir), "--out", str(tmp_path / "rm"),
+                "--features", "both"]) == 0
     assert "validation AUC" in capsys.readouterr().out
     for name in ("reward_config.json", "head.safetensors", "backbone/config.json", "backbone/model.safetensors", "backbone/tokenizer.json"):
         assert (tmp_path / "rm" / name).is_file(), name

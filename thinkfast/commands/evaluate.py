@@ -38,9 +38,11 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("train-rm", help="train an outcome reward model (verifier) on graded samples",
                        description="Fit a scalar head on a small LM backbone to predict whether a completion is correct, from "
-                                   "graded samples of a training split (class-balanced binary cross-entropy on the last token's and "
-                                   "the completion's mean hidden state). By default the backbone is frozen and the head is a logistic "
-                                   "regression (one forward pass over the data); --train-layers N also fine-tunes the top N blocks. "
+                                   "graded samples of a training split (class-balanced binary cross-entropy). The head reads the "
+                                   "backbone's mean and min log-probability of the completion (--features likelihood, the default), "
+                                   "the last token's and the completion's mean hidden state (pooled), or both. By default the backbone "
+                                   "is frozen and the head is a logistic regression (one forward pass over the data); --train-layers N "
+                                   "also fine-tunes the top N blocks (pooled features). "
                                    "Writes DIR/{backbone/, head.safetensors, reward_config.json}.")
     p.add_argument("--samples", nargs="+", required=True, metavar="FILE", help="graded samples files (a training split, not the test set)")
     p.add_argument("--backbone", required=True, metavar="DIR", help="checkpoint folder with its tokenizer (a student or teacher)")
@@ -50,7 +52,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--epochs", type=_positive_int, default=4, help="passes over the data when --train-layers > 0 (default: 4)")
     p.add_argument("--lr", type=float, default=1e-3, help="head learning rate when --train-layers > 0; the blocks use a tenth of it (default: 1e-3)")
     p.add_argument("--l2", type=float, default=1e-2, help="L2 penalty of the logistic head on a frozen backbone (default: 0.01)")
-    p.add_argument("--max-len", type=_positive_int, default=320, metavar="TOKENS", help="tokens per example: question head + completion tail (default: 320)")
+    p.add_argument("--features", choices=["likelihood", "pooled", "both"], default="likelihood",
+                   help="what the head reads: the backbone's log-probabilities of the completion, pooled hidden states, or both "
+                        "(default: likelihood; pooled states need thousands of examples)")
+    p.add_argument("--max-len", type=_positive_int, default=1024, metavar="TOKENS",
+                   help="tokens per example: question head (at most 256) + completion tail; the likelihood sees only what is kept (default: 1024)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of problems held out for the reported AUC (default: 0.1)")
     p.add_argument("--seed", type=int, default=0)
@@ -115,7 +121,8 @@ def cmd_train_rm(args) -> int:
     if args.train_layers < 0:
         raise ThinkfastError(f"--train-layers {args.train_layers}: use 0 or more")
     rm = train_reward_model(args.samples, args.backbone, args.out, data=args.data,
-                            orm=ORMConfig(max_len=args.max_len, question_tokens=min(96, args.max_len // 2), train_layers=args.train_layers),
+                            orm=ORMConfig(max_len=args.max_len, question_tokens=min(256, args.max_len // 2), train_layers=args.train_layers,
+                                          features=args.features),
                             training=ORMTraining(epochs=args.epochs, lr=args.lr, l2=args.l2, batch_size=args.batch_size,
                                                  val_fraction=args.val_fraction, seed=args.seed),
                             skip_bad_lines=args.skip_bad_lines, device=_device(args.device, args.threads))
