@@ -3,7 +3,7 @@
 Takes a finished `thinkfast demo` folder and, for each setting `ROWSxLENGTH[u]:STAGE=TOKENS+STAGE=TOKENS...`
 (`u`: one whole example per row, unpacked, the budget counted in the examples' real tokens),
 distils the demo's hybrid (or, with --student llamba, its Llamba) again from its teacher (the hybrid's attention
-at the demo hybrid's layers; the demo's learning
+at the demo hybrid's layers; --d-state and --ssm-kv-heads change the student's Mamba shape; the demo's learning
 rates and schedules, `thinkfast.demo.distill_stages`), changing only the rows per optimizer step, the row length
 and the tokens of each stage. Then it samples the first --problems held-out problems greedily, at temperature
 1.0 (4 samples each) and at the demo's 1.3 (8 samples each) in the engine.
@@ -39,7 +39,7 @@ def stage_ends(out: Path) -> tuple[dict, dict]:
 
 
 def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, student_kind: str = "hybrid",
-                attn_layers: list[int] | None = None) -> dict:
+                attn_layers: list[int] | None = None, shape: dict | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -54,12 +54,13 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     from thinkfast.engine.engine import Engine
     from thinkfast.engine.run import encode_prompt
     from thinkfast.engine.sampling import SamplingParams
-    from thinkfast.models import ThinkfastForCausalLM
+    from thinkfast.models import ThinkfastForCausalLM, from_teacher
 
     demo = Path(demo_dir)
-    shape, _, recipe = setting.partition(":")
-    unpacked = shape.endswith("u")  # one whole example per row instead of packed rows
-    rows, length = (int(x) for x in shape.rstrip("u").split("x"))
+    row_shape, _, recipe = setting.partition(":")
+    unpacked = row_shape.endswith("u")  # one whole example per row instead of packed rows
+    rows, length = (int(x) for x in row_shape.rstrip("u").split("x"))
+    shape = {k: v for k, v in (shape or {}).items() if v is not None}  # the student's d_state / ssm_kv_heads
     settings = dataclasses.replace(DemoSettings(), distill_batch=rows, seq_len=length)
     budgets, lrs = {}, {}
     for part in recipe.split("+"):
@@ -77,9 +78,11 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     data = DataConfig(specs=[sums_spec(settings.distill_examples, DISTILL_SEED)], instruction=PROMPT_STYLE["instruction"],
                       seed=settings.seed, pack=not unpacked)
     where = f"-attn{'-'.join(map(str, attn_layers))}" if student_kind == "hybrid" else ""
+    where += "".join(f"-{k}{v}" for k, v in sorted(shape.items()))
     out = Path(out_root) / f"{student_kind}{where}-{setting.replace(':', '_').replace('+', '_').replace('=', '')}"
     t0 = time.time()
-    student = distill(teacher, student_kind, data, stages, tokenizer=tok, out_dir=out, progress=False, attn_layers=attn_layers)
+    student = from_teacher(teacher, kind=student_kind, attn_layers=attn_layers, **shape) if shape else student_kind
+    student = distill(teacher, student, data, stages, tokenizer=tok, out_dir=out, progress=False, attn_layers=attn_layers)
     seconds = time.time() - t0
     steps, last = stage_ends(out)
 
@@ -99,7 +102,7 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     student.eval()
     with torch.no_grad():
         (greedy, _), (warm, _), (hot, hot_cover) = accuracy(0.0, 1), accuracy(1.0, 4), accuracy(settings.temperature, 8)
-    return {"student": student_kind, "attn_layers": attn_layers, "setting": setting, "rows": rows, "row_tokens": length, "unpacked": unpacked, "budgets": budgets,
+    return {"student": student_kind, "attn_layers": attn_layers, "shape": shape, "setting": setting, "rows": rows, "row_tokens": length, "unpacked": unpacked, "budgets": budgets,
             "lrs": lrs, "steps": steps,
             "final_loss": last, "seconds": round(seconds), "tokens_per_second": round(sum(budgets.values()) / seconds),
             "greedy": greedy, "t1.0": warm, f"t{settings.temperature}": hot, f"t{settings.temperature}_pass@8": hot_cover}
@@ -115,6 +118,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--student", choices=["hybrid", "llamba"], default="hybrid")
     ap.add_argument("--attn-layers", help="hybrid: comma-separated attention layers (default: the demo hybrid's)")
+    ap.add_argument("--d-state", type=int, help="the student's SSM state size per head (default: the teacher's head size)")
+    ap.add_argument("--ssm-kv-heads", type=int, help="heads of x and B (default: the teacher's KV heads; its query heads: one each)")
     ap.add_argument("--out", default="benchmarks/distill_recipe-latest")
     args = ap.parse_args()
     demo = Path(args.demo_dir)
@@ -131,7 +136,8 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_setting, [str(demo)] * len(settings), settings, [args.problems] * len(settings),
                                 [str(work)] * len(settings), [args.student] * len(settings),
-                                [attn] * len(settings)))
+                                [attn] * len(settings),
+                                [{"d_state": args.d_state, "ssm_kv_heads": args.ssm_kv_heads}] * len(settings)))
     from thinkfast.demo import DemoSettings
 
     temp = DemoSettings().temperature
@@ -140,6 +146,8 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/distill_recipe.py DEMO_DIR --student {args.student}"
         + (f" --attn-layers {args.attn_layers}" if args.attn_layers else "")
+        + (f" --d-state {args.d_state}" if args.d_state else "")
+        + (f" --ssm-kv-heads {args.ssm_kv_heads}" if args.ssm_kv_heads else "")
         + f" --jobs {args.jobs} --settings {args.settings}` "
         "(one thread per setting; seconds compare only within this table).",
         "",

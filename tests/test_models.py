@@ -8,7 +8,7 @@ from conftest import SHARED_DATA, smollm2_gguf, tiny_llama
 from transformers import AutoModelForCausalLM
 
 import thinkfast  # noqa: F401  (registers the Auto classes)
-from thinkfast.errors import ThinkfastError
+from thinkfast.errors import ConfigError, ThinkfastError
 from thinkfast.models import ModelConfig, ThinkfastForCausalLM, from_teacher
 from thinkfast.models.teacher import load_teacher
 from thinkfast.models.transfer import expand_kv_blocks
@@ -134,6 +134,25 @@ def test_mamba_init_maps_attention_per_head_block(ssm_kv_heads):
             torch.testing.assert_close(xh[:, :, h], v[:, :, h // 4])
         torch.testing.assert_close(mixer.out_proj.weight, att.o_proj.weight)
         torch.testing.assert_close(layer.mlp.up_proj.weight, teacher.model.layers[i].mlp.up_proj.weight)
+
+
+def test_larger_state_takes_k_and_q_in_its_first_dimensions():
+    """d_state 2 x head size: C.B over the state equals q.k at init (C's extra dimensions zero)."""
+    teacher = distinct_head_teacher()
+    student = from_teacher(teacher, kind="llamba", d_state=16).lm
+    x = torch.randn(1, 6, 64)
+    att, mixer = teacher.model.layers[0].self_attn, student.layers[0].mixer
+    assert mixer.N == 16
+    with torch.no_grad():
+        _, xBC, dt_raw = mixer._split(mixer.in_proj(x))
+        _, _, B, C, _ = mixer._heads(mixer._conv_seq(xBC, 6), dt_raw)
+        q, k = att.q_proj(x).view(1, 6, 8, 8), att.k_proj(x).view(1, 6, 2, 8)
+    for h in range(8):
+        torch.testing.assert_close(C[:, :, h, :8], q[:, :, h])
+        torch.testing.assert_close(B[:, :, h, :8], k[:, :, h // 4])
+        assert C[:, :, h, 8:].abs().max() == 0 and B[:, :, h, 8:].abs().max() > 0
+    with pytest.raises(ConfigError, match="below the teacher's head size"):
+        from_teacher(teacher, kind="llamba", d_state=4)
 
 
 def test_expand_kv_blocks_is_per_block_not_per_row():

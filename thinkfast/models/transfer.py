@@ -49,6 +49,7 @@ def from_teacher(
     ssm_kv_heads: int | None = None,
     d_conv: int = 4,
     seed: int = 0,
+    d_state: int | None = None,
 ) -> ThinkfastForCausalLM:
     """Build a student from a teacher (HF Llama model, thinkfast all-attention model, or a path/hub id/GGUF).
 
@@ -56,6 +57,8 @@ def from_teacher(
     default a quarter of the layers; Mamba-2 parameterisation by default) or "teacher" (all attention: the
     teacher itself in thinkfast's model, for the engine). `ssm_kv_heads` defaults to the teacher's KV heads
     (x and B expanded per head block at run time); set it to n_heads to expand the weights once here.
+    `d_state` defaults to the teacher's head size; a larger state takes K and Q in its first head-size dimensions
+    (the extra dimensions of C start at zero, so the student starts as the attention-initialised one).
     """
     if kind not in KINDS:
         raise ConfigError(f"student kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -73,7 +76,9 @@ def from_teacher(
         layers = default_hybrid_layers(n) if attn_layers is None else list(attn_layers)
     if ssm_param is None:
         ssm_param = "discrete" if kind == "llamba" else "mamba2"
-    scfg = tcfg.replace(attn_layers=layers, ssm_param=ssm_param, ssm_kv_heads=ssm_kv_heads, d_conv=d_conv)
+    if d_state is not None and d_state < tcfg.hd:
+        raise ConfigError(f"d_state={d_state} is below the teacher's head size {tcfg.hd}; B and C could not hold K and Q")
+    scfg = tcfg.replace(attn_layers=layers, ssm_param=ssm_param, ssm_kv_heads=ssm_kv_heads, d_conv=d_conv, d_state=d_state)
 
     torch.manual_seed(seed)
     hf_cfg = ThinkfastConfig.from_model_config(scfg, **{k: v for k, v in extras.items() if v is not None})
@@ -123,6 +128,12 @@ def init_mamba_from_attention(mixer: Mamba2Mixer, wq, wk, wv, wo, n_kv: int) -> 
     if N == hd:  # d_state equal to the head size: B and C take K and Q exactly
         W[o_b:o_c].copy_(wk)
         W[o_c:o_c + mixer.d_c].copy_(wq)
+    elif N > hd:  # a larger state: K and Q in each head's first hd dimensions; C's others zero, so C.B = Q.K
+        b = W[o_b:o_c].view(Hx, N, -1)
+        c = W[o_c:o_c + mixer.d_c].view(H, N, -1)
+        b[:, :hd].copy_(wk.view(Hx, hd, -1))
+        c[:, :hd].copy_(wq.view(H, hd, -1))
+        c[:, hd:].zero_()
     mixer.out_proj.weight.copy_(wo)
     # identity conv: each channel passes its current input through
     mixer.conv1d.weight.zero_()
