@@ -10,8 +10,8 @@ binary cross-entropy on completions labelled by our grader. What the head reads 
   everything) and the *mean over the completion's tokens*;
 - "both".
 On the demo (a few hundred training completions, 2,560 held-out ones) the two likelihood numbers rank completions
-with AUC 0.93 and the pooled states with 0.56-0.58 (`benchmarks/orm_features.md`): the pooled states need far more
-than a few hundred examples. One score per completion, because the label is one outcome per completion; a per-token
+with AUC 0.93-0.94 and the pooled states with 0.60-0.63 (`benchmarks/orm_features.md`): the pooled states need far
+more than a few hundred examples. One score per completion, because the label is one outcome per completion; a per-token
 value head (Cobbe et al. 2021) needs more data still.
 
 Cost decides the default: about a minute of a 2-core CPU for a few hundred completions and a ~5M-parameter
@@ -90,6 +90,7 @@ class ORMConfig:
     train_layers: int = 0  # top blocks fine-tuned with the head (0: frozen backbone, logistic head)
     uses_question: bool = True
     features: str = "likelihood"  # what the head reads: one of FEATURE_SETS
+    stats: dict = field(default_factory=dict)
 
     @property
     def reads_likelihood(self) -> bool:
@@ -98,7 +99,6 @@ class ORMConfig:
     @property
     def reads_pooled(self) -> bool:
         return self.features in ("pooled", "both")
-    stats: dict = field(default_factory=dict)
 
 
 @dataclass
