@@ -180,6 +180,9 @@ def test_cli_train_score_report(backbone_dir, tmp_path, capsys):
     rows = toy_samples()
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["train-rm", "--samples", str(train), "--backbone", str(backbone_dir), "--out", str(tmp_path / "bad"),
+                "--train-layers", "1"]) == 2  # the likelihood features have no blocks to fine-tune under
+    assert "add --features both" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert cli(["train-rm", "--samples", str(train), "--backbone", str(backbone_dir), "--out", str(tmp_path / "rm"),
                 "--features", "both"]) == 0
     assert "validation AUC" in capsys.readouterr().out

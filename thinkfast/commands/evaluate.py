@@ -120,6 +120,9 @@ def cmd_train_rm(args) -> int:
         raise ThinkfastError(f"--val-fraction {args.val_fraction}: use a fraction in [0, 1)")
     if args.train_layers < 0:
         raise ThinkfastError(f"--train-layers {args.train_layers}: use 0 or more")
+    if args.train_layers and args.features == "likelihood":
+        raise ThinkfastError(f"--train-layers {args.train_layers} fine-tunes blocks under the pooled hidden states; "
+                             "add --features both (or pooled)")
     rm = train_reward_model(args.samples, args.backbone, args.out, data=args.data,
                             orm=ORMConfig(max_len=args.max_len, question_tokens=min(256, args.max_len // 2), train_layers=args.train_layers,
                                           features=args.features),

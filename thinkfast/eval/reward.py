@@ -105,11 +105,7 @@ class ORMConfig:
 class Encoded:
     ids: list[int]
     start: int  # index of the first completion token
-    scored_from: int = -1  # first token in the likelihood features (default: start)
-
-    def __post_init__(self):
-        if self.scored_from < 0:
-            self.scored_from = self.start
+    scored_from: int  # first token in the likelihood features (after start when the completion was cut)
 
 
 class OutcomeRewardModel(nn.Module):
