@@ -56,7 +56,7 @@ class DemoSettings:
     batch_size: int = 256
     seed: int = 0
     distill_examples: int = 20_000  # problems in the distillation split (more than the budgets below consume)
-    # MOHAWK stage 3 (kd) 300k -> 150k tokens: the Llamba solves nothing at either (first 48 held-out problems,
+    # MOHAWK stage 3 (kd) 300k -> 150k tokens: the (discrete) Llamba solved nothing at either (first 48 held-out problems,
     # greedy / T=1.0 / T=1.3: 0.000 / 0.000 / 0.000 and 0.000 / 0.013 / 0.000, benchmarks/distill_recipe.md), and
     # the minute goes to the reward model reading whole chains, within the 15-minute target
     llamba_tokens: dict = field(default_factory=lambda: {"matrix": 24_000, "hidden": 150_000, "kd": 150_000, "sft": 40_000})
