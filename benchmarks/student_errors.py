@@ -54,7 +54,7 @@ def classify(reference: str, completion: str) -> str:
 
 
 def teacher_forced_errors(model, tok, pairs: list[tuple[str, str]]) -> tuple[collections.Counter, collections.Counter]:
-    """Per kind: digits of the reference solutions, and those the model's argmax gets wrong (non-digits: "other")."""
+    """Per kind: digits of the reference solutions, and those the model's argmax gets wrong (the rest: "non-digit")."""
     digits, wrong = collections.Counter(), collections.Counter()
     for prompt, reference in pairs:
         enc = tok(prompt + reference, add_special_tokens=False, return_offsets_mapping=True)
@@ -65,7 +65,7 @@ def teacher_forced_errors(model, tok, pairs: list[tuple[str, str]]) -> tuple[col
             start, end = (o - len(prompt) for o in enc["offset_mapping"][t])
             if start < 0:
                 continue
-            kind = kind_at(reference, start) if reference[start:end].isdigit() else "other"
+            kind = kind_at(reference, start) if reference[start:end].isdigit() else "non-digit"
             digits[kind] += 1
             wrong[kind] += guess[t - 1] != ids[t]
     return digits, wrong
@@ -109,7 +109,7 @@ def main() -> None:
     if args.teacher_forced:
         pairs = [(texts[p.id], sum_solution(p.meta["expression"])) for p in problems]
         digits, wrong = teacher_forced_errors(model, tok, pairs)
-        kinds = [k for k in KINDS if digits[k]]
+        kinds = [k for k in (*KINDS, "non-digit") if digits[k]]
         print("teacher-forced: next-token error rate per kind (tokens of that kind in brackets)")
         print("| " + " | ".join(f"{k} ({digits[k]})" for k in kinds) + " |")
         print("|" + "---:|" * len(kinds))

@@ -287,7 +287,7 @@ class Demo:
         student = from_teacher(teacher, kind=kind, attn_layers=attn_layers,
                                ssm_param=s.llamba_ssm_param if kind == "llamba" else None)
         student = distill(teacher, student, data, stages, tokenizer=self.tokenizer(), out_dir=work,
-                          resume=True, progress=self.progress, attn_layers=attn_layers)
+                          resume=True, progress=self.progress)
         with atomic_dir(self.model_dir(name)) as d:
             for f in MODEL_FILES:
                 if (work / f).is_file():
