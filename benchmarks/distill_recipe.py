@@ -5,7 +5,7 @@ Takes a finished `thinkfast demo` folder and, for each setting `ROWSxLENGTH[u]:S
 distils the demo's hybrid (or, with --student llamba, its Llamba) again from its teacher (the hybrid's attention
 at the demo hybrid's layers; --d-state, --ssm-kv-heads and --ssm-param change the student's Mamba mixers; the demo's learning
 rates and schedules, `thinkfast.demo.distill_stages`), changing only the rows per optimizer step, the row length
-and the tokens of each stage. Then it samples the first --problems held-out problems greedily, at temperature
+and the tokens of each stage (--worked left: the training sums' worked solutions in that style). Then it samples the first --problems held-out problems greedily, at temperature
 1.0 (4 samples each) and at the demo's 1.3 (8 samples each) in the engine.
 
     python benchmarks/distill_recipe.py DEMO_DIR --jobs 2 --settings \
@@ -39,7 +39,7 @@ def stage_ends(out: Path) -> tuple[dict, dict]:
 
 
 def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, student_kind: str = "hybrid",
-                attn_layers: list[int] | None = None, shape: dict | None = None) -> dict:
+                attn_layers: list[int] | None = None, shape: dict | None = None, worked: str = "columns") -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -75,10 +75,11 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
         attn_layers = json.loads((demo / "models" / "hybrid" / "config.json").read_text())["attn_layers"]
     tok = AutoTokenizer.from_pretrained(demo / "models" / "teacher")
     teacher = ThinkfastForCausalLM.from_pretrained(demo / "models" / "teacher")
-    data = DataConfig(specs=[sums_spec(settings.distill_examples, DISTILL_SEED)], instruction=PROMPT_STYLE["instruction"],
+    train_spec = sums_spec(settings.distill_examples, DISTILL_SEED) + ("" if worked == "columns" else f"&worked={worked}")
+    data = DataConfig(specs=[train_spec], instruction=PROMPT_STYLE["instruction"],
                       seed=settings.seed, pack=not unpacked)
     where = f"-attn{'-'.join(map(str, attn_layers))}" if student_kind == "hybrid" else ""
-    where += "".join(f"-{k}{v}" for k, v in sorted(shape.items()))
+    where += "".join(f"-{k}{v}" for k, v in sorted(shape.items())) + ("" if worked == "columns" else f"-worked-{worked}")
     out = Path(out_root) / f"{student_kind}{where}-{setting.replace(':', '_').replace('+', '_').replace('=', '')}"
     t0 = time.time()
     student = from_teacher(teacher, kind=student_kind, attn_layers=attn_layers, **shape) if shape else student_kind
@@ -102,7 +103,7 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     student.eval()
     with torch.no_grad():
         (greedy, _), (warm, _), (hot, hot_cover) = accuracy(0.0, 1), accuracy(1.0, 4), accuracy(settings.temperature, 8)
-    return {"student": student_kind, "attn_layers": attn_layers, "shape": shape, "setting": setting, "rows": rows, "row_tokens": length, "unpacked": unpacked, "budgets": budgets,
+    return {"student": student_kind, "attn_layers": attn_layers, "shape": shape, "worked": worked, "setting": setting, "rows": rows, "row_tokens": length, "unpacked": unpacked, "budgets": budgets,
             "lrs": lrs, "steps": steps,
             "final_loss": last, "seconds": round(seconds), "tokens_per_second": round(sum(budgets.values()) / seconds),
             "greedy": greedy, "t1.0": warm, f"t{settings.temperature}": hot, f"t{settings.temperature}_pass@8": hot_cover}
@@ -122,6 +123,9 @@ def main() -> None:
     ap.add_argument("--ssm-kv-heads", type=int, help="heads of x and B (default: the teacher's KV heads; its query heads: one each)")
     ap.add_argument("--ssm-param", choices=["discrete", "mamba2"],
                     help="the Mamba mixers' parameterisation (default: Llamba's discrete one for a llamba, Mamba-2's for a hybrid)")
+    ap.add_argument("--worked", choices=["columns", "left"], default="columns",
+                    help="worked-solution style of the training sums (left: restate the terms still to add after "
+                         "each partial sum; the teacher never saw it, so use it with sft stages)")
     ap.add_argument("--out", default="benchmarks/distill_recipe-latest")
     args = ap.parse_args()
     demo = Path(args.demo_dir)
@@ -139,7 +143,8 @@ def main() -> None:
         results = list(pool.map(run_setting, [str(demo)] * len(settings), settings, [args.problems] * len(settings),
                                 [str(work)] * len(settings), [args.student] * len(settings),
                                 [attn] * len(settings),
-                                [{"d_state": args.d_state, "ssm_kv_heads": args.ssm_kv_heads, "ssm_param": args.ssm_param}] * len(settings)))
+                                [{"d_state": args.d_state, "ssm_kv_heads": args.ssm_kv_heads, "ssm_param": args.ssm_param}] * len(settings),
+                                [args.worked] * len(settings)))
     from thinkfast.demo import DemoSettings
 
     temp = DemoSettings().temperature
@@ -150,6 +155,8 @@ def main() -> None:
         + (f" --attn-layers {args.attn_layers}" if args.attn_layers else "")
         + (f" --d-state {args.d_state}" if args.d_state else "")
         + (f" --ssm-kv-heads {args.ssm_kv_heads}" if args.ssm_kv_heads else "")
+        + (f" --ssm-param {args.ssm_param}" if args.ssm_param else "")
+        + (f" --worked {args.worked}" if args.worked != "columns" else "")
         + f" --jobs {args.jobs} --settings {args.settings}` "
         "(one thread per setting; seconds compare only within this table).",
         "",

@@ -10,7 +10,9 @@ the question's first term), the running total carried from the previous block, a
 
 `--teacher-forced` also feeds each reference solution through the model and counts, per kind of digit, how
 often its most likely next token is not the reference's (one forward pass per problem): a rate for every
-digit, not only the first slip. benchmarks/distill_recipe.md and README.md record the results.
+digit, not only the first slip. `--worked left` compares with the style that restates the terms still to add
+(`left: ...` lines, their own kind), for a model trained on it. benchmarks/distill_recipe.md and README.md record
+the results.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 import torch
 
 KINDS = ("exact", "next term from the question", "running total", "operand digit in a column", "column sum",
-         "write/carry", "so-line", "final answer", "other")
+         "write/carry", "so-line", "left-line", "final answer", "other")
 
 
 def kind_at(reference: str, i: int) -> str:
@@ -35,6 +37,8 @@ def kind_at(reference: str, i: int) -> str:
         return "running total"
     if line.startswith("so "):
         return "so-line"
+    if line.startswith("left: "):
+        return "left-line"
     if line.startswith("#"):
         return "final answer"
     if re.fullmatch(r"[\w^]+: (carry 1, )?\d*(\+\d*)*", line):
@@ -68,6 +72,11 @@ def teacher_forced_errors(model, tok, pairs: list[tuple[str, str]]) -> tuple[col
             kind = kind_at(reference, start) if reference[start:end].isdigit() else "non-digit"
             digits[kind] += 1
             wrong[kind] += guess[t - 1] != ids[t]
+            if kind == "left-line":  # how many terms that line holds: does recall fail with the list's length?
+                line = reference[reference.rfind("\n", 0, start) + 1:].split("\n")[0]
+                by_length = f"left-line, {line.count('+') + 1} terms"
+                digits[by_length] += 1
+                wrong[by_length] += guess[t - 1] != ids[t]
     return digits, wrong
 
 
@@ -78,6 +87,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=950_000, help="reasoning-gym seed of the fresh problems (held-out range)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--teacher-forced", action="store_true", help="also the per-digit error rate on the reference solutions")
+    ap.add_argument("--worked", choices=["columns", "left"], default="columns", help="the reference solutions' style")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -101,15 +111,15 @@ def main() -> None:
     with torch.no_grad():
         done = list(engine.generate(prompts, n=1, params=SamplingParams(temperature=0.0, max_new_tokens=1200), seed=1))
     by_id = {p.id: p for p in problems}
-    counts = collections.Counter(classify(sum_solution(by_id[c.problem_id].meta["expression"]), c.text or "") for c in done)
+    counts = collections.Counter(classify(sum_solution(by_id[c.problem_id].meta["expression"], args.worked), c.text or "") for c in done)
     print(f"{args.model}: {len(done)} problems, greedy")
     print("| " + " | ".join(KINDS) + " |")
     print("|" + "---:|" * len(KINDS))
     print("| " + " | ".join(str(counts.get(k, 0)) for k in KINDS) + " |")
     if args.teacher_forced:
-        pairs = [(texts[p.id], sum_solution(p.meta["expression"])) for p in problems]
+        pairs = [(texts[p.id], sum_solution(p.meta["expression"], args.worked)) for p in problems]
         digits, wrong = teacher_forced_errors(model, tok, pairs)
-        kinds = [k for k in (*KINDS, "non-digit") if digits[k]]
+        kinds = [k for k in (*KINDS, "non-digit", *sorted(k for k in digits if k.startswith("left-line, "))) if digits[k]]
         print("teacher-forced: next-token error rate per kind (tokens of that kind in brackets)")
         print("| " + " | ".join(f"{k} ({digits[k]})" for k in kinds) + " |")
         print("|" + "---:|" * len(kinds))

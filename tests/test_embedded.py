@@ -28,6 +28,29 @@ def test_worked_sum_solutions_are_correct_and_graded_right(expression):
             assert sum(int(x) for x in lhs.split("+")) == int(rhs), line
 
 
+def test_left_style_restates_the_terms_still_to_add_and_only_adds_lines():
+    expression = "47 + 77 + 5 + 300"
+    plain, left = sum_solution(expression), sum_solution(expression, "left")
+    restated = [line for line in left.splitlines() if line.startswith("left: ")]
+    assert restated == ["left: 5 + 300", "left: 300"]
+    assert [line for line in left.splitlines() if not line.startswith("left: ")] == plain.splitlines()
+    assert sum_solution("7 + 5", "left") == sum_solution("7 + 5")  # nothing left after the only addition
+    with pytest.raises(ValueError, match="style"):
+        sum_solution(expression, "rows")
+
+
+def test_rg_spec_worked_option_picks_the_style_and_refuses_unknown_ones():
+    from thinkfast.errors import DataError
+
+    spec = TEACHER_SPEC.replace("size=150000", "size=20")
+    plain, left = load_problems(spec), load_problems(spec + "&worked=left")
+    assert [p.question for p in plain] == [p.question for p in left]  # the option never reaches reasoning-gym
+    assert all(q.solution == sum_solution(q.meta["expression"], "left") for q in left)
+    assert any("\nleft: " in q.solution for q in left) and not any("\nleft: " in q.solution for q in plain)
+    with pytest.raises(DataError, match="worked='rows'"):
+        load_problems(spec + "&worked=rows")
+
+
 def test_worked_solutions_are_hundreds_of_tokens():
     problems = load_problems(TEACHER_SPEC.replace("size=150000", "size=300"))
     lengths = [len(p.solution) for p in problems]

@@ -3,7 +3,8 @@
   gsm8k:PATH                                 GSM8K jsonl (`question`, `answer` ending in `#### N`)
   math:PATH                                  MATH jsonl (`problem`, `answer`, optional `solution`)
   jsonl:PATH?question=FIELD&answer=FIELD     any jsonl (`solution=FIELD`, `kind=number|gsm8k|math` optional)
-  rg:NAME?size=N&seed=S&KEY=VALUE...         a reasoning-gym generator (extra keys go to its config)
+  rg:NAME?size=N&seed=S&KEY=VALUE...         a reasoning-gym generator (extra keys go to its config; sums take
+                                             `worked=columns|left`, the style of their worked solutions)
   hf:ID[:CONFIG]:SPLIT                       a Hugging Face dataset (needs `datasets` and the network)
   text:PATH                                  plain text (distillation data only; no answers)
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from ..errors import DataError
-from .worked import worked_solution
+from .worked import STYLES, worked_solution
 
 SCHEMES = ("gsm8k", "math", "jsonl", "rg", "hf", "text")
 GRADER_KINDS = ("gsm8k", "math", "number")
@@ -173,7 +174,7 @@ def _rg_dataset(s: DataSpec):
         import reasoning_gym
     except ImportError:
         raise DataError("data spec rg:...: the reasoning-gym package is not installed (pip install reasoning-gym)") from None
-    reserved = {"offset", "limit", "kind"}
+    reserved = {"offset", "limit", "kind", "worked"}
     cfg = {k: _rg_value(v) for k, v in s.params.items() if k not in reserved}
     cfg.setdefault("size", 100)
     cfg.setdefault("seed", 0)
@@ -188,10 +189,13 @@ def _reasoning_gym(s: DataSpec) -> list[Problem]:
     ds = _rg_dataset(s)
     seed = s.params.get("seed", "0")
     kind = _kind(s, "number")
+    style = s.params.get("worked", "columns")
+    if style not in STYLES:
+        raise DataError(f"data spec {s.text!r}: worked={style!r} is not a worked-solution style; use one of {', '.join(STYLES)}")
     out = []
     for i, item in enumerate(ds):
         meta = dict(item.get("metadata", {}))
-        solution = worked_solution(s.target, item)
+        solution = worked_solution(s.target, item, style)
         out.append(Problem(f"{s.target}:{seed}:{i}", item["question"], str(item["answer"]), kind, solution, meta))
     return out
 

@@ -10,6 +10,10 @@ A sum is solved one term at a time, column by column with carries, the way a pup
 
 Every token is a small local step, so a small model can learn it, and a chain of several terms runs to hundreds
 of characters: long enough that a Transformer's growing KV cache matters when sampling.
+
+Style "left" also restates, after each partial sum, the terms still to add (`left: 5 + 300`), so the next term is
+copied from a line one addition back instead of from the question, hundreds of tokens back: a fixed-size state
+recalls the recent far better than the distant.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import re
 
 SUM = re.compile(r"^\s*\d+(\s*\+\s*\d+)+\s*$")
+STYLES = ("columns", "left")
 PLACES = ["ones", "tens", "hundreds", "thousands"]
 
 
@@ -42,25 +47,30 @@ def column_addition(a: int, b: int) -> list[str]:
     return lines
 
 
-def sum_solution(expression: str) -> str | None:
+def sum_solution(expression: str, style: str = "columns") -> str | None:
     """Worked solution of `a + b + ...` (non-negative integers), ending in `#### total`; None for other expressions."""
+    if style not in STYLES:
+        raise ValueError(f"unknown worked-solution style {style!r}; use one of {', '.join(STYLES)}")
     if not SUM.match(expression):
         return None
     terms = [int(t) for t in expression.split("+")]
     lines, total = [], terms[0]
-    for term in terms[1:]:
+    for i, term in enumerate(terms[1:], start=2):
         lines += column_addition(total, term)
         total += term
+        if style == "left" and i < len(terms):
+            lines.append("left: " + " + ".join(map(str, terms[i:])))
     lines.append(f"#### {total}")
     return "\n".join(lines)
 
 
-def worked_solution(generator: str, item: dict) -> str | None:
-    """A worked solution for a reasoning-gym item, from its own chain of thought or one we can derive."""
+def worked_solution(generator: str, item: dict, style: str = "columns") -> str | None:
+    """A worked solution for a reasoning-gym item, from its own chain of thought or one we can derive (sums: in
+    `style`)."""
     meta = item.get("metadata", {})
     if meta.get("answer_cot"):
         return meta["answer_cot"]
     expression = meta.get("expression")
     if generator in ("basic_arithmetic", "chain_sum") and expression:
-        return sum_solution(expression)
+        return sum_solution(expression, style)
     return None
