@@ -12,8 +12,9 @@ Every token is a small local step, so a small model can learn it, and a chain of
 of characters: long enough that a Transformer's growing KV cache matters when sampling.
 
 Style "left" also restates, after each partial sum, the terms still to add (`left: 5 + 300`), so the next term is
-copied from a line one addition back instead of from the question, hundreds of tokens back: a fixed-size state
-recalls the recent far better than the distant.
+copied from a line one addition back instead of from the question, hundreds of tokens back. It tests whether a
+pure Mamba student's misses are about distance; they are not: it then miscopies the restated lists instead
+(benchmarks/distill_recipe.md, run R).
 """
 
 from __future__ import annotations
