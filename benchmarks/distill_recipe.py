@@ -5,8 +5,9 @@ Takes a finished `thinkfast demo` folder and, for each setting `ROWSxLENGTH[u]:S
 distils the demo's hybrid (or, with --student llamba, its Llamba) again from its teacher (the hybrid's attention
 at the demo hybrid's layers; --d-state, --ssm-kv-heads and --ssm-param change the student's Mamba mixers; the demo's learning
 rates and schedules, `thinkfast.demo.distill_stages`), changing only the rows per optimizer step, the row length
-and the tokens of each stage (--worked left: the training sums' worked solutions in that style). Then it samples the first --problems held-out problems greedily, at temperature
-1.0 (4 samples each) and at the demo's 1.3 (8 samples each) in the engine.
+and the tokens of each stage (--worked left: the training sums' worked solutions in that style). Then it samples
+the first --problems held-out problems greedily, at temperature 1.0 (4 samples each) and at the demo's 1.3
+(8 samples each) in the engine.
 
     python benchmarks/distill_recipe.py DEMO_DIR --jobs 2 --settings \
         8x1024:hidden=100000+kd=300000,1x512:hidden=100000+kd=300000,1x512:hidden=200000+sft=300000
@@ -123,7 +124,9 @@ def main() -> None:
     ap.add_argument("--ssm-kv-heads", type=int, help="heads of x and B (default: the teacher's KV heads; its query heads: one each)")
     ap.add_argument("--ssm-param", choices=["discrete", "mamba2"],
                     help="the Mamba mixers' parameterisation (default: Llamba's discrete one for a llamba, Mamba-2's for a hybrid)")
-    ap.add_argument("--worked", choices=["columns", "left"], default="columns",
+    from thinkfast.data.worked import STYLES
+
+    ap.add_argument("--worked", choices=STYLES, default="columns",
                     help="worked-solution style of the training sums (left: restate the terms still to add after "
                          "each partial sum; the teacher never saw it, so use it with sft stages)")
     ap.add_argument("--out", default="benchmarks/distill_recipe-latest")

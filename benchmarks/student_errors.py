@@ -87,7 +87,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=950_000, help="reasoning-gym seed of the fresh problems (held-out range)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--teacher-forced", action="store_true", help="also the per-digit error rate on the reference solutions")
-    ap.add_argument("--worked", choices=["columns", "left"], default="columns", help="the reference solutions' style")
+    from thinkfast.data.worked import STYLES
+
+    ap.add_argument("--worked", choices=STYLES, default="columns", help="the reference solutions' style")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
