@@ -35,6 +35,13 @@ def test_quick_demo_writes_the_report_contract(quick_demo):
         model = AutoModelForCausalLM.from_pretrained(quick_demo / "models" / name)
         assert model.config.role == role and (quick_demo / "models" / name / "tokenizer.json").is_file()
     assert [c["claim"] for c in m["claims"]]  # each target is stated with what was measured
+    compared = [c for c in m["claims"] if "x teacher's" in c["claim"] and "pass@1" in c["claim"] or "samples)" in c["claim"]
+                or "majority" in c["claim"]]
+    assert len(compared) == 4  # both pass@1 ratios and both fixed-time claims carry a paired interval
+    for c in compared:
+        lo, hi = c["margin_ci"]
+        assert lo <= c["margin"] <= hi and c["problems"] == len(load_problems(m["dataset"]))
+        assert c["margin"] == pytest.approx(c["measured"] - c["target"], abs=1e-9)
     wall = m["claims"][-1]  # the wall-time target, checked on the demo's own clock
     assert wall["claim"] == "whole demo within 3 minutes wall"
     assert wall["held"] == (m["wall_seconds"] <= 180) and wall["measured"] == pytest.approx(m["wall_seconds"] / 60)
@@ -57,6 +64,24 @@ def test_summary_says_what_the_verifier_adds_over_voting():
             "hybrid 0.950 (0.960; 0.850).") in lines
     metrics["models"]["teacher"]["bon_at_k"] = metrics["models"]["hybrid"]["bon_at_k"] = None  # no reward model
     assert not any("Best-of" in line for line in demo_module.summary_notes(metrics, [], 60.0))
+
+
+def test_paired_margin_separates_settled_claims_from_noise():
+    teacher = {f"p{i}": (0.5, 0.5) for i in range(40)}
+    better = {p: (0.7, 0.5) for p in teacher}  # 0.2 above on every problem
+    assert demo_module.paired_margin(better, teacher, 0) == {"margin": pytest.approx(0.2), "margin_ci": [pytest.approx(0.2)] * 2,
+                                                               "problems": 40}
+    # the same mean margin carried by one problem in 40: the interval reaches zero
+    lucky = {p: (0.5 + (8.0 if i == 0 else 0.0), 0.5) for i, p in enumerate(teacher)}
+    m = demo_module.paired_margin(lucky, teacher, 0)
+    assert m["margin"] == pytest.approx(0.2) and m["margin_ci"][0] <= 0 < m["margin_ci"][1]
+    # scale: pass@1 >= 0.8 x the teacher's, paired per problem; problems only one side has are left out
+    scaled = demo_module.paired_margin({**{p: (0.4, 0.0) for p in teacher}, "extra": (1.0, 1.0)}, teacher, 0, 0.8)
+    assert scaled["margin"] == pytest.approx(0.0) and scaled["problems"] == 40
+    # the majority-vote entry is read when asked for
+    assert demo_module.paired_margin(better, {p: (0.5, 0.9) for p in teacher}, 1)["margin"] == pytest.approx(-0.4)
+    line = demo_module.summary_notes({"models": {}}, [{"claim": "c", "measured": 0.99, "target": 0.98, "held": True, **m}], 1.0)[-1]
+    assert line.startswith("held: c: measured 0.990 (target 0.980; margin +0.200") and "40 problems cannot settle it" in line
 
 
 def test_demo_samples_can_be_reproduced_with_thinkfast_sample(quick_demo, capsys):

@@ -102,6 +102,8 @@ def test_compiled_cpu_step_gives_the_same_samples():
     prompts = [(f"p{i}", torch.randint(3, 101, (4 + 5 * i,)).tolist()) for i in range(6)]
     params = SamplingParams(temperature=0.9, max_new_tokens=24)
     runs = {}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     for compiled in (False, True):
         engine = Engine(lm, None, batch_size=4, compile=compiled, stop_ids=[1, 2])
         runs[compiled] = {(c.problem_id, c.sample_idx): c.tokens for c in engine.generate(prompts, n=2, params=params, seed=3)}
@@ -109,6 +111,9 @@ def test_compiled_cpu_step_gives_the_same_samples():
             if engine._step.failed:
                 pytest.skip(f"torch.compile cannot build here: {engine._step.failed}")
             assert type(engine._step).__name__ == "CompiledStep"
+            # one graph for every row count and context: a full batch (rows == the state's slots) once compiled
+            # a second, its size duck-unified with the state's
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert len(runs[True]) == 12 and runs[True] == runs[False]
     assert len({len(t) for t in runs[True].values()}) > 1  # samples ended at different steps: rows were refilled
 

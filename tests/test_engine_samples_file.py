@@ -92,6 +92,24 @@ def test_another_configuration_is_refused_and_the_file_left_untouched(setup, tmp
     assert out.read_bytes() == before
 
 
+def test_another_precision_is_another_configuration(setup, tmp_path, capsys):
+    """bf16 draws other samples than fp32 from the same seeds: a resume in another precision is refused, while
+    another batch size (per-sample seeds: the same samples) resumes."""
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    full = tmp_path / "full.jsonl"
+    assert main(_args(root, spec, full, "--dtype", "float32")) == 0
+    lines = full.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:4]))
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(_args(root, spec, out, "--dtype", "bfloat16")) == 2
+    assert "another sampling configuration" in capsys.readouterr().err and out.read_bytes() == before
+    args = _args(root, spec, out)  # dtype auto: fp32 on CPU
+    args[args.index("--batch-size") + 1] = "2"
+    assert main(args) == 0 and _content(out) == _content(full)
+
+
 def test_retrained_weights_are_refused_and_a_moved_folder_resumes(setup, tmp_path, capsys):
     """The config hash covers the model's weights, not its path."""
     import shutil

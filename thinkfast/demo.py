@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .embedded import PROMPT_STYLE, TEACHER_SPEC, embedded_teacher_dir, sums_spec
@@ -382,7 +383,8 @@ STEP_TITLES = {
 
 
 def _curves_at(paths, model: str, k: int) -> dict:
-    """Dataset-mean pass@k and maj@k of `model` at any k (not only powers of two)."""
+    """pass@k and maj@k of `model` at any k (not only powers of two): dataset means ("pass", "maj") and the
+    per-problem values ("per_problem": {problem id: (pass, maj)}) the paired intervals resample."""
     from .eval.metrics import dataset_curves
     from .eval.report import _problem_samples
     from .eval.samples import read_samples
@@ -390,7 +392,25 @@ def _curves_at(paths, model: str, k: int) -> dict:
     by_model = read_samples(paths).by_model()[model]
     problems = {pid: _problem_samples(samples, model) for pid, samples in by_model.items()}
     curves = dataset_curves(problems, [k], n_boot=10)
-    return {"pass": float(curves["pass_at_k"]["mean"][0]), "maj": float(curves["maj_at_k"]["mean"][0])}
+    per = zip(curves["pass_at_k"]["per_problem"][:, 0], curves["maj_at_k"]["per_problem"][:, 0])
+    return {"pass": float(curves["pass_at_k"]["mean"][0]), "maj": float(curves["maj_at_k"]["mean"][0]),
+            "per_problem": dict(zip(problems, per))}
+
+
+CLAIM_CI_LEVEL = 0.95
+CLAIM_BOOTSTRAP = 2000
+
+
+def paired_margin(student: dict, teacher: dict, metric: int, scale: float = 1.0) -> dict:
+    """How far a student's per-problem value (index `metric` of its (pass, maj) pair) lies above `scale` x the
+    teacher's, on the problems both have: the mean margin and its percentile bootstrap interval, problems
+    resampled in pairs, so a claim decided by a handful of problems says so."""
+    from .eval.metrics import bootstrap_ci
+
+    common = [p for p in student if p in teacher]
+    diff = np.array([student[p][metric] - scale * teacher[p][metric] for p in common])
+    lo, hi = bootstrap_ci(diff, CLAIM_BOOTSTRAP, seed=0, level=CLAIM_CI_LEVEL)
+    return {"margin": float(diff.mean()), "margin_ci": [float(lo), float(hi)], "problems": len(common)}
 
 
 def check_claims(metrics: dict, paths) -> list[dict]:
@@ -401,6 +421,7 @@ def check_claims(metrics: dict, paths) -> list[dict]:
         return []
     n = max(int(k) for k in t["pass_at_k"])
     p1 = t["pass_at_k"]["1"]
+    teacher_at_1 = _curves_at(paths, "teacher", 1)["per_problem"]
     claims = [
         {"claim": "teacher pass@1 between 0.3 and 0.85", "measured": p1, "held": 0.3 <= p1 <= 0.85},
         {"claim": f"teacher pass@{n} >= pass@1 + 0.15", "measured": t["pass_at_k"][str(n)],
@@ -409,15 +430,16 @@ def check_claims(metrics: dict, paths) -> list[dict]:
     for name, ratio in (("llamba", 0.8), ("hybrid", 0.9)):
         if name in models:
             m1 = models[name]["pass_at_k"]["1"]
+            margin = paired_margin(_curves_at(paths, name, 1)["per_problem"], teacher_at_1, 0, ratio)
             claims.append({"claim": f"{name} pass@1 >= {ratio} x teacher's", "measured": m1,
-                           "target": ratio * p1, "held": m1 >= ratio * p1})
+                           "target": ratio * p1, "held": m1 >= ratio * p1, **margin})
     for name in ("llamba", "hybrid"):
         if name in models:
             r = models[name]["seconds_per_sample"] / t["seconds_per_sample"]
             claims.append({"claim": f"{name} seconds per sample <= 0.7 x teacher's", "measured": r, "held": r <= 0.7})
     k_teacher = min(8, n)
     budget = k_teacher * t["seconds_per_sample"]
-    teacher_at = {"pass": t["pass_at_k"][str(k_teacher)], "maj": t["maj_at_k"][str(k_teacher)]}
+    teacher_at = _curves_at(paths, "teacher", k_teacher)
     best = None
     for name in ("llamba", "hybrid"):
         if name not in models:
@@ -430,9 +452,11 @@ def check_claims(metrics: dict, paths) -> list[dict]:
         name, k, at = best
         claims.append({"claim": f"at the teacher's time for {k_teacher} samples ({budget:.2f} s/problem), the best student "
                                 f"({name}, {k} samples) covers >= teacher pass@{k_teacher}",
-                       "measured": at["pass"], "target": teacher_at["pass"], "held": at["pass"] >= teacher_at["pass"]})
+                       "measured": at["pass"], "target": teacher_at["pass"], "held": at["pass"] >= teacher_at["pass"],
+                       **paired_margin(at["per_problem"], teacher_at["per_problem"], 0)})
         claims.append({"claim": f"... and its majority vote >= teacher maj@{k_teacher}",
-                       "measured": at["maj"], "target": teacher_at["maj"], "held": at["maj"] >= teacher_at["maj"]})
+                       "measured": at["maj"], "target": teacher_at["maj"], "held": at["maj"] >= teacher_at["maj"],
+                       **paired_margin(at["per_problem"], teacher_at["per_problem"], 1)})
     return claims
 
 
@@ -466,6 +490,12 @@ def summary_notes(metrics: dict, claims: list[dict], wall: float) -> list[str]:
     lines.append(f"{len(held)} of {len(claims)} targets held (whole demo: {wall / 60:.1f} minutes wall).")
     for c in claims:
         target = f" (target {c['target']:.3f})" if "target" in c else ""
+        if "margin_ci" in c:
+            lo, hi = c["margin_ci"]
+            side = ("above the target" if lo > 0 else "below the target" if hi < 0
+                    else f"the interval spans zero: {c['problems']} problems cannot settle it")
+            target = (f" (target {c['target']:.3f}; margin {c['margin']:+.3f}, {CLAIM_CI_LEVEL:.0%} paired bootstrap "
+                      f"interval over {c['problems']} problems [{lo:+.3f}, {hi:+.3f}]: {side})")
         lines.append(f"{'held' if c['held'] else 'DID NOT HOLD'}: {c['claim']}: measured {c['measured']:.3f}{target}.")
     return lines
 

@@ -78,7 +78,10 @@ class CompiledStep:
             try:
                 # copies, not views of the engine's row buffers: a view's base size would be guarded on and
                 # every new row count would compile again
-                return self.compiled(tokens.clone(), positions.clone(), kv_len)
+                tokens, positions = tokens.clone(), positions.clone()
+                for t in (tokens, positions):  # else a full batch's row count is unified with the state's and specialised
+                    torch._dynamo.mark_dynamic(t, 0)
+                return self.compiled(tokens, positions, kv_len)
             except Exception as e:  # no toolchain, unsupported op: compilation fails before the state is touched
                 self.failed = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 log.warning("torch.compile of the decode step failed (%s); decoding eagerly", self.failed)

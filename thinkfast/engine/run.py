@@ -118,15 +118,17 @@ def model_fingerprint(model_spec: str) -> str:
     return "weights:" + h.hexdigest()[:16]
 
 
-def sample_config(model_spec: str, data_spec: str, n: int, params: SamplingParams, seed: int, style: PromptStyle) -> dict:
-    """What the samples depend on; its hash tags every line of the file."""
+def sample_config(model_spec: str, data_spec: str, n: int, params: SamplingParams, seed: int, style: PromptStyle,
+                  dtype: torch.dtype = torch.float32) -> dict:
+    """What the samples depend on; its hash tags every line of the file. The precision is part of it (a bf16
+    run draws other samples than an fp32 one from the same seeds); the batch size is not (per-sample seeds)."""
     model_id = model_fingerprint(model_spec)
     return {
         "model": model_id, "data": data_spec, "n": n, "temperature": params.temperature, "top_p": params.top_p,
         "top_k": params.top_k, "min_p": params.min_p, "max_new_tokens": params.max_new_tokens, "stop": list(params.stop),
         "prompt": {"instruction": style.instruction, "system": style.system, "chat": style.chat,
                    "few_shot": [p.id for p in style.few_shot or []]},
-        "seed": seed,
+        "seed": seed, "dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -167,7 +169,7 @@ def sample_to_file(
     if not isinstance(dtype, torch.dtype):
         dtype = parse_dtype(dtype, device)
 
-    config = config_hash(sample_config(model_spec, data_spec, n, params, seed, style))
+    config = config_hash(sample_config(model_spec, data_spec, n, params, seed, style, dtype))
     writer = SamplesWriter(out, config, rank, world)
     done = writer.done()  # refuses a file of another configuration before any work
 

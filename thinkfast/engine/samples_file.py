@@ -1,7 +1,7 @@
 """The samples file: JSONL, one line per completion, append-only, flushed (and fsynced) per batch.
 
 Every line carries `config`, a short hash of the sampling configuration (model, data, n, sampling parameters,
-prompt style, base seed). Re-running the same command reads the file, skips the (problem_id, sample_idx) pairs
+prompt style, base seed, precision). Re-running the same command reads the file, skips the (problem_id, sample_idx) pairs
 already there and writes exactly the missing ones; a file written under another configuration is refused and
 left untouched. A crash can leave only a torn last line (no newline): it is not a sample, and is cut off before
 appending.
