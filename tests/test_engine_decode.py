@@ -111,8 +111,8 @@ def test_compiled_cpu_step_gives_the_same_samples():
             if engine._step.failed:
                 pytest.skip(f"torch.compile cannot build here: {engine._step.failed}")
             assert type(engine._step).__name__ == "CompiledStep"
-            # one graph for every row count and context: a full batch (rows == the state's slots) once compiled
-            # a second, its size duck-unified with the state's
+            # one graph for every row count and context (a full batch, rows == the state's slots, once compiled a
+            # second: its row count was unified with the state's size and specialised)
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert len(runs[True]) == 12 and runs[True] == runs[False]
     assert len({len(t) for t in runs[True].values()}) > 1  # samples ended at different steps: rows were refilled

@@ -382,15 +382,14 @@ STEP_TITLES = {
 # ---------------------------------------------------------------------- the claims, checked on the measurements
 
 
-def _curves_at(paths, model: str, k: int) -> dict:
+def _curves_at(by_model: dict, model: str, k: int) -> dict:
     """pass@k and maj@k of `model` at any k (not only powers of two): dataset means ("pass", "maj") and the
-    per-problem values ("per_problem": {problem id: (pass, maj)}) the paired intervals resample."""
+    per-problem values ("per_problem": {problem id: (pass, maj)}) the paired intervals resample.
+    by_model: `read_samples(paths).by_model()`."""
     from .eval.metrics import dataset_curves
     from .eval.report import _problem_samples
-    from .eval.samples import read_samples
 
-    by_model = read_samples(paths).by_model()[model]
-    problems = {pid: _problem_samples(samples, model) for pid, samples in by_model.items()}
+    problems = {pid: _problem_samples(samples, model) for pid, samples in by_model[model].items()}
     curves = dataset_curves(problems, [k], n_boot=10)
     per = zip(curves["pass_at_k"]["per_problem"][:, 0], curves["maj_at_k"]["per_problem"][:, 0])
     return {"pass": float(curves["pass_at_k"]["mean"][0]), "maj": float(curves["maj_at_k"]["mean"][0]),
@@ -421,7 +420,10 @@ def check_claims(metrics: dict, paths) -> list[dict]:
         return []
     n = max(int(k) for k in t["pass_at_k"])
     p1 = t["pass_at_k"]["1"]
-    teacher_at_1 = _curves_at(paths, "teacher", 1)["per_problem"]
+    from .eval.samples import read_samples
+
+    by_model = read_samples(paths).by_model()  # read once: every claim below resamples the same files
+    teacher_at_1 = _curves_at(by_model, "teacher", 1)["per_problem"]
     claims = [
         {"claim": "teacher pass@1 between 0.3 and 0.85", "measured": p1, "held": 0.3 <= p1 <= 0.85},
         {"claim": f"teacher pass@{n} >= pass@1 + 0.15", "measured": t["pass_at_k"][str(n)],
@@ -430,7 +432,7 @@ def check_claims(metrics: dict, paths) -> list[dict]:
     for name, ratio in (("llamba", 0.8), ("hybrid", 0.9)):
         if name in models:
             m1 = models[name]["pass_at_k"]["1"]
-            margin = paired_margin(_curves_at(paths, name, 1)["per_problem"], teacher_at_1, 0, ratio)
+            margin = paired_margin(_curves_at(by_model, name, 1)["per_problem"], teacher_at_1, 0, ratio)
             claims.append({"claim": f"{name} pass@1 >= {ratio} x teacher's", "measured": m1,
                            "target": ratio * p1, "held": m1 >= ratio * p1, **margin})
     for name in ("llamba", "hybrid"):
@@ -439,13 +441,13 @@ def check_claims(metrics: dict, paths) -> list[dict]:
             claims.append({"claim": f"{name} seconds per sample <= 0.7 x teacher's", "measured": r, "held": r <= 0.7})
     k_teacher = min(8, n)
     budget = k_teacher * t["seconds_per_sample"]
-    teacher_at = _curves_at(paths, "teacher", k_teacher)
+    teacher_at = _curves_at(by_model, "teacher", k_teacher)
     best = None
     for name in ("llamba", "hybrid"):
         if name not in models:
             continue
         k = max(1, min(n, int(budget // models[name]["seconds_per_sample"])))
-        at = _curves_at(paths, name, k)
+        at = _curves_at(by_model, name, k)
         if best is None or (at["pass"], at["maj"]) > (best[2]["pass"], best[2]["maj"]):
             best = (name, k, at)
     if best is not None:
