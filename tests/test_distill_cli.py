@@ -143,7 +143,31 @@ def test_shipped_recipes_parse():
     assert m < h and m < k and h >= 1e9 and k >= 1e9  # the MOHAWK ratio
     with pytest.raises(ConfigError, match="one per stage"):
         make_plan(load_recipe("llama-3.2-1b-llamba"), {"tokens": "1M,2M"})
+    # --data replaces the recipe's sources and with them its weights (two weights for two sources); both flags: both taken
+    assert len(plain.data.specs) == len(plain.data.weights) == 2
+    own = make_plan(load_recipe("llama-3.2-1b-llamba"), {"data": ["gsm8k:train.jsonl"]})
+    assert own.data.specs == ["gsm8k:train.jsonl"] and own.data.weights in (None, [1.0])
+    two = make_plan(load_recipe("llama-3.2-1b-llamba"), {"data": ["gsm8k:a.jsonl", "math:b.jsonl"], "data_weights": "3,1"})
+    assert two.data.weights == [3.0, 1.0]
     # a caller's own table is passed through when named, refused otherwise
     assert load_recipe("tiny-teacher", extra_tables=("architecture",))["architecture"]["n_layers"] > 0
     with pytest.raises(ConfigError, match=r"unknown table \[architecture\]"):
         load_recipe("tiny-teacher")
+
+
+def test_interrupted_run_says_how_to_continue(monkeypatch, capsys, tmp_path):
+    """distill needs --resume to continue (its --out then holds a run): the interrupt line says so; sample resumes as it is."""
+    import thinkfast.commands.distill as distill_cmd
+    import thinkfast.commands.sample as sample_cmd
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_cmd, "run_distill", interrupted)
+    monkeypatch.setattr(sample_cmd, "cmd_sample", interrupted)
+    assert main(["distill", "--teacher", "t", "--stages", "sft", "--tokens", "8", "--out", str(tmp_path / "a")]) == 130
+    assert "re-run the same command with --resume to continue" in capsys.readouterr().err
+    assert main(["distill", "--teacher", "t", "--stages", "sft", "--tokens", "8", "--out", str(tmp_path / "a"), "--resume"]) == 130
+    assert "re-run the same command as it is to continue" in capsys.readouterr().err
+    assert main(["sample", "--model", "m", "--data", "d", "--out", str(tmp_path / "s.jsonl")]) == 130
+    assert "as it is to continue" in capsys.readouterr().err

@@ -37,13 +37,14 @@ def _prefilled_pair(lm, prompts, max_len):
     return states
 
 
+@pytest.mark.parametrize("row_group", [None, 2])
 @pytest.mark.parametrize("kind,ssm_param", CASES)
 @torch.no_grad()
-def test_fast_step_equals_reference_step(kind, ssm_param):
+def test_fast_step_equals_reference_step(kind, ssm_param, row_group):
     lm = _student(kind, ssm_param)
     prompts = [torch.randint(0, 101, (n,)).tolist() for n in (5, 17, 9, 30)]
     ref_state, fast_state = _prefilled_pair(lm, prompts, 64)
-    fast = DecodeStep(lm, fast_state)
+    fast = DecodeStep(lm, fast_state, row_group=row_group)  # 2: rows attend in two blocks, each to its own length
     pos = torch.tensor([len(p) for p in prompts])
     tok = torch.randint(0, 101, (4,))
     for _ in range(6):
@@ -55,6 +56,14 @@ def test_fast_step_equals_reference_step(kind, ssm_param):
     for a, b in zip(ref_state.caches, fast_state.caches):  # both left the same state behind
         for x, y in zip(vars(a).values(), vars(b).values()):
             torch.testing.assert_close(x, y, rtol=0, atol=2e-5)
+
+
+def test_row_blocks_read_only_their_own_rows_positions():
+    lm = _student("teacher", None)
+    step = DecodeStep(lm, engine_state(lm, 5, 64), row_group=2)
+    assert step._row_blocks(torch.tensor([40, 33, 9, 12, 3]), 41) == [(0, 2, 41), (2, 4, 13), (4, 5, 4)]
+    assert step._row_blocks(torch.tensor([40, 33, 9]), 41) == [(0, 3, 41)]  # under two blocks' rows: one call
+    assert DecodeStep(lm, engine_state(lm, 5, 64))._row_blocks(torch.tensor([40, 33, 9, 12, 3]), 41) == [(0, 5, 41)]
 
 
 @torch.no_grad()

@@ -65,13 +65,14 @@ def test_sample_writes_every_field_and_rerun_is_a_no_op(setup, tmp_path, capsys)
     assert out.read_bytes() == before
 
 
-def test_resume_after_a_crash_gives_exactly_the_same_samples(setup, tmp_path):
+@pytest.mark.parametrize("cut", ["half", 5])
+def test_resume_after_a_crash_gives_exactly_the_same_samples(setup, tmp_path, cut):
     root, spec = setup
     full, crashed = tmp_path / "full.jsonl", tmp_path / "crashed.jsonl"
     assert main(_args(root, spec, full)) == 0
     lines = full.read_text().splitlines(keepends=True)
-    # a crash after 5 samples, in the middle of writing the 6th line
-    crashed.write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+    # a crash after 5 samples, in the middle of writing the 6th line (or within its first key)
+    crashed.write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2 if cut == "half" else cut])
     assert main(_args(root, spec, crashed)) == 0
     assert _content(crashed) == _content(full)
 
@@ -256,3 +257,48 @@ def test_a_missing_model_folder_is_named_as_the_model(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--model" in err and "no such folder" in err and "teacher" not in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_moved_folder_resumes_under_the_name_its_samples_carry(setup, tmp_path, capsys):
+    import shutil
+
+    root, spec = setup
+    model_dir = tmp_path / "student"
+    shutil.copytree(root / "hybrid", model_dir)
+    out, full = tmp_path / "s.jsonl", tmp_path / "full.jsonl"
+    args = _args(root, spec, full)
+    args[args.index("--model") + 1] = str(model_dir)
+    assert main(args) == 0
+    out.write_text("".join(full.read_text().splitlines(keepends=True)[:4]))
+    model_dir.rename(tmp_path / "moved")
+    args[args.index("--model") + 1] = str(tmp_path / "moved")
+    args[args.index("--out") + 1] = str(out)
+    assert main(args) == 0
+    assert {json.loads(line)["model"] for line in out.read_text().splitlines()} == {"student"}
+    out.write_text("".join(full.read_text().splitlines(keepends=True)[:4]))
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--name", "other"]) == 2  # another name would split one run into two models
+    assert "--name student" in capsys.readouterr().err and out.read_bytes() == before
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--device", "gpu"], "is not a device"),
+    (["--device", "meta"], "cpu or cuda"),
+])
+def test_a_bad_device_is_one_line(setup, tmp_path, capsys, extra, needle):
+    root, spec = setup
+    assert main(_args(root, spec, tmp_path / "s.jsonl", *extra)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_an_out_that_cannot_be_a_samples_file_is_refused_first(setup, tmp_path, capsys):
+    root, spec = setup
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    for out, needle in ((tmp_path / "dir", "a folder is there"), (tmp_path / "file" / "s.jsonl", "cannot write in")):
+        assert main(_args(root, spec, out)) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "x"

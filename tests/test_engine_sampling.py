@@ -60,18 +60,46 @@ def test_greedy_engine_equals_full_forward_argmax(kind, ssm_param):
     _assert_greedy_matches(lm, out, prompts, 16)
 
 
-def test_continuous_batching_gives_each_sequence_its_tokens_alone():
+@pytest.mark.parametrize("row_group", [None, 2])
+def test_continuous_batching_gives_each_sequence_its_tokens_alone(row_group):
     lm = _lm("hybrid", "mamba2")
     prompts = _prompts([3, 25, 8, 14, 5, 11])
     stop = {17, 42}  # an EOS set that ends some samples early and at different times: slots refill mid-flight
     params = SamplingParams(temperature=0.9, top_k=20, max_new_tokens=20)
-    batched = {(c.problem_id, c.sample_idx): c.tokens for c in Engine(lm, batch_size=4, stop_ids=stop).generate(prompts, 3, params, seed=5)}
+    # row_group 2: rows attend in blocks and move (finished rows sink to the end) as samples end
+    engine = Engine(lm, batch_size=4, stop_ids=stop, row_group=row_group)
+    batched = {(c.problem_id, c.sample_idx): c.tokens for c in engine.generate(prompts, 3, params, seed=5)}
     alone = {}
     for pid, ids in prompts:
         for c in Engine(lm, batch_size=1, stop_ids=stop).generate([(pid, ids)], 3, params, seed=5):
             alone[(c.problem_id, c.sample_idx)] = c.tokens
     assert batched == alone
     assert len({len(t) for t in batched.values()}) > 1, "the test needs samples of different lengths"
+
+
+def test_rows_stay_ordered_by_context_block_by_block(monkeypatch):
+    """With row blocks, after every step the live rows are the leading ones and every row of a block is at least
+    as long as any row of the next block, though samples end at random lengths and refills enter."""
+    lm = _lm("teacher")
+    prompts = _prompts([9] * 12)  # one prompt length: a refill is the shortest row
+    checked = []
+    advance = engine_mod._Run.advance
+
+    def checked_advance(run):
+        done = advance(run)
+        ctx = [len(s.req.prompt) + len(s.tokens) if s is not None else None for s in run.slots[:run.rows]]
+        live = [c for c in ctx if c is not None]
+        assert ctx[:len(live)] == live, f"a hole among the live rows: {ctx}"
+        blocks = [live[a:a + 3] for a in range(0, len(live), 3)]
+        assert all(min(a) >= max(b) for a, b in zip(blocks, blocks[1:])), f"rows out of order: {blocks}"
+        checked.append(len(live))
+        return done
+
+    monkeypatch.setattr(engine_mod._Run, "advance", checked_advance)
+    params = SamplingParams(temperature=1.0, max_new_tokens=24)
+    out = list(Engine(lm, batch_size=9, stop_ids={5, 17, 42, 60}, row_group=3).generate(prompts, 3, params, seed=2))
+    assert len(out) == 36 and len({c.gen_tokens for c in out}) > 5, "the test needs samples ending at many lengths"
+    assert max(checked) == 9 and min(checked) < 9  # full rows while refilling, fewer at the end
 
 
 def test_forked_samples_equal_separately_prefilled_ones():

@@ -53,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thinkfast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"thinkfast {args.command}: interrupted; re-run the same command to continue", file=sys.stderr)
+        how = "with --resume" if getattr(args, "resume", None) is False else "as it is"  # commands with --resume want it
+        print(f"thinkfast {args.command}: interrupted; re-run the same command {how} to continue", file=sys.stderr)
         return 130
+    except OSError as e:  # a path that cannot be read or written, met mid-run (what was written before stays)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"thinkfast {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

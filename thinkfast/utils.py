@@ -78,6 +78,53 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(name: str | None, flag: str = "--device") -> str | None:
+    """A --device value checked before any work: None stays None (each command's default), else cpu or an
+    existing CUDA device, as a string."""
+    from .errors import ConfigError
+
+    if name is None:
+        return None
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{flag} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{flag} {name}: thinkfast runs on cpu or cuda; use one of those")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {name}: no CUDA device here; use {flag} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}")
+    return str(dev)
+
+
+def check_out_path(path, flag: str = "--out", folder: bool = True, marker: str | None = None) -> None:
+    """Refuse an output path that cannot work before any work is done: a file where a folder goes (or the
+    reverse), a parent that cannot be written, or (with `marker`) an existing folder that is not one of ours
+    and whose files would be replaced."""
+    import os
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    p = Path(path)
+    if p.exists():
+        if folder and not p.is_dir():
+            raise ConfigError(f"{flag} {p}: a file is there, and this writes a folder; choose another {flag}")
+        if not folder and p.is_dir():
+            raise ConfigError(f"{flag} {p}: a folder is there, and this writes a file; give a file path")
+        if marker and p.is_dir() and any(p.iterdir()) and not (p / marker).is_file():
+            raise ConfigError(f"{flag} {p} holds other files (no {marker}), which writing here would replace; "
+                              f"choose a new {flag} or empty it")
+    parent = p if p.is_dir() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {p}: cannot write in {parent}; choose a writable place")
+
+
 def parse_dtype(name: str | None, device: torch.device | None = None) -> torch.dtype:
     """'auto' -> bf16 on GPU, fp32 on CPU."""
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from . import positive_int
 
@@ -64,6 +65,15 @@ def run_demo_command(args) -> int:
     _quiet_hf()
     if args.temperature is not None and args.temperature < 0:
         raise ConfigError(f"--temperature {args.temperature}: use 0 (greedy) or more")
+    from ..utils import check_out_path
+
+    check_out_path(args.out)
+    if args.teacher:  # checked before the run folder records it as a setting
+        t = Path(args.teacher)
+        missing = [f for f in ("config.json", "model.safetensors") if not (t / f).is_file()]
+        if not t.is_dir() or missing:
+            raise ConfigError(f"--teacher {t}: not a thinkfast model folder ({'no such folder' if not t.is_dir() else 'no ' + ', '.join(missing)}); "
+                              "pass a folder written by `thinkfast train-teacher` or drop --teacher for the embedded one")
     t0 = time.perf_counter()
     metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, teacher=args.teacher,
                        problems=args.problems, n=args.n, temperature=args.temperature, batch_size=args.batch_size)
@@ -78,6 +88,9 @@ def run_train_teacher(args) -> int:
 
     _threads(args.threads)
     _quiet_hf()
+    from ..utils import check_out_path
+
+    check_out_path(args.out)
     tokens = parse_count(args.tokens) if args.tokens else None
     train_teacher(args.recipe, args.out, tokens=tokens, resume=args.resume, progress=not args.no_progress)
     print(f"teacher written to {args.out}")

@@ -96,6 +96,9 @@ def _flags(args) -> dict:
 def _plan(args, command):
     from ..distill.recipes import load_recipe, make_plan
 
+    from ..utils import check_device
+
+    check_device(getattr(args, "device", None))  # before the run folder is made: a typo must not leave a run behind
     recipe = load_recipe(args.recipe) if args.recipe else None
     return make_plan(recipe, _flags(args), command)
 
@@ -186,8 +189,9 @@ def run_sft(args) -> int:
 
 def _check_out(out: Path, resume: bool) -> None:
     """Cheap checks before any model is loaded (the library checks again, with the run's settings)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder")
+    from ..utils import check_out_path
+
+    check_out_path(out)
     if resume and not (out / "run.json").is_file():
         raise CheckpointError(f"--resume: {out} holds no run to resume (no run.json); drop --resume to start one")
     if not resume and (out / "run.json").is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ThinkfastError
+from ..utils import check_device, check_out_path
 from . import positive_int as _positive_int
 
 
@@ -92,13 +93,7 @@ def _device(name, threads=None):
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ThinkfastError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ThinkfastError(f"--device {name}: no CUDA device here; use --device cpu")
-    return str(dev)
+    return check_device(name)
 
 
 def cmd_score(args) -> int:
@@ -116,6 +111,9 @@ def cmd_train_rm(args) -> int:
     from ..eval.reward import ORMConfig, ORMTraining
     from ..eval.scoring import train_reward_model
 
+    if not args.l2 >= 0:
+        raise ThinkfastError(f"--l2 {args.l2}: the penalty must be 0 or more")
+    check_out_path(args.out, marker="reward_config.json")
     if not 0 <= args.val_fraction < 1:
         raise ThinkfastError(f"--val-fraction {args.val_fraction}: use a fraction in [0, 1)")
     if args.train_layers < 0:
@@ -140,6 +138,7 @@ def cmd_train_rm(args) -> int:
 def cmd_report(args) -> int:
     from ..eval.report import build_report
 
+    check_out_path(args.out)
     metrics = build_report(args.samples, args.out, dataset=args.dataset, wall_seconds=args.wall_seconds, ks=args.ks, max_k=args.max_k,
                            n_subsets=args.subsets, n_boot=args.bootstrap, seed=args.seed, allow_mixed_hardware=args.allow_mixed_hardware,
                            skip_bad_lines=args.skip_bad_lines, common_problems=not args.all_problems, plots=not args.no_plots)

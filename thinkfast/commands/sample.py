@@ -72,6 +72,10 @@ def cmd_sample(args) -> int:
     from ..engine.run import sample_to_file
     from ..engine.sampling import SamplingParams
 
+    from ..utils import check_device, check_out_path
+
+    args.device = check_device(args.device)
+    check_out_path(args.out, folder=False)
     if args.threads:
         import torch
 
@@ -120,13 +124,23 @@ def cmd_bench(args) -> int:
 
     if args.preset not in PRESETS:
         raise ConfigError(f"--preset {args.preset!r}: use one of {', '.join(PRESETS)}")
+    from ..utils import check_device, check_out_path, parse_dtype
+
     models = [m.strip() for m in args.models.split(",")] if args.models else None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    parse_dtype(args.dtype, device)  # a bad --dtype is one line here, not an error in every row
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: time each row at least once")
+    out = Path(args.out or f"benchmarks/{args.preset}.md")
+    check_out_path(out, folder=False)
+    if args.json:
+        check_out_path(args.json, "--json", folder=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run_bench(args.preset, _parse_configs(args.configs), models, device, args.dtype, _compile_flag(args.compile),
                      isolate=not args.no_isolate, threads=args.threads, repeats=args.repeats)
-    out = Path(args.out or f"benchmarks/{args.preset}.md")
+    if rows and all(r.get("error") for r in rows):  # keep the previous results rather than a table of failures
+        raise ConfigError(f"every row failed (first: {rows[0]['error']}); nothing written to {out}")
     from ..utils import atomic_write_json, atomic_write_text
 
     atomic_write_text(out, markdown(rows, args.preset, hardware_string(device), _bench_command(args)))

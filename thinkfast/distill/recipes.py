@@ -176,8 +176,12 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
     recipe = dict(recipe or {})
     where = f"recipe {recipe.pop('_path')}" if "_path" in recipe else "settings"
     tables = {k: recipe.pop(k) for k in list(recipe) if isinstance(recipe[k], dict)}
-    tables = {k: v for k, v in tables.items() if k in STAGE_KINDS}  # a caller's extra tables are its own
+    tables = {k: dict(v) for k, v in tables.items() if k in STAGE_KINDS}  # a caller's extra tables are its own
     flags = {k: v for k, v in flags.items() if v is not None}
+    if "data" in flags and "data_weights" not in flags:  # the recipe's weights were for the recipe's sources
+        recipe.pop("data_weights", None)
+        for t in tables.values():
+            t.pop("data_weights", None)
 
     def top(key, default=None):
         if key in flags:

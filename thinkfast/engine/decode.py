@@ -2,8 +2,10 @@
 
 It reads the model's own modules and weights and computes the same function with less work per layer:
   - attention: one fused q|k|v projection, RoPE applied to q and k at once, the new key and value written with
-    one `index_copy_`, and attention over only the positions in use (`kv_len`) with one additive mask shared by
-    every attention layer (SDPA, the query heads of a group read their KV head without copying it);
+    one `index_copy_`, and attention over only the positions in use with additive masks shared by every
+    attention layer (SDPA, the query heads of a group read their KV head without copying it); with `row_group`
+    the rows attend in blocks, each over its own longest row rather than the batch's (the engine keeps rows
+    ordered by context, so a block of young samples skips the old ones' positions);
   - Mamba: the SSM state update and its readout in one function (`ssm_update_`) over grouped heads (x and B are
     broadcast to their query block, never copied), which `torch.compile` can fuse into a single pass over the
     state: C++ on CPU, Triton on GPU. The state is read and written once per step.
@@ -61,6 +63,7 @@ class CompiledStep:
 
     def __init__(self, step: DecodeStep):
         self.step = step
+        step.row_group = None  # row blocks depend on the positions' values: one graph attends over all rows
         # only the row count and the context length vary: every tensor the step holds (state, fused weights,
         # tables) keeps its sizes, else equal sizes get unified with the row count and force recompiles
         held = [t for c in step.state.caches for t in vars(c).values()]
@@ -115,9 +118,12 @@ class DecodeStep:
     changing the model's weights.
     """
 
-    def __init__(self, lm: ThinkfastLM, state: ModelState, ssm_update=None):
+    def __init__(self, lm: ThinkfastLM, state: ModelState, ssm_update=None, row_group: int | None = None):
         self.lm, self.state, self.cfg = lm, state, lm.cfg
         self.ssm_update = ssm_update or ssm_update_
+        # attention per block of `row_group` rows, each over its own rows' longest context (eager steps only:
+        # the blocks depend on the positions' values); pays when rows are ordered by context, as the engine keeps them
+        self.row_group = row_group
         cfg = lm.cfg
         self.hd, self.n_heads, self.n_kv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
         self.max_len = state.max_len
@@ -150,21 +156,34 @@ class DecodeStep:
         if self.attn_layers:
             cos, sin = lm.rotary(positions[:, None])  # (n, 1, hd) fp32
             sin = sin * self.rope_sign
-            valid = self.arange[:kv_len] <= positions[:, None]  # (n, S)
-            bias = torch.zeros(n, 1, 1, kv_len, dtype=h.dtype, device=h.device).masked_fill_(~valid[:, None, None, :], float("-inf"))
+            blocks = self._row_blocks(positions, kv_len)
+            bias = []
+            for a, b, length in blocks:
+                valid = self.arange[:length] <= positions[a:b, None]  # (rows, S)
+                bias.append(torch.zeros(b - a, 1, 1, length, dtype=h.dtype, device=h.device)
+                            .masked_fill_(~valid[:, None, None, :], float("-inf")))
             # flat row of each (slot, kv head, position) in a (B*n_kv*S_max, hd) view of the cache
             write_idx = ((torch.arange(n, device=h.device)[:, None] * self.n_kv + self.kv_heads) * self.max_len + positions[:, None]).reshape(-1)
         for i, (layer, cache) in enumerate(zip(lm.layers, self.state.caches)):
             x = rms_norm(layer.input_norm, h)
             if layer.is_attention:
-                y = self._attention(i, layer.mixer, x, cos, sin, bias, write_idx, cache, kv_len)
+                y = self._attention(i, layer.mixer, x, cos, sin, blocks, bias, write_idx, cache)
             else:
                 y = self._mamba(i, layer.mixer, x, cache)
             h = h + y
             h = h + layer.mlp(rms_norm(layer.mlp_norm, h))
         return lm.logits(rms_norm(lm.norm, h))
 
-    def _attention(self, i, m, x, cos, sin, bias, write_idx, cache: KVCache, kv_len):
+    def _row_blocks(self, positions: torch.Tensor, kv_len: int) -> list[tuple[int, int, int]]:
+        """(first row, end row, positions to attend) per block of rows: one block over `kv_len` unless row
+        blocks are on, then each block reads only up to its own longest row."""
+        n, g = positions.shape[0], self.row_group
+        if not g or n < 2 * g:
+            return [(0, n, kv_len)]
+        pos = positions.tolist()
+        return [(a, min(a + g, n), max(pos[a:a + g]) + 1) for a in range(0, n, g)]
+
+    def _attention(self, i, m, x, cos, sin, blocks, bias, write_idx, cache: KVCache):
         n, H, Hk, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
         qkv = F.linear(x, self.qkv_weight[i]).view(n, H + 2 * Hk, hd)
         qk = qkv[:, : H + Hk].float()
@@ -173,9 +192,12 @@ class DecodeStep:
         Bmax = cache.k.shape[0]
         cache.k.view(Bmax * Hk * self.max_len, hd).index_copy_(0, write_idx, k.reshape(n * Hk, hd).to(cache.k.dtype))
         cache.v.view(Bmax * Hk * self.max_len, hd).index_copy_(0, write_idx, v.reshape(n * Hk, hd).to(cache.v.dtype))
-        K, V = cache.k[:n, :, :kv_len], cache.v[:n, :, :kv_len]  # (n, Hk, S, hd) views
         qg = q.reshape(n, Hk, H // Hk, hd)  # the G query heads of a group act as G queries against its KV head
-        y = F.scaled_dot_product_attention(qg, K.to(qg.dtype), V.to(qg.dtype), attn_mask=bias, scale=m.scale)
+        ys = []
+        for (a, b, length), mask in zip(blocks, bias):
+            K, V = cache.k[a:b, :, :length], cache.v[a:b, :, :length]  # (rows, Hk, S, hd) views
+            ys.append(F.scaled_dot_product_attention(qg[a:b], K.to(qg.dtype), V.to(qg.dtype), attn_mask=mask, scale=m.scale))
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
         return m.o_proj(y.reshape(n, H * hd))
 
     def _mamba(self, i, m, x, cache: SSMCache):
@@ -215,6 +237,7 @@ class CudaGraphStep:
 
     def __init__(self, step: DecodeStep, batch: int, bucket: int = 256):
         self.step, self.batch, self.bucket = step, batch, bucket
+        step.row_group = None  # a graph cannot choose its blocks from the positions' values
         dev = step.lm.embed.weight.device
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)

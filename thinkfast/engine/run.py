@@ -7,6 +7,7 @@ engine never imports the evaluation code; the command passes `thinkfast.eval.gra
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import time
@@ -172,6 +173,12 @@ def sample_to_file(
     config = config_hash(sample_config(model_spec, data_spec, n, params, seed, style, dtype))
     writer = SamplesWriter(out, config, rank, world)
     done = writer.done()  # refuses a file of another configuration before any work
+    written_as = _written_name(out) if done else None
+    if written_as is not None:
+        if name is not None and name != written_as:
+            raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with --name {written_as} "
+                              f"(or none), or write {name!r} to another --out")
+        name = written_as  # a moved checkpoint folder resumes under the name its samples already carry
 
     if problems is None:
         problems = load_problems(data_spec)
@@ -229,6 +236,18 @@ def sample_to_file(
         if rank == 0:
             writer.merge_parts()
     return SampleSummary(Path(out), written, skipped, total, config, stats, time.perf_counter() - t0)
+
+
+def _written_name(out) -> str | None:
+    """The model name of a samples file's first record (None when it has none)."""
+    try:
+        with open(out, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    return json.loads(line).get("model")
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _record(c, problem: Problem, grade, name: str, role: str, hardware: str, config: str) -> dict:

@@ -49,7 +49,8 @@ def _read_lines(path: Path, config: str, repair: bool) -> set[tuple[str, int]]:
     cut = len(data)
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1  # a crash mid-write: the unfinished last line holds no complete sample
-        if not data[cut:].startswith(b'{"problem_id"'):
+        tail, marker = data[cut:], b'{"problem_id"'
+        if not (tail.startswith(marker) or marker.startswith(tail)):  # a cut can fall inside the first key too
             raise DataError(f"{path}: last line is not a samples-file record; it was not written by `thinkfast sample`: pass another --out or move it away")
     for n, raw in enumerate(data[:cut].split(b"\n"), 1):
         if not raw.strip():

@@ -180,8 +180,15 @@ def read_samples(paths, skip_bad_lines: bool = False) -> SampleSet:
         raise DataError("no samples files given")
     files = [read_samples_file(p, skip_bad_lines) for p in paths]
     seen, samples, dup = set(), [], 0
+    configs: dict[str, tuple[str, str]] = {}  # model -> (sampling config, where first seen)
     for f in files:
         for s in f.samples.values():
+            config = s.record.get("config")
+            if config is not None:
+                first = configs.setdefault(s.model, (config, s.where))
+                if first[0] != config:  # two runs under one name would pool as one model's samples
+                    raise DataError(f"model {s.model!r} has samples of two sampling configurations ({first[1]} and "
+                                    f"{s.where}); give the runs different names (`thinkfast sample --name`) or report them apart")
             key = (s.model, s.problem_id, s.sample_idx)
             if key in seen:
                 dup += 1
