@@ -72,10 +72,9 @@ def cmd_sample(args) -> int:
     from ..engine.run import sample_to_file
     from ..engine.sampling import SamplingParams
 
-    from ..utils import check_device, check_out_path
+    from ..utils import check_out_path
 
-    args.device = check_device(args.device)
-    check_out_path(args.out, folder=False)
+    check_out_path(args.out, folder=False)  # the device is checked by sample_to_file, before it writes
     if args.threads:
         import torch
 

@@ -20,7 +20,7 @@ import torch
 from ..data import Problem, load_problems
 from ..data.prompts import PromptStyle, render_prompt
 from ..errors import CheckpointError, ConfigError, ThinkfastError
-from ..utils import parse_dtype
+from ..utils import check_device, parse_dtype
 from .engine import Engine, EngineStats, model_role
 from .samples_file import SamplesWriter, config_hash
 from .sampling import SamplingParams
@@ -164,9 +164,7 @@ def sample_to_file(
     rank, world, local_rank = dist_env()
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    device = torch.device(check_device(str(device)))
     if not isinstance(dtype, torch.dtype):
         dtype = parse_dtype(dtype, device)
 
