@@ -92,3 +92,30 @@ def test_bad_rows_name_file_and_line(tmp_path):
 
 def test_parse_spec_keeps_plus_signs():
     assert parse_spec("rg:basic_arithmetic?operators=+,-&size=3").params["operators"] == "+,-"
+
+
+@pytest.mark.parametrize("spec,says", [
+    ("rg:chain_sum?size=abc", "size='abc' is not an integer"),
+    ("rg:chain_sum?size=2.5", "size='2.5' is not an integer"),
+    ("rg:chain_sum?size=0", "size=0 must be at least 1"),
+    ("rg:chain_sum?seed=x", "seed='x' is not an integer"),  # was a traceback from inside the generator
+    ("rg:chain_sum?min_terms=two", "min_terms='two' is not an integer"),  # a generator's own option, by its type
+    ("rg:chain_sum?allow_negation=maybe", "allow_negation='maybe' is not true or false"),
+    ("rg:chain_sum?limit=x", "limit='x' is not an integer"),
+    ("rg:chain_sum?limit=-1", "limit=-1 must be at least 1"),  # was: silently all but the last problem
+    ("rg:chain_sum?offset=-2", "offset=-2 must be at least 0"),
+])
+def test_bad_numeric_spec_options_name_the_option_value_and_spec(spec, says):
+    from thinkfast.data.sources import check_spec
+
+    for check in (load_problems, check_spec):  # check_spec: the same line, without generating anything
+        with pytest.raises(DataError) as e:
+            check(spec)
+        assert str(e.value) == f"data spec {spec!r}: {says}"
+
+
+def test_limit_minus_one_on_a_file_is_refused_not_a_short_slice():
+    _need(GSM8K_TEST)
+    with pytest.raises(DataError, match="limit=-1 must be at least 1"):
+        load_problems(f"gsm8k:{GSM8K_TEST}?limit=-1")
+    assert len(load_problems("rg:chain_sum?size=3&allow_negation=true&min_terms=2")) == 3  # good options still pass

@@ -72,12 +72,16 @@ def test_sft_command_and_flag_overrides_recipe(files, good_run, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
-def _fails(capsys, argv, match):
+def _fails(capsys, argv, match, after=None):
+    """Exit 2 with one error line (`after`: the one line expected before it, from a stage that started)."""
     capsys.readouterr()
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = [x for x in err.splitlines() if x.strip()]
+    if after is not None:
+        assert lines and lines[0] == after, err
+        lines = lines[1:]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert match in lines[0], lines[0]
 
@@ -111,19 +115,36 @@ def test_bad_input_one_line_and_checkpoints_untouched(files, good_run, tmp_path,
     _fails(capsys, _args(files, tmp_path / "e", "--stages", "kd", "--tokens", "256", "--data", f"gsm8k:{broken}"),
            "broken.jsonl:2: not valid JSON")
     _fails(capsys, _args(files, tmp_path / "f", "--stages", "kd,bogus", "--tokens", "256"), "unknown stage 'bogus'")
-    _fails(capsys, _args(files, tmp_path / "g", "--stages", "kd", "--tokens", "256", "--resume"), "no run to resume")
+    _fails(capsys, _args(files, tmp_path / "g", "--stages", "kd", "--tokens", "256", "--resume"), "nothing to resume at")
     assert _snapshot(good_run) == before
     for d in "abcdefg":  # nothing half-made either
         assert not (tmp_path / d / "run.json").exists()
 
 
 def test_nan_from_the_cli_is_one_line(files, tmp_path, capsys):
+    # the stage's budget line comes first (training started), then the one error line
     _fails(capsys, _args(files, tmp_path / "nan", "--stages", "kd", "--tokens", "1024", "--lr", "1e30",
-                         "--ckpt-every", "1", "--grad-clip", "0"), "loss became nan at step 2")
+                         "--ckpt-every", "1", "--grad-clip", "0"), "loss became nan at step 2",
+           after="kd: 1,024 tokens -> 8 steps of 128 tokens (1,024 trained)")
     # a lower learning rate is allowed on resume (here the step-1 weights are already ruined by lr=1e30,
     # so it diverges again: the point is that the resume is accepted as the same run)
     _fails(capsys, _args(files, tmp_path / "nan", "--stages", "kd", "--tokens", "1024", "--lr", "1e-3",
-                         "--ckpt-every", "1", "--grad-clip", "0", "--resume"), "at step 2")
+                         "--ckpt-every", "1", "--grad-clip", "0", "--resume"), "at step 2",
+           after="kd: 1,024 tokens -> 8 steps of 128 tokens (1,024 trained); resuming at step 1")
+
+
+def test_cut_examples_are_warned_once_and_each_stage_says_what_it_trains(files, tmp_path, capsys, caplog):
+    spec = f"jsonl:{files}/chain.jsonl?solution=solution"
+    with caplog.at_level("WARNING"):
+        rc = main(_args(files, tmp_path / "run", "--stages", "kd,sft", "--tokens", "200,128", "--seq-len", "16"))
+    assert rc == 0
+    cut = [r.getMessage() for r in caplog.records if "are cut" in r.getMessage()]
+    # kd and sft share the source and the row length: one line naming both (it was printed once per stage)
+    assert len(cut) == 1 and cut[0].startswith(f"kd, sft: {spec}: 30 of 30 examples are longer than seq_len 16"), cut
+    err = capsys.readouterr().err.splitlines()
+    # 200 tokens do not fill a whole 7th step of 2 x 16: the run says it trains 192
+    assert "kd: 200 tokens -> 6 steps of 32 tokens (192 trained)" in err, err
+    assert "sft: 128 tokens -> 4 steps of 32 tokens (128 trained)" in err, err
 
 
 def test_shipped_recipes_parse():

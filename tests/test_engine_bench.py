@@ -51,3 +51,80 @@ def test_bad_bench_arguments(capsys):
     assert "BATCHxPROMPTxGEN" in capsys.readouterr().err
     assert main(["bench", "--preset", "llama-1b", "--device", "cpu"]) == 2
     assert "sized for a GPU" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- --model checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_pair(tmp_path_factory):
+    """A tiny teacher whose greedy choice is always its EOS (token 0: every logit is 0), and its Llamba student."""
+    from thinkfast.models import ModelConfig, ThinkfastConfig, ThinkfastForCausalLM, from_teacher
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64, max_position_embeddings=64,
+                      attn_layers=[0, 1])
+    teacher = ThinkfastForCausalLM(ThinkfastConfig.from_model_config(cfg, eos_token_id=0)).eval()
+    with torch.no_grad():
+        teacher.lm.norm.weight.zero_()
+    root = tmp_path_factory.mktemp("ckpt")
+    teacher.save_pretrained(root / "teacher")
+    from_teacher(teacher, kind="llamba").save_pretrained(root / "student")
+    return root / "teacher", root / "student"
+
+
+def test_bench_times_saved_checkpoints_with_their_roles_and_exact_token_counts(tmp_path, saved_pair):
+    from thinkfast.engine.engine import Engine
+    from thinkfast.engine.sampling import SamplingParams
+    from thinkfast.models.teacher import load_thinkfast
+
+    teacher_dir, student_dir = saved_pair
+    model, _ = load_thinkfast(str(teacher_dir))  # the premise: left to its EOS, the teacher stops at once
+    done = list(Engine(model, None, max_len=16, batch_size=1, stop_ids=[0]).generate(
+        [("p", [5, 6, 7])], n=1, params=SamplingParams(temperature=0.0, max_new_tokens=5)))
+    assert done[0].gen_tokens == 1
+
+    md, js = tmp_path / "models.md", tmp_path / "models.json"
+    assert main(["bench", "--model", str(teacher_dir), "--model", str(student_dir), "--name", "llamba-1",
+                 "--configs", "2x8x5,1x4x3", "--no-isolate", "--out", str(md), "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert [(r["model"], r["role"], r["engine"], r["path"], r["batch_size"]) for r in rows] == [
+        ("teacher", "teacher", "thinkfast", str(teacher_dir), 2), ("teacher-hf", "teacher", "hf", str(teacher_dir), 2),
+        ("llamba-1", "llamba", "thinkfast", str(student_dir), 2),
+        ("teacher", "teacher", "thinkfast", str(teacher_dir), 1), ("teacher-hf", "teacher", "hf", str(teacher_dir), 1),
+        ("llamba-1", "llamba", "thinkfast", str(student_dir), 1)]
+    for r in rows:
+        assert KEYS <= set(r) and r["tokens_per_s"] > 0
+        assert r["generated_tokens"] == r["batch_size"] * r["gen_len"]  # EOS ignored: exactly gen per sample
+    text = md.read_text()
+    assert f"llamba-1 = `{student_dir}` (llamba)" in text and "llamba-1 / teacher" in text and "| llamba-1 | llamba | thinkfast | 1 | 4 | 3 |" in text
+
+
+def test_checkpoint_row_in_its_own_process(tmp_path, saved_pair):
+    js = tmp_path / "rows.json"
+    assert main(["bench", "--model", str(saved_pair[1]), "--configs", "2x4x3", "--out", str(tmp_path / "m.md"),
+                 "--json", str(js)]) == 0
+    (row,) = json.loads(js.read_text())
+    assert (row["model"], row["role"], row["generated_tokens"]) == ("student", "llamba", 6) and row["peak_mem_bytes"] >= 0
+
+
+def test_bad_checkpoint_arguments_are_one_line_and_leave_results_alone(tmp_path, saved_pair, capsys):
+    teacher_dir, student_dir = saved_pair
+    out = tmp_path / "models.md"
+    out.write_text("earlier results\n")
+    base = ["bench", "--configs", "1x4x3", "--no-isolate", "--out", str(out)]
+
+    def refused(*extra):
+        assert main(base + list(extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and out.read_text() == "earlier results\n"
+        return err
+
+    assert "both give rows named 'teacher'" in refused("--model", str(teacher_dir), "--model", str(student_dir), "--name", "teacher")
+    assert "'teacher-hf'" in refused("--model", str(teacher_dir), "--model", str(student_dir), "--name", "teacher-hf")
+    assert "no such folder or file" in refused("--model", str(tmp_path / "missing"))
+    (tmp_path / "notes").mkdir()
+    assert "not a checkpoint (no config.json)" in refused("--model", str(tmp_path / "notes"))
+    assert "1000 positions" in refused("--model", str(teacher_dir), "--configs", "1x500x500")
+    assert "after the --model it names" in refused("--name", "x", "--model", str(teacher_dir))
+    assert "--models picks among the preset's" in refused("--model", str(teacher_dir), "--models", "teacher")

@@ -39,9 +39,10 @@ def _args(root, spec, out, *extra):
 
 
 def _content(path):
-    """Each sample as written, minus the timing (which differs between runs)."""
+    """Each sample as written, minus the timing (which differs between runs) and the file's recorded
+    configuration (on whichever line came first)."""
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return sorted(tuple(sorted((k, json.dumps(v)) for k, v in r.items() if k != "seconds")) for r in rows)
+    return sorted(tuple(sorted((k, json.dumps(v)) for k, v in r.items() if k not in ("seconds", "sampling"))) for r in rows)
 
 
 def test_sample_writes_every_field_and_rerun_is_a_no_op(setup, tmp_path, capsys):
@@ -302,3 +303,191 @@ def test_an_out_that_cannot_be_a_samples_file_is_refused_first(setup, tmp_path, 
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1
     assert (tmp_path / "file").read_text() == "x"
+
+
+# ---------------------------------------------------------------- the configuration identifies the data by content
+
+
+def _with(args, flag, value):
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def _problems_file(path, questions, order=None):
+    rows = [{"id": f"p{i}", "q": q, "a": str(i)} for i, q in enumerate(questions)]
+    path.write_text("".join(json.dumps(rows[i]) + "\n" for i in (order or range(len(rows)))))
+    return path
+
+
+def test_the_same_problems_by_any_path_resume_and_other_problems_are_refused(setup, tmp_path, monkeypatch, capsys):
+    """Same problems by an absolute path, a relative path from another folder, a moved copy, another order:
+    one configuration. An edited question under the same id, or another selection: refused, saying so."""
+    root, _ = setup
+    questions = [f"What is {i} + {i}?" for i in range(N_PROBLEMS)]
+    for folder in ("a", "b", "elsewhere"):
+        (tmp_path / folder).mkdir()
+    data = _problems_file(tmp_path / "a" / "heldout.jsonl", questions)
+    out, full = tmp_path / "s.jsonl", tmp_path / "full.jsonl"
+    absolute = f"jsonl:{data}?question=q&answer=a&id=id"
+    assert main(_args(root, absolute, full)) == 0
+    out.write_text("".join(full.read_text().splitlines(keepends=True)[:5]))
+
+    _problems_file(tmp_path / "b" / "moved.jsonl", questions, order=[3, 1, 0, 2])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    relative = "jsonl:../b/moved.jsonl?id=id&question=q&answer=a"  # another folder, name, order and option order
+    assert main(_with(_args(root, relative, out), "--out", "../s.jsonl")) == 0
+    assert _content(out) == _content(full)
+    capsys.readouterr()
+    assert main(_args(root, f"jsonl:{data}?question=q&answer=a&id=id&limit={N_PROBLEMS}", out)) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+    before = out.read_bytes()
+    _problems_file(data, questions[:2] + ["What is 2 + 3?"] + questions[3:])  # same ids, one question edited
+    assert main(_args(root, absolute, out)) == 2
+    err = capsys.readouterr().err
+    assert f"data: the same {N_PROBLEMS} problem ids with other questions" in err and err.count("\n") == 1
+    _problems_file(data, questions)
+    assert main(_args(root, absolute + "&limit=3", out)) == 2
+    err = capsys.readouterr().err
+    assert f"data: other problems (3 here, {N_PROBLEMS} in the file)" in err and "temperature" not in err
+    assert out.read_bytes() == before
+
+
+def test_an_edited_gold_answer_is_another_configuration(setup, tmp_path, capsys):
+    """The gold answer is written into every line and decides `correct`: a file graded against the old one must
+    not grow with samples graded against the new one."""
+    root, _ = setup
+    data = tmp_path / "p.jsonl"
+    _problems_file(data, [f"q{i}" for i in range(N_PROBLEMS)])
+    spec = f"jsonl:{data}?question=q&answer=a&id=id"
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out, "--n", "1")) == 0
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    rows[0]["a"] = "99"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(_args(root, spec, out, "--n", "1")) == 2
+    assert "the same 4 problem ids with other questions, answers or kinds" in capsys.readouterr().err
+
+
+def test_the_refusal_names_each_differing_setting_and_only_those(setup, tmp_path, capsys):
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out)) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    args = _with(_with(_args(root, spec, out, "--dtype", "bfloat16"), "--temperature", "0.5"), "--n", "4")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another sampling configuration" in err
+    for needle in ("temperature 0.5 here, 1.0 in the file", "dtype 'bfloat16' here, 'float32' in the file",
+                   "n 4 here, 3 in the file"):
+        assert needle in err
+    for same in ("seed", "top_p", "data:", "model:", "prompt"):
+        assert same not in err
+    assert out.read_bytes() == before
+    capsys.readouterr()
+    assert main(_args(root, spec, out, "--system", "Be brief.")) == 2
+    assert "prompt.system 'Be brief.' here, none in the file" in capsys.readouterr().err
+
+
+def test_the_recorded_configuration_survives_a_torn_first_line_and_the_merge_of_shards(setup, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Exactly one line of a file records the configuration (the first), whatever crashed and however many ranks
+    wrote it; its hash is the `config` of every line, so a refusal can always name the difference."""
+    from thinkfast.engine.samples_file import config_hash
+
+    root, spec = setup
+
+    def recorded(path):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [i for i, r in enumerate(rows) if "sampling" in r] == [0]
+        assert {r["config"] for r in rows} == {config_hash(rows[0]["sampling"])}
+        return rows[0]["sampling"]
+
+    full, torn = tmp_path / "full.jsonl", tmp_path / "torn.jsonl"
+    assert main(_args(root, spec, full)) == 0
+    first = full.read_text().splitlines(keepends=True)[0]
+    torn.write_text(first[: len(first) // 2])  # a crash while the very first line was written
+    assert main(_args(root, spec, torn)) == 0
+    assert recorded(torn) == recorded(full) and _content(torn) == _content(full)
+
+    merged = tmp_path / "merged.jsonl"
+    monkeypatch.setattr(run_mod, "_barrier", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(_args(root, spec, merged)) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "0")  # rank 0 started with another temperature: refused by rank 1's part file
+    assert main(_with(_args(root, spec, merged), "--temperature", "0.5")) == 2
+    assert "temperature 0.5 here, 1.0 in the file" in capsys.readouterr().err
+    assert main(_args(root, spec, merged)) == 0
+    assert recorded(merged) == recorded(full) and _content(merged) == _content(full)
+
+
+def test_a_sharded_run_that_crashed_resumes_in_one_process(setup, tmp_path, monkeypatch):
+    """Rank 1 finished, rank 0 never ran: one process completes the file and merges rank 1's part into it."""
+    root, spec = setup
+    single, out = tmp_path / "single.jsonl", tmp_path / "s.jsonl"
+    assert main(_args(root, spec, single)) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(run_mod, "_barrier", lambda: None)
+    assert main(_args(root, spec, out)) == 0
+    assert list(tmp_path.glob("s.jsonl.part*")) and not out.exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    assert main(_args(root, spec, out)) == 0
+    assert not list(tmp_path.glob("s.jsonl.part*"))
+    assert _content(out) == _content(single)
+
+
+@pytest.mark.parametrize("old", ["hash", "no-config"])
+def test_a_file_of_an_older_version_is_refused_in_one_line(setup, tmp_path, capsys, old):
+    """Files written before the configuration was recorded (or hashed the problems) carry a hash of another
+    recipe: refused with a message that says why the differing setting cannot be named; never a traceback."""
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out)) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for r in rows:
+        r.pop("sampling", None)
+        if old == "hash":
+            r["config"] = "0123456789ab"
+        else:
+            del r["config"]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(_args(root, spec, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not record which settings" in err
+    assert ("config 0123456789ab" if old == "hash" else "config none") in err
+    assert out.read_bytes() == before
+
+
+def test_the_progress_bar_ends_on_the_summary_rate(setup, tmp_path, monkeypatch, capsys):
+    """The bar's tok/s and the summary's are one measure (generated tokens / engine seconds), and the bar's last
+    figure is the final one, not one from some steps before."""
+    import io
+    import re
+
+    from tqdm import tqdm
+
+    import thinkfast.utils as utils
+
+    shown = []
+
+    class Bar(tqdm):
+        def set_postfix_str(self, s="", refresh=True):
+            shown.append(s)
+            super().set_postfix_str(s, refresh)
+
+    monkeypatch.setattr(utils, "progress_bar",
+                        lambda total, desc, unit, **kw: Bar(total=total, desc=desc, file=io.StringIO()))
+    root, spec = setup
+    args = [a for a in _args(root, spec, tmp_path / "s.jsonl") if a != "--quiet"]
+    assert main(_with(args, "--max-new-tokens", "40")) == 0
+    rate = re.search(r"\(([\d,]+) tok/s engine\)", capsys.readouterr().out).group(1)
+    assert shown and shown[-1] == f"{rate} tok/s engine"

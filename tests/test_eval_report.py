@@ -142,3 +142,19 @@ def test_cli_report_and_errors(runs, tmp_path, capsys):
     assert f"{runs[1]}:4:" in err and len(err.strip().splitlines()) == 1
     assert cli(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--no-plots", "--skip-bad-lines"]) == 0
     assert cli(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r")]) == 2
+
+
+def test_a_tie_at_a_budget_is_reported_as_a_tie(tmp_path):
+    # every sample correct for both models: at every budget both reach 1.0, so neither is "best"
+    a = make_samples(tmp_path / "a.jsonl", "a", "teacher", 1.0, 0.4, n=4, problems=3)
+    b = make_samples(tmp_path / "b.jsonl", "b", "llamba", 1.0, 0.1, n=4, problems=3)
+    assert all(r["correct"] for r in a + b)
+    m = build_report([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "rep", plots=False)
+    rows = m["budgets"]["pass_at_k"]
+    assert rows and all(r["winner"] is None and r["tied"] == ["a", "b"] for r in rows)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| tie: a, b |" in md
+    # a clear winner is still named, and the tie list stays empty
+    make_samples(tmp_path / "c.jsonl", "c", "llamba", 0.0, 0.1, n=4, problems=3)
+    m = build_report([tmp_path / "a.jsonl", tmp_path / "c.jsonl"], tmp_path / "rep2", plots=False)
+    assert all(r["winner"] == "a" and r["tied"] == [] for r in m["budgets"]["pass_at_k"])

@@ -125,6 +125,21 @@ def check_out_path(path, flag: str = "--out", folder: bool = True, marker: str |
         raise ConfigError(f"{flag} {p}: cannot write in {parent}; choose a writable place")
 
 
+def check_run_out(out, resume: bool) -> None:
+    """Cheap checks of a training run's --out before any model loads (distill, sft, train-teacher): --resume
+    needs a run there (run.json), a new run must not land on one. The library checks again, with the settings."""
+    from .errors import CheckpointError
+
+    out = Path(out)
+    check_out_path(out)
+    if resume and not out.exists():
+        raise CheckpointError(f"--resume: nothing to resume at {out} (no such folder); drop --resume to start a run there")
+    if resume and not (out / "run.json").is_file():
+        raise CheckpointError(f"--resume: {out} holds no run to resume (no run.json); drop --resume to start one")
+    if not resume and (out / "run.json").is_file():
+        raise CheckpointError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
+
+
 def parse_dtype(name: str | None, device: torch.device | None = None) -> torch.dtype:
     """'auto' -> bf16 on GPU, fp32 on CPU."""
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -1,16 +1,38 @@
-"""The CLI's subcommands, one module per group; shared argument types below."""
+"""The CLI's subcommands, one module per group; shared argument types below (argparse reports a bad value in
+one line and exits 2)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse reports a bad value in one line and exits 2)."""
+def _int_at_least(text: str, minimum: int, wording: str) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"{v} must be {wording}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (seeds: numpy refuses negative ones deep inside the work)."""
+    return _int_at_least(text, 0, "0 or more")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):  # nan and inf parse as floats but mean nothing as seconds or rates
+        raise argparse.ArgumentTypeError(f"{text} must be a number above 0")
     return v

@@ -88,10 +88,12 @@ def run_train_teacher(args) -> int:
 
     _threads(args.threads)
     _quiet_hf()
-    from ..utils import check_out_path
+    from ..utils import check_run_out
 
-    check_out_path(args.out)
+    check_run_out(args.out, args.resume)  # as distill and sft: --resume on a folder with no run is refused
     tokens = parse_count(args.tokens) if args.tokens else None
-    train_teacher(args.recipe, args.out, tokens=tokens, resume=args.resume, progress=not args.no_progress)
+    from ..distill.trainer import no_bar
+
+    train_teacher(args.recipe, args.out, tokens=tokens, resume=args.resume, progress=no_bar if args.no_progress else True)
     print(f"teacher written to {args.out}")
     return 0

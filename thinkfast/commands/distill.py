@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import CheckpointError, ConfigError, ThinkfastError
+from ..errors import ConfigError, ThinkfastError
 
 TRAIN_FLAGS = [
     # flag, key, type, help
@@ -100,7 +100,19 @@ def _plan(args, command):
 
     check_device(getattr(args, "device", None))  # before the run folder is made: a typo must not leave a run behind
     recipe = load_recipe(args.recipe) if args.recipe else None
-    return make_plan(recipe, _flags(args), command)
+    plan = make_plan(recipe, _flags(args), command)
+    _check_specs(plan)
+    return plan
+
+
+def _check_specs(plan) -> None:
+    """Every data spec's options, before a model loads (the data itself is read later, with the tokenizer)."""
+    from ..data.sources import check_spec
+
+    for cfg in [plan.data] + [s.data for s in plan.stages if s.data is not None]:
+        for spec in cfg.specs:
+            if isinstance(spec, str):
+                check_spec(spec)
 
 
 def _load_tokenizer(spec: str | None, fallback):
@@ -108,8 +120,11 @@ def _load_tokenizer(spec: str | None, fallback):
         return fallback
     from transformers import AutoTokenizer
 
+    from ..models.teacher import hub_kwargs
+
+    hub = {} if Path(spec).exists() else hub_kwargs(spec, "--tokenizer")  # a missing hub id fails at once, offline
     try:
-        return AutoTokenizer.from_pretrained(spec)
+        return AutoTokenizer.from_pretrained(spec, **hub)
     except Exception as e:
         raise ConfigError(f"--tokenizer {spec}: could not load a tokenizer ({str(e).splitlines()[0][:200]})") from None
 
@@ -120,18 +135,21 @@ def _dtype(name):
     return parse_dtype(name)
 
 
-def _load_thinkfast_or_teacher(spec: str, dtype):
-    """A thinkfast folder (any role) as it is; an HF Llama / GGUF / hub id as an all-attention thinkfast model."""
+def _load_thinkfast_or_teacher(spec: str, dtype, role: str):
+    """A thinkfast folder (any role) as it is; an HF Llama / GGUF / hub id as an all-attention thinkfast model.
+    `role` (teacher, student, model) names it in errors, as the flag or recipe key did."""
     from ..models.teacher import load_thinkfast
 
-    return load_thinkfast(spec, dtype=dtype, where="model")
+    return load_thinkfast(spec, dtype=dtype, where=role)
 
 
 def _progress(args):
     from transformers.utils import logging as hf_logging
 
+    from ..distill.trainer import no_bar
+
     hf_logging.disable_progress_bar()  # weight loading/saving bars would interleave with ours
-    return not args.no_progress
+    return no_bar if args.no_progress else True  # --no-progress drops the bar, not the budget line
 
 
 def run_distill(args) -> int:
@@ -144,7 +162,7 @@ def run_distill(args) -> int:
         raise ConfigError("no teacher: pass --teacher (an HF folder, .gguf file or hub id) or set teacher in the recipe")
     out = Path(args.out)
     _check_out(out, args.resume)
-    teacher, tokenizer = _load_thinkfast_or_teacher(plan.teacher, _dtype(plan.teacher_dtype))
+    teacher, tokenizer = _load_thinkfast_or_teacher(plan.teacher, _dtype(plan.teacher_dtype), "teacher")
     if isinstance(teacher, ThinkfastForCausalLM) and teacher.config.role != "teacher":
         raise ConfigError(f"--teacher {plan.teacher}: a thinkfast {teacher.config.role} model; the teacher needs attention in every layer")
     tokenizer = _load_tokenizer(plan.tokenizer, tokenizer)
@@ -155,7 +173,7 @@ def run_distill(args) -> int:
             raise ConfigError("--attn-layers is for --student hybrid; a llamba student has no attention")
         student = from_teacher(teacher, kind=plan.student, attn_layers=plan.attn_layers, ssm_param=plan.ssm_param)
     else:
-        student, _ = _load_thinkfast_or_teacher(plan.student, _dtype(plan.teacher_dtype))
+        student, _ = _load_thinkfast_or_teacher(plan.student, _dtype(plan.teacher_dtype), "student")
         if not isinstance(student, ThinkfastForCausalLM) or student.config.role == "teacher":
             raise ConfigError(f"--student {plan.student}: use llamba, hybrid, or a saved thinkfast student folder")
     student.float()
@@ -176,7 +194,7 @@ def run_sft(args) -> int:
         raise ConfigError("thinkfast sft runs the sft stage only; use thinkfast distill --stages ... for others")
     out = Path(args.out)
     _check_out(out, args.resume)
-    model, tokenizer = _load_thinkfast_or_teacher(plan.model, _dtype("float32"))
+    model, tokenizer = _load_thinkfast_or_teacher(plan.model, _dtype("float32"), "model")
     tokenizer = _load_tokenizer(plan.tokenizer, tokenizer)
     if tokenizer is None:
         raise ConfigError(f"model {plan.model} has no tokenizer; pass --tokenizer DIR")
@@ -189,13 +207,9 @@ def run_sft(args) -> int:
 
 def _check_out(out: Path, resume: bool) -> None:
     """Cheap checks before any model is loaded (the library checks again, with the run's settings)."""
-    from ..utils import check_out_path
+    from ..utils import check_run_out
 
-    check_out_path(out)
-    if resume and not (out / "run.json").is_file():
-        raise CheckpointError(f"--resume: {out} holds no run to resume (no run.json); drop --resume to start one")
-    if not resume and (out / "run.json").is_file():
-        raise CheckpointError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out")
+    check_run_out(out, resume)
 
 
 def _report(out: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..errors import ThinkfastError
 from ..utils import check_device, check_out_path
+from . import non_negative_int, positive_float
 from . import positive_int as _positive_int
 
 
@@ -30,7 +32,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--data", action="append", metavar="SPEC", help="data spec(s) the samples came from, for the question text (repeatable)")
     p.add_argument("--rescore", action="store_true", help="replace existing rewards too (default: only null ones)")
     p.add_argument("--no-regrade", dest="regrade", action="store_false", help="do not grade samples whose `correct` is null")
-    p.add_argument("--grade-timeout", type=float, default=10.0, metavar="S", help="seconds per math item before it is marked ungraded (default: 10)")
+    p.add_argument("--grade-timeout", type=positive_float, default=10.0, metavar="S", help="seconds per math item before it is marked ungraded (default: 10)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
@@ -49,9 +51,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--backbone", required=True, metavar="DIR", help="checkpoint folder with its tokenizer (a student or teacher)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the reward model (replaced atomically)")
     p.add_argument("--data", action="append", metavar="SPEC", help="data spec(s) the samples came from, so the verifier sees the question (repeatable)")
-    p.add_argument("--train-layers", type=int, default=0, metavar="N", help="top blocks fine-tuned with the head; 0 = frozen backbone (default: 0)")
+    p.add_argument("--train-layers", type=non_negative_int, default=0, metavar="N", help="top blocks fine-tuned with the head; 0 = frozen backbone (default: 0)")
     p.add_argument("--epochs", type=_positive_int, default=4, help="passes over the data when --train-layers > 0 (default: 4)")
-    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate when --train-layers > 0; the blocks use a tenth of it (default: 1e-3)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="head learning rate when --train-layers > 0; the blocks use a tenth of it (default: 1e-3)")
     p.add_argument("--l2", type=float, default=1e-2, help="L2 penalty of the logistic head on a frozen backbone (default: 0.01)")
     p.add_argument("--features", choices=["likelihood", "pooled", "both"], default="likelihood",
                    help="what the head reads: the backbone's log-probabilities of the completion, pooled hidden states, or both "
@@ -60,7 +62,7 @@ def add_parsers(sub) -> None:
                    help="tokens per example: question head (at most 256) + completion tail; the likelihood sees only what is kept (default: 1024)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of problems held out for the reported AUC (default: 0.1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines in the samples files")
@@ -76,8 +78,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-k", type=_positive_int, help="leave out k above this")
     p.add_argument("--subsets", type=_positive_int, default=256, help="random subsets per k for maj@k and BoN@k (default: 256)")
     p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples for the CIs (default: 1000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wall-seconds", type=float, help="wall time of the whole run, recorded in the report")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--wall-seconds", type=positive_float, help="wall time of the whole run, recorded in the report")
     p.add_argument("--allow-mixed-hardware", action="store_true", help="compare models sampled on different devices anyway")
     p.add_argument("--all-problems", action="store_true", help="use every model's own problems, not only those all models share")
     p.add_argument("--no-plots", action="store_true")
@@ -111,13 +113,11 @@ def cmd_train_rm(args) -> int:
     from ..eval.reward import ORMConfig, ORMTraining
     from ..eval.scoring import train_reward_model
 
-    if not args.l2 >= 0:
-        raise ThinkfastError(f"--l2 {args.l2}: the penalty must be 0 or more")
+    if not 0 <= args.l2 < math.inf:  # also refuses nan
+        raise ThinkfastError(f"--l2 {args.l2}: the penalty must be a number, 0 or more")
     check_out_path(args.out, marker="reward_config.json")
     if not 0 <= args.val_fraction < 1:
         raise ThinkfastError(f"--val-fraction {args.val_fraction}: use a fraction in [0, 1)")
-    if args.train_layers < 0:
-        raise ThinkfastError(f"--train-layers {args.train_layers}: use 0 or more")
     if args.train_layers and args.features == "likelihood":
         raise ThinkfastError(f"--train-layers {args.train_layers} fine-tunes blocks under the pooled hidden states; "
                              "add --features both (or pooled)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 from pathlib import Path
 
@@ -46,13 +47,21 @@ def add_parsers(sub) -> None:
     b = sub.add_parser(
         "bench",
         help="decode throughput of teacher vs students in this engine and vs HF generate(); writes benchmarks/",
-        description="Benchmark the engine on random-weight models of a preset's shapes: tokens/s, seconds per sample, peak "
-        "memory and roofline per (model, batch size, prompt length, generated length), and HF generate() on the teacher.",
+        description="Benchmark the engine on random-weight models of a preset's shapes, or on your checkpoints side by side "
+        "(--model, repeatable): tokens/s, seconds per sample, peak memory and roofline per (model, batch size, prompt "
+        "length, generated length), and HF generate() on the teacher.",
     )
-    b.add_argument("--preset", default="tiny", help="tiny (CPU, the demo's sizes) or llama-1b (Llama-3.2-1B shape; GPU)")
+    b.add_argument("--preset", default="tiny", help="tiny (CPU, the demo's sizes) or llama-1b (Llama-3.2-1B shape; GPU); "
+                   "with --model it only supplies the default --configs")
+    b.add_argument("--model", dest="checkpoints", action=_InOrder, const="model", default=None, metavar="PATH",
+                   help="time this checkpoint instead of the preset's random models (repeatable): a thinkfast checkpoint "
+                   "folder (teacher, llamba or hybrid), HF Llama folder, .gguf file or hub id, loaded as `thinkfast sample` does")
+    b.add_argument("--name", dest="checkpoints", action=_InOrder, const="name", metavar="NAME",
+                   help="row name of the --model just before it (default: the folder's name)")
+    b.add_argument("--no-hf", action="store_true", help="no HF generate() rows (by default the preset's teacher and every teacher-role --model get one)")
     b.add_argument("--configs", default=None, help="BATCHxPROMPTxGEN list, e.g. 64x80x1024,1x80x1024 (default: the preset's)")
-    b.add_argument("--models", default=None, help="comma list of teacher, llamba, hybrid, teacher-hf (default: all)")
-    b.add_argument("--out", default=None, help="markdown file (default benchmarks/<preset>.md)")
+    b.add_argument("--models", default=None, help="comma list of teacher, llamba, hybrid, teacher-hf (default: all; not with --model)")
+    b.add_argument("--out", default=None, help="markdown file (default benchmarks/<preset>.md; with --model benchmarks/models.md)")
     b.add_argument("--json", default=None, help="also write the rows as a JSON list to this file")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
@@ -95,8 +104,9 @@ def cmd_sample(args) -> int:
         print(f"{s.out}: all {s.total} samples already there (config {s.config}); nothing to do")
     else:
         st = s.stats
+        # the same figure as the progress bar's: engine time counts prefill and decoding, not grading or writing
         print(f"{s.out}: wrote {s.written} samples ({s.skipped} already there), {st.gen_tokens:,} tokens in "
-              f"{st.wall_seconds:.1f} s of engine time ({st.tokens_per_second:,.0f} tok/s), config {s.config}")
+              f"{st.wall_seconds:.1f} s of engine time ({st.tokens_per_second:,.0f} tok/s engine), config {s.config}")
     return 0
 
 
@@ -115,6 +125,30 @@ def _parse_configs(text: str | None):
     return out
 
 
+class _InOrder(argparse.Action):
+    """--model and --name share one list in command-line order, so a --name names the --model before it."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, (getattr(namespace, self.dest) or []) + [(self.const, value)])
+
+
+def _checkpoint_specs(events) -> list[tuple[str, str | None]]:
+    """[(path, name or None)] from the --model/--name sequence."""
+    specs: list[list] = []
+    for kind, value in events or []:
+        if kind == "model":
+            specs.append([value, None])
+        elif not value.strip():
+            raise ConfigError("--name '': give the row a name, or leave --name out for the folder's name")
+        elif not specs:
+            raise ConfigError(f"--name {value}: put it after the --model it names")
+        elif specs[-1][1] is not None:
+            raise ConfigError(f"--name {value}: --model {specs[-1][0]} is already named {specs[-1][1]!r}; one --name per --model")
+        else:
+            specs[-1][1] = value
+    return [(path, name) for path, name in specs]
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -126,18 +160,21 @@ def cmd_bench(args) -> int:
     from ..utils import check_device, check_out_path, parse_dtype
 
     models = [m.strip() for m in args.models.split(",")] if args.models else None
+    checkpoints = _checkpoint_specs(args.checkpoints)
     device = check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
     parse_dtype(args.dtype, device)  # a bad --dtype is one line here, not an error in every row
     if args.repeats < 1:
         raise ConfigError(f"--repeats {args.repeats}: time each row at least once")
-    out = Path(args.out or f"benchmarks/{args.preset}.md")
+    # checkpoint rows never replace a preset's recorded results by default
+    out = Path(args.out or ("benchmarks/models.md" if checkpoints else f"benchmarks/{args.preset}.md"))
     check_out_path(out, folder=False)
     if args.json:
         check_out_path(args.json, "--json", folder=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run_bench(args.preset, _parse_configs(args.configs), models, device, args.dtype, _compile_flag(args.compile),
-                     isolate=not args.no_isolate, threads=args.threads, repeats=args.repeats)
+                     isolate=not args.no_isolate, threads=args.threads, repeats=args.repeats, checkpoints=checkpoints,
+                     hf=not args.no_hf)
     if rows and all(r.get("error") for r in rows):  # keep the previous results rather than a table of failures
         raise ConfigError(f"every row failed (first: {rows[0]['error']}); nothing written to {out}")
     from ..utils import atomic_write_json, atomic_write_text
@@ -152,6 +189,8 @@ def cmd_bench(args) -> int:
 
 def _bench_command(args) -> str:
     parts = ["thinkfast bench", f"--preset {args.preset}"]
+    for kind, value in args.checkpoints or []:
+        parts.append(f"--{kind} {shlex.quote(value)}")
     for flag in ("configs", "models", "device", "threads", "repeats", "json"):
         value = getattr(args, flag)
         if value:
@@ -160,6 +199,8 @@ def _bench_command(args) -> str:
         parts.append(f"--dtype {args.dtype}")
     if args.compile != "auto":
         parts.append(f"--compile {args.compile}")
+    if args.no_hf:
+        parts.append("--no-hf")
     if args.no_isolate:
         parts.append("--no-isolate")
     return " ".join(parts)

@@ -293,6 +293,13 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
+def warn_cut_examples(rows: PackedRows, where: str = "") -> None:
+    """One warning line for a source whose examples do not fit its rows (`where`: e.g. the stages using it)."""
+    log.warning("%s%s: %d of %d examples are longer than seq_len %d and are cut (their ends never trained); "
+                "raise --seq-len to keep them whole", f"{where}: " if where else "", rows.name, rows.n_truncated,
+                rows.n_examples, rows.seq_len)
+
+
 def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = None, warn_cut: bool = True) -> DataMix:
     """Load, tokenise and pack every spec of `cfg` at `seq_len`, mixed with its weights.
 
@@ -316,7 +323,6 @@ def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = No
         name = spec if isinstance(spec, str) else f"problems[{k}]"
         rows = pack_examples(examples, seq_len, pad, cfg.pack, cfg.train_prompt, cfg.seed + k, name)
         if rows.n_truncated and warn_cut:
-            log.warning("%s: %d of %d examples are longer than seq_len %d and are cut (their ends never trained); "
-                        "raise --seq-len to keep them whole", name, rows.n_truncated, rows.n_examples, seq_len)
+            warn_cut_examples(rows)
         sources.append(rows)
     return DataMix(sources, weights, cfg.seed)

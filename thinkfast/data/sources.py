@@ -25,6 +25,7 @@ from .worked import STYLES, worked_solution
 SCHEMES = ("gsm8k", "math", "jsonl", "rg", "hf", "text")
 GRADER_KINDS = ("gsm8k", "math", "number")
 CALCULATOR_MARK = re.compile(r"<<[^>]*>>")
+RG_RESERVED = {"offset", "limit", "kind", "worked"}  # rg options thinkfast reads; the rest go to the generator
 
 
 @dataclass
@@ -44,13 +45,21 @@ class DataSpec:
     params: dict[str, str]
     text: str  # the spec as written
 
-    def int_param(self, name: str, default: int | None = None) -> int | None:
+    def int_param(self, name: str, default: int | None = None, minimum: int | None = None) -> int | None:
         if name not in self.params:
             return default
+        value = self.params[name]
         try:
-            return int(self.params[name])
+            n = int(value)
         except ValueError:
-            raise DataError(f"data spec {self.text!r}: {name}={self.params[name]!r} is not an integer") from None
+            raise DataError(f"data spec {self.text!r}: {name}={value!r} is not an integer") from None
+        if minimum is not None and n < minimum:
+            raise DataError(f"data spec {self.text!r}: {name}={value} must be at least {minimum}")
+        return n
+
+    def slice_params(self) -> tuple[int, int | None]:
+        """(offset, limit): a negative one would silently drop problems from the end."""
+        return self.int_param("offset", 0, minimum=0), self.int_param("limit", minimum=1)
 
 
 def parse_spec(spec: str) -> DataSpec:
@@ -69,12 +78,25 @@ def parse_spec(spec: str) -> DataSpec:
     return DataSpec(scheme, target, params, spec)
 
 
+def check_spec(spec: str) -> DataSpec:
+    """Parse a spec and check its options without reading or generating anything: callers run this before
+    loading a model, so a typo costs no model load."""
+    s = parse_spec(spec)
+    s.slice_params()
+    if "kind" in s.params:
+        _kind(s, "number")
+    if s.scheme == "rg":
+        _rg_config(s)
+        _worked_style(s)
+    return s
+
+
 def load_problems(spec: str) -> list[Problem]:
     """All problems a spec names, in a stable order."""
     s = parse_spec(spec)
     loader = {"gsm8k": _gsm8k, "math": _math, "jsonl": _jsonl, "rg": _reasoning_gym, "hf": _hf, "text": _text}[s.scheme]
+    offset, limit = s.slice_params()  # before loading: a typo fails before a big file is read
     problems = loader(s)
-    offset, limit = s.int_param("offset", 0), s.int_param("limit")
     return problems[offset: None if limit is None else offset + limit]
 
 
@@ -84,8 +106,8 @@ def load_questions(spec: str) -> list[str]:
     s = parse_spec(spec)
     if s.scheme != "rg":
         return [p.question for p in load_problems(spec)]
+    offset, limit = s.slice_params()
     ds = _rg_dataset(s)
-    offset, limit = s.int_param("offset", 0), s.int_param("limit")
     end = len(ds) if limit is None else min(len(ds), offset + limit)
     return [ds[i]["question"] for i in range(offset, end)]
 
@@ -169,15 +191,71 @@ def _rg_value(v: str):
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
+def _rg_option_types(name: str) -> dict:
+    """Option -> declared type of a reasoning-gym generator's config dataclass ({} when it cannot be read)."""
+    import dataclasses
+    import typing
+
+    try:
+        from reasoning_gym.factory import DATASETS
+
+        config_cls = DATASETS[name][1]
+        hints = typing.get_type_hints(config_cls)
+        return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(config_cls)}
+    except Exception:  # unknown generator or another reasoning-gym layout: create_dataset reports it
+        return {}
+
+
+def _check_rg_options(s: DataSpec, cfg: dict) -> None:
+    """Numeric and true/false options checked against the generator's declared types: reasoning-gym itself
+    fails on a string deep inside (a type-comparison error, or a traceback while generating)."""
+    types = {"size": int, "seed": int, **_rg_option_types(s.target)}  # thinkfast sets these two for every generator
+    for key, value in cfg.items():
+        declared = types.get(key)
+        allowed = set(_type_args(declared)) or {declared}
+        raw = s.params.get(key, str(value))
+        if bool in allowed:
+            if not isinstance(value, bool) and value not in (0, 1):
+                raise DataError(f"data spec {s.text!r}: {key}={raw!r} is not true or false")
+        elif int in allowed:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DataError(f"data spec {s.text!r}: {key}={raw!r} is not an integer")
+        elif float in allowed:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DataError(f"data spec {s.text!r}: {key}={raw!r} is not a number")
+    if cfg["size"] < 1:
+        raise DataError(f"data spec {s.text!r}: size={cfg['size']} must be at least 1")
+
+
+def _type_args(tp) -> tuple:
+    """The members of Optional[X] / X | None (just () for a plain type)."""
+    import typing
+
+    return tuple(a for a in typing.get_args(tp) if a is not type(None))
+
+
+def _rg_config(s: DataSpec) -> dict:
+    """The generator's options from the spec (size 100 and seed 0 unless given), checked."""
+    cfg = {k: _rg_value(v) for k, v in s.params.items() if k not in RG_RESERVED}
+    cfg.setdefault("size", 100)
+    cfg.setdefault("seed", 0)
+    _check_rg_options(s, cfg)
+    return cfg
+
+
+def _worked_style(s: DataSpec) -> str:
+    style = s.params.get("worked", "columns")
+    if style not in STYLES:
+        raise DataError(f"data spec {s.text!r}: worked={style!r} is not a worked-solution style; use one of {', '.join(STYLES)}")
+    return style
+
+
 def _rg_dataset(s: DataSpec):
     try:
         import reasoning_gym
     except ImportError:
         raise DataError("data spec rg:...: the reasoning-gym package is not installed (pip install reasoning-gym)") from None
-    reserved = {"offset", "limit", "kind", "worked"}
-    cfg = {k: _rg_value(v) for k, v in s.params.items() if k not in reserved}
-    cfg.setdefault("size", 100)
-    cfg.setdefault("seed", 0)
+    cfg = _rg_config(s)
     try:
         ds = reasoning_gym.create_dataset(s.target, **cfg)
     except (KeyError, ValueError, TypeError, AssertionError) as e:
@@ -189,9 +267,7 @@ def _reasoning_gym(s: DataSpec) -> list[Problem]:
     ds = _rg_dataset(s)
     seed = s.params.get("seed", "0")
     kind = _kind(s, "number")
-    style = s.params.get("worked", "columns")
-    if style not in STYLES:
-        raise DataError(f"data spec {s.text!r}: worked={style!r} is not a worked-solution style; use one of {', '.join(STYLES)}")
+    style = _worked_style(s)
     out = []
     for i, item in enumerate(ds):
         meta = dict(item.get("metadata", {}))

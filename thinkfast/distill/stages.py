@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..data.packing import IGNORE, DataConfig, DataMix, build_data
+from ..data.packing import IGNORE, DataConfig, DataMix, PackedRows, build_data, warn_cut_examples
 from ..errors import CheckpointError, ConfigError
 from ..models import ThinkfastForCausalLM, from_teacher
 from ..utils import atomic_write_json, usual_permissions
@@ -343,6 +343,10 @@ def _as_data_config(data) -> DataConfig | DataMix:
     raise ConfigError(f"data: expected a DataConfig, a DataMix, a spec string or a list of specs, got {type(data).__name__}")
 
 
+# a cut example costs the alignment stages only positions; KD and SFT never learn how it ends
+CUT_MATTERS = ("kd", "sft")
+
+
 class _DataSource:
     """Packs data per stage (each stage may use its own row length), tokenising each spec once."""
 
@@ -353,18 +357,27 @@ class _DataSource:
         self.built: dict[int, DataMix] = {}
 
     def prepare(self, stages: list[StageConfig]) -> None:
-        """Read, tokenise and pack every stage's data up front: a bad spec fails before anything is written."""
-        for stage in stages:
-            self.built[id(stage)] = self.for_stage(stage)
+        """Read, tokenise and pack every stage's data up front: a bad spec fails before anything is written.
 
-    def for_stage(self, stage: StageConfig) -> DataMix:
+        Cut examples are reported once per source and row length, naming every stage that shares them (kd and
+        sft on the same data used to print the same line twice)."""
+        cut: dict[tuple, tuple[PackedRows, list[str]]] = {}
+        for stage in stages:
+            self.built[id(stage)] = mix = self.for_stage(stage, warn=False)
+            if stage.kind in CUT_MATTERS and not isinstance(stage.data or self.default, DataMix):
+                for rows in mix.sources:
+                    if rows.n_truncated:
+                        cut.setdefault((rows.name, rows.seq_len, rows.n_truncated), (rows, []))[1].append(stage.label)
+        for rows, labels in cut.values():
+            warn_cut_examples(rows, ", ".join(labels))
+
+    def for_stage(self, stage: StageConfig, warn: bool = True) -> DataMix:
         if id(stage) in self.built:
             return self.built[id(stage)]
         cfg = stage.data or self.default
         if isinstance(cfg, DataMix):
             return cfg
-        # a cut example costs the alignment stages only positions; KD and SFT never learn how it ends
-        return build_data(cfg, self.tokenizer, stage.train.seq_len, self.cache, warn_cut=stage.kind in ("kd", "sft"))
+        return build_data(cfg, self.tokenizer, stage.train.seq_len, self.cache, warn_cut=warn and stage.kind in CUT_MATTERS)
 
     def describe(self, stage: StageConfig):
         cfg = stage.data or self.default

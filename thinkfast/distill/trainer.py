@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -323,6 +324,20 @@ def _micro_batches(batch: dict, rows: int) -> list[dict]:
 ProgressArg = bool | Callable[[dict], None]
 
 
+def no_bar(record: dict) -> None:
+    """A `progress` value for "no bar, but still the stage's budget line" (the CLI's --no-progress)."""
+
+
+def budget_line(name: str, cfg: TrainConfig, row_tokens: float, total: int, start: int = 0) -> str:
+    """'kd: 150,000 tokens -> 73 steps of 2,048 tokens (149,504 trained)': the budget is spent in whole steps
+    (rounded down, at least one), so say what the run will really train."""
+    per_step = int(round(cfg.batch_size * row_tokens))  # as the loop counts them
+    approx = "" if float(row_tokens).is_integer() else "~"  # one-example rows: their mean length
+    line = (f"{name}: {cfg.tokens:,} tokens -> {total:,} step{'s' if total != 1 else ''} of {approx}{per_step:,} tokens "
+            f"({approx}{total * per_step:,} trained)")
+    return line + (f"; resuming at step {start:,}" if start else "")
+
+
 def train(
     task: Task,
     data,
@@ -339,7 +354,8 @@ def train(
     ckpt_dir: checkpoints go here (None: no checkpoints, no resume). log_path: JSONL records are appended here.
     resume: continue from ckpt_dir's checkpoint (model, optimizer, schedule, RNG, data position); without it an
     existing checkpoint is refused rather than overwritten. progress: True for a tqdm bar, False for silence, or
-    a function called with every logged record. callback(step, record): called after every optimizer step.
+    a function called with every logged record (no bar); unless False, the stage starts with one line saying
+    how many steps and tokens the budget gives. callback(step, record): called after every optimizer step.
     """
     name = task.name
     cfg.validate(name)
@@ -363,6 +379,9 @@ def train(
         raise CheckpointError(f"{ckpt_dir} already holds a checkpoint; pass --resume to continue it, or choose a new --out")
     if state is not None:
         check_fingerprint(state, fingerprint, ckpt_dir)
+
+    if progress is not False and info.main and not (state is not None and state.get("done")):
+        print(budget_line(name, cfg, row_tokens, total, int(state["step"]) if state is not None else 0), file=sys.stderr)
 
     task.to(device)
     if state is not None and state.get("done"):

@@ -1,12 +1,16 @@
 """`thinkfast bench`: decode throughput of the teacher and its students in this engine, and of HF `generate()`.
 
-Models are random-weight stand-ins of a preset's shapes (speed does not depend on the weights): the teacher
-(all attention), its Llamba student (no attention) and its hybrid (attention in a quarter of the layers), built
-from the teacher with `from_teacher`. For each (batch size, prompt length, generated length): tokens/s, seconds
-per sample, peak memory, and the roofline: the bytes one decode step must move (weights + the decode state it
-reads and writes) over the measured copy bandwidth. Every row runs in a fresh subprocess by default, so peak
-memory is that row's own. Engine rows are greedy with EOS ignored (exactly gen_len tokens per sample); the HF
-rows use `generate()` with its own KV cache on the same teacher weights, also greedy, also gen_len tokens.
+By default the models are random-weight stand-ins of a preset's shapes (speed does not depend on the weights):
+the teacher (all attention), its Llamba student (no attention) and its hybrid (attention in a quarter of the
+layers), built from the teacher with `from_teacher`. With checkpoints (`--model`, repeatable) the rows time those
+instead, loaded as `thinkfast sample` loads them; the preset then only supplies the default configs. For each
+(batch size, prompt length, generated length): tokens/s, seconds per sample, peak memory, and the roofline: the
+bytes one decode step must move (weights + the decode state it reads and writes) over the measured copy
+bandwidth. Every row runs in a fresh subprocess by default, so peak memory is that row's own. Engine rows are
+greedy with EOS ignored (exactly gen_len tokens per sample, whatever the weights would stop at); prompts are
+random token ids of the model's vocabulary (the same for every model of a vocabulary: the cost of a step does not
+depend on which tokens it sees). The HF rows use `generate()` with its own KV cache on the same teacher weights,
+also greedy, also gen_len tokens.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, ThinkfastError
+from ..errors import CheckpointError, ConfigError, ThinkfastError
 
 ROLES = {"teacher": "teacher", "llamba": "llamba", "hybrid": "hybrid", "teacher-hf": "teacher"}
 
@@ -109,6 +114,73 @@ def to_hf_llama(model):
     return hf
 
 
+@dataclass
+class Checkpoint:
+    """A `--model` of the bench, as its config describes it (read before any row loads the weights)."""
+    path: str
+    name: str
+    role: str  # teacher | llamba | hybrid
+    max_positions: int
+
+
+def default_name(spec: str) -> str:
+    """The checkpoint folder's name (a .gguf file's stem; a hub id's last part), as `thinkfast sample` names it."""
+    p = Path(spec)
+    if p.suffix.lower() == ".gguf":
+        return p.stem
+    return (p.resolve().name if p.exists() else p.name) or str(spec)
+
+
+def probe_checkpoint(spec: str, name: str | None = None) -> Checkpoint:
+    """Role and positions of anything `load_thinkfast` reads (thinkfast folder of any role, HF Llama folder,
+    .gguf file, hub id) from its config alone, refusing in one line what that loader would refuse."""
+    from transformers import AutoConfig
+
+    from ..models.teacher import LLAMA_TYPES, model_config_from_hf
+
+    spec = str(spec)
+    where = f"--model {spec}"
+    path = Path(spec)
+    kwargs = {}
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise CheckpointError(f"{where}: no such .gguf file; check the path")
+        source, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{where}: not a checkpoint (no config.json); point it at a save_pretrained() folder, "
+                                  "an HF Llama folder, a .gguf file or a hub id")
+        try:
+            model_type = json.loads(cfg_file.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise CheckpointError(f"{where}: config.json is not a JSON object; re-save the checkpoint") from None
+        if model_type not in LLAMA_TYPES + ("thinkfast",):
+            raise ConfigError(f"{where}: model_type {model_type!r} is neither a thinkfast checkpoint nor Llama-family")
+        if not list(path.glob("*.safetensors")):
+            raise CheckpointError(f"{where}: no *.safetensors weights; save the model with save_pretrained()")
+        source = str(path)
+    elif path.exists():
+        raise CheckpointError(f"{where}: not a checkpoint folder or a .gguf file")
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or (path.parent.is_dir() and str(path.parent) != "."):
+        # a local path (a hub id is NAME or ORG/NAME, and ORG is no folder here), not one to look up online
+        raise CheckpointError(f"{where}: no such folder or file; check the path")
+    else:  # a hub id: from the local cache when the hub cannot be reached, else one line at once
+        from ..models.teacher import hub_kwargs
+
+        source, kwargs = spec, hub_kwargs(spec, "--model")
+    try:
+        cfg = AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as e:  # unreadable config, gguf parse errors, a hub id without network
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{where}: could not read its config ({first}); check the path or hub id") from None
+    if cfg.model_type == "thinkfast":
+        role, positions = cfg.role, cfg.max_position_embeddings
+    else:
+        role, positions = "teacher", model_config_from_hf(cfg, where=where).max_position_embeddings
+    return Checkpoint(path=spec, name=name or default_name(spec), role=role, max_positions=int(positions))
+
+
 # ---------------------------------------------------------------------------------------------- measuring
 
 
@@ -154,36 +226,86 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _reset_peak_rss() -> bool:
+    """Start the high-water mark again (Linux), so loading or building the model is not in the row's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(since_reset: bool) -> int:
+    if since_reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB; whole-process peak
+
+
+def _row_head(which: str, role: str | None, engine: str, path: str | None, batch: int, prompt_len: int, gen_len: int) -> dict:
+    return {"model": which, "role": role, "engine": engine, "path": path, "batch_size": batch, "prompt_len": prompt_len,
+            "gen_len": gen_len}
+
+
+def _failed(row: dict, error: str) -> dict:
+    row.update(tokens_per_s=None, seconds_per_sample=None, peak_mem_bytes=None, error=error[:200])
+    return row
+
+
+def _thinkfast_model(preset_name: str, which: str, path: str | None, device, dtype, seed: int):
+    """The row's thinkfast model: a checkpoint loaded as `thinkfast sample` loads it, or a preset's random one."""
+    if path is not None:
+        from ..models.teacher import load_thinkfast
+
+        model, _ = load_thinkfast(path, dtype=dtype, device=device, where="--model")
+        return model.eval()
+    return build_models(PRESETS[preset_name], "teacher" if which == "teacher-hf" else which, device, dtype, seed)
 
 
 def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: int, device="cpu", dtype="float32",
-            compile="auto", seed: int = 0, repeats: int = 1) -> dict:
+            compile="auto", seed: int = 0, repeats: int = 1, path: str | None = None, engine: str | None = None) -> dict:
     """Measure one row in this process (the fastest of `repeats` runs). Peak memory is the growth over the
-    loaded model (CPU: peak RSS); state_bytes is the engine's static decode state (KV cache / SSM state)."""
+    loaded model (CPU: peak RSS); state_bytes is the engine's static decode state (KV cache / SSM state).
+
+    Without `path`, `which` is a preset model (teacher, llamba, hybrid, teacher-hf) with random weights. With
+    `path` (a checkpoint), `which` is the row's name and `engine` says what runs it: thinkfast or hf (generate())."""
     from ..utils import parse_dtype
-    from .engine import Engine
+    from .engine import Engine, model_role
     from .sampling import SamplingParams
 
-    preset = PRESETS[preset_name]
+    engine = engine or ("hf" if which == "teacher-hf" else "thinkfast")
     device = torch.device(device)
     dt = parse_dtype(dtype, device)
-    model = build_models(preset, which, device, dt, seed)
+    row = _row_head(which, ROLES.get(which) if path is None else None, engine, path, batch, prompt_len, gen_len)
+    try:
+        model = _thinkfast_model(preset_name, which, path, device, dt, seed)
+    except ThinkfastError as e:  # e.g. weights the config promised but that do not load: a failed row
+        return _failed(row, str(e))
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        return _failed(row, f"out of memory loading the model ({str(e).splitlines()[0][:80]})")
+    lm = model.lm
+    row["role"] = model_role(lm)
+    bytes_per_step = step_bytes(lm, batch, prompt_len + gen_len / 2)
+    vocab = lm.cfg.vocab_size
+    del lm
+    if engine == "hf":
+        model = to_hf_llama(model)  # the thinkfast copy is freed here, before the memory baseline
     g = torch.Generator().manual_seed(seed + 1)
-    vocab = preset.teacher["vocab_size"]
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=g)
-    row = {"model": which, "role": ROLES[which], "engine": "hf" if which == "teacher-hf" else "thinkfast", "batch_size": batch,
-           "prompt_len": prompt_len, "gen_len": gen_len}
     cuda = device.type == "cuda"
+    reset = False
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
+        reset = _reset_peak_rss()
         base = _rss_bytes()
     try:
-        if which == "teacher-hf":
+        if engine == "hf":
             from transformers import GenerationConfig
 
             gc = GenerationConfig(max_new_tokens=gen_len, do_sample=False, eos_token_id=None, pad_token_id=None)
@@ -194,37 +316,35 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
                 with torch.inference_mode():
                     gc.max_new_tokens = n_tokens
                     out = model.generate(input_ids=x, attention_mask=mask, generation_config=gc)
-                assert out.shape[1] == prompt_len + n_tokens
+                return out[:, prompt_len:].numel()
         else:
-            engine = Engine(model, None, max_len=prompt_len + gen_len, batch_size=batch, device=device, dtype=dt, stop_ids=[], compile=compile)
+            eng = Engine(model, None, max_len=prompt_len + gen_len, batch_size=batch, device=device, dtype=dt, stop_ids=[], compile=compile)
             items = [(str(i), prompts[i].tolist()) for i in range(batch)]
 
             def run(n_tokens):
                 params = SamplingParams(temperature=0.0, max_new_tokens=n_tokens, ignore_eos=True)
-                done = list(engine.generate(items, n=1, params=params))
-                assert all(c.gen_tokens == n_tokens for c in done) and len(done) == batch
+                return sum(c.gen_tokens for c in eng.generate(items, n=1, params=params))
 
         run(min(16, gen_len))  # warm-up: lazy inits, compilation, graphs
         wall, cpu = float("inf"), float("inf")
         for _ in range(max(1, repeats)):
             _sync(device)
             t, c = time.perf_counter(), time.process_time()
-            run(gen_len)
+            generated = run(gen_len)
             _sync(device)
             wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
     except (torch.OutOfMemoryError, MemoryError) as e:
-        row.update(tokens_per_s=None, seconds_per_sample=None, peak_mem_bytes=None, error=f"out of memory ({str(e).splitlines()[0][:80]})")
-        return row
+        return _failed(row, f"out of memory ({str(e).splitlines()[0][:80]})")
     except ThinkfastError as e:  # e.g. the decode state does not fit: a row of the table, not the end of the bench
-        row.update(tokens_per_s=None, seconds_per_sample=None, peak_mem_bytes=None, error=str(e)[:200])
-        return row
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()) - base
-    lm = model.lm if hasattr(model, "lm") else build_models(preset, "teacher", "meta", dt).lm
+        return _failed(row, str(e))
+    if generated != batch * gen_len:  # tokens/s counts batch x gen: a row that stopped early would be flattered
+        return _failed(row, f"generated {generated} tokens, not batch x gen = {batch * gen_len}")
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes(reset)) - base
     bw = copy_bandwidth(device)
-    roof = batch / (step_bytes(lm, batch, prompt_len + gen_len / 2) / bw)
+    roof = batch / (bytes_per_step / bw)
     tps = batch * gen_len / wall
-    state_bytes = engine.state.nbytes() if which != "teacher-hf" else None
-    row.update(tokens_per_s=round(tps, 1), seconds_per_sample=round(wall / batch, 6), peak_mem_bytes=int(max(peak, 0)),
+    state_bytes = eng.state.nbytes() if engine == "thinkfast" else None
+    row.update(tokens_per_s=round(tps, 1), seconds_per_sample=round(wall / batch, 6), generated_tokens=generated, peak_mem_bytes=int(max(peak, 0)),
                state_bytes=state_bytes, roofline_tokens_per_s=round(roof, 1), roofline_fraction=round(tps / roof, 3),
                cpu_seconds=round(cpu, 3), wall_seconds=round(wall, 3))
     return row
@@ -233,8 +353,26 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
 # ---------------------------------------------------------------------------------------------- the table
 
 
+def resolve_checkpoints(checkpoints, hf: bool = True) -> list[Checkpoint]:
+    """Probe every (path, name or None) and refuse two rows under one name (a teacher's HF row is NAME-hf)."""
+    probed = [probe_checkpoint(path, name) for path, name in checkpoints]
+    seen: dict[str, str] = {}
+    for c in probed:
+        names = [c.name] + ([f"{c.name}-hf"] if hf and c.role == "teacher" else [])
+        for n in names:
+            if n in seen:
+                raise ConfigError(f"--model {c.path} and --model {seen[n]} both give rows named {n!r}; name one of them "
+                                  f"with --name after its --model")
+            seen[n] = c.path
+    return probed
+
+
 def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None, dtype="auto", compile="auto",
-              isolate: bool = True, threads: int | None = None, repeats: int = 1, log=print) -> list[dict]:
+              isolate: bool = True, threads: int | None = None, repeats: int = 1, log=print, checkpoints=None,
+              hf: bool = True) -> list[dict]:
+    """Time every (config, model) row. `checkpoints`: [(path, name or None), ...] to time instead of the preset's
+    random-weight models (the preset then only supplies the default configs); each teacher-role checkpoint also
+    gets an HF generate() row named NAME-hf unless `hf` is False. Every input is checked before the first row."""
     if preset_name not in PRESETS:
         raise ConfigError(f"--preset {preset_name!r}: use one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
@@ -242,20 +380,41 @@ def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None,
     if preset_name == "llama-1b" and torch.device(device).type == "cpu" and not configs:
         raise ConfigError("--preset llama-1b is sized for a GPU (hours on a CPU); run it on a GPU, or pass small --configs")
     configs = configs or preset.configs
-    models = models or preset.models
-    bad = [m for m in models if m not in ROLES]
-    if bad:
-        raise ConfigError(f"--models {bad[0]!r}: use some of {', '.join(ROLES)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # (row name, role, path, engine, positions the model holds)
+    if checkpoints:
+        if models:
+            raise ConfigError("--models picks among the preset's random-weight models; with --model, the checkpoints are the rows")
+        jobs = []
+        for c in resolve_checkpoints(checkpoints, hf):
+            jobs.append((c.name, c.role, c.path, "thinkfast", c.max_positions))
+            if hf and c.role == "teacher":
+                jobs.append((f"{c.name}-hf", "teacher", c.path, "hf", c.max_positions))
+    else:
+        models = models or preset.models
+        bad = [m for m in models if m not in ROLES]
+        if bad:
+            raise ConfigError(f"--models {bad[0]!r}: use some of {', '.join(ROLES)}")
+        positions = preset.teacher["max_position_embeddings"]
+        jobs = [(m, ROLES[m], None, "hf" if m == "teacher-hf" else "thinkfast", positions) for m in models
+                if hf or m != "teacher-hf"]
+    for batch, prompt_len, gen_len in configs:  # the engine would silently stop short of gen_len
+        for which, _, path, _, positions in jobs:
+            if prompt_len + gen_len > positions:
+                model = f"--model {path}" if path else f"--preset {preset_name}"
+                raise ConfigError(f"--configs {batch}x{prompt_len}x{gen_len}: {prompt_len + gen_len} positions, but {model} "
+                                  f"holds {positions} (max_position_embeddings); use a shorter prompt or gen")
     rows = []
     for batch, prompt_len, gen_len in configs:
-        for which in models:
-            if which == "teacher-hf" and preset.hf_max_batch and batch > preset.hf_max_batch:
+        for which, role, path, engine, _ in jobs:
+            if engine == "hf" and preset.hf_max_batch and batch > preset.hf_max_batch:
                 continue
             args = dict(preset_name=preset_name, which=which, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
                         device=str(device), dtype=dtype, compile=compile, repeats=repeats)
+            if path is not None:
+                args.update(path=path, engine=engine)
             log(f"bench: {which} batch {batch} prompt {prompt_len} gen {gen_len} ...")
-            row = _run_isolated(args, threads) if isolate else run_row(**args)
+            row = _run_isolated(args, threads, role) if isolate else run_row(**args)
+            row["role"] = row.get("role") or role  # a checkpoint whose weights failed to load: its config's role
             rows.append(row)
             if row.get("tokens_per_s") is not None:
                 log(f"  {row['tokens_per_s']:,.0f} tok/s, {row['seconds_per_sample']:.3f} s/sample, peak {row['peak_mem_bytes'] / 2**20:.1f} MiB")
@@ -264,7 +423,7 @@ def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None,
     return rows
 
 
-def _run_isolated(args: dict, threads: int | None) -> dict:
+def _run_isolated(args: dict, threads: int | None, role: str) -> dict:
     env = dict(os.environ)
     if threads:
         env["THINKFAST_BENCH_THREADS"] = str(threads)
@@ -275,39 +434,56 @@ def _run_isolated(args: dict, threads: int | None) -> dict:
             return json.loads(line)
     err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     which = args["which"]
-    return {"model": which, "role": ROLES[which], "engine": "hf" if which == "teacher-hf" else "thinkfast",
-            "batch_size": args["batch"], "prompt_len": args["prompt_len"], "gen_len": args["gen_len"],
-            "tokens_per_s": None, "seconds_per_sample": None, "peak_mem_bytes": None, "error": err[:200]}
+    engine = args.get("engine") or ("hf" if which == "teacher-hf" else "thinkfast")
+    row = _row_head(which, role, engine, args.get("path"), args["batch"], args["prompt_len"], args["gen_len"])
+    return _failed(row, err)
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    """Plain-language comparisons measured in this run (same machine, same settings)."""
+    """Plain-language comparisons measured in this run (same machine, same settings): each model against the
+    first teacher-role row in this engine (else the first row), and each HF row against its twin here."""
     out = []
-    by = {(r["model"], r["batch_size"], r["prompt_len"], r["gen_len"]): r for r in rows if r.get("tokens_per_s")}
-    for (model, b, p, g), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][3], kv[0][0])):
-        t = by.get(("teacher", b, p, g))
-        if t is None or model == "teacher":
-            continue
-        hf = model == "teacher-hf"
-        name = "teacher in thinkfast / HF generate" if hf else f"{model} / teacher"
-        x = t["tokens_per_s"] / r["tokens_per_s"] if hf else r["tokens_per_s"] / t["tokens_per_s"]
-        line = f"batch {b}, prompt {p}, gen {g}: {name} tokens/s = {x:.2f}x"
-        if t.get("cpu_seconds") and r.get("cpu_seconds"):  # same work: the ratio of CPU seconds, robust to a busy machine
-            y = r["cpu_seconds"] / t["cpu_seconds"] if hf else t["cpu_seconds"] / r["cpu_seconds"]
-            line += f" (by process CPU time {y:.2f}x)"
-        out.append(line)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("tokens_per_s"):
+            groups.setdefault((r["batch_size"], r["prompt_len"], r["gen_len"]), []).append(r)
+    for (b, p, g), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        ours = [r for r in group if r["engine"] != "hf"]
+        ref = next((r for r in ours if r["role"] == "teacher"), ours[0] if ours else None)
+        by_name = {r["model"]: r for r in ours}
+        for r in sorted(group, key=lambda r: r["model"]):
+            hf = r["engine"] == "hf"
+            t = by_name.get(r["model"].removesuffix("-hf")) if hf else ref
+            if t is None or t is r:
+                continue
+            name = f"{t['model']} in thinkfast / HF generate" if hf else f"{r['model']} / {t['model']}"
+            x = t["tokens_per_s"] / r["tokens_per_s"] if hf else r["tokens_per_s"] / t["tokens_per_s"]
+            line = f"batch {b}, prompt {p}, gen {g}: {name} tokens/s = {x:.2f}x"
+            if t.get("cpu_seconds") and r.get("cpu_seconds"):  # same work: the ratio of CPU seconds, robust to a busy machine
+                y = r["cpu_seconds"] / t["cpu_seconds"] if hf else t["cpu_seconds"] / r["cpu_seconds"]
+                line += f" (by process CPU time {y:.2f}x)"
+            out.append(line)
     return out
 
 
 def markdown(rows: list[dict], preset_name: str, hardware: str, command: str) -> str:
+    checkpoints = {r["model"]: (r["path"], r["role"]) for r in rows if r.get("path") and r["engine"] != "hf"}
     lines = [
-        f"# `thinkfast bench --preset {preset_name}`",
+        "# `thinkfast bench --model ...`: checkpoints side by side" if checkpoints else f"# `thinkfast bench --preset {preset_name}`",
         "",
         f"- hardware: {hardware}",
         f"- date: {datetime.date.today().isoformat()}, torch {torch.__version__}",
         f"- command: `{command}`",
-        f"- {PRESETS[preset_name].note}",
-        "- random weights; greedy, EOS ignored, exactly `gen` tokens per sample; tokens/s = batch x gen / wall (prefill included)",
+    ]
+    if checkpoints:
+        lines += ["- models: " + "; ".join(f"{n} = `{p}` ({role})" for n, (p, role) in checkpoints.items()),
+                  "- each checkpoint's own weights, loaded as `thinkfast sample` loads them; prompts: random token ids of its "
+                  "vocabulary, the same for every model; greedy, EOS ignored, exactly `gen` tokens per sample; "
+                  "tokens/s = batch x gen / wall (prefill included)"]
+    else:
+        lines += [f"- {PRESETS[preset_name].note}",
+                  "- random weights; greedy, EOS ignored, exactly `gen` tokens per sample; tokens/s = batch x gen / wall (prefill included)"]
+    lines += [
         "- decode state: the engine's static per-slot state (KV cache, SSM + conv state) for the batch",
         "- peak mem: growth over the loaded model, prefill transients included (GPU: allocated; CPU: peak RSS of the row's own process)",
         "- roofline: batch / (bytes one decode step must move at the mean context / measured copy bandwidth)",

@@ -22,7 +22,7 @@ from ..data.prompts import PromptStyle, render_prompt
 from ..errors import CheckpointError, ConfigError, ThinkfastError
 from ..utils import check_device, parse_dtype
 from .engine import Engine, EngineStats, model_role
-from .samples_file import SamplesWriter, config_hash
+from .samples_file import SamplesWriter, part_files
 from .sampling import SamplingParams
 
 GradeFn = Callable[[list[str], list[str], list[str]], list]
@@ -119,16 +119,34 @@ def model_fingerprint(model_spec: str) -> str:
     return "weights:" + h.hexdigest()[:16]
 
 
-def sample_config(model_spec: str, data_spec: str, n: int, params: SamplingParams, seed: int, style: PromptStyle,
-                  dtype: torch.dtype = torch.float32) -> dict:
-    """What the samples depend on; its hash tags every line of the file. The precision is part of it (a bf16
-    run draws other samples than an fp32 one from the same seeds); the batch size is not (per-sample seeds)."""
-    model_id = model_fingerprint(model_spec)
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def problems_fingerprint(problems: list[Problem]) -> dict:
+    """What identifies the problems a samples file answers: their number, a hash of their ids, and a hash of
+    everything that shapes a prompt or its grading (id, question, gold answer, kind). Sorted by id, since samples
+    are keyed by problem id and seeded per (problem, index): the path they were read from, and their order, do
+    not change a sample."""
+    rows = sorted([p.id, p.question, p.answer, p.kind] for p in problems)
+    return {"problems": len(rows), "ids": _digest([r[0] for r in rows]), "content": _digest(rows)}
+
+
+def sample_config(model_spec: str, problems: list[Problem], n: int, params: SamplingParams, seed: int,
+                  style: PromptStyle, dtype: torch.dtype = torch.float32) -> dict:
+    """What the samples depend on; its hash tags every line of the file. The model and the problems count by
+    content, not by path. The precision is part of it (a bf16 run draws other samples than an fp32 one from the
+    same seeds); the batch size is not (per-sample seeds)."""
+    few_shot = style.few_shot or []
     return {
-        "model": model_id, "data": data_spec, "n": n, "temperature": params.temperature, "top_p": params.top_p,
-        "top_k": params.top_k, "min_p": params.min_p, "max_new_tokens": params.max_new_tokens, "stop": list(params.stop),
+        "model": model_fingerprint(model_spec), "data": problems_fingerprint(problems), "n": n,
+        "temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(params.top_k),
+        "min_p": float(params.min_p), "max_new_tokens": int(params.max_new_tokens), "stop": list(params.stop),
         "prompt": {"instruction": style.instruction, "system": style.system, "chat": style.chat,
-                   "few_shot": [p.id for p in style.few_shot or []]},
+                   "few_shot": [p.id for p in few_shot],
+                   # the examples' text is in every prompt: an edited example is another configuration
+                   "few_shot_content": _digest([[p.id, p.question, p.answer, p.kind, p.solution] for p in few_shot])
+                   if few_shot else None},
         "seed": seed, "dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -168,16 +186,6 @@ def sample_to_file(
     if not isinstance(dtype, torch.dtype):
         dtype = parse_dtype(dtype, device)
 
-    config = config_hash(sample_config(model_spec, data_spec, n, params, seed, style, dtype))
-    writer = SamplesWriter(out, config, rank, world)
-    done = writer.done()  # refuses a file of another configuration before any work
-    written_as = _written_name(out) if done else None
-    if written_as is not None:
-        if name is not None and name != written_as:
-            raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with --name {written_as} "
-                              f"(or none), or write {name!r} to another --out")
-        name = written_as  # a moved checkpoint folder resumes under the name its samples already carry
-
     if problems is None:
         problems = load_problems(data_spec)
     if not problems:
@@ -186,6 +194,17 @@ def sample_to_file(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ConfigError(f"data spec {data_spec!r}: problem id {dup!r} occurs twice; samples are keyed by problem id")
+
+    writer = SamplesWriter(out, sample_config(model_spec, problems, n, params, seed, style, dtype), rank, world)
+    config = writer.config
+    done = writer.done()  # refuses a file of another configuration before any work
+    written_as = _written_name(out) if done else None
+    if written_as is not None:
+        if name is not None and name != written_as:
+            raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with --name {written_as} "
+                              f"(or none), or write {name!r} to another --out")
+        name = written_as  # a moved checkpoint folder resumes under the name its samples already carry
+
     mine = problems[rank::world]
     todo = {p.id: [j for j in range(n) if (p.id, j) not in done] for p in mine}
     todo = {k: v for k, v in todo.items() if v}
@@ -207,12 +226,16 @@ def sample_to_file(
         engine = Engine(model, tokenizer, batch_size=batch_size, device=device, dtype=dtype, compile=compile)
         hardware = hardware_string(device)
         bar = _progress_bar(sum(len(v) for v in todo.values()), f"{name}" + (f" rank {rank}" if world > 1 else ""), progress and rank == 0)
-        last_tokens = [0]
+        shown_at = [0.0]  # engine seconds at the last rate shown
+
+        def show_rate(st: EngineStats):
+            # the summary's figure: generated tokens / engine seconds (prefill included, grading and writing not)
+            bar.set_postfix_str(f"{st.tokens_per_second:,.0f} tok/s engine", refresh=False)
 
         def on_step(st: EngineStats):
-            if bar is not None and st.gen_tokens - last_tokens[0] >= 256:
-                last_tokens[0] = st.gen_tokens
-                bar.set_postfix_str(f"{st.tokens_per_second:,.0f} tok/s", refresh=False)
+            if bar is not None and st.wall_seconds - shown_at[0] >= 0.5:
+                shown_at[0] = st.wall_seconds
+                show_rate(st)
 
         try:
             for batch in engine.generate_batches(prompts, n, params, seed, only=todo, progress=on_step):
@@ -226,6 +249,8 @@ def sample_to_file(
                     bar.update(len(records))
         finally:
             if bar is not None:
+                if engine.stats.gen_tokens:
+                    show_rate(engine.stats)  # the bar's last word is the summary's rate, not one from steps before
                 bar.close()
         stats = engine.stats
 
@@ -233,6 +258,8 @@ def sample_to_file(
         _barrier()
         if rank == 0:
             writer.merge_parts()
+    elif part_files(writer.out):  # parts of a sharded run that crashed, resumed by one process: they count as done
+        writer.merge_parts()
     return SampleSummary(Path(out), written, skipped, total, config, stats, time.perf_counter() - t0)
 
 

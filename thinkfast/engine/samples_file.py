@@ -1,10 +1,11 @@
 """The samples file: JSONL, one line per completion, append-only, flushed (and fsynced) per batch.
 
-Every line carries `config`, a short hash of the sampling configuration (model, data, n, sampling parameters,
-prompt style, base seed, precision). Re-running the same command reads the file, skips the (problem_id, sample_idx) pairs
-already there and writes exactly the missing ones; a file written under another configuration is refused and
-left untouched. A crash can leave only a torn last line (no newline): it is not a sample, and is cut off before
-appending.
+Every line carries `config`, a short hash of the sampling configuration (model weights, problems, n, sampling
+parameters, prompt style, base seed, precision); the first line of each file also carries that configuration
+itself under `sampling`, so that a refusal can name the settings that differ. Re-running the same command reads
+the file, skips the (problem_id, sample_idx) pairs already there and writes exactly the missing ones; a file
+written under another configuration is refused and left untouched. A crash can leave only a torn last line (no
+newline): it is not a sample, and is cut off before appending.
 
 Sharded runs (torchrun): rank r appends to `OUT.part<r>`; when every rank is done, rank 0 moves the parts'
 lines into OUT (skipping pairs already there) and removes the parts. Every rank counts the samples in OUT and
@@ -26,10 +27,85 @@ RECORD_FIELDS = (
 )
 
 
+SAMPLING_KEY = "sampling"  # the readable configuration whose hash is `config`; on the first line of each file
+
+
 def config_hash(config: dict) -> str:
     """12 hex digits of the SHA-256 of the configuration as canonical JSON."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+_ABSENT = object()  # a setting one side's configuration does not have (another version of thinkfast)
+
+
+def _shown(value) -> str:
+    if value is _ABSENT:
+        return "absent"
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:37] + "...")
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and prefix + key != "data":  # the data is judged as a whole, see below
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def explain_difference(here: dict, file: dict) -> str:
+    """The settings in which this run's configuration differs from the file's, e.g.
+    "temperature 0.5 here, 1.0 in the file; data: other problems (4 here, 6 in the file)"."""
+    ours, theirs = _flat(here), _flat(file)
+    parts = []
+    for key in list(ours) + [k for k in theirs if k not in ours]:
+        a, b = ours.get(key, _ABSENT), theirs.get(key, _ABSENT)
+        if a == b:
+            continue
+        if key == "data" and isinstance(a, dict) and isinstance(b, dict):
+            if a.get("ids") == b.get("ids"):
+                parts.append(f"data: the same {a.get('problems')} problem ids with other questions, answers or kinds")
+            else:
+                parts.append(f"data: other problems ({a.get('problems')} here, {b.get('problems')} in the file)")
+        elif key == "model" and str(a).startswith("weights:") and str(b).startswith("weights:"):
+            parts.append("model: other weights (retrained, or another checkpoint)")
+        else:
+            parts.append(f"{key} {_shown(a)} here, {_shown(b)} in the file")
+    return "; ".join(parts)
+
+
+def _recorded_sampling(lines: list[bytes], config: str) -> dict | None:
+    """The readable configuration a file's lines record for the hash `config` (None: an older file without it)."""
+    for raw in lines:
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        sampling = rec.get(SAMPLING_KEY) if isinstance(rec, dict) else None
+        if isinstance(sampling, dict) and rec.get("config") == config and config_hash(sampling) == config:
+            return sampling
+    return None
+
+
+def _refusal(path: Path, theirs, config: str, sampling: dict, lines: list[bytes]) -> DataError:
+    recorded = _recorded_sampling(lines, theirs) if isinstance(theirs, str) else None
+    if recorded is None:  # written before files recorded their settings (or its first line was removed)
+        return DataError(
+            f"{path} was written with another sampling configuration (config {theirs or 'none'}, this run {config}) "
+            "and does not record which settings those were (an older thinkfast wrote it; its files do not resume "
+            "since the configuration hashes the problems themselves); pass another --out or move the file away"
+        )
+    what = explain_difference(sampling, recorded) or f"config {theirs}, this run {config}"
+    return DataError(
+        f"{path} was written with another sampling configuration ({what}); "
+        "pass another --out, or re-run with the file's settings"
+    )
 
 
 def part_path(out: Path, rank: int) -> Path:
@@ -40,7 +116,7 @@ def part_files(out: Path) -> list[Path]:
     return sorted(p for p in out.parent.glob(f"{out.name}.part*") if p.name[len(out.name) + 5:].isdigit())
 
 
-def _read_lines(path: Path, config: str, repair: bool) -> set[tuple[str, int]]:
+def _read_lines(path: Path, sampling: dict, config: str, repair: bool) -> set[tuple[str, int]]:
     """(problem_id, sample_idx) pairs in `path`; refuses another config; cuts a torn last line when `repair`."""
     done: set[tuple[str, int]] = set()
     if not path.exists():
@@ -52,7 +128,8 @@ def _read_lines(path: Path, config: str, repair: bool) -> set[tuple[str, int]]:
         tail, marker = data[cut:], b'{"problem_id"'
         if not (tail.startswith(marker) or marker.startswith(tail)):  # a cut can fall inside the first key too
             raise DataError(f"{path}: last line is not a samples-file record; it was not written by `thinkfast sample`: pass another --out or move it away")
-    for n, raw in enumerate(data[:cut].split(b"\n"), 1):
+    lines = data[:cut].split(b"\n")
+    for n, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
@@ -65,10 +142,7 @@ def _read_lines(path: Path, config: str, repair: bool) -> set[tuple[str, int]]:
                 "`thinkfast sample`: pass another --out or move it away"
             ) from None
         if theirs != config:
-            raise DataError(
-                f"{path} was written with another sampling configuration (config {theirs}, this run {config}); "
-                "pass another --out, or re-run the exact command that wrote it"
-            )
+            raise _refusal(path, theirs, config, sampling, lines)
         done.add(key)
     if repair and cut < len(data):  # only once the whole file is known to be ours
         with open(path, "r+b") as f:
@@ -76,27 +150,34 @@ def _read_lines(path: Path, config: str, repair: bool) -> set[tuple[str, int]]:
     return done
 
 
+def _is_empty(path: Path) -> bool:
+    return not path.exists() or path.stat().st_size == 0
+
+
 class SamplesWriter:
     """Appends records to OUT (or to this rank's part file) and knows which samples are already done."""
 
-    def __init__(self, out, config: str, rank: int = 0, world_size: int = 1):
+    def __init__(self, out, sampling: dict, rank: int = 0, world_size: int = 1):
         self.out = Path(out)
-        self.config, self.rank, self.world_size = config, rank, world_size
+        self.sampling = json.loads(json.dumps(sampling))  # as it reads back from the file, so its hash is `config`
+        self.config, self.rank, self.world_size = config_hash(self.sampling), rank, world_size
         self.path = self.out if world_size == 1 else part_path(self.out, rank)
         if self.out.exists() and self.out.is_dir():
             raise DataError(f"--out {self.out} is a folder; give a .jsonl file path")
 
     def done(self) -> set[tuple[str, int]]:
         """Pairs already written: in OUT and in every part file (checked against this config)."""
-        pairs = _read_lines(self.out, self.config, repair=self.world_size == 1 or self.rank == 0)
+        pairs = _read_lines(self.out, self.sampling, self.config, repair=self.world_size == 1 or self.rank == 0)
         for p in part_files(self.out):
-            pairs |= _read_lines(p, self.config, repair=p == self.path)
+            pairs |= _read_lines(p, self.sampling, self.config, repair=p == self.path)
         return pairs
 
     def append(self, records: list[dict]) -> None:
         if not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if _is_empty(self.path):  # a new file (done() cut any torn first line): its first line records the config
+            records = [{**records[0], SAMPLING_KEY: self.sampling}, *records[1:]]
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text)
@@ -105,17 +186,22 @@ class SamplesWriter:
 
     def merge_parts(self) -> int:
         """Rank 0, after every rank finished: move the part files' lines into OUT. Returns lines moved."""
-        have = _read_lines(self.out, self.config, repair=True)
+        have = _read_lines(self.out, self.sampling, self.config, repair=True)
         moved = 0
         for p in part_files(self.out):
-            _read_lines(p, self.config, repair=True)
+            _read_lines(p, self.sampling, self.config, repair=True)
             lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
             fresh = []
+            starts_out = _is_empty(self.out)
             for ln in lines:
                 rec = json.loads(ln)
                 key = (str(rec["problem_id"]), int(rec["sample_idx"]))
                 if key not in have:
                     have.add(key)
+                    first = starts_out and not fresh
+                    if first != (SAMPLING_KEY in rec):  # only OUT's first line records the configuration
+                        rec.pop(SAMPLING_KEY, None)
+                        ln = json.dumps({**rec, SAMPLING_KEY: self.sampling} if first else rec, ensure_ascii=False)
                     fresh.append(ln + "\n")
             if fresh:
                 with open(self.out, "a", encoding="utf-8") as f:

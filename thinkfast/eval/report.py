@@ -26,6 +26,7 @@ LABELS = {"pass_at_k": "coverage (pass@k)", "maj_at_k": "majority vote (maj@k)",
           "weighted_bon_at_k": "weighted Best-of-N"}
 SHORT = {"pass_at_k": "pass@k", "maj_at_k": "maj@k", "bon_at_k": "BoN@k", "weighted_bon_at_k": "wBoN@k"}
 CI_LEVEL = 0.95
+TIE_TOLERANCE = 1e-9  # metric values closer than this are equal (means of the same subsets, up to float rounding)
 
 
 def _answer(s: Sample) -> str | None:
@@ -150,9 +151,18 @@ def _budget_table(models: dict, name: str) -> list[dict]:
             got = best_within(secs, vals, budget)
             best[m] = None if got is None else {"value": got[0], "k": e["ks"][got[1]]}
         reached = {m: b for m, b in best.items() if b is not None}
-        winner = max(reached, key=lambda m: reached[m]["value"]) if reached else None
-        rows.append({"seconds": budget, "best": best, "winner": winner})
+        top = max((b["value"] for b in reached.values()), default=None)
+        # equal values (e.g. every model at 1.0 or 0.0) have no winner: naming the first would be a claim
+        leaders = [m for m, b in reached.items() if top - b["value"] <= TIE_TOLERANCE]
+        rows.append({"seconds": budget, "best": best, "winner": leaders[0] if len(leaders) == 1 else None,
+                     "tied": leaders if len(leaders) > 1 else []})
     return rows
+
+
+def _best_cell(row: dict) -> str:
+    if row.get("tied"):
+        return "tie: " + ", ".join(row["tied"])
+    return row["winner"] or "–"
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -328,7 +338,7 @@ def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
         out += [f"**{LABELS[name]}**", "", "| budget (s / problem) | " + " | ".join(names) + " | best |", "|---|" + "---|" * (len(names) + 1)]
         for r in rows:
             cells = [f"{_fmt(b['value'])} (k={b['k']})" if b else "over budget" for b in r["best"].values()]
-            out.append(f"| {r['seconds']:.3g} | " + " | ".join(cells) + f" | {r['winner'] or '–'} |")
+            out.append(f"| {r['seconds']:.3g} | " + " | ".join(cells) + f" | {_best_cell(r)} |")
         out.append("")
 
     out += ["## Pareto fronts", "", "Points (model, k) that no other point beats with less time and higher accuracy.", ""]

@@ -349,14 +349,21 @@ def _fit_head_steps(orm: OutcomeRewardModel, X: torch.Tensor, y: np.ndarray, tra
     return history
 
 
+def check_labels(labels) -> np.ndarray:
+    """The labels as a bool array; refuses one-class data (cheap: callers check before loading a backbone)."""
+    y = np.array(labels, dtype=bool)
+    if y.all() or not y.any():
+        raise DataError(f"all {len(y)} graded completions are {'correct' if y.all() else 'wrong'}; a verifier needs both kinds "
+                        "to learn from: add samples of the other kind (more problems, more samples per problem, or another model)")
+    return y
+
+
 def train_orm(questions: list[str | None], completions: list[str], labels: list[bool], problem_ids: list[str], backbone,
               tokenizer, cfg: ORMConfig | None = None, train: ORMTraining | None = None, log=print) -> OutcomeRewardModel:
     """Fit an ORM on graded completions. Returns the model with `cfg.stats` filled (sizes, time, validation AUC)."""
     cfg = cfg or ORMConfig()
     train = train or ORMTraining()
-    y = np.array(labels, dtype=bool)
-    if y.all() or not y.any():
-        raise DataError(f"all {len(y)} graded completions are {'correct' if y.all() else 'wrong'}; a verifier needs both kinds to learn from")
+    y = check_labels(labels)
     torch.manual_seed(train.seed)
     orm = OutcomeRewardModel(backbone, tokenizer, cfg).to(next(backbone.parameters()).device)
     for p in orm.backbone.parameters():
@@ -484,11 +491,15 @@ class ProcessRewardModel:
     def from_pretrained(cls, name_or_dir: str, aggregation: str = "min", device=None, dtype=None, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..models.teacher import hub_kwargs
+
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        hub = {} if Path(name_or_dir).exists() else hub_kwargs(name_or_dir, "PRM")  # offline and not cached: fail at once
         try:
-            tok = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code, **hub)
+            model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                         **hub)
         except OSError as e:
             raise CheckpointError(f"PRM {name_or_dir}: could not load ({str(e).splitlines()[0][:200]}); check the path or hub id (network?)") from None
         return cls(model.to(device), tok, aggregation)

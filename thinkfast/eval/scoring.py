@@ -14,7 +14,8 @@ from pathlib import Path
 from ..errors import DataError, ThinkfastError
 from ..utils import atomic_write_text, progress_bar
 from .grading import DEFAULT_TIMEOUT, grade_many
-from .reward import ORM_CONFIG, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, load_backbone, train_orm
+from .reward import (ORM_CONFIG, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, check_labels, load_backbone,
+                     train_orm)
 from .samples import Sample, read_samples, read_samples_file
 
 
@@ -47,6 +48,7 @@ def train_reward_model(samples_paths, backbone: str, out_dir, data=None, orm: OR
     graded = [s for s in sset.samples if s.correct is not None]
     if not graded:
         raise DataError("no graded samples (every `correct` is null); run `thinkfast score` without a reward model to grade them first")
+    check_labels([bool(s.correct) for s in graded])  # before the backbone loads (tens of seconds)
     questions = load_questions(data) if data else None
     qs = questions_for(graded, questions)
     cfg = orm or ORMConfig()

@@ -3,6 +3,7 @@ or a thinkfast checkpoint whose layers are all attention (the embedded teacher).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -90,32 +91,71 @@ def _is_gguf(spec: str) -> bool:
     return spec.lower().endswith(".gguf")
 
 
-def _read_config_json(folder: Path) -> dict:
+def _read_config_json(folder: Path, role: str = "teacher") -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json; point --teacher at an HF checkpoint folder, a .gguf file or a hub id")
+        raise CheckpointError(f"{role} {folder}: no config.json; point it at an HF checkpoint folder, a .gguf file or a hub id")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}); re-download or re-save the checkpoint") from None
 
 
-def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device=None):
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick request to the hub, no retries (asked once per process)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # no DNS, refused, timed out, a proxy that says no: all mean "offline" here
+        return False
+    return True
+
+
+def hub_kwargs(spec: str, role: str = "teacher") -> dict:
+    """from_pretrained kwargs for a name that is not a local path, read as a hub id.
+
+    {} when the hub answers; {"local_files_only": True} when it does not but the id is in the local Hugging Face
+    cache; otherwise CheckpointError at once, where from_pretrained would retry a dead connection for ~30 s."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except ValueError:  # HFValidationError: e.g. spaces, or more than owner/name
+        raise CheckpointError(f"{role} {spec}: no such folder or file, and not a hub id (owner/name); check the path") from None
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    elif hub_reachable():
+        return {}
+    else:
+        why = f"{constants.ENDPOINT} cannot be reached"
+    if cached:
+        return {"local_files_only": True}
+    raise CheckpointError(f"{role} {spec}: no such folder or file, and no hub model of that name in the local cache "
+                          f"({why}); give a checkpoint folder or .gguf file, or download the model while online")
+
+
+def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device=None,
+                 role: str = "teacher"):
     """Returns (model, tokenizer or None). The model is an HF LlamaForCausalLM, or a ThinkfastForCausalLM
-    for a thinkfast all-attention checkpoint. Weights load from safetensors; remote code only when asked."""
+    for a thinkfast all-attention checkpoint. Weights load from safetensors; remote code only when asked.
+    `role` names the model in error messages as the user gave it (teacher, --model, --student, backbone ...)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .hf import ThinkfastForCausalLM
 
     spec = str(spec)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    hub: dict = {}
     path = Path(spec)
     if _is_gguf(spec):
         if not path.is_file():
-            raise CheckpointError(f"teacher GGUF file {spec} does not exist")
+            raise CheckpointError(f"{role} {spec}: no such GGUF file; check the path")
         folder, load_kwargs = str(path.parent), dict(kwargs, gguf_file=path.name)
     elif path.is_dir():
-        raw = _read_config_json(path)
+        raw = _read_config_json(path, role)
         if raw.get("model_type") not in LLAMA_TYPES + ("thinkfast",):
             raise ConfigError(
                 f"{path}/config.json: model_type {raw.get('model_type')!r} is not Llama-family; thinkfast distils "
@@ -129,28 +169,29 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, tr
             )
         folder, load_kwargs = str(path), dict(kwargs, use_safetensors=True)
     elif path.exists() or spec.startswith((".", "/")):
-        raise CheckpointError(f"teacher {spec}: not a checkpoint folder or a .gguf file")
-    else:
-        folder, load_kwargs = spec, dict(kwargs, use_safetensors=True)  # hub id
+        raise CheckpointError(f"{role} {spec}: not a checkpoint folder or a .gguf file")
+    else:  # a hub id
+        hub = hub_kwargs(spec, role)
+        folder, load_kwargs = spec, dict(kwargs, use_safetensors=True, **hub)
 
     try:
         if not _is_gguf(spec):
-            hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **hub)
             if hf_cfg.model_type == "thinkfast":
-                model = ThinkfastForCausalLM.from_pretrained(folder, dtype=dtype)
+                model = ThinkfastForCausalLM.from_pretrained(folder, dtype=dtype, **hub)
                 if model.config.role != "teacher":
-                    raise ConfigError(f"{spec}: a thinkfast {model.config.role} student, not an all-attention teacher")
-                return _placed(model, device), _load_tokenizer(folder, {})
+                    raise ConfigError(f"{role} {spec}: a thinkfast {model.config.role} student, not an all-attention teacher")
+                return _placed(model, device), _load_tokenizer(folder, hub)
             model_config_from_hf(hf_cfg, where=str(spec))
         model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
     except (ConfigError, CheckpointError):
         raise
     except OSError as e:
-        raise CheckpointError(f"teacher {spec}: could not load ({_first_line(e)}); check the path or hub id (no network here?)") from None
+        raise CheckpointError(f"{role} {spec}: could not load ({_first_line(e)}); check the path or hub id") from None
     except Exception as e:  # truncated safetensors, shape mismatches, GGUF parse errors
-        raise CheckpointError(f"teacher {spec}: weights could not be read ({_first_line(e)}); re-download or re-save them") from None
+        raise CheckpointError(f"{role} {spec}: weights could not be read ({_first_line(e)}); re-download or re-save them") from None
     model_config_from_hf(model.config, where=str(spec))
-    tok_kwargs = {"gguf_file": path.name} if _is_gguf(spec) else {}
+    tok_kwargs = {"gguf_file": path.name} if _is_gguf(spec) else hub
     return _placed(model.eval(), device), _load_tokenizer(folder, tok_kwargs)
 
 
@@ -165,7 +206,7 @@ def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, 
 
     path = Path(spec)
     cfg_file = path / "config.json"
-    if path.is_dir() and cfg_file.is_file() and _read_config_json(path).get("model_type") == "thinkfast":
+    if path.is_dir() and cfg_file.is_file() and _read_config_json(path, where).get("model_type") == "thinkfast":
         if not list(path.glob("*.safetensors")):
             raise CheckpointError(f"{where} {spec}: no *.safetensors weights; save the model with save_pretrained()")
         try:
@@ -181,7 +222,7 @@ def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         raise CheckpointError(f"{where} {spec}: no config.json; point it at a save_pretrained() folder or a .gguf file")
     if not path.exists() and str(spec).startswith((".", "/", "~")):  # a local path, not a hub id
         raise CheckpointError(f"{where} {spec}: no such folder or file; check the path (a save_pretrained() folder or a .gguf file)")
-    teacher, tok = load_teacher(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    teacher, tok = load_teacher(spec, dtype=dtype, trust_remote_code=trust_remote_code, role=where)
     model = teacher if isinstance(teacher, ThinkfastForCausalLM) else from_teacher(teacher, kind="teacher")
     return _placed(model.eval(), device), tok
 
