@@ -62,7 +62,7 @@ def test_sft_command_and_flag_overrides_recipe(files, good_run, tmp_path):
     out = tmp_path / "sft"
     rc = main(["sft", "--model", str(good_run), "--recipe", str(recipe), "--data",
                f"jsonl:{files}/chain.jsonl?solution=solution", "--tokens", "128", "--lr", "1e-3", "--seq-len", "64",
-               "--no-progress", "--out", str(out)])
+               "--instruction", "none", "--no-progress", "--out", str(out)])  # a bare prompt leaves room for the solution
     assert rc == 0
     run = json.loads((out / "run.json").read_text())
     train = run["stages"][0]["train"]
@@ -136,15 +136,23 @@ def test_nan_from_the_cli_is_one_line(files, tmp_path, capsys):
 def test_cut_examples_are_warned_once_and_each_stage_says_what_it_trains(files, tmp_path, capsys, caplog):
     spec = f"jsonl:{files}/chain.jsonl?solution=solution"
     with caplog.at_level("WARNING"):
-        rc = main(_args(files, tmp_path / "run", "--stages", "kd,sft", "--tokens", "200,128", "--seq-len", "16"))
+        rc = main(_args(files, tmp_path / "run", "--stages", "kd,sft", "--tokens", "200,128", "--seq-len", "32"))
     assert rc == 0
     cut = [r.getMessage() for r in caplog.records if "are cut" in r.getMessage()]
     # kd and sft share the source and the row length: one line naming both (it was printed once per stage)
-    assert len(cut) == 1 and cut[0].startswith(f"kd, sft: {spec}: 30 of 30 examples are longer than seq_len 16"), cut
+    assert len(cut) == 1 and cut[0].startswith(f"kd, sft: {spec}: 30 of 30 examples are longer than seq_len 32"), cut
     err = capsys.readouterr().err.splitlines()
-    # 200 tokens do not fill a whole 7th step of 2 x 16: the run says it trains 192
-    assert "kd: 200 tokens -> 6 steps of 32 tokens (192 trained)" in err, err
-    assert "sft: 128 tokens -> 4 steps of 32 tokens (128 trained)" in err, err
+    # 200 tokens do not fill a whole 4th step of 2 x 32: the run says it trains 192
+    assert "kd: 200 tokens -> 3 steps of 64 tokens (192 trained)" in err, err
+    assert "sft: 128 tokens -> 2 steps of 64 tokens (128 trained)" in err, err
+
+
+def test_sft_whose_prompts_fill_every_row_is_refused_before_training(files, tmp_path, capsys):
+    # at 16 tokens every row is prompt: SFT would report loss 0 over steps that train nothing
+    out = tmp_path / "run"
+    _fails(capsys, _args(files, out, "--stages", "sft", "--tokens", "128", "--seq-len", "16"),
+           "no example has a solution token within seq_len 16")
+    assert not (out / "run.json").exists()  # nothing written: the corrected command starts without --resume
 
 
 def test_shipped_recipes_parse():

@@ -191,7 +191,7 @@ def _bench_command(args) -> str:
     parts = ["thinkfast bench", f"--preset {args.preset}"]
     for kind, value in args.checkpoints or []:
         parts.append(f"--{kind} {shlex.quote(value)}")
-    for flag in ("configs", "models", "device", "threads", "repeats", "json"):
+    for flag in ("configs", "models", "device", "threads", "repeats", "out", "json"):
         value = getattr(args, flag)
         if value:
             parts.append(f"--{flag} {shlex.quote(str(value))}")

@@ -370,6 +370,11 @@ class _DataSource:
                         cut.setdefault((rows.name, rows.seq_len, rows.n_truncated), (rows, []))[1].append(stage.label)
         for rows, labels in cut.values():
             warn_cut_examples(rows, ", ".join(labels))
+        for stage in stages:  # prompts that fill every row leave SFT no target: refuse rather than train on nothing
+            mix = self.built[id(stage)]
+            if stage.kind == "sft" and not any(bool((rows.targets != IGNORE).any()) for rows in mix.sources):
+                raise ConfigError(f"{stage.label}: no example has a solution token within seq_len {stage.train.seq_len} "
+                                  "(the prompts fill the rows); raise --seq-len")
 
     def for_stage(self, stage: StageConfig, warn: bool = True) -> DataMix:
         if id(stage) in self.built:
