@@ -491,3 +491,18 @@ def test_the_progress_bar_ends_on_the_summary_rate(setup, tmp_path, monkeypatch,
     assert main(_with(args, "--max-new-tokens", "40")) == 0
     rate = re.search(r"\(([\d,]+) tok/s engine\)", capsys.readouterr().out).group(1)
     assert shown and shown[-1] == f"{rate} tok/s engine"
+
+
+def test_ignore_eos_is_part_of_the_configuration():
+    """Samples drawn past their end of turn (benchmarks) are other samples: never resumed into a normal file."""
+    from thinkfast.data import Problem
+    from thinkfast.data.prompts import PromptStyle
+    from thinkfast.embedded import TINY_TEACHER
+    from thinkfast.engine.run import sample_config
+    from thinkfast.engine.samples_file import config_hash, explain_difference
+
+    problems = [Problem(id="p0", question="Calculate 1 + 2.", answer="3", kind="number")]
+    plain, forced = (sample_config(str(TINY_TEACHER), problems, 2, SamplingParams(ignore_eos=flag), 0, PromptStyle())
+                     for flag in (False, True))
+    assert config_hash(plain) != config_hash(forced)
+    assert explain_difference(forced, plain) == "ignore_eos true here, false in the file"

@@ -142,6 +142,7 @@ def sample_config(model_spec: str, problems: list[Problem], n: int, params: Samp
         "model": model_fingerprint(model_spec), "data": problems_fingerprint(problems), "n": n,
         "temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(params.top_k),
         "min_p": float(params.min_p), "max_new_tokens": int(params.max_new_tokens), "stop": list(params.stop),
+        "ignore_eos": bool(params.ignore_eos),  # samples that run past their end are other samples
         "prompt": {"instruction": style.instruction, "system": style.system, "chat": style.chat,
                    "few_shot": [p.id for p in few_shot],
                    # the examples' text is in every prompt: an edited example is another configuration
