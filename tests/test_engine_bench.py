@@ -124,7 +124,7 @@ def test_bad_checkpoint_arguments_are_one_line_and_leave_results_alone(tmp_path,
     assert "'teacher-hf'" in refused("--model", str(teacher_dir), "--model", str(student_dir), "--name", "teacher-hf")
     assert "no such folder or file" in refused("--model", str(tmp_path / "missing"))
     (tmp_path / "notes").mkdir()
-    assert "not a checkpoint (no config.json)" in refused("--model", str(tmp_path / "notes"))
+    assert "no config.json" in refused("--model", str(tmp_path / "notes"))
     assert "1000 positions" in refused("--model", str(teacher_dir), "--configs", "1x500x500")
     assert "after the --model it names" in refused("--name", "x", "--model", str(teacher_dir))
     assert "--models picks among the preset's" in refused("--model", str(teacher_dir), "--models", "teacher")

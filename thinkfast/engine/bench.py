@@ -136,39 +136,11 @@ def probe_checkpoint(spec: str, name: str | None = None) -> Checkpoint:
     .gguf file, hub id) from its config alone, refusing in one line what that loader would refuse."""
     from transformers import AutoConfig
 
-    from ..models.teacher import LLAMA_TYPES, model_config_from_hf
+    from ..models.teacher import checkpoint_source, model_config_from_hf
 
     spec = str(spec)
     where = f"--model {spec}"
-    path = Path(spec)
-    kwargs = {}
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise CheckpointError(f"{where}: no such .gguf file; check the path")
-        source, kwargs = str(path.parent), {"gguf_file": path.name}
-    elif path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise CheckpointError(f"{where}: not a checkpoint (no config.json); point it at a save_pretrained() folder, "
-                                  "an HF Llama folder, a .gguf file or a hub id")
-        try:
-            model_type = json.loads(cfg_file.read_text()).get("model_type")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise CheckpointError(f"{where}: config.json is not a JSON object; re-save the checkpoint") from None
-        if model_type not in LLAMA_TYPES + ("thinkfast",):
-            raise ConfigError(f"{where}: model_type {model_type!r} is neither a thinkfast checkpoint nor Llama-family")
-        if not list(path.glob("*.safetensors")):
-            raise CheckpointError(f"{where}: no *.safetensors weights; save the model with save_pretrained()")
-        source = str(path)
-    elif path.exists():
-        raise CheckpointError(f"{where}: not a checkpoint folder or a .gguf file")
-    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or (path.parent.is_dir() and str(path.parent) != "."):
-        # a local path (a hub id is NAME or ORG/NAME, and ORG is no folder here), not one to look up online
-        raise CheckpointError(f"{where}: no such folder or file; check the path")
-    else:  # a hub id: from the local cache when the hub cannot be reached, else one line at once
-        from ..models.teacher import hub_kwargs
-
-        source, kwargs = spec, hub_kwargs(spec, "--model")
+    source, kwargs = checkpoint_source(spec, "--model")
     try:
         cfg = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as e:  # unreadable config, gguf parse errors, a hub id without network

@@ -137,6 +137,36 @@ def hub_kwargs(spec: str, role: str = "teacher") -> dict:
                           f"({why}); give a checkpoint folder or .gguf file, or download the model while online")
 
 
+def checkpoint_source(spec: str, role: str = "teacher") -> tuple[str, dict]:
+    """Where `from_pretrained` reads a teacher-like spec (HF or thinkfast folder, .gguf file, hub id), and the
+    extra kwargs it needs there (`gguf_file`, or the offline hub's `local_files_only`). Checks everything that
+    needs no weights read, so a typo is one line before anything loads."""
+    path = Path(spec)
+    if _is_gguf(spec):
+        if not path.is_file():
+            raise CheckpointError(f"{role} {spec}: no such GGUF file; check the path")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        raw = _read_config_json(path, role)
+        if raw.get("model_type") not in LLAMA_TYPES + ("thinkfast",):
+            raise ConfigError(
+                f"{path}/config.json: model_type {raw.get('model_type')!r} is not Llama-family; thinkfast distils "
+                "Llama-architecture teachers (model_type 'llama')"
+            )
+        if not list(path.glob("*.safetensors")):
+            raise CheckpointError(
+                f"{path}: no *.safetensors weights; thinkfast loads safetensors only (re-save the model with "
+                "save_pretrained(safe_serialization=True))"
+            )
+        return str(path), {}
+    if path.exists():
+        raise CheckpointError(f"{role} {spec}: not a checkpoint folder or a .gguf file")
+    # a hub id is NAME or OWNER/NAME, and OWNER is no folder here: anything else is a local path that is missing
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or (str(path.parent) != "." and path.parent.is_dir()):
+        raise CheckpointError(f"{role} {spec}: no such folder or file; check the path")
+    return spec, hub_kwargs(spec, role)
+
+
 def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device=None,
                  role: str = "teacher"):
     """Returns (model, tokenizer or None). The model is an HF LlamaForCausalLM, or a ThinkfastForCausalLM
@@ -147,35 +177,15 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, tr
     from .hf import ThinkfastForCausalLM
 
     spec = str(spec)
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
-    hub: dict = {}
-    path = Path(spec)
-    if _is_gguf(spec):
-        if not path.is_file():
-            raise CheckpointError(f"{role} {spec}: no such GGUF file; check the path")
-        folder, load_kwargs = str(path.parent), dict(kwargs, gguf_file=path.name)
-    elif path.is_dir():
-        raw = _read_config_json(path, role)
-        if raw.get("model_type") not in LLAMA_TYPES + ("thinkfast",):
-            raise ConfigError(
-                f"{path}/config.json: model_type {raw.get('model_type')!r} is not Llama-family; thinkfast distils "
-                "Llama-architecture teachers (model_type 'llama')"
-            )
-        weights = list(path.glob("*.safetensors"))
-        if not weights:
-            raise CheckpointError(
-                f"{path}: no *.safetensors weights; thinkfast loads safetensors only (re-save the teacher with "
-                "save_pretrained(safe_serialization=True))"
-            )
-        folder, load_kwargs = str(path), dict(kwargs, use_safetensors=True)
-    elif path.exists() or spec.startswith((".", "/")):
-        raise CheckpointError(f"{role} {spec}: not a checkpoint folder or a .gguf file")
-    else:  # a hub id
-        hub = hub_kwargs(spec, role)
-        folder, load_kwargs = spec, dict(kwargs, use_safetensors=True, **hub)
+    folder, extra = checkpoint_source(spec, role)
+    gguf = "gguf_file" in extra
+    hub = {} if gguf else extra  # offline: read the hub id from the local cache
+    load_kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    if not gguf:
+        load_kwargs["use_safetensors"] = True
 
     try:
-        if not _is_gguf(spec):
+        if not gguf:
             hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **hub)
             if hf_cfg.model_type == "thinkfast":
                 model = ThinkfastForCausalLM.from_pretrained(folder, dtype=dtype, **hub)
@@ -191,8 +201,7 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, tr
     except Exception as e:  # truncated safetensors, shape mismatches, GGUF parse errors
         raise CheckpointError(f"{role} {spec}: weights could not be read ({_first_line(e)}); re-download or re-save them") from None
     model_config_from_hf(model.config, where=str(spec))
-    tok_kwargs = {"gguf_file": path.name} if _is_gguf(spec) else hub
-    return _placed(model.eval(), device), _load_tokenizer(folder, tok_kwargs)
+    return _placed(model.eval(), device), _load_tokenizer(folder, extra)
 
 
 def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None, where: str = "--model",
@@ -218,10 +227,6 @@ def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         except Exception:
             tok = None
         return _placed(model.eval(), device), tok
-    if path.is_dir() and not cfg_file.is_file():
-        raise CheckpointError(f"{where} {spec}: no config.json; point it at a save_pretrained() folder or a .gguf file")
-    if not path.exists() and str(spec).startswith((".", "/", "~")):  # a local path, not a hub id
-        raise CheckpointError(f"{where} {spec}: no such folder or file; check the path (a save_pretrained() folder or a .gguf file)")
     teacher, tok = load_teacher(spec, dtype=dtype, trust_remote_code=trust_remote_code, role=where)
     model = teacher if isinstance(teacher, ThinkfastForCausalLM) else from_teacher(teacher, kind="teacher")
     return _placed(model.eval(), device), tok
