@@ -191,3 +191,22 @@ def test_a_cached_hub_id_loads_offline(tmp_path, offline_empty_cache):
     assert hub_kwargs("org/tiny", "--model") == {"local_files_only": True}
     model, tok = load_thinkfast("org/tiny", where="--model")
     assert model.config.role == "teacher" and tok is not None
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--grad-clip", "-1"], "grad_clip=-1.0 must be a finite number >= 0"),
+    (["--warmup", "nan"], "warmup=nan must be a finite number >= 0"),
+    (["--decay", "1.5"], "decay=1.5 must be between 0 and 1"),
+    (["--min-lr-ratio", "-0.1"], "min_lr_ratio=-0.1 must be between 0 and 1"),
+    (["--weight-decay", "inf"], "weight_decay=inf must be a finite number >= 0"),
+    (["--seed", "-3"], "seed=-3 must be >= 0"),
+    (["--temperature", "nan"], "temperature nan must be a finite number > 0"),
+    (["--ce-weight", "nan"], "ce_weight nan must be a finite number >= 0"),
+    (["--tokens-per-chunk", "0"], "chunk_tokens=0 must be at least 1"),
+])
+def test_training_settings_out_of_range_are_refused_before_any_model_loads(tmp_path, capsys, flags, needle):
+    # "t" is no model: reaching the loader would fail with another message
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", "t", "--stages", "kd", "--tokens", "8", *flags, "--out", str(out)]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -75,10 +76,12 @@ class StageConfig:
         bad = [g for g in self.freeze if g not in FREEZE_GROUPS]
         if bad:
             raise ConfigError(f"{where}: cannot freeze {bad}; groups are {', '.join(FREEZE_GROUPS)}")
-        if self.temperature <= 0:
-            raise ConfigError(f"{where}: temperature {self.temperature} must be positive")
-        if self.ce_weight < 0:
-            raise ConfigError(f"{where}: ce_weight {self.ce_weight} must be >= 0")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"{where}: temperature {self.temperature} must be a finite number > 0")
+        if not (self.ce_weight >= 0 and math.isfinite(self.ce_weight)):
+            raise ConfigError(f"{where}: ce_weight {self.ce_weight} must be a finite number >= 0")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            raise ConfigError(f"{where}: chunk_tokens={self.chunk_tokens} must be at least 1 (--tokens-per-chunk)")
         if student_cfg is not None and self.kind in ("matrix", "hidden"):
             mamba = set(student_cfg.mamba_layers)
             if not mamba:

@@ -82,6 +82,19 @@ class TrainConfig:
             raise ConfigError(f"{where}: precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if self.ckpt_every < 0:
             raise ConfigError(f"{where}: ckpt_every={self.ckpt_every} must be >= 0")
+        if self.seed < 0:
+            raise ConfigError(f"{where}: seed={self.seed} must be >= 0")
+        # nan passes every `< 0` test, so each check states what a valid value satisfies
+        for name in ("min_lr_ratio", "decay"):
+            if not (0 <= getattr(self, name) <= 1):
+                raise ConfigError(f"{where}: {name}={getattr(self, name)} must be between 0 and 1")
+        for name in ("beta1", "beta2"):
+            if not (0 <= getattr(self, name) < 1):
+                raise ConfigError(f"{where}: {name}={getattr(self, name)} must be at least 0 and below 1")
+        for name in ("warmup", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{where}: {name}={value} must be a finite number >= 0")
 
     @property
     def total_steps(self) -> int:
