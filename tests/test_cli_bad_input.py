@@ -93,8 +93,9 @@ def test_numeric_flags_of_report_score_and_train_rm_refuse_nonsense(tmp_path, ca
     samples = _write(tmp_path / "s.jsonl", [_record("p1", j) for j in range(2)])
     before = samples.read_bytes()
     rep = ["report", str(samples), "--out", str(tmp_path / "rep")]
-    for flag, value in (("--wall-seconds", "-5"), ("--wall-seconds", "0"), ("--wall-seconds", "nan")):
+    for flag, value in (("--wall-seconds", "-5"), ("--wall-seconds", "0")):
         _argparse_refuses(capsys, rep + [flag, value], f"argument {flag}: {value} must be a number above 0")
+    _argparse_refuses(capsys, rep + ["--wall-seconds", "nan"], "argument --wall-seconds: nan is not a finite number")
     _argparse_refuses(capsys, rep + ["--seed", "-1"], "argument --seed: -1 must be 0 or more")  # numpy refuses it later
     _argparse_refuses(capsys, ["score", str(samples), "--grade-timeout", "-1"], "argument --grade-timeout: -1 must be a number above 0")
     _argparse_refuses(capsys, ["score", str(samples), "--grade-timeout", "soon"], "argument --grade-timeout: 'soon' is not a number")
@@ -209,4 +210,13 @@ def test_training_settings_out_of_range_are_refused_before_any_model_loads(tmp_p
     out = tmp_path / "run"
     assert main(["distill", "--teacher", "t", "--stages", "kd", "--tokens", "8", *flags, "--out", str(out)]) == 2
     _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value, needle", [("nan", "nan is not a finite number"), ("-1", "-1 must be 0 or more"),
+                                           ("hot", "'hot' is not a number")])
+def test_demo_temperature_is_checked_before_the_run_records_it(tmp_path, capsys, value, needle):
+    # a recorded nan would fail only at the sampling step, and every later run in that folder would be refused
+    out = tmp_path / "demo"
+    _argparse_refuses(capsys, ["demo", "--quick", "--out", str(out), "--temperature", value], f"argument --temperature: {needle}")
     assert not out.exists()

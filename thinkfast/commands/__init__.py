@@ -27,12 +27,27 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "0 or more")
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
+def _finite_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(v) and v > 0):  # nan and inf parse as floats but mean nothing as seconds or rates
+    if not math.isfinite(v):  # nan and inf parse as floats but mean nothing as seconds, rates or temperatures
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    v = _finite_float(text)
+    if v <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be a number above 0")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a sampling temperature: 0 is greedy)."""
+    v = _finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
     return v

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import positive_int
+from . import non_negative_float, positive_int
 
 
 def add_parsers(sub) -> None:
@@ -22,7 +22,7 @@ def add_parsers(sub) -> None:
     d.add_argument("--teacher", help="a thinkfast all-attention teacher folder instead of the embedded one (e.g. from train-teacher)")
     d.add_argument("--problems", type=positive_int, help="held-out problems (default 40; --quick 4)")
     d.add_argument("--n", type=positive_int, help="samples per problem and model (default 32; --quick 4)")
-    d.add_argument("--temperature", type=float, help="sampling temperature (default 1.3)")
+    d.add_argument("--temperature", type=non_negative_float, help="sampling temperature (default 1.3; 0: greedy)")
     d.add_argument("--batch-size", type=positive_int, help="engine slots (default 256)")
     d.add_argument("--threads", type=positive_int, help="torch CPU threads (default: all cores)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -63,8 +63,6 @@ def run_demo_command(args) -> int:
 
     _threads(args.threads)
     _quiet_hf()
-    if args.temperature is not None and args.temperature < 0:
-        raise ConfigError(f"--temperature {args.temperature}: use 0 (greedy) or more")
     from ..utils import check_out_path
 
     check_out_path(args.out)
