@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 DIGITS = 10
-KEYS = "abcdefgh"
+MAX_TERMS = 8  # key tokens 10-17 (letters a-h) sit below the punctuation ids; indices 1-8 are digit tokens
 KEY0, HASH, COLON, SEMI, PLUS, Q, NEWLINE = 10, 18, 19, 20, 21, 22, 23
 VOCAB = 32
 
@@ -138,6 +138,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/recall_probe-latest")
     args = ap.parse_args()
+    if not 1 <= args.terms <= MAX_TERMS:
+        ap.error(f"--terms {args.terms}: use 1 to {MAX_TERMS} (one key token per term)")
     specs = args.runs.split(",")
     for s in specs:
         arch, _, style = s.partition(":")
