@@ -54,6 +54,14 @@ def test_jsonl_field_mapping(tmp_path):
     probs = load_problems(f"jsonl:{path}?question=q&answer=a&solution=work&id=uid&kind=number")
     assert [(p.id, p.question, p.answer, p.kind, p.solution) for p in probs] == [
         ("a1", "What is 2+2?", "4", "number", "2+2=4"), ("b2", "1+1?", "2", "number", "1+1=2")]
+    assert all(p.meta == {} for p in probs)  # every field was mapped
+
+
+def test_jsonl_keeps_its_other_plain_fields_for_reports(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "2", "level": 3, "topic": "sums", "steps": [1, 2]}) + "\n")
+    (p,) = load_problems(f"jsonl:{path}")
+    assert p.meta == {"level": 3, "topic": "sums"}  # a list is no group label
 
 
 def test_reasoning_gym_spec_is_deterministic():

@@ -48,6 +48,12 @@ def test_quick_demo_writes_the_report_contract(quick_demo):
         assert (quick_demo / png).stat().st_size > 1000
     report = (quick_demo / "report.md").read_text()
     assert "DID NOT HOLD" in report or "held" in report
+    # accuracy by the held-out sums' number of terms, the same problems as the whole table
+    assert m["by_group"]["field"] == "terms" and "## By terms" in report
+    for name in ROLES:
+        groups = m["by_group"]["models"][name]
+        assert sum(g["problems"] for g in groups.values()) == len(load_problems(m["dataset"]))
+        assert all(2 <= int(terms) <= 8 for terms in groups)
     # a verifier needs right and wrong training completions; --quick's few may hold only one kind
     assert ("Best-of-4 with the reward model" in report) == bool(m["models"]["teacher"]["bon_at_k"])
     assert ("no reward model" in report) != bool(m["models"]["teacher"]["bon_at_k"])

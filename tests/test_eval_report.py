@@ -158,3 +158,58 @@ def test_a_tie_at_a_budget_is_reported_as_a_tie(tmp_path):
     make_samples(tmp_path / "c.jsonl", "c", "llamba", 0.0, 0.1, n=4, problems=3)
     m = build_report([tmp_path / "a.jsonl", tmp_path / "c.jsonl"], tmp_path / "rep2", plots=False)
     assert all(r["winner"] == "a" and r["tied"] == [] for r in m["budgets"]["pass_at_k"])
+
+
+# ------------------------------------------------------------------------------------------ by group
+
+
+def write_levels(path, problems=12, skip=()):
+    """A jsonl data file for make_samples' problems: ids gsm8k_test:P, a `level` field (P % 3) except for `skip`."""
+    rows = []
+    for p in range(problems):
+        row = {"id": f"gsm8k_test:{p}", "question": f"q{p}", "answer": str(7 * p)}
+        if p not in skip:
+            row["level"] = f"Level {p % 3 + 1}"
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"jsonl:{path}?id=id&kind=gsm8k"
+
+
+def test_report_breaks_accuracy_down_by_a_field_of_the_problems(runs, tmp_path):
+    spec = write_levels(tmp_path / "problems.jsonl")
+    m = build_report(runs, tmp_path / "r", dataset=spec, group_by="level", plots=False, n_subsets=32, n_boot=20)
+    assert m["by_group"]["field"] == "level"
+    rows = [json.loads(line) for line in runs[1].read_text().splitlines()]
+    for level in (1, 2, 3):
+        got = m["by_group"]["models"]["llamba"][f"Level {level}"]
+        mine = [r for r in rows if int(r["problem_id"].split(":")[1]) % 3 == level - 1]
+        assert got["problems"] == 4
+        assert got["pass_at_1"] == pytest.approx(np.mean([r["correct"] for r in mine]))
+        solved = {r["problem_id"] for r in mine if r["correct"]}
+        assert got["pass_at_8"] == pytest.approx(len(solved) / 4)
+        assert 0 <= got["maj_at_8"] <= got["pass_at_8"]
+    # the groups' problem-weighted mean is the whole set's pass@1
+    whole = sum(g["pass_at_1"] * g["problems"] for g in m["by_group"]["models"]["llamba"].values()) / 12
+    assert whole == pytest.approx(m["models"]["llamba"]["pass_at_k"]["1"])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## By level" in md and "| Level 2 | 4 |" in md and "llamba pass@1" in md
+
+
+def test_problems_without_the_field_form_their_own_group(runs, tmp_path):
+    spec = write_levels(tmp_path / "problems.jsonl", skip=(0, 1))
+    m = build_report(runs, tmp_path / "r", dataset=spec, group_by="level", plots=False, n_subsets=8, n_boot=10)
+    groups = m["by_group"]["models"]["teacher"]
+    assert groups["(none)"]["problems"] == 2 and sum(g["problems"] for g in groups.values()) == 12
+    assert any("2 problem(s) of the data have no 'level'" in n for n in m["notes"])
+
+
+def test_grouping_errors_are_one_line(runs, tmp_path, capsys):
+    spec = write_levels(tmp_path / "problems.jsonl")
+    with pytest.raises(DataError, match=r"no problem of .* has a field 'subject' to group by \(fields: level\)"):
+        build_report(runs, tmp_path / "r", dataset=spec, group_by="subject", plots=False)
+    assert cli(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--no-plots", "--by", "level"]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset SPEC" in err and len(err.strip().splitlines()) == 1
+    assert cli(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--no-plots", "--dataset", spec, "--by", "level",
+                "--subsets", "8", "--bootstrap", "10"]) == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["by_group"]["field"] == "level"

@@ -358,7 +358,8 @@ class Demo:
         notes = summary_notes(metrics, claims, wall)
         if self.state.get("reward_note"):
             notes.append(self.state["reward_note"] + ".")
-        metrics = build_report(paths, self.out, dataset=self.dataset_spec, wall_seconds=wall, summary_notes=notes, title=title)
+        metrics = build_report(paths, self.out, dataset=self.dataset_spec, wall_seconds=wall, summary_notes=notes, title=title,
+                               group_by="terms")
         metrics["claims"] = claims
         metrics["demo"] = {"settings": dataclasses.asdict(self.s), "step_seconds": self.state["step_seconds"],
                            "models": {m: str(self.model_dir(m)) for m in MODELS}}

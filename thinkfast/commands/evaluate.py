@@ -74,6 +74,8 @@ def add_parsers(sub) -> None:
     p.add_argument("samples", nargs="+", metavar="RUN.jsonl", help="samples files (one or more models)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (report.md, metrics.json, *.png)")
     p.add_argument("--dataset", metavar="SPEC", help="data spec of the problems, recorded in the report")
+    p.add_argument("--by", metavar="FIELD", help="also break accuracy down by this field of the problems in --dataset "
+                   "(MATH: level or subject; the demo's held-out sums: terms or digits; any jsonl field)")
     p.add_argument("--ks", type=_ks, metavar="K,K,...", help="k values (default: 1, 2, 4, ..., n)")
     p.add_argument("--max-k", type=_positive_int, help="leave out k above this")
     p.add_argument("--subsets", type=_positive_int, default=256, help="random subsets per k for maj@k and BoN@k (default: 256)")
@@ -141,7 +143,8 @@ def cmd_report(args) -> int:
     check_out_path(args.out)
     metrics = build_report(args.samples, args.out, dataset=args.dataset, wall_seconds=args.wall_seconds, ks=args.ks, max_k=args.max_k,
                            n_subsets=args.subsets, n_boot=args.bootstrap, seed=args.seed, allow_mixed_hardware=args.allow_mixed_hardware,
-                           skip_bad_lines=args.skip_bad_lines, common_problems=not args.all_problems, plots=not args.no_plots)
+                           skip_bad_lines=args.skip_bad_lines, common_problems=not args.all_problems, plots=not args.no_plots,
+                           group_by=args.by)
     for name, e in metrics["models"].items():
         k0, n = str(e["ks"][0]), str(e["ks"][-1])
         print(f"{name}: pass@{k0} {e['pass_at_k'][k0]:.3f}  pass@{n} {e['pass_at_k'][n]:.3f}  maj@{n} {e['maj_at_k'][n]:.3f}  "

@@ -176,7 +176,9 @@ def _jsonl(s: DataSpec) -> list[Problem]:
     for n, row in enumerate(_read_jsonl(s), 1):
         pid = str(row[idf]) if idf and idf in row else f"{stem}:{n - 1}"
         solution = CALCULATOR_MARK.sub("", row[sol]) if sol and row.get(sol) else None
-        out.append(Problem(pid, str(_field(row, q, s, n)), str(_field(row, a, s, n)), kind, solution))
+        # the row's other plain fields (a difficulty level, a topic) stay with the problem: reports group by them
+        meta = {k: v for k, v in row.items() if k not in (q, a, sol, idf) and isinstance(v, (str, int, float, bool))}
+        out.append(Problem(pid, str(_field(row, q, s, n)), str(_field(row, a, s, n)), kind, solution, meta))
     return out
 
 

@@ -55,8 +55,10 @@ def _kmap(ks, values) -> dict[str, float]:
 
 
 def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | None = None, n_subsets: int = DEFAULT_SUBSETS,
-                    n_boot: int = 1000, seed: int = 0, allow_mixed_hardware: bool = False, common_problems: bool = True) -> dict:
-    """The metrics.json content (without plots): per model curves, CIs, timing, Pareto fronts, budget tables."""
+                    n_boot: int = 1000, seed: int = 0, allow_mixed_hardware: bool = False, common_problems: bool = True,
+                    groups: ProblemGroups | None = None) -> dict:
+    """The metrics.json content (without plots): per model curves, CIs, timing, Pareto fronts, budget tables, and,
+    with `groups`, each model's pass@1, pass@n and maj@n per group of problems (`by_group`)."""
     by_model = sset.by_model()
     notes: list[str] = []
     if sset.bad:
@@ -79,6 +81,7 @@ def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | N
         notes.append("samples come from different hardware (allowed by flag): the seconds axes are not comparable")
 
     models: dict[str, dict] = {}
+    group_rows: dict[str, dict] = {}
     for model, problems in by_model.items():
         pids = [p for p in (problem_ids if common_problems else problems) if p in problems]
         counts = [len(problems[p]) for p in pids]
@@ -122,6 +125,8 @@ def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | N
             accuracy=float(np.mean([s.correct is True for s in used])),  # mean over all samples (= pass@1)
         )
         models[model] = entry
+        if groups is not None:
+            group_rows[model] = _group_means(groups, list(chosen), curves, use_ks)
 
     metrics = [m for m in METRICS if any(e[m] is not None for e in models.values())]
     pareto, budgets = {}, {}
@@ -130,9 +135,64 @@ def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | N
                   for m in models if models[m][name] is not None for k in models[m]["ks"]]
         pareto[name] = [{"model": m, "k": k, "seconds": s, "value": v} for s, v, m, k in pareto_front(points)]
         budgets[name] = _budget_table(models, name)
-    return {"hardware": hardware, "n_problems": len(problem_ids), "models": models, "pareto": pareto, "budgets": budgets,
-            "settings": {"n_subsets": n_subsets, "bootstrap": n_boot, "ci_level": CI_LEVEL, "seed": seed,
-                         "common_problems": common_problems}, "notes": notes}
+    out = {"hardware": hardware, "n_problems": len(problem_ids), "models": models, "pareto": pareto, "budgets": budgets,
+           "settings": {"n_subsets": n_subsets, "bootstrap": n_boot, "ci_level": CI_LEVEL, "seed": seed,
+                        "common_problems": common_problems}, "notes": notes}
+    if groups is not None:
+        out["by_group"] = {"field": groups.field, "models": group_rows}
+        if groups.missing:
+            notes.append(f"{groups.missing} problem(s) of the data have no {groups.field!r}; they form the group {NO_GROUP!r}")
+    return out
+
+
+NO_GROUP = "(none)"
+
+
+class ProblemGroups:
+    """Problem id -> the value of one of its fields (MATH `level`, a reasoning-gym sum's `num_terms`...), read from
+    the data spec the samples were drawn from: the report breaks each model's accuracy down by it."""
+
+    def __init__(self, field: str, labels: dict[str, str], missing: int = 0):
+        self.field, self.labels, self.missing = field, labels, missing
+
+    @classmethod
+    def from_spec(cls, spec: str, field: str) -> "ProblemGroups":
+        from ..data import load_problems
+
+        problems = load_problems(spec)
+        labels = {p.id: str(p.meta[field]) for p in problems if p.meta.get(field) is not None}
+        if not labels:
+            fields = sorted({k for p in problems for k, v in p.meta.items() if isinstance(v, (str, int, float, bool))})
+            raise DataError(f"no problem of {spec!r} has a field {field!r} to group by"
+                            + (f" (fields: {', '.join(fields)})" if fields else " (its problems carry no fields besides question and answer)"))
+        return cls(field, labels, len(problems) - len(labels))
+
+    def label(self, pid: str) -> str:
+        return self.labels.get(pid, NO_GROUP)
+
+
+def _group_sort_key(label: str):
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def _group_means(groups: ProblemGroups, pids: list[str], curves: dict, ks: list[int]) -> dict:
+    """Per group: problems, and the mean over its problems of pass@k at the first and last k and maj@k at the last."""
+    by: dict[str, list[int]] = {}
+    for i, pid in enumerate(pids):
+        by.setdefault(groups.label(pid), []).append(i)
+    first, last = str(ks[0]), str(ks[-1])
+    out = {}
+    for label in sorted(by, key=_group_sort_key):
+        idx = by[label]
+        row = {"problems": len(idx), f"pass_at_{first}": float(curves["pass_at_k"]["per_problem"][idx, 0].mean()),
+               f"pass_at_{last}": float(curves["pass_at_k"]["per_problem"][idx, -1].mean())}
+        if "maj_at_k" in curves:
+            row[f"maj_at_{last}"] = float(curves["maj_at_k"]["per_problem"][idx, -1].mean())
+        out[label] = row
+    return out
 
 
 def _budget_table(models: dict, name: str) -> list[dict]:
@@ -289,6 +349,21 @@ def write_plots(metrics: dict, out_dir: Path, title: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------- markdown
 
 
+def _group_table(by_group: dict) -> list[str]:
+    models = by_group["models"]
+    labels = list(dict.fromkeys(label for rows in models.values() for label in rows))
+    cols = [(m, key) for m, rows in models.items() for key in next(iter(rows.values()), {}) if key != "problems"]
+    out = [f"## By {by_group['field']}", "",
+           "Means over each group's problems (a group of a few problems moves by a whole problem's share).", "",
+           f"| {by_group['field']} | problems | " + " | ".join(f"{m} {key.replace('_at_', '@')}" for m, key in cols) + " |",
+           "|---|---|" + "---|" * len(cols)]
+    for label in labels:
+        n = next(rows[label]["problems"] for rows in models.values() if label in rows)
+        cells = [_fmt(models[m][label][key]) if label in models[m] else "–" for m, key in cols]
+        out.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
     models = metrics["models"]
     out = ["# Inference scaling report", ""]
@@ -313,6 +388,9 @@ def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
                    f"{_fmt(e['tokens_per_second'], 1)} | {_fmt(e['mean_gen_tokens'], 1)} | {cell('pass_at_k', '1')} | {cell('pass_at_k', last)} | "
                    f"{cell('maj_at_k', last)} | {cell('bon_at_k', last)} | {cell('weighted_bon_at_k', last)} | {e['ungraded']} | {e['no_answer']} |")
     out.append("")
+
+    if metrics.get("by_group"):
+        out += _group_table(metrics["by_group"])
 
     pct = int(round(100 * metrics["settings"]["ci_level"]))
     for name in METRICS:
@@ -362,14 +440,21 @@ def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
 def build_report(samples_paths, out_dir, dataset: str | None = None, wall_seconds: float | None = None,
                  summary_notes: str | list[str] | None = None, *, ks: list[int] | None = None, max_k: int | None = None,
                  n_subsets: int = DEFAULT_SUBSETS, n_boot: int = 1000, seed: int = 0, allow_mixed_hardware: bool = False,
-                 skip_bad_lines: bool = False, common_problems: bool = True, plots: bool = True, title: str | None = None) -> dict:
-    """Write report.md, metrics.json and PNG plots into `out_dir` (each file replaced atomically); return the metrics."""
+                 skip_bad_lines: bool = False, common_problems: bool = True, plots: bool = True, title: str | None = None,
+                 group_by: str | None = None) -> dict:
+    """Write report.md, metrics.json and PNG plots into `out_dir` (each file replaced atomically); return the metrics.
+    `group_by`: a field of the problems in `dataset` (a data spec) to break accuracy down by."""
     paths = [Path(p) for p in ([samples_paths] if isinstance(samples_paths, (str, Path)) else samples_paths)]
     sset = read_samples(paths, skip_bad_lines)
-    computed = compute_metrics(sset, ks, max_k, n_subsets, n_boot, seed, allow_mixed_hardware, common_problems)
     if dataset is None:
         specs = list(dict.fromkeys(s.record.get("dataset") for s in sset.samples if s.record.get("dataset")))
         dataset = specs[0] if len(specs) == 1 else (", ".join(specs) if specs else None)
+    groups = None
+    if group_by is not None:
+        if dataset is None:
+            raise DataError(f"grouping by {group_by!r} needs the problems' data spec: pass it with --dataset SPEC")
+        groups = ProblemGroups.from_spec(dataset, group_by)
+    computed = compute_metrics(sset, ks, max_k, n_subsets, n_boot, seed, allow_mixed_hardware, common_problems, groups)
     metrics = {"wall_seconds": wall_seconds, "dataset": dataset, **computed, "samples_files": [str(p) for p in paths]}
     if summary_notes:
         metrics["summary"] = summary_notes
