@@ -72,6 +72,31 @@ def test_sft_command_and_flag_overrides_recipe(files, good_run, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
+def test_students_learn_on_the_prompts_their_teacher_declares(files, tmp_path):
+    """No --instruction and none in the recipe: the teacher's declared prompt style (the embedded teacher's bare
+    question), not "auto", which would append an answer-format line the teacher never saw."""
+    from thinkfast.models import ThinkfastForCausalLM
+
+    teacher = ThinkfastForCausalLM.from_pretrained(files / "teacher")
+    teacher.config.prompt_style = {"instruction": "none"}
+    teacher.save_pretrained(tmp_path / "teacher")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "teacher" / f).write_bytes((files / "teacher" / f).read_bytes())
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('stages = ["sft"]\nseq_len = 64\nbatch_size = 2\n[sft]\ntokens = 128\ndata = ["jsonl:%s/chain.jsonl?solution=solution"]\n' % files)
+    runs = {}
+    for name, extra in (("declared", []), ("flag", ["--instruction", "Go."])):
+        out = tmp_path / name
+        assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--recipe", str(recipe), "--no-progress",
+                     "--out", str(out), *extra]) == 0
+        run = json.loads((out / "run.json").read_text())
+        runs[name] = [run["data"]["instruction"]] + [s["data"]["instruction"] for s in run["stages"] if s.get("data")]
+        assert json.loads((out / "config.json").read_text())["prompt_style"] == {"instruction": "none"}
+    assert runs == {"declared": ["none", "none"], "flag": ["Go.", "Go."]}
+    plan = make_plan({"stages": ["sft"], "tokens": 64}, {})
+    assert plan.data.instruction is None  # resolved against the teacher once it is loaded
+
+
 def _fails(capsys, argv, match, after=None):
     """Exit 2 with one error line (`after`: the one line expected before it, from a stage that started)."""
     capsys.readouterr()

@@ -37,8 +37,9 @@ def embedded_teacher_dir() -> Path:
     return TINY_TEACHER
 
 
-def build_teacher_model(architecture: dict, tokenizer, seed: int = 0):
-    """A randomly initialised all-attention ThinkfastForCausalLM of the recipe's [architecture]."""
+def build_teacher_model(architecture: dict, tokenizer, seed: int = 0, instruction: str = PROMPT_STYLE["instruction"]):
+    """A randomly initialised all-attention ThinkfastForCausalLM of the recipe's [architecture], declaring the prompt
+    instruction it will be trained with (students and `thinkfast sample` default to it)."""
     from .models import ModelConfig, ThinkfastConfig, ThinkfastForCausalLM
 
     arch = dict(architecture)
@@ -52,7 +53,7 @@ def build_teacher_model(architecture: dict, tokenizer, seed: int = 0):
     torch.manual_seed(seed)
     hf_cfg = ThinkfastConfig.from_model_config(
         cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, prompt_style=dict(PROMPT_STYLE),
+        pad_token_id=tokenizer.pad_token_id, prompt_style={**PROMPT_STYLE, "instruction": instruction},
     )
     return ThinkfastForCausalLM(hf_cfg)
 
@@ -73,6 +74,8 @@ def train_teacher(recipe: str = "tiny-teacher", out: str | os.PathLike = "tiny-t
         flags["tokens"] = tokens
     plan = make_plan(data, flags, command="sft")
     stage = plan.stages[0]
+    if plan.data.instruction is None:  # a recipe that sets none trains on the embedded models' bare question
+        plan.data.instruction = PROMPT_STYLE["instruction"]
     tokenizer = build_byte_tokenizer()
-    model = build_teacher_model(arch, tokenizer, seed=stage.train.seed)
+    model = build_teacher_model(arch, tokenizer, seed=stage.train.seed, instruction=plan.data.instruction)
     return sft(model, plan.data, stage.train, tokenizer=tokenizer, out_dir=out, resume=resume, progress=progress, name="teacher")

@@ -153,6 +153,7 @@ def _progress(args):
 
 
 def run_distill(args) -> int:
+    from ..distill.recipes import use_declared_instruction
     from ..distill.stages import distill
     from ..models import ThinkfastForCausalLM, from_teacher
 
@@ -165,6 +166,7 @@ def run_distill(args) -> int:
     teacher, tokenizer = _load_thinkfast_or_teacher(plan.teacher, _dtype(plan.teacher_dtype), "teacher")
     if isinstance(teacher, ThinkfastForCausalLM) and teacher.config.role != "teacher":
         raise ConfigError(f"--teacher {plan.teacher}: a thinkfast {teacher.config.role} model; the teacher needs attention in every layer")
+    use_declared_instruction(plan, teacher)
     tokenizer = _load_tokenizer(plan.tokenizer, tokenizer)
     if tokenizer is None:
         raise ConfigError(f"teacher {plan.teacher} has no tokenizer; pass --tokenizer DIR")
@@ -184,6 +186,7 @@ def run_distill(args) -> int:
 
 
 def run_sft(args) -> int:
+    from ..distill.recipes import use_declared_instruction
     from ..distill.stages import sft
 
     progress = _progress(args)
@@ -195,6 +198,7 @@ def run_sft(args) -> int:
     out = Path(args.out)
     _check_out(out, args.resume)
     model, tokenizer = _load_thinkfast_or_teacher(plan.model, _dtype("float32"), "model")
+    use_declared_instruction(plan, model)
     tokenizer = _load_tokenizer(plan.tokenizer, tokenizer)
     if tokenizer is None:
         raise ConfigError(f"model {plan.model} has no tokenizer; pass --tokenizer DIR")

@@ -50,7 +50,7 @@ class DataConfig:
     specs: list = field(default_factory=list)
     weights: list[float] | None = None  # relative, one per spec; default equal
     pack: bool = True
-    instruction: str = "auto"  # PromptStyle instruction: auto | boxed | hash | none | literal text
+    instruction: str | None = "auto"  # PromptStyle instruction: auto | boxed | hash | none | literal text (None: auto)
     chat: bool = True  # use the tokenizer's chat template when it has one
     train_prompt: bool = False  # also train next-token targets on prompt tokens (CE); KD stages choose separately
     seed: int = 0
@@ -309,11 +309,12 @@ def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = No
     if not cfg.specs:
         raise DataError("no data: give at least one --data spec (e.g. gsm8k:../shared/data/gsm8k_train.jsonl)")
     weights = _parse_weights(cfg.weights, len(cfg.specs))
-    style = PromptStyle(instruction=cfg.instruction, chat=cfg.chat)
+    instruction = cfg.instruction or "auto"  # None: a plan nobody resolved against its teacher (recipes.use_declared_instruction)
+    style = PromptStyle(instruction=instruction, chat=cfg.chat)
     pad = pad_id_of(tokenizer)
     sources = []
     for k, spec in enumerate(cfg.specs):
-        key = (spec if isinstance(spec, str) else id(spec), cfg.instruction, cfg.chat)
+        key = (spec if isinstance(spec, str) else id(spec), instruction, cfg.chat)
         if cache is not None and key in cache:
             examples = cache[key]
         else:

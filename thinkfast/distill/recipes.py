@@ -171,6 +171,17 @@ def _coerce(key: str, value, where: str):
     return value
 
 
+def use_declared_instruction(plan: "Plan", model) -> str:
+    """Fill the prompt instruction of every data config that neither a flag nor the recipe set with the one `model`
+    (the teacher, or the model `sft` trains) declares in its config (`prompt_style`), else "auto": a student
+    learns on the prompts its teacher was trained on, and inherits that declaration for `thinkfast sample`."""
+    declared = (getattr(getattr(model, "config", None), "prompt_style", None) or {}).get("instruction") or "auto"
+    for cfg in [plan.data] + [s.data for s in plan.stages if s.data is not None]:
+        if isinstance(cfg, DataConfig) and cfg.instruction is None:
+            cfg.instruction = declared
+    return declared
+
+
 def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Plan:
     """Merge a recipe (or None) with flag values (None = not given). `flags['tokens']` may be a per-stage list."""
     recipe = dict(recipe or {})
@@ -252,7 +263,7 @@ def _data_config(get, where) -> DataConfig:
         specs=list(specs),
         weights=get("data_weights"),
         pack=get("pack", True),
-        instruction=get("instruction", "auto"),
+        instruction=get("instruction"),  # None: the style the teacher declares (use_declared_instruction)
         chat=get("chat", True),
         train_prompt=get("train_prompt", False),
         seed=get("seed", 0),
