@@ -37,7 +37,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: checkpoints, train_log.jsonl, then the save_pretrained model")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (model, optimizer, schedule, RNG, data position)")
     p.add_argument("--tokenizer", help="tokenizer folder when the model has none")
-    p.add_argument("--instruction", help="prompt instruction: auto | boxed | hash | none | literal text")
+    p.add_argument("--instruction", help="prompt instruction: auto | boxed | hash | none | literal text (default: the "
+                   "recipe's, else the one the teacher (sft: the model) declares in its config.json, else auto)")
     p.add_argument("--no-chat", dest="chat", action="store_const", const=False, help="plain 'Question:/Answer:' prompts, no chat template")
     p.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="one example per row instead of packing several (the token budget then counts the examples' real tokens)")
     p.add_argument("--train-prompt", dest="train_prompt", action="store_const", const=True, help="CE also on prompt tokens")

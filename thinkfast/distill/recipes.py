@@ -171,7 +171,7 @@ def _coerce(key: str, value, where: str):
     return value
 
 
-def use_declared_instruction(plan: "Plan", model) -> str:
+def use_declared_instruction(plan: "Plan", model) -> None:
     """Fill the prompt instruction of every data config that neither a flag nor the recipe set with the one `model`
     (the teacher, or the model `sft` trains) declares in its config (`prompt_style`), else "auto": a student
     learns on the prompts its teacher was trained on, and inherits that declaration for `thinkfast sample`."""
@@ -179,7 +179,6 @@ def use_declared_instruction(plan: "Plan", model) -> str:
     for cfg in [plan.data] + [s.data for s in plan.stages if s.data is not None]:
         if isinstance(cfg, DataConfig) and cfg.instruction is None:
             cfg.instruction = declared
-    return declared
 
 
 def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Plan:
