@@ -3,7 +3,7 @@
 Takes a finished `thinkfast demo` folder and, for each setting `ROWSxLENGTH[u]:STAGE=TOKENS+STAGE=TOKENS...`
 (`u`: one whole example per row, unpacked, the budget counted in the examples' real tokens),
 distils the demo's hybrid (or, with --student llamba, its Llamba) again from its teacher (the hybrid's attention
-at the demo hybrid's layers; --d-state, --ssm-kv-heads and --ssm-param change the student's Mamba mixers; the demo's learning
+at the demo hybrid's layers; --d-state, --d-conv, --ssm-kv-heads and --ssm-param change the student's Mamba mixers; the demo's learning
 rates and schedules, `thinkfast.demo.distill_stages`), changing only the rows per optimizer step, the row length
 and the tokens of each stage (--worked left: the training sums' worked solutions in that style). Then it samples
 the first --problems held-out problems greedily, at temperature 1.0 (4 samples each) and at the demo's 1.3
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--student", choices=["hybrid", "llamba"], default="hybrid")
     ap.add_argument("--attn-layers", help="hybrid: comma-separated attention layers (default: the demo hybrid's)")
     ap.add_argument("--d-state", type=int, help="the student's SSM state size per head (default: the teacher's head size)")
+    ap.add_argument("--d-conv", type=int, help="the width of the student's causal conv (default 4, Mamba-2's)")
     ap.add_argument("--ssm-kv-heads", type=int, help="heads of x and B (default: the teacher's KV heads; its query heads: one each)")
     ap.add_argument("--ssm-param", choices=["discrete", "mamba2"],
                     help="the Mamba mixers' parameterisation (default: Llamba's discrete one for a llamba, Mamba-2's for a hybrid)")
@@ -146,7 +147,7 @@ def main() -> None:
         results = list(pool.map(run_setting, [str(demo)] * len(settings), settings, [args.problems] * len(settings),
                                 [str(work)] * len(settings), [args.student] * len(settings),
                                 [attn] * len(settings),
-                                [{"d_state": args.d_state, "ssm_kv_heads": args.ssm_kv_heads, "ssm_param": args.ssm_param}] * len(settings),
+                                [{"d_state": args.d_state, "d_conv": args.d_conv, "ssm_kv_heads": args.ssm_kv_heads, "ssm_param": args.ssm_param}] * len(settings),
                                 [args.worked] * len(settings)))
     from thinkfast.demo import DemoSettings
 
@@ -157,6 +158,7 @@ def main() -> None:
         f"Command: `python benchmarks/distill_recipe.py DEMO_DIR --student {args.student}"
         + (f" --attn-layers {args.attn_layers}" if args.attn_layers else "")
         + (f" --d-state {args.d_state}" if args.d_state else "")
+        + (f" --d-conv {args.d_conv}" if args.d_conv else "")
         + (f" --ssm-kv-heads {args.ssm_kv_heads}" if args.ssm_kv_heads else "")
         + (f" --ssm-param {args.ssm_param}" if args.ssm_param else "")
         + (f" --worked {args.worked}" if args.worked != "columns" else "")

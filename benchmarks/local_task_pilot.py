@@ -11,7 +11,8 @@ This writes train / distill / held-out jsonl files for tasks whose every step re
   count_bits  reasoning-gym `count_bits`, worked by halving the number line by line with a running count of odd
               values (numbers up to 2^10 ... 2^27).
 
-Held-out questions that also occur in the train or distill files are dropped, and at most 16 are kept per range.
+Held-out questions that also occur in the train or distill files are dropped, and at most --per-range (16) are
+kept per range. With --limit-all, --max-chars bounds every split, so held-out chains are no longer than training ones.
 
     python benchmarks/local_task_pilot.py --task gcd --out DIR
     # teacher: the tiny-teacher recipe with data = ["jsonl:DIR/train.jsonl?solution=solution&id=id"] and its tokens
@@ -109,15 +110,19 @@ def main():
     ap.add_argument("--distill", type=int, default=20_000)
     ap.add_argument("--heldout", type=int, default=400, help="drawn before dropping seen questions; 16 kept per range")
     ap.add_argument("--max-chars", type=int, default=1150, help="longest teacher-training example (question + solution)")
+    ap.add_argument("--limit-all", action="store_true",
+                    help="--max-chars also bounds the distillation and held-out examples: every split from one distribution")
+    ap.add_argument("--per-range", type=int, default=16, help="held-out problems kept per range")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train = make(args.task, 1000, args.train, args.max_chars)
-    distill = make(args.task, 200_000, args.distill, None)  # the students' rows hold 1,280 tokens
+    limit = args.max_chars if args.limit_all else None
+    distill = make(args.task, 200_000, args.distill, limit)  # the students' rows hold 1,280 tokens
     seen = {r["question"] for r in train + distill}
     per_range = defaultdict(list)
-    for r in make(args.task, 900_000, args.heldout, None):
-        if r["question"] not in seen and len(per_range[r["max"]]) < 16:
+    for r in make(args.task, 900_000, args.heldout, limit):
+        if r["question"] not in seen and len(per_range[r["max"]]) < args.per_range:
             per_range[r["max"]].append(r)
     heldout = [r for mx in sorted(per_range) for r in per_range[mx]]
     for name, rows in (("train", train), ("distill", distill), ("heldout", heldout)):

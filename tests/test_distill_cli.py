@@ -97,6 +97,20 @@ def test_students_learn_on_the_prompts_their_teacher_declares(files, tmp_path):
     assert plan.data.instruction is None  # resolved against the teacher once it is loaded
 
 
+def test_student_shape_from_flags_and_recipe(files, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('d_conv = 6\nd_state = 16\n')
+    out = tmp_path / "shaped"
+    assert main(_args(files, out, "--recipe", str(recipe), "--stages", "matrix", "--tokens", "128", "--d-conv", "9",
+                      "--ssm-kv-heads", "4")) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["d_conv"], cfg["d_state"], cfg["ssm_kv_heads"]) == (9, 16, 4)  # the flag wins over the recipe
+    from thinkfast.models import ThinkfastForCausalLM
+
+    mixer = ThinkfastForCausalLM.from_pretrained(out).lm.layers[0].mixer
+    assert mixer.conv1d.weight.shape[-1] == 9 and mixer.N == 16
+
+
 def _fails(capsys, argv, match, after=None):
     """Exit 2 with one error line (`after`: the one line expected before it, from a stage that started)."""
     capsys.readouterr()
@@ -141,8 +155,16 @@ def test_bad_input_one_line_and_checkpoints_untouched(files, good_run, tmp_path,
            "broken.jsonl:2: not valid JSON")
     _fails(capsys, _args(files, tmp_path / "f", "--stages", "kd,bogus", "--tokens", "256"), "unknown stage 'bogus'")
     _fails(capsys, _args(files, tmp_path / "g", "--stages", "kd", "--tokens", "256", "--resume"), "nothing to resume at")
+    # a student shape that cannot be built, or one given for a saved student
+    _fails(capsys, _args(files, tmp_path / "h", "--stages", "kd", "--tokens", "256", "--d-conv", "0"),
+           "d_conv='0' must be a whole number of at least 1")
+    _fails(capsys, _args(files, tmp_path / "h", "--stages", "kd", "--tokens", "256", "--d-state", "4"),
+           "below the teacher's head size 8")
+    _fails(capsys, _args(files, tmp_path / "h", "--stages", "kd", "--tokens", "256", "--ssm-kv-heads", "3"), "ssm_kv_heads")
+    _fails(capsys, _args(files, tmp_path / "h", "--student", str(good_run), "--stages", "kd", "--tokens", "256",
+                         "--d-conv", "8"), "a saved student keeps its shape; drop --d-conv")
     assert _snapshot(good_run) == before
-    for d in "abcdefg":  # nothing half-made either
+    for d in "abcdefgh":  # nothing half-made either
         assert not (tmp_path / d / "run.json").exists()
 
 

@@ -61,6 +61,11 @@ def add_parsers(sub) -> None:
     d.add_argument("--student", help="llamba | hybrid, or a saved thinkfast student folder to keep training (default llamba)")
     d.add_argument("--attn-layers", dest="attn_layers", metavar="I,J", help="hybrid: layers that keep attention (default: a quarter, spread)")
     d.add_argument("--ssm-param", dest="ssm_param", choices=["discrete", "mamba2"], help="SSM parameterisation (default: discrete for llamba, mamba2 for hybrid)")
+    d.add_argument("--d-conv", dest="d_conv", metavar="N", help="a new student's causal conv width (default 4)")
+    d.add_argument("--d-state", dest="d_state", metavar="N",
+                   help="a new student's SSM state size per head (default: the teacher's head size; larger keeps K and Q in the first dimensions)")
+    d.add_argument("--ssm-kv-heads", dest="ssm_kv_heads", metavar="N",
+                   help="a new student's heads of x and B: the teacher's KV heads (default) or its query heads")
     d.add_argument("--stages", metavar="S,S", help="comma list from matrix,hidden,kd,sft (e.g. matrix,hidden,kd)")
     d.add_argument("--layers", metavar="I,J", help="matrix/hidden: train only these Mamba layers")
     d.add_argument("--train-mlp", dest="train_mlp", action="store_const", const=True, help="hidden: MLPs train too")
@@ -86,7 +91,7 @@ def add_parsers(sub) -> None:
 
 
 FLAG_KEYS = ["data", "data_weights", "tokens", "tokenizer", "instruction", "chat", "pack", "train_prompt", "freeze",
-             "chunk_tokens", "teacher", "student", "attn_layers", "ssm_param", "stages", "layers", "train_mlp", "loss",
+             "chunk_tokens", "teacher", "student", "attn_layers", "ssm_param", "d_conv", "d_state", "ssm_kv_heads", "stages", "layers", "train_mlp", "loss",
              "ce_weight", "temperature", "positions", "teacher_dtype", "fsdp_teacher", "model"] + [k for _, k, _, _ in TRAIN_FLAGS]
 
 
@@ -154,7 +159,7 @@ def _progress(args):
 
 
 def run_distill(args) -> int:
-    from ..distill.recipes import use_declared_instruction
+    from ..distill.recipes import SHAPE_KEYS, use_declared_instruction
     from ..distill.stages import distill
     from ..models import ThinkfastForCausalLM, from_teacher
 
@@ -174,8 +179,13 @@ def run_distill(args) -> int:
     if plan.student in ("llamba", "hybrid"):
         if plan.student == "llamba" and plan.attn_layers:
             raise ConfigError("--attn-layers is for --student hybrid; a llamba student has no attention")
-        student = from_teacher(teacher, kind=plan.student, attn_layers=plan.attn_layers, ssm_param=plan.ssm_param)
+        shape = {k: getattr(plan, k) for k in SHAPE_KEYS if getattr(plan, k) is not None}
+        student = from_teacher(teacher, kind=plan.student, attn_layers=plan.attn_layers, ssm_param=plan.ssm_param, **shape)
     else:
+        given = [k for k in SHAPE_KEYS if getattr(plan, k) is not None]
+        if given:
+            raise ConfigError(f"--student {plan.student}: a saved student keeps its shape; drop "
+                              + ", ".join("--" + k.replace("_", "-") for k in given))
         student, _ = _load_thinkfast_or_teacher(plan.student, _dtype(plan.teacher_dtype), "student")
         if not isinstance(student, ThinkfastForCausalLM) or student.config.role == "teacher":
             raise ConfigError(f"--student {plan.student}: use llamba, hybrid, or a saved thinkfast student folder")

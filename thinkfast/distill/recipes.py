@@ -7,6 +7,9 @@ A stage's value comes from, in order: the command-line flag, the stage's table, 
     model = "runs/llamba"                            # sft: the model to fine-tune
     student = "llamba"                               # llamba | hybrid
     attn_layers = [3, 8]                             # hybrid: attention kept here
+    d_conv = 4                                       # the student's Mamba mixers: conv width, state size per
+    d_state = 64                                     # head (default the teacher's head size), heads of x and B
+    ssm_kv_heads = 8                                 # (default the teacher's KV heads)
     stages = ["matrix", "hidden", "kd"]
     data = ["gsm8k:../shared/data/gsm8k_train.jsonl"]
     data_weights = [1.0]
@@ -40,8 +43,9 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 STAGE_KEYS = {"layers", "train_mlp", "loss", "ce_weight", "temperature", "positions", "freeze", "chunk_tokens"}
 DATA_KEYS = {"data", "data_weights", "instruction", "chat", "pack", "train_prompt"}
+SHAPE_KEYS = ("d_state", "d_conv", "ssm_kv_heads")  # a new student's Mamba mixers (`from_teacher`)
 RUN_KEYS = {"teacher", "model", "student", "attn_layers", "ssm_param", "stages", "tokenizer", "fsdp_teacher",
-            "teacher_dtype", "description"}
+            "teacher_dtype", "description", *SHAPE_KEYS}
 TOP_KEYS = RUN_KEYS | TRAIN_KEYS | STAGE_KEYS | DATA_KEYS
 PER_STAGE_KEYS = TRAIN_KEYS | STAGE_KEYS | DATA_KEYS
 
@@ -135,6 +139,9 @@ class Plan:
     student: str = "llamba"
     attn_layers: list[int] | None = None
     ssm_param: str | None = None
+    d_state: int | None = None
+    d_conv: int | None = None
+    ssm_kv_heads: int | None = None
     tokenizer: str | None = None
     fsdp_teacher: bool = False
     teacher_dtype: str = "float32"
@@ -144,18 +151,24 @@ def _coerce(key: str, value, where: str):
     """Check and convert one setting from a recipe or a flag."""
     if value is None:
         return None
-    ints = {"tokens", "batch_size", "seq_len", "log_every", "ckpt_every", "seed", "chunk_tokens"}
+    ints = {"tokens", "batch_size", "seq_len", "log_every", "ckpt_every", "seed", "chunk_tokens", *SHAPE_KEYS}
     floats = {"lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "beta1", "beta2", "grad_clip", "ce_weight", "temperature"}
     try:
         if key == "tokens":
             return parse_count(value, f"{where}: tokens")
         if key == "micro_batch_size":
             return None if value in (0, "0") else int(value)
+        if key in SHAPE_KEYS:
+            if isinstance(value, bool) or int(value) != float(value) or int(value) < 1:
+                raise ValueError
+            return int(value)
         if key in ints:
             return int(value)
         if key in floats:
             return float(value)
     except (TypeError, ValueError):
+        if key in SHAPE_KEYS:
+            raise ConfigError(f"{where}: {key}={value!r} must be a whole number of at least 1") from None
         raise ConfigError(f"{where}: {key}={value!r} is not a number") from None
     if key in ("layers", "attn_layers"):
         return parse_int_list(value, f"{where}: {key}")
@@ -247,6 +260,7 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
         student=top("student", "llamba"),
         attn_layers=top("attn_layers"),
         ssm_param=top("ssm_param"),
+        **{k: top(k) for k in SHAPE_KEYS},
         tokenizer=top("tokenizer"),
         fsdp_teacher=bool(top("fsdp_teacher", False)),
         teacher_dtype=top("teacher_dtype", "float32"),

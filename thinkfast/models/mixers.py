@@ -293,7 +293,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt_raw = self._split(self.in_proj(x))
         if attention_mask is not None:
             xBC = xBC * attention_mask[..., None].to(xBC.dtype)
-        if cache is not None:
+        if cache is not None and self.cfg.d_conv > 1:  # a width-1 conv keeps no past inputs
             k = self.cfg.d_conv - 1
             tail = xBC[:, -k:].transpose(1, 2)
             cache.conv.zero_()
