@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from thinkfast.data import load_problems
 from thinkfast.data.tokenizer import build_byte_tokenizer
-from thinkfast.data.worked import sum_solution
+from thinkfast.data.worked import gcd_solution, sum_solution
 from thinkfast.distill.recipes import RECIPE_DIR
 from thinkfast.embedded import TEACHER_SPEC, TINY_TEACHER, train_teacher
 from thinkfast.eval.grading import grade
@@ -49,6 +49,43 @@ def test_rg_spec_worked_option_picks_the_style_and_refuses_unknown_ones():
     assert any("\nleft: " in q.solution for q in left) and not any("\nleft: " in q.solution for q in plain)
     with pytest.raises(DataError, match="worked='rows'"):
         load_problems(spec + "&worked=rows")
+
+
+@pytest.mark.parametrize("numbers", [[65, 18], [100, 60], [7, 7], [1, 300], [60, 100, 32], [1000, 1]])
+def test_gcd_solutions_are_true_subtractions_ending_in_the_gcd(numbers):
+    import math
+    import re
+
+    sol = gcd_solution(numbers)
+    g = math.gcd(*numbers)
+    assert sol.endswith(f"#### {g}") and grade(sol, str(g), "number") is True
+    lines = sol.splitlines()
+    for i, line in enumerate(lines):
+        if m := re.fullmatch(r"so (\d+) - (\d+) = (\d+)", line):
+            a, b, c = map(int, m.groups())
+            assert a - b == c and lines[i + 1] == f"gcd({max(b, c)}, {min(b, c)})"  # the next pair, nothing else
+        if m := re.search(r"borrow: (\d+)-(\d+)=(\d+), write (\d+)$", line):
+            x, y, d, w = map(int, m.groups())
+            assert x - y == d == w and 9 <= x <= 18  # a digit, less a borrow, plus ten
+    digits = {int(line.split("write ")[1][0]) for line in lines if "write" in line}
+    assert digits <= set(range(10))
+    assert gcd_solution([0, 5]) is None and gcd_solution([4]) is None
+
+
+def test_rg_gcd_spec_has_worked_solutions_and_max_chars_keeps_ids():
+    from thinkfast.data.sources import check_spec
+    from thinkfast.errors import DataError
+
+    spec = "rg:gcd?min_value=1&max_value=300&size=40&seed=3"
+    whole, short = load_problems(spec), load_problems(spec + "&max_chars=600")
+    assert all(p.solution and p.solution.endswith("#### " + p.answer) for p in whole)
+    assert 0 < len(short) < len(whole)  # some chains run longer than 600 characters, some do not
+    assert all(len(p.question) + len(p.solution) <= 600 for p in short)
+    by_id = {p.id: p for p in whole}
+    assert all(by_id[p.id].question == p.question for p in short)  # the same items, under the same ids
+    for bad, says in (("0", "max_chars=0 must be at least 1"), ("x", "max_chars='x' is not an integer")):
+        with pytest.raises(DataError, match=says):
+            check_spec(spec + f"&max_chars={bad}")
 
 
 def test_worked_solutions_are_hundreds_of_tokens():

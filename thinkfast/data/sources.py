@@ -4,7 +4,9 @@
   math:PATH                                  MATH jsonl (`problem`, `answer`, optional `solution`)
   jsonl:PATH?question=FIELD&answer=FIELD     any jsonl (`solution=FIELD`, `kind=number|gsm8k|math` optional)
   rg:NAME?size=N&seed=S&KEY=VALUE...         a reasoning-gym generator (extra keys go to its config; sums take
-                                             `worked=columns|left`, the style of their worked solutions)
+                                             `worked=columns|left`, the style of their worked solutions;
+                                             `max_chars=N` leaves out items whose question + worked solution
+                                             run longer; worked solutions: sums, gcd, and any `answer_cot`)
   hf:ID[:CONFIG]:SPLIT                       a Hugging Face dataset (needs `datasets` and the network)
   text:PATH                                  plain text (distillation data only; no answers)
 
@@ -25,7 +27,7 @@ from .worked import STYLES, worked_solution
 SCHEMES = ("gsm8k", "math", "jsonl", "rg", "hf", "text")
 GRADER_KINDS = ("gsm8k", "math", "number")
 CALCULATOR_MARK = re.compile(r"<<[^>]*>>")
-RG_RESERVED = {"offset", "limit", "kind", "worked"}  # rg options thinkfast reads; the rest go to the generator
+RG_RESERVED = {"offset", "limit", "kind", "worked", "max_chars"}  # rg options thinkfast reads; the rest go to the generator
 
 
 @dataclass
@@ -88,6 +90,7 @@ def check_spec(spec: str) -> DataSpec:
     if s.scheme == "rg":
         _rg_config(s)
         _worked_style(s)
+        s.int_param("max_chars", minimum=1)
     return s
 
 
@@ -270,10 +273,13 @@ def _reasoning_gym(s: DataSpec) -> list[Problem]:
     seed = s.params.get("seed", "0")
     kind = _kind(s, "number")
     style = _worked_style(s)
+    max_chars = s.int_param("max_chars", minimum=1)
     out = []
-    for i, item in enumerate(ds):
+    for i, item in enumerate(ds):  # ids keep the generator's index, so a filtered spec names the same items
         meta = dict(item.get("metadata", {}))
         solution = worked_solution(s.target, item, style)
+        if max_chars is not None and len(item["question"]) + len(solution or "") > max_chars:
+            continue
         out.append(Problem(f"{s.target}:{seed}:{i}", item["question"], str(item["answer"]), kind, solution, meta))
     return out
 

@@ -8,6 +8,9 @@ A sum is solved one term at a time, column by column with carries, the way a pup
     hundreds: carry 1, write 1
     so 47 + 77 = 124
 
+A GCD is found by Euclid's algorithm as repeated column subtraction (`gcd(65, 18)` / `65 - 18:` / `ones: 5-8,
+borrow: 15-8=7, write 7` / ... / `so 65 - 18 = 47` / `gcd(47, 18)` ... `#### 1`): only the current pair is live.
+
 Every token is a small local step, so a small model can learn it, and a chain of several terms runs to hundreds
 of characters: long enough that a Transformer's growing KV cache matters when sampling.
 
@@ -48,6 +51,45 @@ def column_addition(a: int, b: int) -> list[str]:
     return lines
 
 
+def column_subtraction(a: int, b: int) -> list[str]:
+    """`a - b` for a >= b >= 0, column by column with borrows; each line reads only digits just above it."""
+    lines = [f"{a} - {b}:"]
+    da, db = str(a)[::-1], str(b)[::-1]
+    borrow = 0
+    for i in range(len(da)):
+        x, y = int(da[i]), int(db[i]) if i < len(db) else 0
+        top = x - borrow
+        step = f"{x}-{borrow}" if borrow else f"{x}"
+        if top < y:
+            lines.append(f"{place_name(i)}: {step}-{y}, borrow: {top + 10}-{y}={top + 10 - y}, write {top + 10 - y}")
+            borrow = 1
+        else:
+            lines.append(f"{place_name(i)}: {step}-{y}={top - y}, write {top - y}")
+            borrow = 0
+    lines.append(f"so {a} - {b} = {a - b}")
+    return lines
+
+
+def gcd_solution(numbers: list[int]) -> str | None:
+    """Euclid's algorithm by repeated subtraction, ending in `#### gcd`: each block subtracts the smaller number of
+    the pair from the larger and writes the next pair, so only the pair is live (a third number joins when the
+    first pair is done). None unless every number is a positive integer."""
+    if len(numbers) < 2 or any(not isinstance(n, int) or n < 1 for n in numbers):
+        return None
+    g, lines = numbers[0], []
+    for n in numbers[1:]:
+        a, b = max(g, n), min(g, n)
+        lines.append(f"gcd({a}, {b})")
+        while a != b:
+            lines += column_subtraction(a, b)
+            a, b = max(b, a - b), min(b, a - b)
+            lines.append(f"gcd({a}, {b})")
+        g = a
+        lines.append(f"equal, so the GCD is {g}")
+    lines.append(f"#### {g}")
+    return "\n".join(lines)
+
+
 def sum_solution(expression: str, style: str = "columns") -> str | None:
     """Worked solution of `a + b + ...` (non-negative integers), ending in `#### total`; None for other expressions."""
     if style not in STYLES:
@@ -74,4 +116,6 @@ def worked_solution(generator: str, item: dict, style: str = "columns") -> str |
     expression = meta.get("expression")
     if generator in ("basic_arithmetic", "chain_sum") and expression:
         return sum_solution(expression, style)
+    if generator == "gcd" and meta.get("numbers"):
+        return gcd_solution(list(meta["numbers"]))
     return None
