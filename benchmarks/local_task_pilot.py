@@ -34,36 +34,7 @@ from pathlib import Path
 
 import reasoning_gym
 
-from thinkfast.data.worked import place_name
-
-
-def column_subtraction(a: int, b: int) -> list[str]:
-    lines = [f"{a} - {b}:"]
-    da, db = str(a)[::-1], str(b)[::-1]
-    borrow = 0
-    for i in range(len(da)):
-        x, y = int(da[i]), int(db[i]) if i < len(db) else 0
-        top = x - borrow
-        step = f"{x}-{borrow}" if borrow else f"{x}"
-        if top < y:
-            lines.append(f"{place_name(i)}: {step}-{y}, borrow: {top + 10}-{y}={top + 10 - y}, write {top + 10 - y}")
-            borrow = 1
-        else:
-            lines.append(f"{place_name(i)}: {step}-{y}={top - y}, write {top - y}")
-            borrow = 0
-    lines.append(f"so {a} - {b} = {a - b}")
-    return lines
-
-
-def gcd_solution(x: int, y: int) -> str:
-    a, b = max(x, y), min(x, y)
-    lines = [f"gcd({a}, {b})"]
-    while a != b:
-        lines += column_subtraction(a, b)
-        a, b = max(b, a - b), min(b, a - b)
-        lines.append(f"gcd({a}, {b})")
-    lines += [f"equal, so the GCD is {a}", f"#### {a}"]
-    return "\n".join(lines)
+from thinkfast.data.worked import gcd_solution
 
 
 def halving_solution(n: int) -> str:
@@ -78,7 +49,7 @@ def halving_solution(n: int) -> str:
 
 TASKS = {
     "gcd": ([50, 100, 200, 300], lambda mx: {"min_value": 1, "max_value": mx},
-            lambda item: gcd_solution(*item["metadata"]["numbers"])),
+            lambda item: gcd_solution(item["metadata"]["numbers"])),
     "count_bits": ([2**10, 2**16, 2**20, 2**24, 2**27], lambda mx: {"min_n": 1, "max_n": mx},
                    lambda item: halving_solution(item["metadata"]["number"])),
 }
