@@ -227,6 +227,14 @@ def test_shipped_recipes_parse():
     assert two.data.weights == [3.0, 1.0]
     # a caller's own table is passed through when named, refused otherwise
     assert load_recipe("tiny-teacher", extra_tables=("architecture",))["architecture"]["n_layers"] > 0
+    # the GCD pilot's teacher recipe (README): the embedded shape, every source a checked rg:gcd spec
+    gcd = load_recipe(str(Path(__file__).resolve().parent.parent / "benchmarks" / "gcd-teacher.toml"),
+                      extra_tables=("architecture",))
+    assert gcd.pop("architecture") == load_recipe("tiny-teacher", extra_tables=("architecture",))["architecture"]
+    from thinkfast.data.sources import check_spec
+
+    gcd_plan = make_plan(gcd, {}, command="sft")
+    assert len(gcd_plan.data.specs) == 4 and all(check_spec(x).target == "gcd" for x in gcd_plan.data.specs)
     with pytest.raises(ConfigError, match=r"unknown table \[architecture\]"):
         load_recipe("tiny-teacher")
 

@@ -67,6 +67,8 @@ def test_gcd_solutions_are_true_subtractions_ending_in_the_gcd(numbers):
         if m := re.search(r"borrow: (\d+)-(\d+)=(\d+), write (\d+)$", line):
             x, y, d, w = map(int, m.groups())
             assert x - y == d == w and 9 <= x <= 18  # a digit, less a borrow, plus ten
+    assert lines[:2] == [f"gcd({numbers[0]}, {numbers[1]})",  # the question's order first, then reordered
+                         f"larger first: gcd({max(numbers[:2])}, {min(numbers[:2])})"]
     digits = {int(line.split("write ")[1][0]) for line in lines if "write" in line}
     assert digits <= set(range(10))
     assert gcd_solution([0, 5]) is None and gcd_solution([4]) is None

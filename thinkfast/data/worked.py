@@ -8,8 +8,9 @@ A sum is solved one term at a time, column by column with carries, the way a pup
     hundreds: carry 1, write 1
     so 47 + 77 = 124
 
-A GCD is found by Euclid's algorithm as repeated column subtraction (`gcd(65, 18)` / `65 - 18:` / `ones: 5-8,
-borrow: 15-8=7, write 7` / ... / `so 65 - 18 = 47` / `gcd(47, 18)` ... `#### 1`): only the current pair is live.
+A GCD is found by Euclid's algorithm as repeated column subtraction (`gcd(18, 65)` / `larger first: gcd(65, 18)` /
+`65 - 18:` / `ones: 5-8, borrow: 15-8=7, write 7` / ... / `so 65 - 18 = 47` / `gcd(47, 18)` ... `#### 1`): only
+the current pair is live.
 
 Every token is a small local step, so a small model can learn it, and a chain of several terms runs to hundreds
 of characters: long enough that a Transformer's growing KV cache matters when sampling.
@@ -78,8 +79,10 @@ def gcd_solution(numbers: list[int]) -> str | None:
         return None
     g, lines = numbers[0], []
     for n in numbers[1:]:
+        # copy the pair as the question orders it, then reorder it on the next line: copying and comparing in one
+        # step from the question is where a pure Mamba student failed most (benchmarks/distill_recipe.md, run X)
         a, b = max(g, n), min(g, n)
-        lines.append(f"gcd({a}, {b})")
+        lines += [f"gcd({g}, {n})", f"larger first: gcd({a}, {b})"]
         while a != b:
             lines += column_subtraction(a, b)
             a, b = max(b, a - b), min(b, a - b)
