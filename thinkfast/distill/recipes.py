@@ -151,7 +151,7 @@ def _coerce(key: str, value, where: str):
     """Check and convert one setting from a recipe or a flag."""
     if value is None:
         return None
-    ints = {"tokens", "batch_size", "seq_len", "log_every", "ckpt_every", "seed", "chunk_tokens", *SHAPE_KEYS}
+    ints = {"tokens", "batch_size", "seq_len", "log_every", "ckpt_every", "seed", "chunk_tokens"}
     floats = {"lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "beta1", "beta2", "grad_clip", "ce_weight", "temperature"}
     try:
         if key == "tokens":
