@@ -35,7 +35,8 @@ def stage_ends(out: Path) -> tuple[dict, dict]:
     steps, loss = {}, {}
     for line in (out / "train_log.jsonl").read_text().splitlines():
         row = json.loads(line)
-        steps[row["stage"]], loss[row["stage"]] = row["step"], row["loss"]
+        if "eval_loss" not in row:  # held-out records carry eval_loss instead of loss
+            steps[row["stage"]], loss[row["stage"]] = row["step"], row["loss"]
     return steps, loss
 
 

@@ -147,6 +147,7 @@ def test_hybrid_keeps_attention_where_stage_two_was_hardest(tmp_path):
     log.parent.mkdir(parents=True)
     rows = [{"stage": "hidden", "step": 1, "layer0": 9.0, "layer1": 1.0, "layer2": 2.0, "layer3": 3.0},
             {"stage": "hidden", "step": 2, "layer0": 4.1, "layer1": 2.0, "layer2": 2.0, "layer3": 11.6},
+            {"stage": "hidden", "step": 2, "eval_loss": 5.0, "eval_layer0": 20.0, "eval_layer3": 1.0},  # held out
             {"stage": "kd", "step": 1, "loss": 0.5}]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert d.hybrid_attention_layers() == [3]  # the last stage-2 record, one layer in four

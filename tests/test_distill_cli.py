@@ -72,6 +72,15 @@ def test_sft_command_and_flag_overrides_recipe(files, good_run, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
+def test_length_grouped_one_example_rows_from_the_cli(files, tmp_path):
+    out = tmp_path / "grouped"
+    assert main(_args(files, out, "--stages", "sft", "--tokens", "2000", "--no-pack", "--group-by-length",
+                      "--batch-size", "4", "--seq-len", "256")) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["stages"][0]["train"]["batch_size"] == 4 and run["data"]["group_by_length"] is True
+    assert (out / "model.safetensors").is_file()
+
+
 def test_students_learn_on_the_prompts_their_teacher_declares(files, tmp_path):
     """No --instruction and none in the recipe: the teacher's declared prompt style (the embedded teacher's bare
     question), not "auto", which would append an answer-format line the teacher never saw."""
@@ -163,8 +172,11 @@ def test_bad_input_one_line_and_checkpoints_untouched(files, good_run, tmp_path,
     _fails(capsys, _args(files, tmp_path / "h", "--stages", "kd", "--tokens", "256", "--ssm-kv-heads", "3"), "ssm_kv_heads")
     _fails(capsys, _args(files, tmp_path / "h", "--student", str(good_run), "--stages", "kd", "--tokens", "256",
                          "--d-conv", "8"), "a saved student keeps its shape; drop --d-conv")
+    # grouping by length is for one-example rows
+    _fails(capsys, _args(files, tmp_path / "i", "--stages", "kd", "--tokens", "256", "--group-by-length"),
+           "group_by_length groups one-example rows")
     assert _snapshot(good_run) == before
-    for d in "abcdefgh":  # nothing half-made either
+    for d in "abcdefghi":  # nothing half-made either
         assert not (tmp_path / d / "run.json").exists()
 
 

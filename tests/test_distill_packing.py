@@ -136,3 +136,49 @@ def test_cut_examples_are_reported(tok, caplog):
     with caplog.at_level("WARNING"):
         build_data(DataConfig(specs=[problems], instruction="none", chat=False, pack=False), tok, 24)
     assert "are cut" in caplog.text and "raise --seq-len" in caplog.text
+
+
+def test_length_grouped_batches_pad_less_and_still_draw_every_example_once(tok):
+    # chain sums of 2-8 terms: one-example rows of many lengths
+    exs = [e for seed in range(6) for e in encode_problems(
+        chain_sum_problems(100, seed=seed, min_terms=2, max_terms=8), tok, PromptStyle(instruction="none", chat=False))]
+    rows = pack_examples(exs, max(len(e.ids) for e in exs), pad_id=0, pack=False)
+    n, B = len(rows), 8
+    assert n % B == 0
+
+    def epoch(mix):
+        batches = [mix.next_batch(B) for _ in range(n // B)]
+        padded = sum(b["input_ids"].numel() for b in batches)
+        real = sum(int(b["real"].sum()) for b in batches)
+        return batches, real / padded
+
+    plain_batches, plain_fill = epoch(DataMix([rows], seed=3))
+    grouped = DataMix([rows], seed=3, group=B)
+    grouped_batches, grouped_fill = epoch(grouped)
+    assert grouped_fill > 0.9 and grouped_fill > plain_fill + 0.15, (plain_fill, grouped_fill)
+    # the same rows, each once per epoch: grouping reorders, it does not resample
+    def drawn(batches):
+        return sorted(tuple(r[m].tolist()) for b in batches for r, m in zip(b["input_ids"], b["real"]))
+    assert drawn(grouped_batches) == drawn(plain_batches)
+    # batches are not served short to long: lengths within the first window come in shuffled order
+    widths = [b["input_ids"].shape[1] for b in grouped_batches[:64]]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+    # resumable, and a saved position is refused by a mix that groups otherwise
+    saved = json.loads(json.dumps(grouped.state_dict()))
+    expect = [grouped.next_batch(B) for _ in range(2)]
+    again = DataMix([rows], seed=3, group=B)
+    again.load_state_dict(saved)
+    for e in expect:
+        got = again.next_batch(B)
+        assert all(torch.equal(got[k], e[k]) for k in e)
+    from thinkfast.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="other data"):
+        DataMix([rows], seed=3).load_state_dict(saved)
+    # when an epoch is no whole number of batches, later epochs' batches still line up with the groups
+    odd = pack_examples(exs[:-3], rows.seq_len, pad_id=0, pack=False)
+    mix = DataMix([odd], seed=3, group=B)
+    batches = [mix.next_batch(B) for _ in range(3 * len(odd) // B)]
+    third = batches[2 * len(odd) // B + 1:]
+    fill = sum(int(b["real"].sum()) for b in third) / sum(b["input_ids"].numel() for b in third)
+    assert fill > 0.9, fill

@@ -266,7 +266,7 @@ class Demo:
         if log_path.is_file():
             for line in log_path.read_text().splitlines():
                 row = json.loads(line)
-                if row.get("stage") == "hidden":
+                if row.get("stage") == "hidden" and "eval_loss" not in row:  # a training record, not a held-out one
                     last = row
         if last is None:
             return None

@@ -74,8 +74,10 @@ def train_teacher(recipe: str = "tiny-teacher", out: str | os.PathLike = "tiny-t
         flags["tokens"] = tokens
     plan = make_plan(data, flags, command="sft")
     stage = plan.stages[0]
-    if plan.data.instruction is None:  # a recipe that sets none trains on the embedded models' bare question
-        plan.data.instruction = PROMPT_STYLE["instruction"]
+    for cfg in plan.data_configs():  # a recipe that sets none trains on the embedded models' bare question
+        if cfg.instruction is None:
+            cfg.instruction = PROMPT_STYLE["instruction"]
     tokenizer = build_byte_tokenizer()
     model = build_teacher_model(arch, tokenizer, seed=stage.train.seed, instruction=plan.data.instruction)
-    return sft(model, plan.data, stage.train, tokenizer=tokenizer, out_dir=out, resume=resume, progress=progress, name="teacher")
+    return sft(model, plan.data, stage.train, tokenizer=tokenizer, out_dir=out, resume=resume, progress=progress,
+               name="teacher", eval_data=plan.eval_data)

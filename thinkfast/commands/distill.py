@@ -22,6 +22,8 @@ TRAIN_FLAGS = [
     ("--grad-clip", "grad_clip", float, "gradient norm clip (0: off)"),
     ("--log-every", "log_every", int, "steps between log records"),
     ("--ckpt-every", "ckpt_every", int, "steps between checkpoints (0: only at the end of a stage)"),
+    ("--eval-every", "eval_every", int, "steps between held-out evaluations (0: only at the end of a stage; needs --eval-data)"),
+    ("--eval-rows", "eval_rows", int, "held-out rows each evaluation reads (default 64; the same rows every time)"),
     ("--seed", "seed", int, "seed for data order"),
     ("--precision", "precision", str, "auto (bf16 autocast on GPU) | fp32 | bf16"),
     ("--device", "device", str, "cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if present, else cpu)"),
@@ -33,6 +35,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", metavar="SPEC",
                    help="data spec (repeatable): gsm8k:PATH, math:PATH, jsonl:PATH?..., rg:NAME?size=N, text:PATH, hf:...")
     p.add_argument("--data-weights", metavar="W,W", help="mixing weights, one per --data (e.g. 0.7,0.3)")
+    p.add_argument("--eval-data", dest="eval_data", action="append", metavar="SPEC",
+                   help="held-out data spec (repeatable): each stage logs its loss on it (eval_loss in train_log.jsonl)")
     p.add_argument("--tokens", metavar="N[,N...]", help="token budget: one value for every stage, or one per stage (2M, 1.5B, 300000)")
     p.add_argument("--out", required=True, help="output folder: checkpoints, train_log.jsonl, then the save_pretrained model")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (model, optimizer, schedule, RNG, data position)")
@@ -41,6 +45,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "recipe's, else the one the teacher (sft: the model) declares in its config.json, else auto)")
     p.add_argument("--no-chat", dest="chat", action="store_const", const=False, help="plain 'Question:/Answer:' prompts, no chat template")
     p.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="one example per row instead of packing several (the token budget then counts the examples' real tokens)")
+    p.add_argument("--group-by-length", dest="group_by_length", action="store_const", const=True,
+                   help="with --no-pack and --batch-size > 1: batches of examples of similar length (less padding)")
     p.add_argument("--train-prompt", dest="train_prompt", action="store_const", const=True, help="CE also on prompt tokens")
     p.add_argument("--freeze", metavar="GROUPS", help="kd/sft: parameter groups kept frozen: embed,norm,mlp,attn,mamba")
     p.add_argument("--tokens-per-chunk", dest="chunk_tokens", type=int, help="positions per vocabulary chunk in KL/CE")
@@ -90,7 +96,7 @@ def add_parsers(sub) -> None:
     s.set_defaults(func=run_sft)
 
 
-FLAG_KEYS = ["data", "data_weights", "tokens", "tokenizer", "instruction", "chat", "pack", "train_prompt", "freeze",
+FLAG_KEYS = ["data", "data_weights", "eval_data", "group_by_length", "tokens", "tokenizer", "instruction", "chat", "pack", "train_prompt", "freeze",
              "chunk_tokens", "teacher", "student", "attn_layers", "ssm_param", "d_conv", "d_state", "ssm_kv_heads", "stages", "layers", "train_mlp", "loss",
              "ce_weight", "temperature", "positions", "teacher_dtype", "fsdp_teacher", "model"] + [k for _, k, _, _ in TRAIN_FLAGS]
 
@@ -115,7 +121,7 @@ def _check_specs(plan) -> None:
     """Every data spec's options, before a model loads (the data itself is read later, with the tokenizer)."""
     from ..data.sources import check_spec
 
-    for cfg in [plan.data] + [s.data for s in plan.stages if s.data is not None]:
+    for cfg in plan.data_configs():
         for spec in cfg.specs:
             if isinstance(spec, str):
                 check_spec(spec)
@@ -191,7 +197,7 @@ def run_distill(args) -> int:
             raise ConfigError(f"--student {plan.student}: use llamba, hybrid, or a saved thinkfast student folder")
     student.float()
     distill(teacher, student, plan.data, plan.stages, tokenizer=tokenizer, out_dir=out, resume=args.resume,
-            progress=progress, fsdp_teacher=plan.fsdp_teacher)
+            progress=progress, fsdp_teacher=plan.fsdp_teacher, eval_data=plan.eval_data)
     _report(out)
     return 0
 
@@ -215,7 +221,7 @@ def run_sft(args) -> int:
         raise ConfigError(f"model {plan.model} has no tokenizer; pass --tokenizer DIR")
     stage = plan.stages[0]
     sft(model.float(), stage.data or plan.data, stage.train, tokenizer=tokenizer, out_dir=out, resume=args.resume,
-        progress=progress, freeze=stage.freeze)
+        progress=progress, freeze=stage.freeze, eval_data=plan.eval_data)
     _report(out)
     return 0
 
@@ -234,7 +240,7 @@ def _report(out: Path) -> None:
 
     if not dist_info().main:
         return
-    last = {}
+    last, held = {}, {}
     log = out / "train_log.jsonl"
     if log.is_file():
         for line in log.read_text().splitlines():
@@ -242,9 +248,12 @@ def _report(out: Path) -> None:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            last[rec["stage"]] = rec
+            (held if "eval_loss" in rec else last)[rec["stage"]] = rec
     for stage, rec in last.items():
-        print(f"{stage}: step {rec['step']}, {rec['tokens']:,} tokens, loss {rec['loss']:.4g}", file=sys.stderr)
+        line = f"{stage}: step {rec['step']}, {rec['tokens']:,} tokens, loss {rec['loss']:.4g}"
+        if stage in held:
+            line += f", held-out loss {held[stage]['eval_loss']:.4g} (step {held[stage]['step']})"
+        print(line, file=sys.stderr)
     print(f"saved {out}")
 
 

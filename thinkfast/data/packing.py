@@ -54,6 +54,7 @@ class DataConfig:
     chat: bool = True  # use the tokenizer's chat template when it has one
     train_prompt: bool = False  # also train next-token targets on prompt tokens (CE); KD stages choose separately
     seed: int = 0
+    group_by_length: bool = False  # one-example rows: batches of rows of similar length (less padding)
 
     def describe(self) -> list[str]:
         return [s if isinstance(s, str) else f"<{len(s)} problems>" for s in self.specs]
@@ -201,16 +202,25 @@ def _parse_weights(weights, n: int) -> list[float]:
     return weights
 
 
-class DataMix:
-    """Weighted mixture of packed sources; batches are a pure function of (seed, state)."""
+GROUP_WINDOW = 64  # batches per window that group_by_length sorts: order stays random beyond a window
 
-    def __init__(self, sources: list[PackedRows], weights: list[float] | None = None, seed: int = 0):
+
+class DataMix:
+    """Weighted mixture of packed sources; batches are a pure function of (seed, state).
+
+    `group` > 1 (the rows of one batch) draws one-example rows in length-grouped order: each epoch's shuffled
+    order is cut into windows of GROUP_WINDOW batches, each window sorted by length into blocks of `group` rows,
+    and the blocks shuffled, so a batch from one source pads little and no window is ordered short to long.
+    """
+
+    def __init__(self, sources: list[PackedRows], weights: list[float] | None = None, seed: int = 0, group: int = 0):
         if not sources:
             raise DataError("no data: give at least one --data spec")
         self.sources = sources
         w = _parse_weights(weights, len(sources))
         self.weights = torch.tensor(w, dtype=torch.float64) / sum(w)
         self.seed = int(seed)
+        self.group = int(group)
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
         self.state = self.initial_state()
 
@@ -232,7 +242,12 @@ class DataMix:
             if len(self._perms) > 64:
                 self._perms.clear()
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + src * 7919 + epoch)
-            self._perms[key] = torch.randperm(len(self.sources[src]), generator=g)
+            perm = torch.randperm(len(self.sources[src]), generator=g)
+            if self.group > 1 and not self.sources[src].packed:
+                # blocks line up with batches of one source: the first rows finish the batch the last epoch began
+                head = (-epoch * len(perm)) % self.group
+                perm = torch.cat([perm[:head], _length_grouped(perm[head:], self.sources[src].real.sum(1), self.group, g)])
+            self._perms[key] = perm
         return self._perms[key]
 
     def next_batch(self, rows: int) -> dict[str, torch.Tensor]:
@@ -267,10 +282,11 @@ class DataMix:
 
     def state_dict(self) -> dict:
         return {"rows": self.state["rows"], "cursor": list(self.state["cursor"]), "seed": self.seed,
-                "sources": [len(s) for s in self.sources]}
+                "sources": [len(s) for s in self.sources], **({"group": self.group} if self.group > 1 else {})}
 
     def load_state_dict(self, d: dict) -> None:
-        if d.get("sources") != [len(s) for s in self.sources] or d.get("seed") != self.seed:
+        if (d.get("sources") != [len(s) for s in self.sources] or d.get("seed") != self.seed
+                or d.get("group", 0) != (self.group if self.group > 1 else 0)):
             from ..errors import CheckpointError
 
             raise CheckpointError(
@@ -285,6 +301,19 @@ class DataMix:
         return "; ".join(parts)
 
 
+def _length_grouped(perm: torch.Tensor, lengths: torch.Tensor, group: int, g: torch.Generator) -> torch.Tensor:
+    """`perm` reordered so that consecutive blocks of `group` rows have similar lengths (DataMix's `group`)."""
+    window = group * GROUP_WINDOW
+    out = []
+    for start in range(0, len(perm), window):
+        chunk = perm[start:start + window]
+        chunk = chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+        blocks = list(torch.split(chunk, group))
+        order = torch.randperm(len(blocks), generator=g).tolist()
+        out += [blocks[i] for i in order]
+    return torch.cat(out)
+
+
 def pad_id_of(tokenizer) -> int:
     for name in ("pad_token_id", "eos_token_id"):
         v = getattr(tokenizer, name, None)
@@ -293,16 +322,19 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-def warn_cut_examples(rows: PackedRows, where: str = "") -> None:
-    """One warning line for a source whose examples do not fit its rows (`where`: e.g. the stages using it)."""
-    log.warning("%s%s: %d of %d examples are longer than seq_len %d and are cut (their ends never trained); "
+def warn_cut_examples(rows: PackedRows, where: str = "", lost: str = "never trained") -> None:
+    """One warning line for a source whose examples do not fit its rows (`where`: e.g. the stages using it;
+    `lost`: what happens to the cut ends)."""
+    log.warning("%s%s: %d of %d examples are longer than seq_len %d and are cut (their ends %s); "
                 "raise --seq-len to keep them whole", f"{where}: " if where else "", rows.name, rows.n_truncated,
-                rows.n_examples, rows.seq_len)
+                rows.n_examples, rows.seq_len, lost)
 
 
-def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = None, warn_cut: bool = True) -> DataMix:
+def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = None, warn_cut: bool = True,
+               batch_size: int = 0) -> DataMix:
     """Load, tokenise and pack every spec of `cfg` at `seq_len`, mixed with its weights.
 
+    `batch_size`: the rows of one batch, which `cfg.group_by_length` groups one-example rows into.
     `cache` (optional dict) keeps tokenised examples across calls, so stages with other row lengths re-pack
     without re-reading or re-tokenising. `warn_cut`: log a warning when examples are longer than the rows.
     """
@@ -326,4 +358,4 @@ def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = No
         if rows.n_truncated and warn_cut:
             warn_cut_examples(rows)
         sources.append(rows)
-    return DataMix(sources, weights, cfg.seed)
+    return DataMix(sources, weights, cfg.seed, group=batch_size if cfg.group_by_length else 0)

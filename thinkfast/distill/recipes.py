@@ -13,6 +13,7 @@ A stage's value comes from, in order: the command-line flag, the stage's table, 
     stages = ["matrix", "hidden", "kd"]
     data = ["gsm8k:../shared/data/gsm8k_train.jsonl"]
     data_weights = [1.0]
+    eval_data = ["gsm8k:../shared/data/gsm8k_test.jsonl"]  # held-out loss per stage (eval_every, eval_rows)
     seq_len = 1024                                   # any TrainConfig field: tokens, lr, batch_size, ...
     [kd]
     tokens = 1_000_000
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..data.packing import DataConfig
@@ -42,10 +43,10 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 STAGE_KEYS = {"layers", "train_mlp", "loss", "ce_weight", "temperature", "positions", "freeze", "chunk_tokens"}
-DATA_KEYS = {"data", "data_weights", "instruction", "chat", "pack", "train_prompt"}
+DATA_KEYS = {"data", "data_weights", "instruction", "chat", "pack", "train_prompt", "group_by_length"}
 SHAPE_KEYS = ("d_state", "d_conv", "ssm_kv_heads")  # a new student's Mamba mixers (`from_teacher`)
 RUN_KEYS = {"teacher", "model", "student", "attn_layers", "ssm_param", "stages", "tokenizer", "fsdp_teacher",
-            "teacher_dtype", "description", *SHAPE_KEYS}
+            "teacher_dtype", "description", "eval_data", *SHAPE_KEYS}
 TOP_KEYS = RUN_KEYS | TRAIN_KEYS | STAGE_KEYS | DATA_KEYS
 PER_STAGE_KEYS = TRAIN_KEYS | STAGE_KEYS | DATA_KEYS
 
@@ -145,13 +146,19 @@ class Plan:
     tokenizer: str | None = None
     fsdp_teacher: bool = False
     teacher_dtype: str = "float32"
+    eval_data: DataConfig | None = None  # held-out examples: each stage logs its loss on them
+
+    def data_configs(self) -> list[DataConfig]:
+        """Every data config of the plan: the run's, the stages' own, the held-out one."""
+        return [self.data] + [s.data for s in self.stages if s.data is not None] + \
+            ([self.eval_data] if self.eval_data is not None else [])
 
 
 def _coerce(key: str, value, where: str):
     """Check and convert one setting from a recipe or a flag."""
     if value is None:
         return None
-    ints = {"tokens", "batch_size", "seq_len", "log_every", "ckpt_every", "seed", "chunk_tokens"}
+    ints = {"tokens", "batch_size", "seq_len", "log_every", "ckpt_every", "seed", "chunk_tokens", "eval_every", "eval_rows"}
     floats = {"lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "beta1", "beta2", "grad_clip", "ce_weight", "temperature"}
     try:
         if key == "tokens":
@@ -172,14 +179,14 @@ def _coerce(key: str, value, where: str):
         raise ConfigError(f"{where}: {key}={value!r} is not a number") from None
     if key in ("layers", "attn_layers"):
         return parse_int_list(value, f"{where}: {key}")
-    if key in ("freeze", "data"):
+    if key in ("freeze", "data", "eval_data"):
         return value if isinstance(value, list) else parse_list(value) if key == "freeze" else [value]
     if key == "data_weights":
         try:
             return [float(x) for x in (value if isinstance(value, list) else str(value).split(","))]
         except ValueError:
             raise ConfigError(f"{where}: data_weights {value!r} are not numbers (e.g. 0.7,0.3)") from None
-    if key in ("train_mlp", "chat", "pack", "train_prompt", "fsdp_teacher") and not isinstance(value, bool):
+    if key in ("train_mlp", "chat", "pack", "train_prompt", "fsdp_teacher", "group_by_length") and not isinstance(value, bool):
         raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     return value
 
@@ -189,7 +196,7 @@ def use_declared_instruction(plan: "Plan", model) -> None:
     (the teacher, or the model `sft` trains) declares in its config (`prompt_style`), else "auto": a student
     learns on the prompts its teacher was trained on, and inherits that declaration for `thinkfast sample`."""
     declared = (getattr(getattr(model, "config", None), "prompt_style", None) or {}).get("instruction") or "auto"
-    for cfg in [plan.data] + [s.data for s in plan.stages if s.data is not None]:
+    for cfg in plan.data_configs():
         if isinstance(cfg, DataConfig) and cfg.instruction is None:
             cfg.instruction = declared
 
@@ -265,6 +272,9 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
         fsdp_teacher=bool(top("fsdp_teacher", False)),
         teacher_dtype=top("teacher_dtype", "float32"),
     )
+    eval_specs = top("eval_data")
+    if eval_specs:  # read as the training data is read (prompt style, packing), without its mixing weights
+        plan.eval_data = replace(plan.data, specs=list(eval_specs), weights=None)
     for s in plan.stages:
         s.validate()
     return plan
@@ -272,6 +282,8 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
 
 def _data_config(get, where) -> DataConfig:
     specs = get("data") or []
+    if get("group_by_length", False) and get("pack", True):
+        raise ConfigError(f"{where}: group_by_length groups one-example rows; packed rows are all one length (add --no-pack or pack = false)")
     return DataConfig(
         specs=list(specs),
         weights=get("data_weights"),
@@ -280,4 +292,5 @@ def _data_config(get, where) -> DataConfig:
         chat=get("chat", True),
         train_prompt=get("train_prompt", False),
         seed=get("seed", 0),
+        group_by_length=get("group_by_length", False),
     )

@@ -42,7 +42,8 @@ FREEZE_GROUPS = ("embed", "norm", "mlp", "attn", "mamba")
 POSITIONS = ("all", "completion")
 # settings a resumed run may change without becoming "another run": where and how fast it runs, and the two
 # knobs one turns after a divergence (a lower learning rate, a tighter clip)
-RESUME_MAY_CHANGE = ("log_every", "ckpt_every", "device", "precision", "micro_batch_size", "lr", "grad_clip")
+RESUME_MAY_CHANGE = ("log_every", "ckpt_every", "device", "precision", "micro_batch_size", "lr", "grad_clip",
+                     "eval_every", "eval_rows")
 
 
 @dataclass
@@ -100,6 +101,8 @@ class StageConfig:
 
 def _data_fingerprint(cfg: DataConfig) -> dict:
     d = {k: v for k, v in asdict(cfg).items() if k != "specs"}
+    if not d.get("group_by_length"):  # runs from before the option resume as they are
+        d.pop("group_by_length", None)
     d["specs"] = cfg.describe()
     return d
 
@@ -351,13 +354,18 @@ CUT_MATTERS = ("kd", "sft")
 
 
 class _DataSource:
-    """Packs data per stage (each stage may use its own row length), tokenising each spec once."""
+    """Packs data per stage (each stage may use its own row length), tokenising each spec once.
+    `per_stage=False` (held-out data) ignores the stages' own data and packs the same data for every stage."""
 
-    def __init__(self, data, tokenizer):
+    def __init__(self, data, tokenizer, per_stage: bool = True):
         self.default = _as_data_config(data)
         self.tokenizer = tokenizer
+        self.per_stage = per_stage
         self.cache: dict = {}
         self.built: dict[int, DataMix] = {}
+
+    def _config(self, stage: StageConfig):
+        return (stage.data if self.per_stage else None) or self.default
 
     def prepare(self, stages: list[StageConfig]) -> None:
         """Read, tokenise and pack every stage's data up front: a bad spec fails before anything is written.
@@ -367,12 +375,15 @@ class _DataSource:
         cut: dict[tuple, tuple[PackedRows, list[str]]] = {}
         for stage in stages:
             self.built[id(stage)] = mix = self.for_stage(stage, warn=False)
-            if stage.kind in CUT_MATTERS and not isinstance(stage.data or self.default, DataMix):
+            if stage.kind in CUT_MATTERS and not isinstance(self._config(stage), DataMix):
                 for rows in mix.sources:
                     if rows.n_truncated:
                         cut.setdefault((rows.name, rows.seq_len, rows.n_truncated), (rows, []))[1].append(stage.label)
         for rows, labels in cut.values():
-            warn_cut_examples(rows, ", ".join(labels))
+            if self.per_stage:
+                warn_cut_examples(rows, ", ".join(labels))
+            else:
+                warn_cut_examples(rows, "held-out, " + ", ".join(labels), lost="not evaluated")
         for stage in stages:  # prompts that fill every row leave SFT no target: refuse rather than train on nothing
             mix = self.built[id(stage)]
             if stage.kind == "sft" and not any(bool((rows.targets != IGNORE).any()) for rows in mix.sources):
@@ -382,14 +393,25 @@ class _DataSource:
     def for_stage(self, stage: StageConfig, warn: bool = True) -> DataMix:
         if id(stage) in self.built:
             return self.built[id(stage)]
-        cfg = stage.data or self.default
+        cfg = self._config(stage)
         if isinstance(cfg, DataMix):
             return cfg
-        return build_data(cfg, self.tokenizer, stage.train.seq_len, self.cache, warn_cut=warn and stage.kind in CUT_MATTERS)
+        # held-out rows are read in their plain shuffled order: grouped, the first rows would share one length
+        return build_data(cfg, self.tokenizer, stage.train.seq_len, self.cache, warn_cut=warn and stage.kind in CUT_MATTERS,
+                          batch_size=stage.train.batch_size if self.per_stage else 0)
 
     def describe(self, stage: StageConfig):
-        cfg = stage.data or self.default
+        cfg = self._config(stage)
         return {"mix": cfg.summary()} if isinstance(cfg, DataMix) else _data_fingerprint(cfg)
+
+
+def _held_out(eval_data, tokenizer, stages: list[StageConfig]) -> _DataSource | None:
+    """Held-out data packed for every stage up front, so a bad spec fails before anything is written."""
+    if eval_data is None:
+        return None
+    held_out = _DataSource(eval_data, tokenizer, per_stage=False)
+    held_out.prepare(stages)
+    return held_out
 
 
 def _prepare_out(out_dir: Path, run: dict, resume: bool) -> None:
@@ -458,6 +480,7 @@ def run_stages(
     resume: bool,
     progress: ProgressArg,
     callback=None,
+    held_out: _DataSource | None = None,
 ) -> list[TrainResult]:
     results = []
     for k, stage in enumerate(stages):
@@ -472,6 +495,7 @@ def run_stages(
             ckpt_dir=stage_dir / "ckpt" if stage_dir is not None else None,
             log_path=out_dir / "train_log.jsonl" if out_dir is not None else None,
             resume=resume, progress=progress, fingerprint=json.loads(json.dumps(fp)), callback=callback,
+            eval_data=held_out.for_stage(stage) if held_out is not None else None,
         )
         results.append(res)
     return results
@@ -507,6 +531,7 @@ def distill(
     attn_layers: list[int] | None = None,
     fsdp_teacher: bool = False,
     callback=None,
+    eval_data=None,
 ) -> ThinkfastForCausalLM:
     """Distil `teacher` into `student` through `stages`, in order.
 
@@ -516,6 +541,8 @@ def distill(
     carry its own. out_dir: checkpoints per stage (`stages/NN-kind/ckpt`), `train_log.jsonl`, `run.json`, and
     at the end the student as a save_pretrained folder (+ tokenizer). resume: continue a killed run in out_dir.
     callback(step, record): called after every optimizer step of every stage (record: the last log record).
+    eval_data: held-out examples (same forms as data, one set for every stage): each stage logs its own loss on
+    them (`TrainConfig.eval_every`, `eval_rows`) as `eval_loss` records in train_log.jsonl.
     Returns the trained student (on the training device, in eval mode).
     """
     if not stages:
@@ -534,6 +561,7 @@ def distill(
         raise ConfigError(f"stages {labels}: give repeated kinds distinct names (StageConfig(name=...)); logs and checkpoints are keyed by name")
     source = _DataSource(data, tokenizer)
     source.prepare(stages)
+    held_out = _held_out(eval_data, tokenizer, stages)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         run = json.loads(json.dumps({
@@ -546,7 +574,7 @@ def distill(
         _prepare_out(out, run, resume)
     if fsdp_teacher:
         shard_teacher(t_model, pick_device(stages[0].train, dist_info()))
-    run_stages(t_model, student, source, stages, out, resume, progress, callback)
+    run_stages(t_model, student, source, stages, out, resume, progress, callback, held_out)
     student.eval()
     if out is not None and dist_info().main:
         save_final(student, out, tokenizer)
@@ -564,22 +592,25 @@ def sft(
     freeze: list[str] | tuple = (),
     name: str = "sft",
     callback=None,
+    eval_data=None,
 ) -> ThinkfastForCausalLM:
     """Supervised fine-tuning (CE on worked solutions, prompts masked) of any thinkfast model, or an HF Llama
     (converted to thinkfast's all-attention model). Also trains a randomly initialised model from scratch.
-    out_dir: `stages/01-sft/ckpt`, `train_log.jsonl`, `run.json` and the final save_pretrained folder."""
+    out_dir: `stages/01-sft/ckpt`, `train_log.jsonl`, `run.json` and the final save_pretrained folder.
+    eval_data: held-out examples whose loss is logged as in `distill`."""
     if not isinstance(model, ThinkfastForCausalLM):
         model = from_teacher(model, kind="teacher")
     stage = StageConfig("sft", train=train_cfg or TrainConfig(), freeze=list(freeze), name=name)
     stage.validate(model.model_config)
     source = _DataSource(data, tokenizer)
     source.prepare([stage])
+    held_out = _held_out(eval_data, tokenizer, [stage])
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         run = json.loads(json.dumps({"command": "sft", "model": _model_fingerprint(model),
                                      "stages": [stage.fingerprint()], "data": source.describe(stage)}))
         _prepare_out(out, run, resume)
-    run_stages(None, model, source, [stage], out, resume, progress, callback)
+    run_stages(None, model, source, [stage], out, resume, progress, callback, held_out)
     model.eval()
     if out is not None and dist_info().main:
         save_final(model, out, tokenizer)

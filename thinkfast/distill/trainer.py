@@ -62,6 +62,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     log_every: int = 10
     ckpt_every: int = 200  # steps; 0 = only when the stage ends
+    eval_every: int = 0  # steps between held-out evaluations (0: only when the stage ends); needs eval data
+    eval_rows: int = 64  # held-out rows each evaluation reads (the same rows every time)
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 (GPU only)
     device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
@@ -69,7 +71,7 @@ class TrainConfig:
     def validate(self, where: str = "train") -> None:
         if self.tokens <= 0:
             raise ConfigError(f"{where}: token budget {self.tokens} must be positive (e.g. --tokens 2M)")
-        for name in ("batch_size", "seq_len", "log_every"):
+        for name in ("batch_size", "seq_len", "log_every", "eval_rows"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: {name}={getattr(self, name)} must be positive")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
@@ -80,8 +82,9 @@ class TrainConfig:
             raise ConfigError(f"{where}: schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{where}: precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
-        if self.ckpt_every < 0:
-            raise ConfigError(f"{where}: ckpt_every={self.ckpt_every} must be >= 0")
+        for name in ("ckpt_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}: {name}={getattr(self, name)} must be >= 0")
         if self.seed < 0:
             raise ConfigError(f"{where}: seed={self.seed} must be >= 0")
         # nan passes every `< 0` test, so each check states what a valid value satisfies
@@ -153,6 +156,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # every logged record of this run
     resumed_from: int = 0
     skipped: bool = False  # the stage was already finished (resume)
+    evals: list[dict] = field(default_factory=list)  # held-out evaluations of this run ({"step", "eval_loss", ...})
+
+    @property
+    def eval_loss(self) -> float | None:
+        """The last held-out loss (None without eval data)."""
+        return self.evals[-1]["eval_loss"] if self.evals else None
 
 
 # ---------------------------------------------------------------- distributed
@@ -337,6 +346,29 @@ def _micro_batches(batch: dict, rows: int) -> list[dict]:
 ProgressArg = bool | Callable[[dict], None]
 
 
+def held_out_batch(eval_data, rows: int) -> dict:
+    """The first `rows` rows of `eval_data` (a DataMix) in its seeded order, none twice: the same rows at
+    every evaluation, whatever the training has drawn."""
+    eval_data.state = eval_data.initial_state()
+    return eval_data.next_batch(max(1, min(rows, sum(len(s) for s in eval_data.sources))))
+
+
+def evaluate(task: Task, batch: dict, rows: int, device, autocast=nullcontext) -> dict:
+    """The task's loss on `batch` without gradients, averaged as training averages it (per counted position)."""
+    n_count = max(1, task.count(batch))
+    total, parts = 0.0, {}
+    with torch.no_grad():
+        for mb in _micro_batches(batch, rows):
+            with autocast():
+                l_sum, p = task.loss(_to(mb, device))
+            total += float(l_sum)
+            for k, v in p.items():
+                parts[k] = parts.get(k, 0.0) + float(v)
+    out = {"eval_loss": total / n_count}
+    out.update({f"eval_{k}": v / n_count for k, v in sorted(parts.items())})
+    return out
+
+
 def no_bar(record: dict) -> None:
     """A `progress` value for "no bar, but still the stage's budget line" (the CLI's --no-progress)."""
 
@@ -361,6 +393,7 @@ def train(
     progress: ProgressArg = True,
     fingerprint: dict | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    eval_data=None,
 ) -> TrainResult:
     """Train `task` on batches from `data` (a DataMix) for cfg.tokens tokens.
 
@@ -369,6 +402,8 @@ def train(
     existing checkpoint is refused rather than overwritten. progress: True for a tqdm bar, False for silence, or
     a function called with every logged record (no bar); unless False, the stage starts with one line saying
     how many steps and tokens the budget gives. callback(step, record): called after every optimizer step.
+    eval_data: held-out rows (a DataMix); the task's loss on cfg.eval_rows of them is logged every
+    cfg.eval_every steps and when the stage ends, as records with "eval_loss" (and "eval_<part>") instead of "loss".
     """
     name = task.name
     cfg.validate(name)
@@ -433,6 +468,27 @@ def train(
     log_file = open(log_path, "a") if (log_path is not None and info.main) else None
 
     history: list[dict] = []
+    evals: list[dict] = []
+    if eval_data is not None and eval_data is data:
+        raise ConfigError(f"{name}: the held-out data is the training data itself; give other examples to evaluate on")
+    eval_batch = held_out_batch(eval_data, cfg.eval_rows) if eval_data is not None else None
+
+    def log_eval() -> None:
+        record = {"stage": name, "step": step, "tokens": tokens, **evaluate(task, eval_batch, micro, device, autocast),
+                  "eval_rows": int(eval_batch["input_ids"].shape[0])}
+        evals.append(record)
+        if log_file is not None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        if progress is not False and info.main:
+            line = f"{name}: step {step:,}, held-out loss {record['eval_loss']:.4g} ({record['eval_rows']} rows)"
+            if bar is not None:
+                bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr)
+        if callable(progress) and info.main:
+            progress(record)
+
     win_loss, win_steps, win_real, win_parts = 0.0, 0, 0, {}
     if state is not None and state.get("window"):
         w = state["window"]
@@ -503,11 +559,16 @@ def train(
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{record['tok_s']:.0f}", refresh=False)
+                    held = {"eval": f"{evals[-1]['eval_loss']:.4g}"} if evals else {}
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{record['tok_s']:.0f}", **held, refresh=False)
                 if callable(progress) and info.main:
                     progress(record)
                 win_loss, win_steps, win_real, win_parts = 0.0, 0, 0, {}
                 t_win = time.perf_counter()
+            if eval_batch is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                t_eval = time.perf_counter()
+                log_eval()
+                t_win += time.perf_counter() - t_eval  # the training throughput leaves the evaluation out
             if bar is not None:
                 bar.update(1)
             if ckpt_dir is not None and cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
@@ -524,4 +585,4 @@ def train(
         if log_file is not None:
             log_file.close()
     final = history[-1]["loss"] if history else last_loss
-    return TrainResult(step, tokens, final, history, resumed_from)
+    return TrainResult(step, tokens, final, history, resumed_from, evals=evals)
