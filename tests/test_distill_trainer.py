@@ -9,25 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_thinkfast_teacher
 import torch
 
 from thinkfast.data.packing import DataConfig, build_data
 from thinkfast.distill.stages import SFTTask, StageConfig, distill
-from thinkfast.distill.toy import chain_sum_problems, char_tokenizer, random_model, tiny_config
+from thinkfast.distill.toy import chain_sum_problems
 from thinkfast.distill.trainer import TrainConfig, TrainingDiverged, lr_at, train
 from thinkfast.errors import CheckpointError, ConfigError
 
 
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
 def _teacher(tok, seed=0):
-    cfg = tiny_config(len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64)
-    return random_model(cfg, seed=seed, tokenizer=tok)
+    return tiny_thinkfast_teacher(tok, seed)
 
 
 DATA = DataConfig(specs=[chain_sum_problems(60, seed=1)], instruction="none", chat=False)

@@ -113,6 +113,9 @@ def _plan(args, command):
     check_device(getattr(args, "device", None))  # before the run folder is made: a typo must not leave a run behind
     recipe = load_recipe(args.recipe) if args.recipe else None
     plan = make_plan(recipe, _flags(args), command)
+    given = [f for f, k in (("--eval-every", "eval_every"), ("--eval-rows", "eval_rows")) if getattr(args, k, None) is not None]
+    if given and plan.eval_data is None:
+        raise ConfigError(f"{' and '.join(given)} without held-out data: add --eval-data SPEC (examples kept out of training)")
     _check_specs(plan)
     return plan
 
