@@ -303,32 +303,31 @@ class Demo:
     def step_hybrid(self) -> None:
         self._distill("hybrid", "hybrid", self.s.hybrid_tokens)
 
-    def _sample(self, name: str, spec: str, out: Path, n: int) -> None:
-        from .engine.run import sample_to_file
+    def _sample(self, outs: dict[str, Path], spec: str, n: int) -> None:
+        """Sample every model in `outs` (name -> samples file) on `spec`, the models taking turns (so that a drift
+        in the machine's speed reaches each of them alike, not the one that happens to run last)."""
+        from .engine.run import sample_interleaved
         from .engine.sampling import SamplingParams
         from .eval.grading import grade_many
 
         params = SamplingParams(temperature=self.s.temperature, top_p=self.s.top_p, max_new_tokens=self.s.max_new_tokens)
-        summary = sample_to_file(str(self.model_dir(name)), spec, out, n, params, seed=self.s.seed,
-                                 batch_size=self.s.batch_size, device="cpu", dtype="float32", style=self.style(),
-                                 grade_fn=grade_many, name=name, compile=self.s.compile, progress=self.progress)
-        if summary.stats is not None:
-            st = summary.stats
-            self.log(f"  {name}: {summary.written} samples, {st.gen_tokens:,} tokens, {st.tokens_per_second:,.0f} tok/s")
+        common = dict(data_spec=spec, n=n, params=params, seed=self.s.seed, batch_size=self.s.batch_size, device="cpu",
+                      dtype="float32", style=self.style(), grade_fn=grade_many, compile=self.s.compile)
+        jobs = [dict(model_spec=str(self.model_dir(name)), out=out, name=name) for name, out in outs.items()]
+        for name, summary in zip(outs, sample_interleaved(jobs, common, progress=self.progress)):
+            if summary.stats is not None:
+                st = summary.stats
+                self.log(f"  {name}: {summary.written} samples, {st.gen_tokens:,} tokens, {st.tokens_per_second:,.0f} tok/s")
 
     def step_sample(self) -> None:
-        for name in MODELS:
-            self._sample(name, self.dataset_spec, self.samples_path(name), self.s.n)
+        self._sample({name: self.samples_path(name) for name in MODELS}, self.dataset_spec, self.s.n)
 
     def step_reward(self) -> None:
         from .eval.reward import ORMConfig
         from .eval.scoring import score_files, train_reward_model
 
-        rm_samples = []
-        for name in MODELS:
-            path = self.out / "work" / "rm-samples" / f"{name}.jsonl"
-            self._sample(name, self.rm_spec, path, self.s.rm_samples)
-            rm_samples.append(path)
+        rm_samples = [self.out / "work" / "rm-samples" / f"{name}.jsonl" for name in MODELS]
+        self._sample(dict(zip(MODELS, rm_samples)), self.rm_spec, self.s.rm_samples)
         from .eval.samples import read_samples
 
         labels = {s.correct for s in read_samples(rm_samples).samples if s.correct is not None}
@@ -374,7 +373,7 @@ STEP_TITLES = {
     "llamba": "Llamba student: MOHAWK stages 1-3 (matrix, hidden, forward KL), then SFT",
     "hybrid": "hybrid student (attention kept in a quarter of the layers, where Mamba imitated it worst): "
               "hidden-state alignment to the teacher, then SFT",
-    "sample": "sampling every model on the held-out problems in the same engine, grading as it goes",
+    "sample": "sampling every model on the held-out problems in the same engine, the models taking turns, grading as it goes",
     "reward": "outcome reward model: sample a training split, train the verifier, score every sample",
     "report": "metrics, plots and report",
 }

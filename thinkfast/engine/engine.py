@@ -324,13 +324,18 @@ class Engine:
 
     def generate_batches(self, prompts, n: int = 1, params: SamplingParams | None = None, seed: int = 0,
                          only: dict[str, Iterable[int]] | None = None,
-                         progress: Callable[[EngineStats], None] | None = None) -> Iterator[list[Completion]]:
+                         progress: Callable[[EngineStats], None] | None = None,
+                         yield_every: float | None = None) -> Iterator[list[Completion]]:
         """Sample `n` completions for each (problem_id, prompt_ids); yield them in batches as they finish.
 
         only: problem_id -> the sample indices to generate (resume); default all of range(n).
         Sample i of problem p uses the seed `sample_seed(seed, p, i)`: the same sample whatever the batch.
         The engine's clock stops while the caller holds a batch, so grading and writing are not charged.
+        yield_every: also yield (an empty list) after this many engine seconds without a yield, so that a caller
+        can take turns between engines at a bounded interval (`sample_interleaved`).
         """
+        if yield_every is not None and not yield_every > 0:
+            raise ConfigError(f"yield_every={yield_every}: use a positive number of seconds, or None")
         params = params or SamplingParams()
         if n < 1:
             raise ConfigError(f"n={n}: ask for at least 1 sample per problem")
@@ -361,17 +366,21 @@ class Engine:
         self.ensure_capacity(longest + params.max_new_tokens)
         self._stop_window = 2 * max((len(s) for s in params.stop), default=1) + 4
         self.stats = EngineStats()
-        yield from self._loop(requests, params, int(seed), progress)
+        yield from self._loop(requests, params, int(seed), progress, yield_every)
 
-    def _loop(self, requests: list[_Request], params: SamplingParams, seed: int, progress) -> Iterator[list[Completion]]:
+    def _loop(self, requests: list[_Request], params: SamplingParams, seed: int, progress,
+              yield_every: float | None = None) -> Iterator[list[Completion]]:
         run = _Run(self, requests, params, seed)
+        yielded_at = 0.0  # engine seconds at the last yield
         while True:
             with torch.inference_mode():
                 done = run.advance()
             if progress is not None:
                 progress(self.stats)
                 run.resume_clock()
-            if done:
+            if done or (yield_every is not None and self.stats.wall_seconds - yielded_at >= yield_every
+                        and not run.finished):
+                yielded_at = self.stats.wall_seconds
                 yield done
                 run.resume_clock()  # the caller's time is not the engine's
             if run.finished:

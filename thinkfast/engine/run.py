@@ -13,7 +13,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -152,6 +152,132 @@ def sample_config(model_spec: str, problems: list[Problem], n: int, params: Samp
     }
 
 
+class _SamplingJob:
+    """One model's part of a sampling run: its samples file, what is left to draw and, once started, its engine.
+
+    Built in three phases, so that several jobs can be checked before any model loads and then take turns:
+    __init__ checks the request and the file (nothing loads), `start` loads the model, `batches` draws and writes.
+    """
+
+    def __init__(self, model_spec: str, data_spec: str, out, n: int, params: SamplingParams, seed: int = 0,
+                 batch_size: int = 64, device=None, dtype: str | torch.dtype | None = "auto",
+                 style: PromptStyle | None = None, grade_fn: GradeFn | None = None, name: str | None = None,
+                 compile="auto", problems: list[Problem] | None = None):
+        self.t0 = time.perf_counter()
+        if n < 1:
+            raise ConfigError(f"--n {n}: ask for at least 1 sample per problem")
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: use at least 1")
+        self.style = style or PromptStyle()
+        self.rank, self.world, local_rank = dist_env()
+        if device is None:
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(check_device(str(device)))
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, self.device)
+
+        if problems is None:
+            problems = load_problems(data_spec)
+        if not problems:
+            raise ConfigError(f"data spec {data_spec!r} names no problems; check offset=/limit=")
+        ids = [p.id for p in problems]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ConfigError(f"data spec {data_spec!r}: problem id {dup!r} occurs twice; samples are keyed by problem id")
+
+        self.model_spec, self.out, self.n, self.params, self.seed = model_spec, out, n, params, seed
+        self.batch_size, self.grade_fn, self.compile = batch_size, grade_fn, compile
+        self.writer = SamplesWriter(out, sample_config(model_spec, problems, n, params, seed, self.style, self.dtype),
+                                    self.rank, self.world)
+        done = self.writer.done()  # refuses a file of another configuration before any work
+        written_as = _written_name(out) if done else None
+        if written_as is not None:
+            if name is not None and name != written_as:
+                raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with --name {written_as} "
+                                  f"(or none), or write {name!r} to another --out")
+            name = written_as  # a moved checkpoint folder resumes under the name its samples already carry
+        self.name = name
+        self.mine = problems[self.rank::self.world]
+        todo = {p.id: [j for j in range(n) if (p.id, j) not in done] for p in self.mine}
+        self.todo = {k: v for k, v in todo.items() if v}
+        self.total = len(self.mine) * n
+        self.skipped = self.total - sum(len(v) for v in self.todo.values())
+        self.written = 0
+        self.engine: Engine | None = None
+        self.bar = None
+
+    def start(self, progress: bool = True, bar_position: int | None = None) -> None:
+        """Load the model and build its engine and prompts (nothing to do when every sample is already there)."""
+        if not self.todo:
+            return
+        model, tokenizer, default_name = load_for_sampling(self.model_spec, self.device, self.dtype)
+        self.name = self.name or default_name
+        self.role = model_role(model.lm)
+        templated = self.style.chat and bool(getattr(tokenizer, "chat_template", None))
+        self.prompts, self.by_id = [], {}
+        for p in self.mine:
+            if p.id in self.todo:
+                self.prompts.append((p.id, encode_prompt(tokenizer, render_prompt(p, tokenizer, self.style), templated)))
+                self.by_id[p.id] = p
+        self.engine = Engine(model, tokenizer, batch_size=self.batch_size, device=self.device, dtype=self.dtype,
+                             compile=self.compile)
+        self.hardware = hardware_string(self.device)
+        desc = self.name + (f" rank {self.rank}" if self.world > 1 else "")
+        self.bar = _progress_bar(sum(len(v) for v in self.todo.values()), desc, progress and self.rank == 0,
+                                 position=bar_position)
+
+    def _show_rate(self) -> None:
+        # the summary's figure: generated tokens / engine seconds (prefill included, grading and writing not)
+        self.bar.set_postfix_str(f"{self.engine.stats.tokens_per_second:,.0f} tok/s engine", refresh=False)
+
+    def batches(self, yield_every: float | None = None) -> Iterator[int]:
+        """Draw, grade and write the samples left; yields the number written after each engine batch (0 after a
+        turn of `yield_every` engine seconds that finished none)."""
+        if self.engine is None:
+            return
+        shown_at = [0.0]  # engine seconds at the last rate shown
+
+        def on_step(st: EngineStats):
+            if self.bar is not None and st.wall_seconds - shown_at[0] >= 0.5:
+                shown_at[0] = st.wall_seconds
+                self._show_rate()
+
+        try:
+            for batch in self.engine.generate_batches(self.prompts, self.n, self.params, self.seed, only=self.todo,
+                                                      progress=on_step, yield_every=yield_every):
+                if batch:
+                    texts = [c.text or "" for c in batch]
+                    probs = [self.by_id[c.problem_id] for c in batch]
+                    grades = (self.grade_fn(texts, [p.answer for p in probs], [p.kind for p in probs])
+                              if self.grade_fn else [None] * len(batch))
+                    self.writer.append([_record(c, p, g, self.name, self.role, self.hardware, self.writer.config)
+                                        for c, p, g in zip(batch, probs, grades)])
+                    self.written += len(batch)
+                    if self.bar is not None:
+                        self.bar.update(len(batch))
+                yield len(batch)
+        finally:
+            self.close_bar()
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            if self.engine.stats.gen_tokens:
+                self._show_rate()  # the bar's last word is the summary's rate, not one from steps before
+            self.bar.close()
+            self.bar = None
+
+    def finish(self) -> SampleSummary:
+        """Merge torchrun's part files (all ranks done) and sum up."""
+        if self.world > 1:
+            _barrier()
+            if self.rank == 0:
+                self.writer.merge_parts()
+        elif part_files(self.writer.out):  # parts of a sharded run that crashed, resumed by one process: they count as done
+            self.writer.merge_parts()
+        stats = self.engine.stats if self.engine is not None else None
+        return SampleSummary(Path(self.out), self.written, self.skipped, self.total, self.writer.config, stats,
+                             time.perf_counter() - self.t0)
+
+
 def sample_to_file(
     model_spec: str,
     data_spec: str,
@@ -174,94 +300,43 @@ def sample_to_file(
     With torchrun each rank takes every world_size-th problem, writes its own part file, and rank 0 merges the
     parts into `out` once all ranks are done.
     """
-    t0 = time.perf_counter()
-    if n < 1:
-        raise ConfigError(f"--n {n}: ask for at least 1 sample per problem")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: use at least 1")
-    style = style or PromptStyle()
-    rank, world, local_rank = dist_env()
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(check_device(str(device)))
-    if not isinstance(dtype, torch.dtype):
-        dtype = parse_dtype(dtype, device)
+    job = _SamplingJob(model_spec, data_spec, out, n, params, seed, batch_size, device, dtype, style, grade_fn, name,
+                       compile, problems)
+    job.start(progress)
+    for _ in job.batches():
+        pass
+    return job.finish()
 
-    if problems is None:
-        problems = load_problems(data_spec)
-    if not problems:
-        raise ConfigError(f"data spec {data_spec!r} names no problems; check offset=/limit=")
-    ids = [p.id for p in problems]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ConfigError(f"data spec {data_spec!r}: problem id {dup!r} occurs twice; samples are keyed by problem id")
 
-    writer = SamplesWriter(out, sample_config(model_spec, problems, n, params, seed, style, dtype), rank, world)
-    config = writer.config
-    done = writer.done()  # refuses a file of another configuration before any work
-    written_as = _written_name(out) if done else None
-    if written_as is not None:
-        if name is not None and name != written_as:
-            raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with --name {written_as} "
-                              f"(or none), or write {name!r} to another --out")
-        name = written_as  # a moved checkpoint folder resumes under the name its samples already carry
+def sample_interleaved(jobs: list[dict], common: dict, turn_seconds: float = 1.0,
+                       progress: bool = True) -> list[SampleSummary]:
+    """Sample several models' files as `sample_to_file` would, taking turns: each engine runs for about
+    `turn_seconds` of its own time (or until a batch of samples finishes), then the next.
 
-    mine = problems[rank::world]
-    todo = {p.id: [j for j in range(n) if (p.id, j) not in done] for p in mine}
-    todo = {k: v for k, v in todo.items() if v}
-    total = len(mine) * n
-    skipped = total - sum(len(v) for v in todo.values())
-
-    stats = None
-    written = 0
-    if todo:
-        model, tokenizer, default_name = load_for_sampling(model_spec, device, dtype)
-        name = name or default_name
-        role = model_role(model.lm)
-        templated = style.chat and bool(getattr(tokenizer, "chat_template", None))
-        prompts, by_id = [], {}
-        for p in mine:
-            if p.id in todo:
-                prompts.append((p.id, encode_prompt(tokenizer, render_prompt(p, tokenizer, style), templated)))
-                by_id[p.id] = p
-        engine = Engine(model, tokenizer, batch_size=batch_size, device=device, dtype=dtype, compile=compile)
-        hardware = hardware_string(device)
-        bar = _progress_bar(sum(len(v) for v in todo.values()), f"{name}" + (f" rank {rank}" if world > 1 else ""), progress and rank == 0)
-        shown_at = [0.0]  # engine seconds at the last rate shown
-
-        def show_rate(st: EngineStats):
-            # the summary's figure: generated tokens / engine seconds (prefill included, grading and writing not)
-            bar.set_postfix_str(f"{st.tokens_per_second:,.0f} tok/s engine", refresh=False)
-
-        def on_step(st: EngineStats):
-            if bar is not None and st.wall_seconds - shown_at[0] >= 0.5:
-                shown_at[0] = st.wall_seconds
-                show_rate(st)
-
-        try:
-            for batch in engine.generate_batches(prompts, n, params, seed, only=todo, progress=on_step):
-                texts = [c.text or "" for c in batch]
-                probs = [by_id[c.problem_id] for c in batch]
-                grades = grade_fn(texts, [p.answer for p in probs], [p.kind for p in probs]) if grade_fn else [None] * len(batch)
-                records = [_record(c, p, g, name, role, hardware, config) for c, p, g in zip(batch, probs, grades)]
-                writer.append(records)
-                written += len(records)
-                if bar is not None:
-                    bar.update(len(records))
-        finally:
-            if bar is not None:
-                if engine.stats.gen_tokens:
-                    show_rate(engine.stats)  # the bar's last word is the summary's rate, not one from steps before
-                bar.close()
-        stats = engine.stats
-
-    if world > 1:
-        _barrier()
-        if rank == 0:
-            writer.merge_parts()
-    elif part_files(writer.out):  # parts of a sharded run that crashed, resumed by one process: they count as done
-        writer.merge_parts()
-    return SampleSummary(Path(out), written, skipped, total, config, stats, time.perf_counter() - t0)
+    Why: seconds per sample are compared between models, and a shared machine's speed drifts by tens of percent
+    over minutes; models sampled one after another carry that drift into their ratio, models taking turns share
+    it. Each engine's clock runs only during its own turns, and the samples are those `sample_to_file` draws
+    (seeded per sample). jobs: per-model keyword arguments of `sample_to_file` (model_spec, out, name, ...);
+    common: the arguments they share (data_spec, n, params, ...). Every file is checked before any model loads.
+    """
+    if not turn_seconds > 0:
+        raise ConfigError(f"turn_seconds={turn_seconds}: use a positive number of seconds")
+    runs = [_SamplingJob(**{**common, **job}) for job in jobs]
+    outs = [Path(r.out).resolve() for r in runs]
+    if len(set(outs)) != len(outs):
+        raise ConfigError("two models would write the same samples file; give each its own out")
+    for i, r in enumerate(runs):
+        r.start(progress, bar_position=i)
+    turns = [r.batches(turn_seconds) for r in runs]
+    try:
+        while turns:
+            for t in list(turns):
+                if next(t, None) is None:
+                    turns.remove(t)
+    finally:
+        for t in turns:
+            t.close()  # an interrupted run: each bar closes, what was written stays
+    return [r.finish() for r in runs]
 
 
 def _written_name(out) -> str | None:
@@ -287,12 +362,12 @@ def _record(c, problem: Problem, grade, name: str, role: str, hardware: str, con
     }
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
+def _progress_bar(total: int, desc: str, enabled: bool, position: int | None = None):
     if not enabled:
         return None
     from ..utils import progress_bar
 
-    return progress_bar(total, desc, "sample")
+    return progress_bar(total, desc, "sample", **({} if position is None else {"position": position}))
 
 
 def _barrier() -> None:
