@@ -267,3 +267,13 @@ def test_interrupted_run_says_how_to_continue(monkeypatch, capsys, tmp_path):
     assert "re-run the same command as it is to continue" in capsys.readouterr().err
     assert main(["sample", "--model", "m", "--data", "d", "--out", str(tmp_path / "s.jsonl")]) == 130
     assert "as it is to continue" in capsys.readouterr().err
+
+
+def test_group_by_length_is_checked_where_the_rows_are_built():
+    # every stage builds one-example rows of its own: a run-wide group_by_length with the default packing is fine
+    plan = make_plan({"stages": ["hidden", "sft"], "tokens": 64, "group_by_length": True,
+                      "hidden": {"pack": False}, "sft": {"pack": False}}, {})
+    assert all(s.data.group_by_length and not s.data.pack for s in plan.stages)
+    # a stage that falls back on the run's packed rows is refused, naming the fix
+    with pytest.raises(ConfigError, match="group_by_length groups one-example rows"):
+        make_plan({"stages": ["hidden", "sft"], "tokens": 64, "group_by_length": True, "sft": {"pack": False}}, {})

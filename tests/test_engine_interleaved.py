@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from thinkfast.cli import main
 from thinkfast.data.tokenizer import build_byte_tokenizer
 from thinkfast.engine import run as run_mod
 from thinkfast.engine.engine import Engine
@@ -79,9 +80,11 @@ def test_each_engine_is_charged_only_its_own_turns_and_turns_alternate(pair, tmp
         rows = [json.loads(line) for line in s.out.read_text().splitlines()]
         assert sum(r["seconds"] for r in rows) == pytest.approx(s.stats.wall_seconds, abs=1e-5)  # records round to 1 us
     # both models write before either is done: the first model's last write comes after the second's first
-    last_teacher = max(i for i, m in enumerate(order) if m == "teacher")
-    first_hybrid = order.index("hybrid")
-    assert first_hybrid < last_teacher
+    assert order.index("hybrid") < max(i for i, m in enumerate(order) if m == "teacher")
+    # a turn lasts its time, not one batch: with turns longer than the run, one model after the other
+    order.clear()
+    sample_interleaved(_jobs(root, tmp_path / "long"), _common(spec), turn_seconds=1e9, progress=False)
+    assert order == sorted(order, key=lambda m: m != "teacher") and len(set(order)) == 2
 
 
 def test_the_engine_yields_empty_turns_only_when_asked():
@@ -134,3 +137,46 @@ def test_refusals_come_before_any_model_loads(pair, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--n 0"):
         sample_interleaved(jobs, _common(spec, n=0), progress=False)
     assert not loaded and not list(tmp_path.iterdir())
+
+
+def _cli(root, spec, out, *models):
+    return ["sample", *models, "--data", spec, "--out", str(out), "--n", "3", "--temperature", "1.0",
+            "--max-new-tokens", "12", "--batch-size", "4", "--seed", "7", "--quiet", "--no-grade"]
+
+
+def test_sample_command_takes_turns_between_several_models(pair, tmp_path, capsys):
+    root, spec = pair
+    teacher, hybrid = str(root / "teacher"), str(root / "hybrid")
+    assert main(_cli(root, spec, tmp_path / "a.jsonl", "--name", "h2", "--model", hybrid)) == 0  # one model: --name anywhere
+    assert main(_cli(root, spec, tmp_path / "both", "--model", teacher, "--model", hybrid, "--name", "h2")) == 0
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["h2.jsonl", "teacher.jsonl"]
+    assert _content(tmp_path / "both" / "h2.jsonl") == _content(tmp_path / "a.jsonl")
+    assert {json.loads(line)["model"] for line in (tmp_path / "both" / "teacher.jsonl").read_text().splitlines()} == {"teacher"}
+    capsys.readouterr()
+    assert main(_cli(root, spec, tmp_path / "both", "--model", teacher, "--model", hybrid, "--name", "h2")) == 0
+    assert capsys.readouterr().out.count("nothing to do") == 2
+
+
+@pytest.mark.parametrize("models, out, needle", [
+    (["--model", "{t}", "--model", "{t}"], "dir", "two --model are named 'teacher'"),
+    (["--model", "{t}", "--model", "{h}"], "file", "a file is there"),
+    (["--model", "{t}", "--name", "a", "--name", "b"], "dir", "already named 'a'"),
+])
+def test_bad_multi_model_sampling_is_one_line(pair, tmp_path, capsys, models, out, needle):
+    root, spec = pair
+    target = tmp_path / "out"
+    if out == "file":
+        target.write_text("keep")
+    models = [m.format(t=root / "teacher", h=root / "hybrid") for m in models]
+    assert main(_cli(root, spec, target, *models)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
+    assert (target.read_text() == "keep") if out == "file" else not target.exists()
+
+
+
+def test_turn_seconds_must_be_positive(pair, tmp_path, capsys):
+    root, spec = pair
+    with pytest.raises(SystemExit) as e:
+        main(_cli(root, spec, tmp_path / "o", "--model", str(root / "teacher"), "--turn-seconds", "0"))
+    assert e.value.code == 2 and "--turn-seconds: 0 must be a number above 0" in capsys.readouterr().err.splitlines()[-1]

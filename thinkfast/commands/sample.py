@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from ..errors import ConfigError
-from . import positive_int
+from . import positive_float, positive_int
 
 
 def add_parsers(sub) -> None:
@@ -18,9 +18,12 @@ def add_parsers(sub) -> None:
         "to a JSONL samples file. Re-running the same command completes exactly the missing samples. Under torchrun, "
         "each rank samples a slice of the problems and rank 0 merges the results into --out.",
     )
-    p.add_argument("--model", required=True, help="thinkfast checkpoint folder (teacher, llamba or hybrid), HF Llama folder, .gguf file or hub id")
+    p.add_argument("--model", dest="models", action=_InOrder, const="model", required=True, metavar="PATH",
+                   help="thinkfast checkpoint folder (teacher, llamba or hybrid), HF Llama folder, .gguf file or hub id; "
+                   "repeat it to sample several models taking turns (their seconds per sample then share the machine's "
+                   "drifts) into --out DIR/<name>.jsonl")
     p.add_argument("--data", required=True, help="data spec, e.g. gsm8k:../shared/data/gsm8k_test.jsonl?limit=100")
-    p.add_argument("--out", required=True, help="samples file (JSONL) to create or resume")
+    p.add_argument("--out", required=True, help="samples file (JSONL) to create or resume; with several --model a folder")
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
                    help="samples per problem (default 1); under torchrun write --num-samples (torchrun takes --n as its own)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
@@ -37,7 +40,10 @@ def add_parsers(sub) -> None:
                    "model's config.json declares, e.g. none for the embedded models; else auto)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-chat", action="store_true", help="plain 'Question: ... Answer:' prompts even when the tokenizer has a chat template")
-    p.add_argument("--name", default=None, help="model name in the samples file (default: the checkpoint folder's name)")
+    p.add_argument("--name", dest="models", action=_InOrder, const="name", metavar="NAME",
+                   help="model name in the samples file of the --model before it (default: the checkpoint folder's name)")
+    p.add_argument("--turn-seconds", type=positive_float, default=1.0,
+                   help="with several --model: engine seconds each model runs before the next takes its turn (default 1)")
     p.add_argument("--no-grade", action="store_true", help="do not grade (answer and correct stay null)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the SSM update (GPU) or the whole decode step (CPU: pays off in long runs) (auto: GPU only)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's default)")
@@ -76,37 +82,63 @@ def _compile_flag(value: str):
     return {"auto": "auto", "on": True, "off": False}[value]
 
 
+def _sample_specs(events) -> list[tuple[str, str | None]]:
+    """[(model, name or None)] from the --model/--name sequence; with one --model, --name may come first."""
+    if sum(kind == "model" for kind, _ in events) == 1 and sum(kind == "name" for kind, _ in events) == 1:
+        events = sorted(events, key=lambda e: e[0] != "model")
+    return _checkpoint_specs(events)
+
+
 def cmd_sample(args) -> int:
     from ..data.prompts import PromptStyle, declared_instruction
-    from ..engine.run import sample_to_file
+    from ..engine.run import default_model_name, sample_interleaved, sample_to_file
     from ..engine.sampling import SamplingParams
 
     from ..utils import check_out_path
 
-    check_out_path(args.out, folder=False)  # the device is checked by sample_to_file, before it writes
+    specs = _sample_specs(args.models)
+    several = len(specs) > 1
+    # the device is checked by the sampling code, before it writes
+    check_out_path(args.out, folder=several)
+    if several:
+        names = [name or default_model_name(spec) for spec, name in specs]
+        clash = next((n for n in names if names.count(n) > 1), None)
+        if clash is not None:
+            raise ConfigError(f"two --model are named {clash!r}, and each writes --out/<name>.jsonl; "
+                              "give one of them a --name after it")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, stop=args.stop)
-    instruction = args.instruction or declared_instruction(args.model) or "auto"
-    style = PromptStyle(instruction=instruction, system=args.system, chat=not args.no_chat)
+
+    def style(spec):
+        instruction = args.instruction or declared_instruction(spec) or "auto"
+        return PromptStyle(instruction=instruction, system=args.system, chat=not args.no_chat)
+
     grade_fn = None
     if not args.no_grade:
         from ..eval.grading import grade_many
 
         grade_fn = grade_many
-    s = sample_to_file(args.model, args.data, args.out, args.n, params, seed=args.seed, batch_size=args.batch_size,
-                       device=args.device, dtype=args.dtype, style=style, grade_fn=grade_fn, name=args.name,
-                       compile=_compile_flag(args.compile), progress=not args.quiet)
-    if s.stats is None:
-        print(f"{s.out}: all {s.total} samples already there (config {s.config}); nothing to do")
+    common = dict(data_spec=args.data, n=args.n, params=params, seed=args.seed, batch_size=args.batch_size,
+                  device=args.device, dtype=args.dtype, grade_fn=grade_fn, compile=_compile_flag(args.compile))
+    if several:
+        jobs = [dict(model_spec=spec, out=Path(args.out) / f"{name}.jsonl", name=name, style=style(spec))
+                for (spec, _), name in zip(specs, names)]
+        summaries = sample_interleaved(jobs, common, turn_seconds=args.turn_seconds, progress=not args.quiet)
     else:
-        st = s.stats
-        # the same figure as the progress bar's: engine time counts prefill and decoding, not grading or writing
-        print(f"{s.out}: wrote {s.written} samples ({s.skipped} already there), {st.gen_tokens:,} tokens in "
-              f"{st.wall_seconds:.1f} s of engine time ({st.tokens_per_second:,.0f} tok/s engine), config {s.config}")
+        (spec, name), = specs
+        summaries = [sample_to_file(spec, out=args.out, name=name, style=style(spec), progress=not args.quiet, **common)]
+    for s in summaries:
+        if s.stats is None:
+            print(f"{s.out}: all {s.total} samples already there (config {s.config}); nothing to do")
+        else:
+            st = s.stats
+            # the same figure as the progress bar's: engine time counts prefill and decoding, not grading or writing
+            print(f"{s.out}: wrote {s.written} samples ({s.skipped} already there), {st.gen_tokens:,} tokens in "
+                  f"{st.wall_seconds:.1f} s of engine time ({st.tokens_per_second:,.0f} tok/s engine), config {s.config}")
     return 0
 
 

@@ -261,7 +261,8 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
         out.append(StageConfig(kind, TrainConfig(**train_kw), **stage_kw, data=data))
     plan = Plan(
         stages=out,
-        data=_data_config(top, where),
+        # the run's own data config only binds the stages without one of their own
+        data=_data_config(top, where, check=any(s.data is None for s in out)),
         teacher=top("teacher"),
         model=top("model"),
         student=top("student", "llamba"),
@@ -280,9 +281,9 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
     return plan
 
 
-def _data_config(get, where) -> DataConfig:
+def _data_config(get, where, check: bool = True) -> DataConfig:
     specs = get("data") or []
-    if get("group_by_length", False) and get("pack", True):
+    if check and get("group_by_length", False) and get("pack", True):
         raise ConfigError(f"{where}: group_by_length groups one-example rows; packed rows are all one length (add --no-pack or pack = false)")
     return DataConfig(
         specs=list(specs),

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -123,20 +122,13 @@ class Checkpoint:
     max_positions: int
 
 
-def default_name(spec: str) -> str:
-    """The checkpoint folder's name (a .gguf file's stem; a hub id's last part), as `thinkfast sample` names it."""
-    p = Path(spec)
-    if p.suffix.lower() == ".gguf":
-        return p.stem
-    return (p.resolve().name if p.exists() else p.name) or str(spec)
-
-
 def probe_checkpoint(spec: str, name: str | None = None) -> Checkpoint:
     """Role and positions of anything `load_thinkfast` reads (thinkfast folder of any role, HF Llama folder,
     .gguf file, hub id) from its config alone, refusing in one line what that loader would refuse."""
     from transformers import AutoConfig
 
     from ..models.teacher import checkpoint_source, model_config_from_hf
+    from .run import default_model_name
 
     spec = str(spec)
     where = f"--model {spec}"
@@ -150,7 +142,7 @@ def probe_checkpoint(spec: str, name: str | None = None) -> Checkpoint:
         role, positions = cfg.role, cfg.max_position_embeddings
     else:
         role, positions = "teacher", model_config_from_hf(cfg, where=where).max_position_embeddings
-    return Checkpoint(path=spec, name=name or default_name(spec), role=role, max_positions=int(positions))
+    return Checkpoint(path=spec, name=name or default_model_name(spec), role=role, max_positions=int(positions))
 
 
 # ---------------------------------------------------------------------------------------------- measuring

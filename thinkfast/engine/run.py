@@ -37,12 +37,19 @@ def load_for_sampling(spec: str, device=None, dtype: torch.dtype = torch.float32
     its students run in the same engine."""
     from ..models.teacher import load_thinkfast
 
-    path = Path(spec)
-    name = path.stem if path.suffix.lower() == ".gguf" else (path.name or str(spec))
     model, tok = load_thinkfast(spec, dtype=dtype, device=device, where="--model")
     if tok is None:
         raise CheckpointError(f"--model {spec}: no tokenizer found beside the weights; save one there (tokenizer.save_pretrained)")
-    return model, tok, name
+    return model, tok, default_model_name(spec)
+
+
+def default_model_name(spec: str) -> str:
+    """What a model is called when no --name is given: a .gguf file's stem, else the folder's name (a hub id's
+    last part)."""
+    path = Path(spec)
+    if path.suffix.lower() == ".gguf":
+        return path.stem
+    return (path.resolve().name if path.exists() else path.name) or str(spec)
 
 
 def encode_prompt(tokenizer, text: str, templated: bool) -> list[int]:
@@ -225,6 +232,9 @@ class _SamplingJob:
         self.bar = _progress_bar(sum(len(v) for v in self.todo.values()), desc, progress and self.rank == 0,
                                  position=bar_position)
 
+    def engine_seconds(self) -> float:
+        return self.engine.stats.wall_seconds if self.engine is not None else 0.0
+
     def _show_rate(self) -> None:
         # the summary's figure: generated tokens / engine seconds (prefill included, grading and writing not)
         self.bar.set_postfix_str(f"{self.engine.stats.tokens_per_second:,.0f} tok/s engine", refresh=False)
@@ -311,7 +321,7 @@ def sample_to_file(
 def sample_interleaved(jobs: list[dict], common: dict, turn_seconds: float = 1.0,
                        progress: bool = True) -> list[SampleSummary]:
     """Sample several models' files as `sample_to_file` would, taking turns: each engine runs for about
-    `turn_seconds` of its own time (or until a batch of samples finishes), then the next.
+    `turn_seconds` of its own time, then the next.
 
     Why: seconds per sample are compared between models, and a shared machine's speed drifts by tens of percent
     over minutes; models sampled one after another carry that drift into their ratio, models taking turns share
@@ -327,14 +337,20 @@ def sample_interleaved(jobs: list[dict], common: dict, turn_seconds: float = 1.0
         raise ConfigError("two models would write the same samples file; give each its own out")
     for i, r in enumerate(runs):
         r.start(progress, bar_position=i)
-    turns = [r.batches(turn_seconds) for r in runs]
+    turns = {i: r.batches(turn_seconds) for i, r in enumerate(runs)}
     try:
         while turns:
-            for t in list(turns):
-                if next(t, None) is None:
-                    turns.remove(t)
+            for i, t in list(turns.items()):
+                # a turn lasts turn_seconds of this engine's time: switching at every finished batch (nearly every
+                # step late in a run) would make each engine re-read its weights and state from memory each step
+                start = runs[i].engine_seconds()
+                for _ in t:
+                    if runs[i].engine_seconds() - start >= turn_seconds:
+                        break
+                else:
+                    del turns[i]
     finally:
-        for t in turns:
+        for t in turns.values():
             t.close()  # an interrupted run: each bar closes, what was written stays
     return [r.finish() for r in runs]
 
