@@ -182,3 +182,60 @@ def test_length_grouped_batches_pad_less_and_still_draw_every_example_once(tok):
     third = batches[2 * len(odd) // B + 1:]
     fill = sum(int(b["real"].sum()) for b in third) / sum(b["input_ids"].numel() for b in third)
     assert fill > 0.9, fill
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("train_prompt", [False, True])
+def test_rows_hold_each_example_where_a_token_by_token_fill_puts_it(pack, train_prompt):
+    from thinkfast.data.packing import Example
+
+    g = torch.Generator().manual_seed(3)
+    exs = []
+    for _ in range(60):  # lengths 1..40 in rows of 32: some examples are cut, some prompts fill the row
+        n = int(torch.randint(1, 41, (1,), generator=g))
+        exs.append(Example(torch.randint(1, 500, (n,), generator=g).tolist(), int(torch.randint(0, n + 2, (1,), generator=g))))
+    rows = pack_examples(exs, 32, pad_id=7, pack=pack, train_prompt=train_prompt, seed=5)
+    # the reference: walk the rows' examples in their packed order, one token at a time
+    order = torch.randperm(len(exs), generator=torch.Generator().manual_seed(5)).tolist()
+    ids = torch.full_like(rows.input_ids, 7)
+    targets = torch.full_like(rows.targets, IGNORE)
+    real = torch.zeros_like(rows.real)
+    r, pos = -1, 32
+    for i in order:
+        tokens = exs[i].ids[:32]
+        if r < 0 or not pack or pos + len(tokens) > 32:
+            r, pos = r + 1, 0
+        first = 1 if train_prompt else max(1, exs[i].n_prompt)
+        for j, t in enumerate(tokens):
+            ids[r, pos + j], real[r, pos + j] = t, True
+            if j >= first:
+                targets[r, pos + j - 1] = t
+        pos += len(tokens)
+    assert rows.input_ids.shape[0] == r + 1
+    assert torch.equal(rows.input_ids, ids) and torch.equal(rows.targets, targets) and torch.equal(rows.real, real)
+    assert rows.n_truncated == sum(len(e.ids) > 32 for e in exs)
+
+
+def test_runs_sharing_an_examples_cache_read_the_data_once_and_train_alike(tmp_path, tok, monkeypatch):
+    from conftest import tiny_thinkfast_teacher
+
+    from thinkfast.data import packing
+    from thinkfast.distill.stages import StageConfig, distill
+    from thinkfast.distill.trainer import TrainConfig
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": p.question, "answer": p.answer, "solution": p.solution}) + "\n"
+                            for p in chain_sum_problems(30, seed=2)))
+    cfg = DataConfig(specs=[f"jsonl:{data}?solution=solution"], instruction="none", chat=False)
+    reads = []
+    load = packing.load_examples
+    monkeypatch.setattr(packing, "load_examples", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+    stages = [StageConfig("hidden", TrainConfig(tokens=4 * 64, batch_size=2, seq_len=64, log_every=1)),
+              StageConfig("sft", TrainConfig(tokens=4 * 96, batch_size=2, seq_len=96, log_every=1))]
+    cache: dict = {}
+    runs = [distill(tiny_thinkfast_teacher(tok), "llamba", cfg, stages, tokenizer=tok, progress=False, examples_cache=c)
+            for c in (cache, cache, None)]
+    assert len(reads) == 2  # once for the shared cache, once for the run without one
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0].state_dict().values(), run.state_dict().values()))
+    assert any(key[-1] == id(tok) for key in cache)  # keyed by the tokenizer object too

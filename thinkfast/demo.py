@@ -133,6 +133,8 @@ class Demo:
         self.log = log
         self.state_path = self.out / "demo.json"
         self.state = self._open()
+        self._tokenizer = None
+        self.examples: dict = {}  # the distillation split, read and tokenised once for both students
 
     # ------------------------------------------------------------------ run bookkeeping
 
@@ -209,7 +211,9 @@ class Demo:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.model_dir("teacher"))
+        if self._tokenizer is None:  # one object: the students' shared examples cache is keyed by it
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir("teacher"))
+        return self._tokenizer
 
     def teacher_model(self):
         from .models import ThinkfastForCausalLM
@@ -288,7 +292,7 @@ class Demo:
         student = from_teacher(teacher, kind=kind, attn_layers=attn_layers,
                                ssm_param=s.llamba_ssm_param if kind == "llamba" else None)
         student = distill(teacher, student, data, stages, tokenizer=self.tokenizer(), out_dir=work,
-                          resume=True, progress=self.progress)
+                          resume=True, progress=self.progress, examples_cache=self.examples)
         with atomic_dir(self.model_dir(name)) as d:
             for f in MODEL_FILES:
                 if (work / f).is_file():
@@ -302,6 +306,7 @@ class Demo:
 
     def step_hybrid(self) -> None:
         self._distill("hybrid", "hybrid", self.s.hybrid_tokens)
+        self.examples.clear()  # the last run on them
 
     def _sample(self, outs: dict[str, Path], spec: str, n: int) -> None:
         """Sample every model in `outs` (name -> samples file) on `spec`, the models taking turns (so that a drift

@@ -22,10 +22,12 @@ the same batches as an uninterrupted one, and every process of a data-parallel r
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import DataError
@@ -169,22 +171,34 @@ def pack_examples(
     if current:
         rows.append(current)
 
+    # filled with whole-array indexing: a tensor op per example took ~2 s for the demo's 20k examples
     N = len(rows)
     input_ids = torch.full((N, seq_len), pad_id, dtype=torch.int32)
     targets = torch.full((N, seq_len), IGNORE, dtype=torch.int32)
     real = torch.zeros((N, seq_len), dtype=torch.bool)
-    for r, row in enumerate(rows):
-        pos = 0
-        for ids, n_prompt in row:
-            L = len(ids)
-            t = torch.tensor(ids, dtype=torch.int32)
-            input_ids[r, pos:pos + L] = t
-            real[r, pos:pos + L] = True
-            # position pos+j predicts token j+1 of the same example; trained where token j+1 is completion
-            first = 1 if train_prompt else max(1, n_prompt)
-            if first < L:
-                targets[r, pos + first - 1:pos + L - 1] = t[first:]
-            pos += L
+    pieces = [(r, ids, n_prompt) for r, row in enumerate(rows) for ids, n_prompt in row]
+    if pieces:
+        lengths = np.fromiter((len(ids) for _, ids, _ in pieces), dtype=np.int64, count=len(pieces))
+        row_of = np.fromiter((r for r, _, _ in pieces), dtype=np.int64, count=len(pieces))
+        # where each piece starts in its row: pieces of one row follow each other from position 0
+        ends = np.cumsum(lengths)
+        row_start = np.zeros(len(pieces), dtype=bool)
+        row_start[0] = True
+        row_start[1:] = row_of[1:] != row_of[:-1]
+        before = np.where(row_start, ends - lengths, 0)
+        start = ends - lengths - np.maximum.accumulate(before)
+        first = np.fromiter(((1 if train_prompt else max(1, n)) for _, _, n in pieces), dtype=np.int64, count=len(pieces))
+        piece = np.repeat(np.arange(len(pieces)), lengths)
+        offset = np.arange(int(ends[-1])) - np.repeat(ends - lengths, lengths)
+        rr = torch.from_numpy(row_of[piece])
+        cc = torch.from_numpy(start[piece] + offset)
+        flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(ids for _, ids, _ in pieces), dtype=np.int32,
+                                            count=int(ends[-1])))
+        input_ids[rr, cc] = flat
+        real[rr, cc] = True
+        # position p predicts token p+1 of the same example; trained where that token is completion
+        trained = torch.from_numpy(offset >= first[piece])
+        targets[rr[trained], cc[trained] - 1] = flat[trained]
     return PackedRows(input_ids, targets, real, len(examples), truncated, name, pack)
 
 
@@ -346,7 +360,7 @@ def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = No
     pad = pad_id_of(tokenizer)
     sources = []
     for k, spec in enumerate(cfg.specs):
-        key = (spec if isinstance(spec, str) else id(spec), instruction, cfg.chat)
+        key = (spec if isinstance(spec, str) else id(spec), instruction, cfg.chat, id(tokenizer))
         if cache is not None and key in cache:
             examples = cache[key]
         else:

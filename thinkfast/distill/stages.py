@@ -357,11 +357,11 @@ class _DataSource:
     """Packs data per stage (each stage may use its own row length), tokenising each spec once.
     `per_stage=False` (held-out data) ignores the stages' own data and packs the same data for every stage."""
 
-    def __init__(self, data, tokenizer, per_stage: bool = True):
+    def __init__(self, data, tokenizer, per_stage: bool = True, cache: dict | None = None):
         self.default = _as_data_config(data)
         self.tokenizer = tokenizer
         self.per_stage = per_stage
-        self.cache: dict = {}
+        self.cache: dict = {} if cache is None else cache
         self.built: dict[int, DataMix] = {}
 
     def _config(self, stage: StageConfig):
@@ -532,6 +532,7 @@ def distill(
     fsdp_teacher: bool = False,
     callback=None,
     eval_data=None,
+    examples_cache: dict | None = None,
 ) -> ThinkfastForCausalLM:
     """Distil `teacher` into `student` through `stages`, in order.
 
@@ -543,6 +544,8 @@ def distill(
     callback(step, record): called after every optimizer step of every stage (record: the last log record).
     eval_data: held-out examples (same forms as data, one set for every stage): each stage logs its own loss on
     them (`TrainConfig.eval_every`, `eval_rows`) as `eval_loss` records in train_log.jsonl.
+    examples_cache: a dict kept across calls, so that runs on the same data specs (with the same tokenizer
+    object) read and tokenise them once (the demo's two students); by default each call reads its own.
     Returns the trained student (on the training device, in eval mode).
     """
     if not stages:
@@ -559,7 +562,7 @@ def distill(
     labels = [s.label for s in stages]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"stages {labels}: give repeated kinds distinct names (StageConfig(name=...)); logs and checkpoints are keyed by name")
-    source = _DataSource(data, tokenizer)
+    source = _DataSource(data, tokenizer, cache=examples_cache)
     source.prepare(stages)
     held_out = _held_out(eval_data, tokenizer, stages)
     out = Path(out_dir) if out_dir is not None else None
