@@ -128,3 +128,37 @@ def test_bad_checkpoint_arguments_are_one_line_and_leave_results_alone(tmp_path,
     assert "1000 positions" in refused("--model", str(teacher_dir), "--configs", "1x500x500")
     assert "after the --model it names" in refused("--name", "x", "--model", str(teacher_dir))
     assert "--models picks among the preset's" in refused("--model", str(teacher_dir), "--models", "teacher")
+
+
+def test_rounds_alternate_the_models_and_keep_each_rows_fastest_pass(saved_pair, monkeypatch):
+    from thinkfast.engine import bench
+    from thinkfast.errors import ConfigError
+
+    calls = []
+    walls = {("teacher", 1): 2.0, ("student", 1): 1.0, ("teacher", 2): 1.5, ("student", 2): 3.0}
+
+    def fake_row(**args):
+        calls.append(args["which"])
+        rnd = calls.count(args["which"])
+        wall = walls[(args["which"], rnd)]
+        if wall is None:
+            return {"model": args["which"], "error": "out of memory"}
+        return {"model": args["which"], "tokens_per_s": 1 / wall, "wall_seconds": wall, "seconds_per_sample": wall,
+                "peak_mem_bytes": 0, "round_seen": rnd}
+
+    monkeypatch.setattr(bench, "run_row", fake_row)
+
+    def bench_two_rounds():
+        calls.clear()
+        return bench.run_bench(configs=[(1, 4, 3)], isolate=False, checkpoints=[(str(p), None) for p in saved_pair],
+                               hf=False, rounds=2, log=lambda *a: None)
+
+    rows = bench_two_rounds()
+    assert calls == ["teacher", "student", "teacher", "student"]  # one pass over every model, then the next
+    assert [(r["model"], r["wall_seconds"], r["round_seen"], r["rounds"]) for r in rows] == [
+        ("teacher", 1.5, 2, 2), ("student", 1.0, 1, 2)]
+    walls[("student", 2)] = None  # a round that fails fails the row, whatever the other rounds measured
+    rows = bench_two_rounds()
+    assert rows[1]["error"] == "out of memory" and rows[0]["wall_seconds"] == 1.5
+    with pytest.raises(ConfigError, match="--rounds 0"):
+        bench.run_bench(configs=[(1, 4, 3)], isolate=False, rounds=0)

@@ -74,6 +74,9 @@ def add_parsers(sub) -> None:
     b.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the SSM update (GPU) or the whole decode step (CPU: pays off in long runs) (auto: GPU only)")
     b.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per row (default: torch's default)")
     b.add_argument("--repeats", type=int, default=1, help="timed runs per row; the fastest counts (default 1)")
+    b.add_argument("--rounds", type=positive_int, default=1,
+                   help="passes over all the rows, the models alternating; each row keeps its fastest pass, so a drift "
+                   "in the machine's speed reaches every model (default 1)")
     b.add_argument("--no-isolate", action="store_true", help="run rows in this process (faster; peak memory less exact)")
     b.set_defaults(func=cmd_bench)
 
@@ -205,8 +208,8 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run_bench(args.preset, _parse_configs(args.configs), models, device, args.dtype, _compile_flag(args.compile),
-                     isolate=not args.no_isolate, threads=args.threads, repeats=args.repeats, checkpoints=checkpoints,
-                     hf=not args.no_hf)
+                     isolate=not args.no_isolate, threads=args.threads, repeats=args.repeats, rounds=args.rounds,
+                     checkpoints=checkpoints, hf=not args.no_hf)
     if rows and all(r.get("error") for r in rows):  # keep the previous results rather than a table of failures
         raise ConfigError(f"every row failed (first: {rows[0]['error']}); nothing written to {out}")
     from ..utils import atomic_write_json, atomic_write_text
@@ -223,7 +226,7 @@ def _bench_command(args) -> str:
     parts = ["thinkfast bench", f"--preset {args.preset}"]
     for kind, value in args.checkpoints or []:
         parts.append(f"--{kind} {shlex.quote(value)}")
-    for flag in ("configs", "models", "device", "threads", "repeats", "out", "json"):
+    for flag in ("configs", "models", "device", "threads", "repeats", "rounds", "out", "json"):
         value = getattr(args, flag)
         if value:
             parts.append(f"--{flag} {shlex.quote(str(value))}")
