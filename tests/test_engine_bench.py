@@ -86,7 +86,7 @@ def test_bench_times_saved_checkpoints_with_their_roles_and_exact_token_counts(t
 
     md, js = tmp_path / "models.md", tmp_path / "models.json"
     assert main(["bench", "--model", str(teacher_dir), "--model", str(student_dir), "--name", "llamba-1",
-                 "--configs", "2x8x5,1x4x3", "--no-isolate", "--out", str(md), "--json", str(js)]) == 0
+                 "--configs", "2x8x5,1x4x3", "--no-isolate", "--rounds", "2", "--out", str(md), "--json", str(js)]) == 0
     rows = json.loads(js.read_text())
     assert [(r["model"], r["role"], r["engine"], r["path"], r["batch_size"]) for r in rows] == [
         ("teacher", "teacher", "thinkfast", str(teacher_dir), 2), ("teacher-hf", "teacher", "hf", str(teacher_dir), 2),
@@ -96,7 +96,9 @@ def test_bench_times_saved_checkpoints_with_their_roles_and_exact_token_counts(t
     for r in rows:
         assert KEYS <= set(r) and r["tokens_per_s"] > 0
         assert r["generated_tokens"] == r["batch_size"] * r["gen_len"]  # EOS ignored: exactly gen per sample
+        assert r["rounds"] == 2
     text = md.read_text()
+    assert "fastest of 2 rounds" in text and "--rounds 2" in text
     assert f"llamba-1 = `{student_dir}` (llamba)" in text and "llamba-1 / teacher" in text and "| llamba-1 | llamba | thinkfast | 1 | 4 | 3 |" in text
 
 

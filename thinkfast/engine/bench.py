@@ -463,6 +463,9 @@ def markdown(rows: list[dict], preset_name: str, hardware: str, command: str) ->
     else:
         lines += [f"- {PRESETS[preset_name].note}",
                   "- random weights; greedy, EOS ignored, exactly `gen` tokens per sample; tokens/s = batch x gen / wall (prefill included)"]
+    rounds = max((r.get("rounds", 1) for r in rows), default=1)
+    if rounds > 1:
+        lines.append(f"- each row: its fastest of {rounds} rounds (passes over all the rows, the models alternating)")
     lines += [
         "- decode state: the engine's static per-slot state (KV cache, SSM + conv state) for the batch",
         "- peak mem: growth over the loaded model, prefill transients included (GPU: allocated; CPU: peak RSS of the row's own process)",
