@@ -54,6 +54,15 @@ def test_quick_demo_writes_the_report_contract(quick_demo):
         groups = m["by_group"]["models"][name]
         assert sum(g["problems"] for g in groups.values()) == len(load_problems(m["dataset"]))
         assert all(2 <= int(terms) <= 8 for terms in groups)
+    # each stage's held-out loss, read back from the students' training logs, beside the teacher's CE on those rows
+    held = m["demo"]["held_out_loss"]
+    assert list(held["llamba"]) == ["matrix", "hidden", "kd", "sft"] and list(held["hybrid"]) == ["hidden", "sft"]
+    assert held["rows"] == 8 and load_problems(held["spec"])
+    for name in ("llamba", "hybrid"):
+        logged = [json.loads(x) for x in (quick_demo / "work" / name / "train_log.jsonl").read_text().splitlines()]
+        assert held[name]["sft"] == [r["eval_loss"] for r in logged if r.get("stage") == "sft" and "eval_loss" in r][-1]
+    assert 0 < held["teacher_sft"] < held["llamba"]["sft"]  # the trained teacher fits them better than a --quick student
+    assert f"The teacher's CE on the same solutions: {held['teacher_sft']:.4g}" in report
     # a verifier needs right and wrong training completions; --quick's few may hold only one kind
     assert ("Best-of-4 with the reward model" in report) == bool(m["models"]["teacher"]["bon_at_k"])
     assert ("no reward model" in report) != bool(m["models"]["teacher"]["bon_at_k"])

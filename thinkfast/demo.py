@@ -33,6 +33,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
                "chat_template.jinja", "special_tokens_map.json")
 # seed ranges of reasoning-gym's basic_arithmetic (item i uses seed + i): disjoint from the teacher's [1000, 151000)
 DISTILL_SEED, RM_SEED, HELDOUT_SEED = 200_000, 600_000, 900_000
+EVAL_SEED = 800_000  # worked solutions whose teacher-forced loss each distillation stage logs when it ends
 
 # learning rates: KD from a sweep (8 x 1024-token rows: 2e-3 / 1e-3 / 5e-4 / 2.5e-4 -> KL 0.71 / 0.31 / 0.24 / 0.31;
 # 1-row steps: 5e-4 and 2.5e-4 end level); SFT gently, with a long warmup: a fresh Adam's first steps move every
@@ -203,6 +204,17 @@ class Demo:
     def distill_spec(self) -> str:
         return sums_spec(self.s.distill_examples, DISTILL_SEED)
 
+    @property
+    def eval_rows(self) -> int:
+        """Held-out worked solutions each stage is scored on: 64 (a few seconds per stage), 8 in a --quick run."""
+        return min(64, max(8, self.s.distill_examples // 100))
+
+    def eval_data(self):
+        from .data.packing import DataConfig
+
+        return DataConfig(specs=[sums_spec(self.eval_rows, EVAL_SEED)], instruction=PROMPT_STYLE["instruction"],
+                          seed=self.s.seed, pack=self.s.pack)
+
     def style(self):
         from .data.prompts import PromptStyle
 
@@ -284,7 +296,9 @@ class Demo:
         from .models import from_teacher
 
         s = self.s
-        stages = distill_stages(s, budgets)
+        # each stage ends by scoring its own loss on held-out worked solutions (the report's held-out losses)
+        stages = [dataclasses.replace(st, train=dataclasses.replace(st.train, eval_rows=self.eval_rows))
+                  for st in distill_stages(s, budgets)]
         data = DataConfig(specs=[self.distill_spec], instruction=PROMPT_STYLE["instruction"], seed=s.seed, pack=s.pack)
         work = self.out / "work" / name
         attn_layers = self.hybrid_attention_layers() if kind == "hybrid" else None
@@ -292,7 +306,7 @@ class Demo:
         student = from_teacher(teacher, kind=kind, attn_layers=attn_layers,
                                ssm_param=s.llamba_ssm_param if kind == "llamba" else None)
         student = distill(teacher, student, data, stages, tokenizer=self.tokenizer(), out_dir=work,
-                          resume=True, progress=self.progress, examples_cache=self.examples)
+                          resume=True, progress=self.progress, examples_cache=self.examples, eval_data=self.eval_data())
         with atomic_dir(self.model_dir(name)) as d:
             for f in MODEL_FILES:
                 if (work / f).is_file():
@@ -360,16 +374,54 @@ class Demo:
         wall = self.state["wall_seconds"]
         claims = check_claims(metrics, paths) + [wall_claim(wall, self.s.wall_target_seconds)]
         notes = summary_notes(metrics, claims, wall)
+        held_out = self.held_out_losses()
+        if held_out:
+            notes.append(held_out_note(held_out))
         if self.state.get("reward_note"):
             notes.append(self.state["reward_note"] + ".")
         metrics = build_report(paths, self.out, dataset=self.dataset_spec, wall_seconds=wall, summary_notes=notes, title=title,
                                group_by="terms")
         metrics["claims"] = claims
         metrics["demo"] = {"settings": dataclasses.asdict(self.s), "step_seconds": self.state["step_seconds"],
-                           "models": {m: str(self.model_dir(m)) for m in MODELS}}
+                           "models": {m: str(self.model_dir(m)) for m in MODELS}, "held_out_loss": held_out}
         atomic_write_json(self.out / "metrics.json", metrics)
         for line in notes:
             self.log(f"  {line}")
+
+
+    def held_out_losses(self) -> dict:
+        """Each student's loss on the held-out worked solutions at the end of each of its stages (from its
+        train_log.jsonl; each stage's own loss: matrix/hidden alignment, KL, or CE), and the teacher's CE on the same
+        rows, the floor the students' SFT CE compares with. Empty for runs from before the stages logged it."""
+        students = {}
+        for name in ("llamba", "hybrid"):
+            log_path = self.out / "work" / name / "train_log.jsonl"
+            if log_path.is_file():
+                rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+                losses = {r["stage"]: r["eval_loss"] for r in rows if "eval_loss" in r}  # the last per stage
+                if losses:
+                    students[name] = losses
+        if not students:
+            return {}
+        return {"rows": self.eval_rows, "spec": sums_spec(self.eval_rows, EVAL_SEED),
+                "teacher_sft": self.teacher_held_out_ce(), **students}
+
+    def teacher_held_out_ce(self) -> float:
+        from .data.packing import build_data
+        from .distill.stages import SFTTask
+        from .distill.trainer import evaluate, held_out_batch
+
+        rows = build_data(self.eval_data(), self.tokenizer(), self.s.seq_len, warn_cut=False)
+        batch = held_out_batch(rows, self.eval_rows)
+        return evaluate(SFTTask(self.teacher_model().eval()), batch, 8, "cpu")["eval_loss"]
+
+
+def held_out_note(held: dict) -> str:
+    parts = [f"{name} " + ", ".join(f"{stage} {loss:.4g}" for stage, loss in held[name].items())
+             for name in ("llamba", "hybrid") if name in held]
+    return (f"Held-out loss at the end of each stage ({held['rows']} worked solutions no stage trained on; each stage's "
+            f"own loss): {'; '.join(parts)}. The teacher's CE on the same solutions: {held['teacher_sft']:.4g} "
+            "(the floor for the students' sft CE).")
 
 
 STEP_TITLES = {
