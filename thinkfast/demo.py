@@ -388,7 +388,6 @@ class Demo:
         for line in notes:
             self.log(f"  {line}")
 
-
     def held_out_losses(self) -> dict:
         """Each student's loss on the held-out worked solutions at the end of each of its stages (from its
         train_log.jsonl; each stage's own loss: matrix/hidden alignment, KL, or CE), and the teacher's CE on the same

@@ -331,6 +331,8 @@ def sample_interleaved(jobs: list[dict], common: dict, turn_seconds: float = 1.0
     """
     if not turn_seconds > 0:
         raise ConfigError(f"turn_seconds={turn_seconds}: use a positive number of seconds")
+    if common.get("problems") is None and "data_spec" in common and not any("data_spec" in job for job in jobs):
+        common = {**common, "problems": load_problems(common["data_spec"])}  # read (or generated) once for all
     runs = [_SamplingJob(**{**common, **job}) for job in jobs]
     outs = [Path(r.out).resolve() for r in runs]
     if len(set(outs)) != len(outs):
