@@ -180,3 +180,16 @@ def test_turn_seconds_must_be_positive(pair, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(_cli(root, spec, tmp_path / "o", "--model", str(root / "teacher"), "--turn-seconds", "0"))
     assert e.value.code == 2 and "--turn-seconds: 0 must be a number above 0" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_sharded_turns_merge_into_the_single_process_files(pair, tmp_path, monkeypatch):
+    root, spec = pair
+    sample_interleaved(_jobs(root, tmp_path / "single"), _common(spec), progress=False)
+    monkeypatch.setattr(run_mod, "_barrier", lambda: None)  # ranks run one after the other here
+    for rank in (1, 0):  # rank 0 last: it merges every model's parts once everyone is done
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        sample_interleaved(_jobs(root, tmp_path / "sharded"), _common(spec), progress=False)
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["hybrid.jsonl", "teacher.jsonl"]  # no parts left
+    for name in ("teacher", "hybrid"):
+        assert _content(tmp_path / "sharded" / f"{name}.jsonl") == _content(tmp_path / "single" / f"{name}.jsonl")
