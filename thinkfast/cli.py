@@ -7,10 +7,14 @@ parsing and glue only (the one place where engine and eval meet); the work is in
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 from .errors import ThinkfastError
+from .utils import free_bytes, write_failure
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # module -> the commands it defines, in the order `--help` lists them
 COMMAND_MODULES = {
@@ -53,14 +57,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thinkfast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        how = "with --resume" if getattr(args, "resume", None) is False else "as it is"  # commands with --resume want it
-        print(f"thinkfast {args.command}: interrupted; re-run the same command {how} to continue", file=sys.stderr)
+        print(f"thinkfast {args.command}: interrupted; re-run the same command {_how_to_continue(args)} to continue",
+              file=sys.stderr)
         return 130
-    except OSError as e:  # a path that cannot be read or written, met mid-run (what was written before stays)
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"thinkfast {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+    except Exception as e:  # a path that cannot be read or written, met mid-run (what was written before stays)
+        failure = write_failure(e, getattr(args, "out", None))
+        if failure is None:
+            raise
+        print(f"thinkfast {args.command}: error: {os_error_line(failure, args)}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def _how_to_continue(args) -> str:
+    return "with --resume" if getattr(args, "resume", None) is False else "as it is"  # commands with --resume want it
+
+
+def os_error_line(e: OSError, args) -> str:
+    """What failed, where, and what to do. A full disk names the output and its free space: the run keeps what it
+    finished (checkpoints and sample files are written whole or repaired on resume), so freeing space and
+    re-running continues it."""
+    # shutil's copies name the source first and the destination second; a full disk is about the destination
+    where = e.filename2 if e.errno in DISK_FULL + (errno.EFBIG,) and e.filename2 else e.filename
+    where = where or getattr(args, "out", None)
+    prefix = f"{where}: " if where else ""
+    if e.errno in DISK_FULL:
+        free = f" ({free_bytes(where) / 2**20:.0f} MiB free)" if where else ""
+        out = " or choose another --out" if getattr(args, "out", None) else ""
+        return (f"{prefix}no space left on its disk{free}; free some space{out}, then re-run the same command "
+                f"{_how_to_continue(args)} to continue from what was saved")
+    if e.errno == errno.EFBIG:
+        return (f"{prefix}file too large for the file system or for this shell's file-size limit (`ulimit -f`); "
+                f"raise the limit or choose another --out, then re-run the same command {_how_to_continue(args)}")
+    return f"{prefix}{e.strerror or e}"
 
 
 if __name__ == "__main__":

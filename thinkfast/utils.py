@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -17,7 +19,8 @@ import torch
 def atomic_dir(final: str | os.PathLike):
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
 
-    A crash leaves `final` as it was (old contents or absent), never half-written.
+    A crash leaves `final` as it was (old contents or absent), never half-written. A failed save comes out as an
+    OSError naming `final` (`write_failure`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -32,9 +35,78 @@ def atomic_dir(final: str | os.PathLike):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        failure = write_failure(e, final)  # before the clean-up frees the space it reads
+        if failure is not None and str(failure.filename or "").startswith(str(tmp)):
+            failure.filename = str(final)  # the temporary folder is gone; name what was being written
         shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None and failure is not e:
+            raise failure from e
         raise
+
+
+@contextlib.contextmanager
+def failed_writes_as_os_errors(path: str | os.PathLike):
+    """Re-raise a failed save inside the block as the OSError behind it (`write_failure`), naming `path`."""
+    try:
+        yield
+    except BaseException as e:
+        failure = write_failure(e, path)
+        if failure is not None and failure is not e:
+            raise failure from e
+        raise
+
+
+# safetensors reports a failed write as `SafetensorError(... (os error 28))`, torch.save as a RuntimeError from its
+# zip writer without any errno; both mean the same to a user as an OSError from open().write()
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_TORCH_WRITER = ("PytorchStreamWriter", "file write failed", "unexpected pos")  # not its reader's errors
+LOW_SPACE_BYTES = 64 << 20
+
+
+def write_failure(exc: BaseException, path: str | os.PathLike | None = None) -> OSError | None:
+    """The OSError behind a failed save, or None when `exc` is not one. An OSError without a file name gets `path`;
+    torch's writer error, which carries no errno, counts as a full disk when `path`'s disk has little space left."""
+    if isinstance(exc, OSError):
+        if exc.filename is None and exc.errno is not None and path is not None:
+            exc.filename = str(path)
+        return exc
+    text = str(exc)
+    code = None
+    if type(exc).__name__ == "SafetensorError" and (m := _RUST_OS_ERROR.search(text)):
+        code = int(m.group(1))
+    elif isinstance(exc, RuntimeError) and any(w in text for w in _TORCH_WRITER):
+        low = path is not None and free_bytes(path) < LOW_SPACE_BYTES
+        code = errno.ENOSPC if low else errno.EIO
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), str(path) if path is not None else None)
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the disk that holds `path` (or would hold it: its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under `path` (0 when it does not exist)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+def disk_space_line(path: str | os.PathLike, need: int, what: str) -> str | None:
+    """A line saying that `path`'s disk lacks the `need` more bytes that `what` writes there; None when it has them."""
+    free = free_bytes(path)
+    if need <= free:
+        return None
+    return f"{path}: its disk has {free / 2**20:,.0f} MiB free, and {what} writes about {need / 2**20:,.0f} MiB more"
 
 
 def usual_permissions(root: str | os.PathLike) -> None:
@@ -52,12 +124,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with failed_writes_as_os_errors(path):
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

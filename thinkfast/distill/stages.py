@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,9 +34,11 @@ import torch.nn as nn
 from ..data.packing import IGNORE, DataConfig, DataMix, PackedRows, build_data, warn_cut_examples
 from ..errors import CheckpointError, ConfigError
 from ..models import ThinkfastForCausalLM, from_teacher
-from ..utils import atomic_write_json, usual_permissions
+from ..utils import atomic_write_json, disk_space_line, failed_writes_as_os_errors, folder_bytes, usual_permissions
 from .losses import KL_KINDS, hidden_loss, matrix_loss, vocab_loss
 from .trainer import ProgressArg, TrainConfig, TrainResult, barrier, dist_info, pick_device, train
+
+log = logging.getLogger(__name__)
 
 STAGE_KINDS = ("matrix", "hidden", "kd", "sft")
 FREEZE_GROUPS = ("embed", "norm", "mlp", "attn", "mamba")
@@ -427,6 +430,24 @@ def _prepare_out(out_dir: Path, run: dict, resume: bool) -> None:
         atomic_write_json(out_dir / "run.json", run)
 
 
+def run_disk_bytes(model: nn.Module, n_stages: int) -> int:
+    """What a run writes at its peak: each stage keeps its final weights, the running stage's checkpoint (weights
+    and Adam's two moments) is written beside the previous one before replacing it, and the final model."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return (n_stages + 1) * weights + 2 * (weights + moments)
+
+
+def warn_if_disk_short(out_dir: Path, model: nn.Module, n_stages: int) -> None:
+    """A warning at the start rather than a failed checkpoint later: the run still starts (the estimate is rough)."""
+    if not dist_info().main:
+        return
+    line = disk_space_line(out_dir, run_disk_bytes(model, n_stages) - folder_bytes(out_dir), "this run")
+    if line:
+        log.warning("%s (checkpoints and the final model); free some space or choose another --out, or it stops "
+                    "at the first checkpoint that does not fit", line)
+
+
 def _check_out_dir(out_dir: Path, run: dict, resume: bool) -> None:
     marker = out_dir / "run.json"
     if marker.is_file():
@@ -452,9 +473,10 @@ def save_final(model: ThinkfastForCausalLM, out_dir: Path, tokenizer=None) -> No
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=out_dir))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        with failed_writes_as_os_errors(out_dir):
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         usual_permissions(tmp)
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
@@ -575,6 +597,7 @@ def distill(
             "data": source.describe(StageConfig("kd")),
         }))
         _prepare_out(out, run, resume)
+        warn_if_disk_short(out, student, len(stages))
     if fsdp_teacher:
         shard_teacher(t_model, pick_device(stages[0].train, dist_info()))
     run_stages(t_model, student, source, stages, out, resume, progress, callback, held_out)
@@ -613,6 +636,7 @@ def sft(
         run = json.loads(json.dumps({"command": "sft", "model": _model_fingerprint(model),
                                      "stages": [stage.fingerprint()], "data": source.describe(stage)}))
         _prepare_out(out, run, resume)
+        warn_if_disk_short(out, model, 1)
     run_stages(None, model, source, [stage], out, resume, progress, callback, held_out)
     model.eval()
     if out is not None and dist_info().main:
