@@ -51,3 +51,10 @@ def non_negative_float(text: str) -> float:
     if v < 0:
         raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
     return v
+
+
+def no_hf_progress_bars() -> None:
+    """Hugging Face's weight loading and saving bars would interleave with ours (and ignore --quiet)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import non_negative_float, positive_int
+from . import no_hf_progress_bars, non_negative_float, positive_int
 
 
 def add_parsers(sub) -> None:
@@ -53,7 +53,7 @@ def _threads(n):
 def _quiet_hf():
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    no_hf_progress_bars()
     hf_logging.set_verbosity_error()
 
 

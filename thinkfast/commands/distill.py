@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError, ThinkfastError
+from . import no_hf_progress_bars
 
 TRAIN_FLAGS = [
     # flag, key, type, help
@@ -159,11 +160,9 @@ def _load_thinkfast_or_teacher(spec: str, dtype, role: str):
 
 
 def _progress(args):
-    from transformers.utils import logging as hf_logging
-
     from ..distill.trainer import no_bar
 
-    hf_logging.disable_progress_bar()  # weight loading/saving bars would interleave with ours
+    no_hf_progress_bars()
     return no_bar if args.no_progress else True  # --no-progress drops the bar, not the budget line
 
 

@@ -7,7 +7,7 @@ import math
 
 from ..errors import ThinkfastError
 from ..utils import check_device, check_out_path
-from . import non_negative_int, positive_float
+from . import no_hf_progress_bars, non_negative_int, positive_float
 from . import positive_int as _positive_int
 
 
@@ -101,6 +101,7 @@ def _device(name, threads=None):
 
 
 def cmd_score(args) -> int:
+    no_hf_progress_bars()
     from ..eval.scoring import score_files
 
     totals = score_files(args.samples, reward_model=args.reward_model, prm=args.prm, prm_aggregation=args.prm_aggregation,
@@ -112,6 +113,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_train_rm(args) -> int:
+    no_hf_progress_bars()
     from ..eval.reward import ORMConfig, ORMTraining
     from ..eval.scoring import train_reward_model
 

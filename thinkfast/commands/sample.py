@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from ..errors import ConfigError
-from . import positive_float, positive_int
+from . import no_hf_progress_bars, positive_float, positive_int
 
 
 def add_parsers(sub) -> None:
@@ -93,6 +93,7 @@ def _sample_specs(events) -> list[tuple[str, str | None]]:
 
 
 def cmd_sample(args) -> int:
+    no_hf_progress_bars()
     from ..data.prompts import PromptStyle, declared_instruction
     from ..engine.run import default_model_name, sample_interleaved, sample_to_file
     from ..engine.sampling import SamplingParams
@@ -185,6 +186,7 @@ def _checkpoint_specs(events) -> list[tuple[str, str | None]]:
 
 
 def cmd_bench(args) -> int:
+    no_hf_progress_bars()
     import torch
 
     from ..engine.bench import PRESETS, markdown, run_bench
