@@ -39,6 +39,24 @@ def test_left_style_restates_the_terms_still_to_add_and_only_adds_lines():
         sum_solution(expression, "rows")
 
 
+@pytest.mark.parametrize("expression", ["114163 + 643583", "999 + 1", "5 + 5 + 90", "100 + 1", "0 + 0"])
+def test_running_style_writes_the_digits_so_far_and_states_only_the_sum(expression):
+    """Each column line ends with the sum's digits up to that column, so the last line copies the line above it
+    instead of reading the terms and the written digits back from far up."""
+    terms = [int(t) for t in expression.split("+")]
+    sol = sum_solution(expression, "running")
+    assert sol.endswith(f"#### {sum(terms)}") and grade(sol, str(sum(terms)), "number") is True
+    for k, block in enumerate(sol.split(":\n")[1:]):  # one block per addition, after its `a + b:` header
+        lines = block.splitlines()
+        columns = [x for x in lines if " -> " in x]
+        total = sum(terms[: k + 2])
+        digits = str(total)
+        assert [x.rsplit(" -> ", 1)[1] for x in columns] == [digits[-(i + 1):] for i in range(len(columns))]
+        assert lines[len(columns)] == f"so the sum is {total}"
+    plain_columns = [x for x in sum_solution(expression).splitlines() if "write" in x]
+    assert [x.rsplit(" -> ", 1)[0] for x in sol.splitlines() if " -> " in x] == plain_columns  # the same arithmetic
+
+
 def test_rg_spec_worked_option_picks_the_style_and_refuses_unknown_ones():
     from thinkfast.errors import DataError
 

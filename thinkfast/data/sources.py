@@ -4,7 +4,7 @@
   math:PATH                                  MATH jsonl (`problem`, `answer`, optional `solution`)
   jsonl:PATH?question=FIELD&answer=FIELD     any jsonl (`solution=FIELD`, `kind=number|gsm8k|math` optional)
   rg:NAME?size=N&seed=S&KEY=VALUE...         a reasoning-gym generator (extra keys go to its config; sums take
-                                             `worked=columns|left`, the style of their worked solutions;
+                                             `worked=columns|left|running`, the style of their worked solutions;
                                              `max_chars=N` leaves out items whose question + worked solution
                                              run longer; worked solutions: sums, gcd, and any `answer_cot`)
   hf:ID[:CONFIG]:SPLIT                       a Hugging Face dataset (needs `datasets` and the network)

@@ -19,6 +19,10 @@ Style "left" also restates, after each partial sum, the terms still to add (`lef
 copied from a line one addition back instead of from the question, hundreds of tokens back. It tests whether a
 pure Mamba student's misses are about distance; they are not: it then miscopies the restated lists instead
 (benchmarks/distill_recipe.md, run R).
+
+Style "running" ends each column line with the sum's digits so far (`tens: 6+8=14, write 4, carry 1 -> 46`) and
+the addition with `so the sum is 757746`: the final line copies the line above instead of reading both terms and
+the written digits back from far up, where a pure Mamba student failed on long two-term sums (run Z).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import re
 
 SUM = re.compile(r"^\s*\d+(\s*\+\s*\d+)+\s*$")
-STYLES = ("columns", "left")
+STYLES = ("columns", "left", "running")
 PLACES = ["ones", "tens", "hundreds", "thousands"]
 
 
@@ -34,7 +38,9 @@ def place_name(i: int) -> str:
     return PLACES[i] if i < len(PLACES) else f"10^{i}"
 
 
-def column_addition(a: int, b: int) -> list[str]:
+def column_addition(a: int, b: int, running: bool = False) -> list[str]:
+    """`a + b` column by column. `running`: each column line also writes the digits so far (`-> 46`) and the last
+    line states only the sum, so no line reads a number back from far above."""
     lines = [f"{a} + {b}:"]
     da, db = str(a)[::-1], str(b)[::-1]
     carry = 0
@@ -44,11 +50,12 @@ def column_addition(a: int, b: int) -> list[str]:
         y = int(db[i]) if i < len(db) else 0
         total = x + y + carry
         step = f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}"
-        lines.append(f"{place_name(i)}: {step}, write {total % 10}" + (", carry 1" if total >= 10 else ""))
+        line = f"{place_name(i)}: {step}, write {total % 10}" + (", carry 1" if total >= 10 else "")
+        lines.append(line + (f" -> {str(a + b)[-(i + 1):]}" if running else ""))
         carry = total // 10
     if carry:
-        lines.append(f"{place_name(width)}: carry 1, write 1")
-    lines.append(f"so {a} + {b} = {a + b}")
+        lines.append(f"{place_name(width)}: carry 1, write 1" + (f" -> {a + b}" if running else ""))
+    lines.append(f"so the sum is {a + b}" if running else f"so {a} + {b} = {a + b}")
     return lines
 
 
@@ -102,7 +109,7 @@ def sum_solution(expression: str, style: str = "columns") -> str | None:
     terms = [int(t) for t in expression.split("+")]
     lines, total = [], terms[0]
     for i, term in enumerate(terms[1:], start=2):
-        lines += column_addition(total, term)
+        lines += column_addition(total, term, running=style == "running")
         total += term
         if style == "left" and i < len(terms):
             lines.append("left: " + " + ".join(map(str, terms[i:])))
