@@ -193,7 +193,8 @@ class Demo:
     def check_disk_space(self) -> None:
         """Refuse before any step, not at a checkpoint ten minutes in, when --out's disk cannot take the run."""
         teacher = (Path(self.s.teacher) if self.s.teacher else embedded_teacher_dir()) / "model.safetensors"
-        need = DISK_PER_TEACHER_BYTE * teacher.stat().st_size - folder_bytes(self.out)
+        weights = teacher.stat().st_size if teacher.is_file() else 0  # no weights: the teacher step says so
+        need = DISK_PER_TEACHER_BYTE * weights - folder_bytes(self.out)
         line = disk_space_line(self.out, need, "the demo")
         if line:
             raise ConfigError(f"{line} (models, checkpoints, samples); free some space or choose another --out, "
