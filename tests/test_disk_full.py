@@ -2,7 +2,6 @@
 was saved before kept, and the same command (with --resume where it needs one) continues the run."""
 
 import errno
-import json
 import os
 import resource
 import subprocess
@@ -10,11 +9,12 @@ import sys
 
 import pytest
 import torch
+from conftest import write_distill_files
 from safetensors import SafetensorError
 
 import thinkfast.utils as utils
 from thinkfast.cli import main
-from thinkfast.distill.toy import chain_sum_problems, char_tokenizer, random_model, tiny_config
+from thinkfast.distill.toy import char_tokenizer
 from thinkfast.utils import atomic_dir, write_failure
 
 FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
@@ -22,15 +22,7 @@ FULL = "Error while serializing: I/O error: No space left on device (os error 28
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("disk")
-    tok = char_tokenizer()
-    m = random_model(tiny_config(len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64), tokenizer=tok)
-    m.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    with open(root / "chain.jsonl", "w") as f:
-        for p in chain_sum_problems(30, seed=2):
-            f.write(json.dumps({"question": p.question, "answer": p.answer, "solution": p.solution}) + "\n")
-    return root
+    return write_distill_files(tmp_path_factory.mktemp("disk"), char_tokenizer())
 
 
 def _distill_args(root, out, *extra):

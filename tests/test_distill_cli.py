@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_distill_files
 from thinkfast.cli import main
 from thinkfast.distill.recipes import RECIPE_DIR, load_recipe, make_plan
-from thinkfast.distill.toy import chain_sum_problems, char_tokenizer, random_model, tiny_config
+from thinkfast.distill.toy import char_tokenizer
 from thinkfast.errors import ConfigError
 
 
@@ -16,16 +17,7 @@ from thinkfast.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    tok = char_tokenizer()
-    for name, d in (("teacher", 32), ("other", 48)):
-        m = random_model(tiny_config(len(tok), d_model=d, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64), tokenizer=tok)
-        m.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    with open(root / "chain.jsonl", "w") as f:
-        for p in chain_sum_problems(30, seed=2):
-            f.write(json.dumps({"question": p.question, "answer": p.answer, "solution": p.solution}) + "\n")
-    return root
+    return write_distill_files(tmp_path_factory.mktemp("cli"), char_tokenizer(), teachers=(("teacher", 32), ("other", 48)))
 
 
 def _args(root, out, *extra):

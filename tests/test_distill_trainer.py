@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_thinkfast_teacher
+from conftest import tiny_thinkfast_teacher, write_distill_files
 import torch
 
 from thinkfast.data.packing import DataConfig, build_data
@@ -138,14 +138,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tok):
 
 @pytest.fixture(scope="module")
 def saved_teacher(tmp_path_factory, tok):
-    root = tmp_path_factory.mktemp("teacher")
-    model = _teacher(tok)
-    model.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    with open(root / "chain.jsonl", "w") as f:
-        for p in chain_sum_problems(40, seed=2):
-            f.write(json.dumps({"question": p.question, "answer": p.answer, "solution": p.solution}) + "\n")
-    return root
+    return write_distill_files(tmp_path_factory.mktemp("teacher"), tok, problems=40)
 
 
 TWO_RUNS = """
