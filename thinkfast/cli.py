@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as e:  # a path that cannot be read or written, met mid-run (what was written before stays)
-        failure = write_failure(e, getattr(args, "out", None))
+        failure = write_failure(e)
         if failure is None:
             raise
         print(f"thinkfast {args.command}: error: {os_error_line(failure, args)}", file=sys.stderr)
@@ -78,8 +78,10 @@ def os_error_line(e: OSError, args) -> str:
     finished (checkpoints and sample files are written whole or repaired on resume), so freeing space and
     re-running continues it."""
     # shutil's copies name the source first and the destination second; a full disk is about the destination
-    where = e.filename2 if e.errno in DISK_FULL + (errno.EFBIG,) and e.filename2 else e.filename
-    where = where or getattr(args, "out", None)
+    writing = e.errno in DISK_FULL + (errno.EFBIG, errno.EROFS)
+    where = e.filename2 if writing and e.filename2 else e.filename
+    if writing and not where:  # a bare write() names no file; the output is where this command writes
+        where = getattr(args, "out", None)
     prefix = f"{where}: " if where else ""
     if e.errno in DISK_FULL:
         free = f" ({free_bytes(where) / 2**20:.0f} MiB free)" if where else ""
