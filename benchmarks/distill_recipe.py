@@ -1,7 +1,8 @@
 """A demo student's distillation recipe at the demo's token budget: rows per step and the split over stages.
 
-Takes a finished `thinkfast demo` folder and, for each setting `ROWSxLENGTH[u]:STAGE=TOKENS+STAGE=TOKENS...`
-(`u`: one whole example per row, unpacked, the budget counted in the examples' real tokens),
+Takes a finished `thinkfast demo` folder and, for each setting `ROWSxLENGTH[u|g]:STAGE=TOKENS+STAGE=TOKENS...`
+(`u`: one whole example per row, unpacked, the budget counted in the examples' real tokens; `g`: the same, with
+each step's rows drawn grouped by length),
 distils the demo's hybrid (or, with --student llamba, its Llamba) again from its teacher (the hybrid's attention
 at the demo hybrid's layers; --d-state, --d-conv, --ssm-kv-heads and --ssm-param change the student's Mamba mixers; the demo's learning
 rates and schedules, `thinkfast.demo.distill_stages`), changing only the rows per optimizer step, the row length
@@ -60,8 +61,9 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
 
     demo = Path(demo_dir)
     row_shape, _, recipe = setting.partition(":")
-    unpacked = row_shape.endswith("u")  # one whole example per row instead of packed rows
-    rows, length = (int(x) for x in row_shape.rstrip("u").split("x"))
+    grouped = row_shape.endswith("g")  # one-example rows drawn in batches grouped by length
+    unpacked = grouped or row_shape.endswith("u")  # one whole example per row instead of packed rows
+    rows, length = (int(x) for x in row_shape.rstrip("ug").split("x"))
     shape = {k: v for k, v in (shape or {}).items() if v is not None}  # the student's d_state / ssm_kv_heads
     settings = dataclasses.replace(DemoSettings(), distill_batch=rows, seq_len=length)
     budgets, lrs = {}, {}
@@ -79,7 +81,7 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     teacher = ThinkfastForCausalLM.from_pretrained(demo / "models" / "teacher")
     train_spec = sums_spec(settings.distill_examples, DISTILL_SEED) + ("" if worked == "columns" else f"&worked={worked}")
     data = DataConfig(specs=[train_spec], instruction=PROMPT_STYLE["instruction"],
-                      seed=settings.seed, pack=not unpacked)
+                      seed=settings.seed, pack=not unpacked, group_by_length=grouped)
     where = f"-attn{'-'.join(map(str, attn_layers))}" if student_kind == "hybrid" else ""
     where += "".join(f"-{k}{v}" for k, v in sorted(shape.items())) + ("" if worked == "columns" else f"-worked-{worked}")
     out = Path(out_root) / f"{student_kind}{where}-{setting.replace(':', '_').replace('+', '_').replace('=', '')}"
@@ -105,7 +107,7 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     student.eval()
     with torch.no_grad():
         (greedy, _), (warm, _), (hot, hot_cover) = accuracy(0.0, 1), accuracy(1.0, 4), accuracy(settings.temperature, 8)
-    return {"student": student_kind, "attn_layers": attn_layers, "shape": shape, "worked": worked, "setting": setting, "rows": rows, "row_tokens": length, "unpacked": unpacked, "budgets": budgets,
+    return {"student": student_kind, "attn_layers": attn_layers, "shape": shape, "worked": worked, "setting": setting, "rows": rows, "row_tokens": length, "unpacked": unpacked, "grouped": grouped, "budgets": budgets,
             "lrs": lrs, "steps": steps,
             "final_loss": last, "seconds": round(seconds), "tokens_per_second": round(sum(budgets.values()) / seconds),
             "greedy": greedy, "t1.0": warm, f"t{settings.temperature}": hot, f"t{settings.temperature}_pass@8": hot_cover}
@@ -115,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("demo_dir")
     ap.add_argument("--settings", required=True,
-                    help="comma-separated ROWSxLENGTH[u]:STAGE=TOKENS[@LR]+STAGE=TOKENS[@LR]... (@LR: that stage's "
+                    help="comma-separated ROWSxLENGTH[u|g]:STAGE=TOKENS[@LR]+STAGE=TOKENS[@LR]... (@LR: that stage's "
                          "learning rate instead of the demo's)")
     ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--jobs", type=int, default=1)
@@ -141,8 +143,8 @@ def main() -> None:
     settings = args.settings.split(",")
     for setting in settings:
         stage = r"(matrix|hidden|kd|sft)=\d+(@\d+(\.\d*)?(e-?\d+)?)?"
-        if not re.fullmatch(rf"\d+x\d+u?:{stage}(\+{stage})*", setting):
-            raise SystemExit(f"--settings: {setting!r} is not ROWSxLENGTH[u]:STAGE=TOKENS[@LR]+...; "
+        if not re.fullmatch(rf"\d+x\d+[ug]?:{stage}(\+{stage})*", setting):
+            raise SystemExit(f"--settings: {setting!r} is not ROWSxLENGTH[u|g]:STAGE=TOKENS[@LR]+...; "
                              "e.g. 1x1200u:hidden=200000+sft=300000@1e-4")
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_setting, [str(demo)] * len(settings), settings, [args.problems] * len(settings),
@@ -180,7 +182,8 @@ def main() -> None:
                                 for k, v in r["budgets"].items())
         steps_txt = " + ".join(str(v) for v in r["steps"].values())
         loss_txt = ", ".join(f"{k} {v:.4f}" for k, v in r["final_loss"].items())
-        shape = f"{r['rows']} x {r['row_tokens']}" + (" (one example per row)" if r.get("unpacked") else " (packed)")
+        shape = f"{r['rows']} x {r['row_tokens']}" + (" (one example per row, grouped by length)" if r.get("grouped") else
+                                                     " (one example per row)" if r.get("unpacked") else " (packed)")
         lines.append(f"| {shape} | {stages_txt} | {steps_txt} | {loss_txt} | {r['greedy']:.3f} | "
                      f"{r['t1.0']:.3f} | {r[f't{temp}']:.3f} | {r[f't{temp}_pass@8']:.3f} | "
                      f"{r['tokens_per_second']:,} |")
