@@ -39,7 +39,11 @@ def test_library_write_errors_become_the_os_error_behind_them(tmp_path, monkeypa
     monkeypatch.setattr(utils, "free_bytes", lambda path: 1 << 20)
     assert write_failure(torch_full, tmp_path).errno == errno.ENOSPC
     monkeypatch.setattr(utils, "free_bytes", lambda path: 1 << 40)
+    monkeypatch.setattr(utils, "_file_size_limited", lambda: False)
     assert write_failure(torch_full, tmp_path).errno == errno.EIO
+    # ... unless the process runs under `ulimit -f`, the likelier cause then
+    monkeypatch.setattr(utils, "_file_size_limited", lambda: True)
+    assert write_failure(torch_full, tmp_path).errno == errno.EFBIG
     # not write failures: a reader's error, any other error
     assert write_failure(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")) is None
     assert write_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
@@ -68,6 +72,7 @@ def test_a_failed_save_leaves_the_old_folder_and_names_the_folder_not_its_tempor
     (OSError(errno.ENOSPC, "No space left on device", "/pkg/assets/model.safetensors", None, "DEST/model.safetensors"),
      ["DEST/model.safetensors: no space left on its disk"]),
     (OSError(errno.EFBIG, "File too large"), ["file too large", "ulimit -f"]),
+    (OSError(errno.EIO, "Input/output error"), ["Input/output error; check the disk", "re-run the same command with --resume"]),
 ])
 def test_a_full_disk_is_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch, failure, needles):
     import thinkfast.commands.distill as distill_cmd
@@ -82,7 +87,7 @@ def test_a_full_disk_is_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch
     assert err.count("\n") == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, err
-    if not getattr(failure, "filename", None):
+    if not getattr(failure, "filename", None) and getattr(failure, "errno", None) != errno.EIO:  # EIO may be a read
         assert str(out) in err  # a bare write() names no file: the line names the output
 
 

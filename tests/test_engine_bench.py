@@ -98,7 +98,8 @@ def test_bench_times_saved_checkpoints_with_their_roles_and_exact_token_counts(t
         assert r["generated_tokens"] == r["batch_size"] * r["gen_len"]  # EOS ignored: exactly gen per sample
         assert r["rounds"] == 2
     text = md.read_text()
-    assert "fastest of 2 rounds" in text and "--rounds 2" in text
+    assert "fastest of 2 rounds" in text and "--rounds 2" in text and "Every round (tokens/s, in order):" in text
+    assert all(len(r["round_tokens_per_s"]) == 2 and r["tokens_per_s"] == max(r["round_tokens_per_s"]) for r in rows)
     assert f"llamba-1 = `{student_dir}` (llamba)" in text and "llamba-1 / teacher" in text and "| llamba-1 | llamba | thinkfast | 1 | 4 | 3 |" in text
 
 
@@ -159,6 +160,7 @@ def test_rounds_alternate_the_models_and_keep_each_rows_fastest_pass(saved_pair,
     assert calls == ["teacher", "student", "teacher", "student"]  # one pass over every model, then the next
     assert [(r["model"], r["wall_seconds"], r["round_seen"], r["rounds"]) for r in rows] == [
         ("teacher", 1.5, 2, 2), ("student", 1.0, 1, 2)]
+    assert [r["round_tokens_per_s"] for r in rows] == [[1 / 2.0, 1 / 1.5], [1 / 1.0, 1 / 3.0]]  # every round, in order
     walls[("student", 2)] = None  # a round that fails fails the row, whatever the other rounds measured
     rows = bench_two_rounds()
     assert rows[1]["error"] == "out of memory" and rows[0]["wall_seconds"] == 1.5

@@ -91,6 +91,9 @@ def os_error_line(e: OSError, args) -> str:
     if e.errno == errno.EFBIG:
         return (f"{prefix}file too large for the file system or for this shell's file-size limit (`ulimit -f`); "
                 f"raise the limit or choose another --out, then re-run the same command {_how_to_continue(args)}")
+    if e.errno == errno.EIO:
+        return (f"{prefix}{e.strerror}; check the disk (and its free space), then re-run the same command "
+                f"{_how_to_continue(args)} to continue from what was saved")
     return f"{prefix}{e.strerror or e}"
 
 

@@ -77,10 +77,20 @@ def write_failure(exc: BaseException, path: str | os.PathLike | None = None) -> 
         code = int(m.group(1))
     elif isinstance(exc, RuntimeError) and any(w in text for w in _TORCH_WRITER):
         low = path is not None and free_bytes(path) < LOW_SPACE_BYTES
-        code = errno.ENOSPC if low else errno.EIO
+        code = errno.ENOSPC if low else errno.EFBIG if _file_size_limited() else errno.EIO
     if code is None:
         return None
     return OSError(code, os.strerror(code), str(path) if path is not None else None)
+
+
+def _file_size_limited() -> bool:
+    """Whether this process runs under a file-size limit (`ulimit -f`), the other cause of a failed write."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return False
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return soft != resource.RLIM_INFINITY
 
 
 def free_bytes(path: str | os.PathLike) -> int:

@@ -246,8 +246,8 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
     row = _row_head(which, ROLES.get(which) if path is None else None, engine, path, batch, prompt_len, gen_len)
     try:
         model = _thinkfast_model(preset_name, which, path, device, dt, seed)
-    except ThinkfastError as e:  # e.g. weights the config promised but that do not load: a failed row
-        return _failed(row, str(e))
+    except ThinkfastError as e:  # e.g. weights the config promised but that do not load: bad input, not a measurement
+        return dict(_failed(row, str(e)), load_failed=True)
     except (torch.OutOfMemoryError, MemoryError) as e:
         return _failed(row, f"out of memory loading the model ({str(e).splitlines()[0][:80]})")
     lm = model.lm
@@ -397,9 +397,13 @@ def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None,
                 row["rounds"] = rounds
             if rnd == 0:
                 rows.append(row)
-            elif rows[i].get("tokens_per_s") is not None and (
-                    row.get("tokens_per_s") is None or row["wall_seconds"] < rows[i]["wall_seconds"]):
-                rows[i] = row  # the fastest round counts; a round that failed fails the row
+                row["round_tokens_per_s"] = [row.get("tokens_per_s")]
+            else:
+                every = rows[i]["round_tokens_per_s"] + [row.get("tokens_per_s")]  # the spread between rounds is the drift
+                if rows[i].get("tokens_per_s") is not None and (
+                        row.get("tokens_per_s") is None or row["wall_seconds"] < rows[i]["wall_seconds"]):
+                    rows[i] = row  # the fastest round counts; a round that failed fails the row
+                rows[i]["round_tokens_per_s"] = every
     return rows
 
 
@@ -486,6 +490,11 @@ def markdown(rows: list[dict], preset_name: str, hardware: str, command: str) ->
             f"| {r['model']} | {r['role']} | {r['engine']} | {r['batch_size']} | {r['prompt_len']} | {r['gen_len']} | "
             f"{r['tokens_per_s']:,.0f} | {r['seconds_per_sample']:.3f} | {state} | {r['peak_mem_bytes'] / 2**20:,.1f} | {roof_cells} |"
         )
+    if rounds > 1:
+        lines += ["", "Every round (tokens/s, in order):", ""] + [
+            f"- {r['model']} batch {r['batch_size']} prompt {r['prompt_len']} gen {r['gen_len']}: "
+            + ", ".join("failed" if t is None else f"{t:,.0f}" for t in r.get("round_tokens_per_s", []))
+            for r in rows]
     rs = ratios(rows)
     if rs:
         lines += ["", "Ratios (this run):", ""] + [f"- {x}" for x in rs]

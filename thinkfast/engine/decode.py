@@ -83,7 +83,7 @@ class CompiledStep:
                 # every new row count would compile again
                 tokens, positions = tokens.clone(), positions.clone()
                 for t in (tokens, positions):  # else a full batch's row count is unified with the state's and specialised
-                    torch._dynamo.mark_dynamic(t, 0)
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
                 return self.compiled(tokens, positions, kv_len)
             except Exception as e:  # no toolchain, unsupported op: compilation fails before the state is touched
                 self.failed = str(e).splitlines()[0][:200] if str(e) else type(e).__name__

@@ -220,8 +220,14 @@ def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, 
             raise CheckpointError(f"{where} {spec}: no *.safetensors weights; save the model with save_pretrained()")
         try:
             model = ThinkfastForCausalLM.from_pretrained(str(path), dtype=dtype)
+        except ConfigError as e:  # a hand-edited config.json: name the file, not the checkpoint as a whole
+            raise ConfigError(f"{where} {spec}: {cfg_file}: {e}; fix that value or re-save the model") from None
         except Exception as e:
-            raise CheckpointError(f"{where} {spec}: could not load the thinkfast checkpoint ({_first_line(e)})") from None
+            if _damaged_weights(e):
+                raise CheckpointError(f"{where} {spec}: a weight file is damaged or incomplete ({_first_line(e)}); "
+                                      "re-download, re-copy or re-save the model") from None
+            raise CheckpointError(f"{where} {spec}: could not load the thinkfast checkpoint ({_first_line(e)}); "
+                                  "re-save it with save_pretrained()") from None
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
         except Exception:
@@ -243,6 +249,13 @@ def _load_tokenizer(folder: str, kwargs: dict):
         return AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception:
         return None
+
+
+def _damaged_weights(e: Exception) -> bool:
+    """A safetensors file cut short or overwritten (a broken copy or download), as opposed to a wrong config."""
+    text = str(e)
+    return type(e).__name__ == "SafetensorError" or any(
+        k in text for k in ("deserializing header", "header too small", "incomplete metadata", "invalid header"))
 
 
 def _first_line(e: Exception) -> str:
