@@ -463,8 +463,29 @@ def test_a_file_of_an_older_version_is_refused_in_one_line(setup, tmp_path, caps
     assert main(_args(root, spec, out)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not record which settings" in err
+    assert "finish it with the thinkfast version that wrote it" in err
     assert ("config 0123456789ab" if old == "hash" else "config none") in err
     assert out.read_bytes() == before
+
+
+def test_a_damaged_line_in_a_samples_file_is_named_as_such(setup, tmp_path, capsys):
+    """One bad line among samples records is damage to fix or delete, not a foreign file."""
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out)) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    lines[1] = '{"problem_id": "problems:0", "sampl\n'
+    out.write_text("".join(lines))
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(_args(root, spec, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out}:2: damaged line" in err and "fix or delete that line" in err, err
+    assert out.read_bytes() == before
+    del lines[1]  # deleting it, as the line says, lets the run continue and redo that sample
+    out.write_text("".join(lines))
+    assert main(_args(root, spec, out)) == 0
+    assert len(out.read_text().splitlines()) == N_PROBLEMS * 3
 
 
 def test_the_progress_bar_ends_on_the_summary_rate(setup, tmp_path, monkeypatch, capsys):

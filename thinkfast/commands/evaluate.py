@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..errors import ThinkfastError
+from ..errors import ConfigError, ThinkfastError
 from ..utils import check_device, check_out_path
 from . import no_hf_progress_bars, non_negative_int, positive_float
 from . import positive_int as _positive_int
@@ -140,9 +140,16 @@ def cmd_train_rm(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ..eval.report import build_report
+    from pathlib import Path
+
+    from ..eval.report import build_report, is_report_folder
 
     check_out_path(args.out)
+    out = Path(args.out)
+    # like train-rm and sft: a folder of other files is not ours to write into (a report.md there may be someone's)
+    if out.is_dir() and any(out.iterdir()) and not is_report_folder(out):
+        raise ConfigError(f"--out {out} holds other files and no report written by `thinkfast report`, which writing "
+                          "here could replace; choose a new --out or empty it")
     metrics = build_report(args.samples, args.out, dataset=args.dataset, wall_seconds=args.wall_seconds, ks=args.ks, max_k=args.max_k,
                            n_subsets=args.subsets, n_boot=args.bootstrap, seed=args.seed, allow_mixed_hardware=args.allow_mixed_hardware,
                            skip_bad_lines=args.skip_bad_lines, common_problems=not args.all_problems, plots=not args.no_plots,

@@ -121,13 +121,18 @@ def cmd_sample(args) -> int:
         instruction = args.instruction or declared_instruction(spec) or "auto"
         return PromptStyle(instruction=instruction, system=args.system, chat=not args.no_chat)
 
+    from ..data import load_problems
+
+    problems = load_problems(args.data)  # once, here: grading needs every gold answer before a model loads
     grade_fn = None
     if not args.no_grade:
         from ..eval.grading import grade_many
 
+        _check_gold_answers(args.data, problems)
         grade_fn = grade_many
     common = dict(data_spec=args.data, n=args.n, params=params, seed=args.seed, batch_size=args.batch_size,
-                  device=args.device, dtype=args.dtype, grade_fn=grade_fn, compile=_compile_flag(args.compile))
+                  device=args.device, dtype=args.dtype, grade_fn=grade_fn, compile=_compile_flag(args.compile),
+                  problems=problems)
     if several:
         jobs = [dict(model_spec=spec, out=Path(args.out) / f"{name}.jsonl", name=name, style=style(spec))
                 for (spec, _), name in zip(specs, names)]
@@ -144,6 +149,21 @@ def cmd_sample(args) -> int:
             print(f"{s.out}: wrote {s.written} samples ({s.skipped} already there), {st.gen_tokens:,} tokens in "
                   f"{st.wall_seconds:.1f} s of engine time ({st.tokens_per_second:,.0f} tok/s engine), config {s.config}")
     return 0
+
+
+def _check_gold_answers(spec: str, problems) -> None:
+    """Grading compares with each problem's gold answer; without one it would fail after the first batch."""
+    from ..data import parse_spec
+
+    missing = next((p for p in problems if not str(p.answer).strip()), None)
+    if missing is None:
+        return
+    s = parse_spec(spec)
+    if s.scheme == "text":
+        raise ConfigError(f"data spec {spec!r}: plain text ({s.target}) has no answers to grade samples against; "
+                          "pass --no-grade to sample it ungraded")
+    raise ConfigError(f"data spec {spec!r}: problem {missing.id} has no gold answer to grade against; give every "
+                      "problem one, or pass --no-grade to sample ungraded")
 
 
 def _parse_configs(text: str | None):
@@ -214,6 +234,9 @@ def cmd_bench(args) -> int:
                      checkpoints=checkpoints, hf=not args.no_hf)
     if rows and all(r.get("error") for r in rows):  # keep the previous results rather than a table of failures
         raise ConfigError(f"every row failed (first: {rows[0]['error']}); nothing written to {out}")
+    unreadable = [r for r in rows if r.get("load_failed")]
+    if unreadable:  # a checkpoint that does not load is bad input: the previous results stay
+        raise ConfigError(f"{unreadable[0]['error']}; nothing written to {out}")
     from ..utils import atomic_write_json, atomic_write_text
 
     atomic_write_text(out, markdown(rows, args.preset, hardware_string(device), _bench_command(args)))

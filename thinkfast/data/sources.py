@@ -10,7 +10,8 @@
   hf:ID[:CONFIG]:SPLIT                       a Hugging Face dataset (needs `datasets` and the network)
   text:PATH                                  plain text (distillation data only; no answers)
 
-Every spec also takes `offset=N` and `limit=N` to select a slice of problems.
+Every spec also takes `offset=N` and `limit=N` to select a slice of problems. Any other key is refused: a typo
+(`ofset=5`) would otherwise select other problems without a word.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ SCHEMES = ("gsm8k", "math", "jsonl", "rg", "hf", "text")
 GRADER_KINDS = ("gsm8k", "math", "number")
 CALCULATOR_MARK = re.compile(r"<<[^>]*>>")
 RG_RESERVED = {"offset", "limit", "kind", "worked", "max_chars"}  # rg options thinkfast reads; the rest go to the generator
+SLICE_KEYS = ("offset", "limit")
+# the query keys each scheme reads (rg's generator options are checked against the generator's own config)
+SCHEME_KEYS = {
+    "gsm8k": SLICE_KEYS,
+    "math": SLICE_KEYS,
+    "jsonl": ("question", "answer", "solution", "id", "kind", *SLICE_KEYS),
+    "hf": ("question", "answer", "solution", "kind", *SLICE_KEYS),
+    "text": SLICE_KEYS,
+}
 
 
 @dataclass
@@ -77,7 +87,19 @@ def parse_spec(spec: str) -> DataSpec:
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
         params[unquote(key)] = unquote(value)  # not unquote_plus: '+' is an operator in rg specs, not a space
+    if scheme in SCHEME_KEYS:
+        _refuse_unknown_keys(spec, params, SCHEME_KEYS[scheme], f"{scheme} specs")
     return DataSpec(scheme, target, params, spec)
+
+
+def _refuse_unknown_keys(spec: str, params: dict, accepted, what: str) -> None:
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], accepted, n=1, cutoff=0.7)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DataError(f"data spec {spec!r}: unknown key {unknown[0]!r}{hint}; {what} take {', '.join(accepted)}")
 
 
 def check_spec(spec: str) -> DataSpec:
@@ -115,10 +137,17 @@ def load_questions(spec: str) -> list[str]:
     return [ds[i]["question"] for i in range(offset, end)]
 
 
-def _read_jsonl(s: DataSpec) -> list[dict]:
+def _data_file(s: DataSpec) -> Path:
     path = Path(s.target)
+    if path.is_dir():
+        raise DataError(f"data spec {s.text!r}: {path} is a folder, not a file; give the path of a file in it")
     if not path.is_file():
         raise DataError(f"data spec {s.text!r}: file {path} does not exist")
+    return path
+
+
+def _read_jsonl(s: DataSpec) -> list[dict]:
+    path = _data_file(s)
     rows = []
     with path.open() as f:
         for n, line in enumerate(f, 1):
@@ -214,7 +243,10 @@ def _rg_option_types(name: str) -> dict:
 def _check_rg_options(s: DataSpec, cfg: dict) -> None:
     """Numeric and true/false options checked against the generator's declared types: reasoning-gym itself
     fails on a string deep inside (a type-comparison error, or a traceback while generating)."""
-    types = {"size": int, "seed": int, **_rg_option_types(s.target)}  # thinkfast sets these two for every generator
+    declared = _rg_option_types(s.target)
+    if declared:  # else reasoning-gym names an unknown generator or option itself
+        _refuse_unknown_keys(s.text, s.params, sorted({*declared, "size", "seed"}) + sorted(RG_RESERVED), f"rg:{s.target} specs")
+    types = {"size": int, "seed": int, **declared}  # thinkfast sets these two for every generator
     for key, value in cfg.items():
         declared = types.get(key)
         allowed = set(_type_args(declared)) or {declared}
@@ -310,9 +342,7 @@ def _hf(s: DataSpec) -> list[Problem]:
 
 
 def _text(s: DataSpec) -> list[Problem]:
-    path = Path(s.target)
-    if not path.is_file():
-        raise DataError(f"data spec {s.text!r}: file {path} does not exist")
+    path = _data_file(s)
     try:
         text = path.read_text()
     except UnicodeDecodeError:

@@ -99,7 +99,8 @@ def _refusal(path: Path, theirs, config: str, sampling: dict, lines: list[bytes]
         return DataError(
             f"{path} was written with another sampling configuration (config {theirs or 'none'}, this run {config}) "
             "and does not record which settings those were (an older thinkfast wrote it; its files do not resume "
-            "since the configuration hashes the problems themselves); pass another --out or move the file away"
+            "since the configuration hashes the problems themselves); finish it with the thinkfast version that "
+            "wrote it, or pass another --out or move the file away"
         )
     what = explain_difference(sampling, recorded) or f"config {theirs}, this run {config}"
     return DataError(
@@ -137,6 +138,11 @@ def _read_lines(path: Path, sampling: dict, config: str, repair: bool) -> set[tu
             key = (str(rec["problem_id"]), int(rec["sample_idx"]))
             theirs = rec.get("config")
         except (ValueError, KeyError, TypeError):
+            if any(_is_record(other) for other in lines if other is not raw):  # ours, with one line damaged
+                raise DataError(
+                    f"{path}:{n}: damaged line (not a samples record, while the file's other lines are); fix or "
+                    "delete that line, then re-run the same command to continue"
+                ) from None
             raise DataError(
                 f"{path}:{n}: not a samples-file line (no problem_id/sample_idx JSON); it was not written by "
                 "`thinkfast sample`: pass another --out or move it away"
@@ -148,6 +154,14 @@ def _read_lines(path: Path, sampling: dict, config: str, repair: bool) -> set[tu
         with open(path, "r+b") as f:
             f.truncate(cut)
     return done
+
+
+def _is_record(raw: bytes) -> bool:
+    try:
+        rec = json.loads(raw)
+        return isinstance(rec, dict) and "problem_id" in rec and "sample_idx" in rec
+    except ValueError:
+        return False
 
 
 def _is_empty(path: Path) -> bool:

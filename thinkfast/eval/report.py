@@ -26,6 +26,7 @@ LABELS = {"pass_at_k": "coverage (pass@k)", "maj_at_k": "majority vote (maj@k)",
           "weighted_bon_at_k": "weighted Best-of-N"}
 SHORT = {"pass_at_k": "pass@k", "maj_at_k": "maj@k", "bon_at_k": "BoN@k", "weighted_bon_at_k": "wBoN@k"}
 CI_LEVEL = 0.95
+REPORT_TITLE = "# Inference scaling report"  # report.md's first line: how `thinkfast report` knows its own folders
 TIE_TOLERANCE = 1e-9  # metric values closer than this are equal (means of the same subsets, up to float rounding)
 
 
@@ -156,10 +157,10 @@ class ProblemGroups:
         self.field, self.labels, self.missing = field, labels, missing
 
     @classmethod
-    def from_spec(cls, spec: str, field: str) -> "ProblemGroups":
+    def from_spec(cls, spec: str, field: str, problems=None) -> "ProblemGroups":
         from ..data import load_problems
 
-        problems = load_problems(spec)
+        problems = load_problems(spec) if problems is None else problems
         labels = {p.id: str(p.meta[field]) for p in problems if p.meta.get(field) is not None}
         if not labels:
             fields = sorted({k for p in problems for k, v in p.meta.items() if isinstance(v, (str, int, float, bool))})
@@ -366,7 +367,7 @@ def _group_table(by_group: dict) -> list[str]:
 
 def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
     models = metrics["models"]
-    out = ["# Inference scaling report", ""]
+    out = [REPORT_TITLE, ""]
     facts = [f"- dataset: `{metrics.get('dataset') or 'unknown'}`", f"- problems: {metrics['n_problems']}",
              f"- hardware: `{metrics['hardware'] or 'mixed'}`"]
     if metrics.get("wall_seconds") is not None:
@@ -437,6 +438,39 @@ def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
     return "\n".join(out)
 
 
+def _problems_outside(sset: SampleSet, problems, dataset: str) -> int:
+    """How many of the samples' problems the dataset lacks; none in it at all is refused (another data spec:
+    the report would name the wrong dataset, and group every problem under `(none)`)."""
+    ids = {p.id for p in problems}
+    if not ids:
+        raise DataError(f"--dataset {dataset!r} names no problems; check offset=/limit=, or pass the data spec the samples were drawn from")
+    sampled = list(dict.fromkeys(s.problem_id for s in sset.samples))
+    outside = [pid for pid in sampled if pid not in ids]
+    if len(outside) == len(sampled):
+        raise DataError(f"--dataset {dataset!r} holds none of the samples' {len(sampled)} problems (samples: "
+                        f"{sampled[0]!r}..., dataset: {problems[0].id!r}...); pass the data spec the samples were drawn from")
+    return len(outside)
+
+
+def is_report_folder(path) -> bool:
+    """Whether a folder holds a report written here before (re-running the report into it replaces that): its
+    report.md starts with our title, or its metrics.json names the samples files it was computed from."""
+    import json
+
+    path = Path(path)
+    try:
+        with (path / "report.md").open(encoding="utf-8") as f:
+            if f.readline().rstrip("\n") == REPORT_TITLE:
+                return True
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(metrics, dict) and "samples_files" in metrics and "models" in metrics
+
+
 def build_report(samples_paths, out_dir, dataset: str | None = None, wall_seconds: float | None = None,
                  summary_notes: str | list[str] | None = None, *, ks: list[int] | None = None, max_k: int | None = None,
                  n_subsets: int = DEFAULT_SUBSETS, n_boot: int = 1000, seed: int = 0, allow_mixed_hardware: bool = False,
@@ -446,15 +480,23 @@ def build_report(samples_paths, out_dir, dataset: str | None = None, wall_second
     `group_by`: a field of the problems in `dataset` (a data spec) to break accuracy down by."""
     paths = [Path(p) for p in ([samples_paths] if isinstance(samples_paths, (str, Path)) else samples_paths)]
     sset = read_samples(paths, skip_bad_lines)
-    if dataset is None:
+    problems, outside = None, 0
+    if dataset is not None:  # recorded in the report and grouped by: it must be the data the samples came from
+        from ..data import load_problems
+
+        problems = load_problems(dataset)
+        outside = _problems_outside(sset, problems, dataset)
+    else:
         specs = list(dict.fromkeys(s.record.get("dataset") for s in sset.samples if s.record.get("dataset")))
         dataset = specs[0] if len(specs) == 1 else (", ".join(specs) if specs else None)
     groups = None
     if group_by is not None:
         if dataset is None:
             raise DataError(f"grouping by {group_by!r} needs the problems' data spec: pass it with --dataset SPEC")
-        groups = ProblemGroups.from_spec(dataset, group_by)
+        groups = ProblemGroups.from_spec(dataset, group_by, problems)
     computed = compute_metrics(sset, ks, max_k, n_subsets, n_boot, seed, allow_mixed_hardware, common_problems, groups)
+    if outside:
+        computed["notes"].append(f"{outside} problem(s) of the samples are not in the dataset {dataset!r}")
     metrics = {"wall_seconds": wall_seconds, "dataset": dataset, **computed, "samples_files": [str(p) for p in paths]}
     if summary_notes:
         metrics["summary"] = summary_notes

@@ -250,6 +250,7 @@ class OutcomeRewardModel(nn.Module):
 
     @classmethod
     def load(cls, path, device=None) -> "OutcomeRewardModel":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -259,17 +260,51 @@ class OutcomeRewardModel(nn.Module):
         try:
             raw = json.loads(cfg_path.read_text())
         except json.JSONDecodeError:
-            raise CheckpointError(f"{cfg_path}: not valid JSON; re-train the reward model") from None
-        if raw.pop("type", None) != "orm":
+            raise CheckpointError(f"{cfg_path}: not valid JSON; retrain the reward model with `thinkfast train-rm`") from None
+        if not isinstance(raw, dict) or raw.pop("type", None) != "orm":
             raise CheckpointError(f"{cfg_path}: not an outcome reward model")
         raw.setdefault("features", "pooled")  # folders written before the likelihood features existed
+        cfg = _checked_config(raw, cfg_path)  # before the backbone loads, and before a bad value fails mid-scoring
+        if not (path / "backbone").is_dir():  # score has no --backbone: the folder itself is incomplete
+            raise CheckpointError(f"{path}: the reward model's backbone/ folder is missing; restore it, or retrain the "
+                                  "reward model with `thinkfast train-rm`")
         backbone, tokenizer = load_backbone(path / "backbone", device)
-        orm = cls(backbone, tokenizer, ORMConfig(**raw))
+        try:
+            orm = cls(backbone, tokenizer, cfg)
+        except ConfigError as e:  # settings that do not fit this backbone: name the file they came from
+            raise CheckpointError(f"{cfg_path}: {e}") from None
         try:
             orm.head.load_state_dict(load_file(str(path / HEAD_FILE)))
-        except (OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path / HEAD_FILE}: cannot be read ({str(e).splitlines()[0][:200]}); re-train the reward model") from None
+        except FileNotFoundError:
+            raise CheckpointError(f"{path / HEAD_FILE} is missing; retrain the reward model with `thinkfast train-rm`") from None
+        except (OSError, RuntimeError, SafetensorError) as e:  # cut short, overwritten, or a head of another shape
+            raise CheckpointError(f"{path / HEAD_FILE} is damaged or incomplete ({str(e).splitlines()[0][:200]}); "
+                                  "retrain the reward model with `thinkfast train-rm`") from None
         return orm.to(device or "cpu").eval()
+
+
+def _checked_config(raw: dict, where: Path) -> ORMConfig:
+    """ORMConfig from a reward_config.json, each value checked: a hand-edited one would otherwise fail deep in
+    encoding or loading, as a traceback."""
+    fix = "fix that value or retrain the reward model with `thinkfast train-rm`"
+    known = {f for f in ORMConfig.__dataclass_fields__}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise CheckpointError(f"{where}: unknown key {unknown[0]!r} (a reward model has {', '.join(sorted(known))}); {fix}")
+    checks = {"max_len": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+              "question_tokens": (lambda v: _is_int(v) and v >= 0, "an integer, 0 or more"),
+              "train_layers": (lambda v: _is_int(v) and v >= 0, "an integer, 0 or more"),
+              "uses_question": (lambda v: isinstance(v, bool), "true or false"),
+              "features": (lambda v: v in FEATURE_SETS, f"one of {', '.join(FEATURE_SETS)}"),
+              "stats": (lambda v: isinstance(v, dict), "an object")}
+    for key, (ok, what) in checks.items():
+        if key in raw and not ok(raw[key]):
+            raise CheckpointError(f"{where}: {key}={json.dumps(raw[key])} is not {what}; {fix}")
+    return ORMConfig(**raw)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _length_batches(lengths: list[int], batch_size: int, rng: np.random.Generator | None = None) -> list[list[int]]:

@@ -118,6 +118,8 @@ def parse_sample(obj, where: str) -> Sample:
 
 def read_samples_file(path, skip_bad_lines: bool = False) -> SamplesFile:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"samples file {path} is a folder, not a file; give the .jsonl files in it (e.g. {path}/*.jsonl)")
     if not path.is_file():
         raise DataError(f"samples file {path} does not exist")
     try:

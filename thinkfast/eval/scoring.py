@@ -83,6 +83,11 @@ def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregatio
     if not paths:
         raise DataError("no samples files given")
     files = [read_samples_file(p, skip_bad_lines) for p in paths]  # validate all before touching any
+    for f in files:
+        if not f.samples:  # "0 samples scored" would read as success
+            what = (f"all {len(f.bad)} of its lines are malformed (first: line {f.bad[0].line}, {f.bad[0].reason})" if f.bad
+                    else "it is empty")
+            raise DataError(f"{f.path}: no samples to score ({what}); pass samples files written by `thinkfast sample`")
     sizes = {p: os.stat(p).st_size for p in paths}
     questions = load_questions(data) if data else None
     scorer = None
@@ -98,6 +103,7 @@ def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregatio
         samples = list(f.samples.values())
         totals["samples"] += len(samples)
         totals["skipped_lines"] += len(f.bad)
+        graded = scored = 0
         if regrade:
             todo = [s for s in samples if s.correct is None]
             if todo:
@@ -105,8 +111,9 @@ def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregatio
                 for s, r in zip(todo, results):
                     s.record.update(correct=r.correct, answer=r.answer, grade_error=r.error)
                     s.correct, s.answer = r.correct, r.answer
-                totals["regraded"] += sum(r.correct is not None for r in results)
-                totals["ungraded"] += sum(r.correct is None for r in results)
+                graded = sum(r.correct is not None for r in results)
+                totals["regraded"] += graded
+                totals["ungraded"] += len(results) - graded
         if scorer is not None:
             todo = [s for s in samples if rescore or s.reward is None]
             if todo:
@@ -117,12 +124,15 @@ def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregatio
                     rewards = scorer.score(qs, [s.completion for s in todo], batch_size=batch_size, progress=bar)
                 for s, r in zip(todo, rewards):
                     s.record["reward"] = float(r)
-                totals["scored"] += len(todo)
+                scored = len(todo)
+                totals["scored"] += scored
         lines = list(f.lines)
         for i, s in f.samples.items():
             lines[i] = json.dumps(s.record, ensure_ascii=False)
-        if lines == f.lines:
-            log(f"{f.path}: {len(samples)} samples, nothing to grade or score")
+        if lines == f.lines:  # e.g. --rescore with the same reward model: the same rewards again
+            done = ", ".join(x for x in (f"{graded} graded" if graded else "", f"{scored} given a reward" if scored else "") if x)
+            log(f"{f.path}: {len(samples)} samples, " + (f"{done} (the same values the file had); left as it was" if done
+                                                          else "nothing to grade or score"))
             continue
         if os.stat(f.path).st_size != sizes[f.path]:
             raise DataError(f"{f.path} changed while it was being scored (is `thinkfast sample` still writing it?); re-run when sampling is done")
