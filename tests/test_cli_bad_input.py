@@ -166,9 +166,9 @@ def test_a_name_that_is_neither_a_path_nor_cached_fails_at_once_naming_its_flag(
     data = ["--data", "rg:chain_sum?size=2", "--tokens", "8", "--no-progress"]
     cases = [
         (["sample", "--model", "nope", "--data", "rg:chain_sum?size=2", "--out", str(tmp_path / "s.jsonl"), "--quiet"], "--model nope"),
-        (["distill", "--teacher", "nope", "--stages", "kd", *data, "--out", str(tmp_path / "d1")], "teacher nope"),
-        (["distill", "--teacher", asset, "--student", "org/nope", "--stages", "kd", *data, "--out", str(tmp_path / "d2")], "student org/nope"),
-        (["sft", "--model", "nope", *data, "--out", str(tmp_path / "d3")], "model nope"),
+        (["distill", "--teacher", "nope", "--stages", "kd", *data, "--out", str(tmp_path / "d1")], "--teacher nope"),
+        (["distill", "--teacher", asset, "--student", "org/nope", "--stages", "kd", *data, "--out", str(tmp_path / "d2")], "--student org/nope"),
+        (["sft", "--model", "nope", *data, "--out", str(tmp_path / "d3")], "--model nope"),
     ]
     for argv, role in cases:
         t0 = time.perf_counter()

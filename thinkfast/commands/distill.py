@@ -151,12 +151,61 @@ def _dtype(name):
     return parse_dtype(name)
 
 
-def _load_thinkfast_or_teacher(spec: str, dtype, role: str):
+def _load_thinkfast_or_teacher(spec: str, dtype, label: str):
     """A thinkfast folder (any role) as it is; an HF Llama / GGUF / hub id as an all-attention thinkfast model.
-    `role` (teacher, student, model) names it in errors, as the flag or recipe key did."""
+    `label` (`_source`: --teacher, --student, --model, or the recipe key) names it in errors."""
     from ..models.teacher import load_thinkfast
 
-    return load_thinkfast(spec, dtype=dtype, where=role)
+    return load_thinkfast(spec, dtype=dtype, where=label)
+
+
+def _source(args, plan, key: str) -> str:
+    """Where a setting came from, for errors: its flag when one was given, else the recipe key."""
+    if getattr(args, key, None) is not None:
+        return "--" + key.replace("_", "-")
+    return f"recipe {plan.recipe}: {key}" if plan.recipe else key
+
+
+def _not_a_student(label: str, spec: str) -> ConfigError:
+    import difflib
+
+    near = difflib.get_close_matches(spec.lower(), ["llamba", "hybrid"], n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return ConfigError(f"{label} {spec}: use llamba, hybrid, or a saved thinkfast student folder{hint}")
+
+
+def _check_new_student(args, plan, teacher) -> None:
+    """A new student's shape against its teacher, naming the flag or recipe key (the model code would name neither)."""
+    tc = teacher.model_config
+    kv = plan.ssm_kv_heads
+    if kv is not None and kv not in (tc.n_kv_heads, tc.n_heads):
+        raise ConfigError(f"{_source(args, plan, 'ssm_kv_heads')} {kv}: a new student's ssm_kv_heads is the teacher's "
+                          f"KV heads ({tc.n_kv_heads}) or its query heads ({tc.n_heads}); pass one of them")
+    if plan.d_state is not None and plan.d_state < tc.hd:
+        raise ConfigError(f"{_source(args, plan, 'd_state')} {plan.d_state}: d_state is below the teacher's head size "
+                          f"{tc.hd}; B and C could not hold K and Q (use {tc.hd} or more)")
+
+
+def _check_saved_student(args, plan, label: str, cfg) -> None:
+    """A saved student keeps its shape: a new-student setting (flag or recipe key) that differs from it would be
+    silently ignored, so it is refused; one that matches (a recipe written for that student) is not."""
+    from ..distill.recipes import SHAPE_KEYS
+
+    have = {"ssm_param": cfg.ssm_param, "attn_layers": list(cfg.attn_layers), "d_conv": cfg.d_conv,
+            "d_state": cfg.n_state, "ssm_kv_heads": cfg.n_xb_heads}
+    drop = []
+    for key in ("ssm_param", "attn_layers", *SHAPE_KEYS):
+        asked = getattr(plan, key)
+        if asked is None or (sorted(asked) if key == "attn_layers" else asked) == have[key]:
+            continue
+        saved = (",".join(map(str, have[key])) or "none") if key == "attn_layers" else have[key]
+        if getattr(args, key, None) is not None:
+            shown = ",".join(map(str, asked)) if key == "attn_layers" else asked
+            drop.append(f"--{key.replace('_', '-')} {shown} (it has {key} {saved})")
+        else:
+            drop.append(f"{key} = {asked!r} from recipe {plan.recipe} (it has {saved!r})")
+    if drop:
+        raise ConfigError(f"{label} {plan.student}: a saved student keeps its shape; drop " + "; ".join(drop))
 
 
 def _progress(args):
@@ -177,26 +226,28 @@ def run_distill(args) -> int:
         raise ConfigError("no teacher: pass --teacher (an HF folder, .gguf file or hub id) or set teacher in the recipe")
     out = Path(args.out)
     _check_out(out, args.resume)
-    teacher, tokenizer = _load_thinkfast_or_teacher(plan.teacher, _dtype(plan.teacher_dtype), "teacher")
+    t_label = _source(args, plan, "teacher")
+    teacher, tokenizer = _load_thinkfast_or_teacher(plan.teacher, _dtype(plan.teacher_dtype), t_label)
     if isinstance(teacher, ThinkfastForCausalLM) and teacher.config.role != "teacher":
-        raise ConfigError(f"--teacher {plan.teacher}: a thinkfast {teacher.config.role} model; the teacher needs attention in every layer")
+        raise ConfigError(f"{t_label} {plan.teacher}: a thinkfast {teacher.config.role} model; the teacher needs attention in every layer")
     use_declared_instruction(plan, teacher)
     tokenizer = _load_tokenizer(plan.tokenizer, tokenizer)
     if tokenizer is None:
-        raise ConfigError(f"teacher {plan.teacher} has no tokenizer; pass --tokenizer DIR")
+        raise ConfigError(f"{t_label} {plan.teacher} has no tokenizer; pass --tokenizer DIR")
+    s_label = _source(args, plan, "student")
     if plan.student in ("llamba", "hybrid"):
         if plan.student == "llamba" and plan.attn_layers:
             raise ConfigError("--attn-layers is for --student hybrid; a llamba student has no attention")
+        _check_new_student(args, plan, teacher)
         shape = {k: getattr(plan, k) for k in SHAPE_KEYS if getattr(plan, k) is not None}
         student = from_teacher(teacher, kind=plan.student, attn_layers=plan.attn_layers, ssm_param=plan.ssm_param, **shape)
     else:
-        given = [k for k in SHAPE_KEYS if getattr(plan, k) is not None]
-        if given:
-            raise ConfigError(f"--student {plan.student}: a saved student keeps its shape; drop "
-                              + ", ".join("--" + k.replace("_", "-") for k in given))
-        student, _ = _load_thinkfast_or_teacher(plan.student, _dtype(plan.teacher_dtype), "student")
+        if not Path(plan.student).exists() and "/" not in plan.student:  # a typo of a kind, not a hub id (owner/name)
+            raise _not_a_student(s_label, plan.student)
+        student, _ = _load_thinkfast_or_teacher(plan.student, _dtype(plan.teacher_dtype), s_label)
         if not isinstance(student, ThinkfastForCausalLM) or student.config.role == "teacher":
-            raise ConfigError(f"--student {plan.student}: use llamba, hybrid, or a saved thinkfast student folder")
+            raise _not_a_student(s_label, plan.student)
+        _check_saved_student(args, plan, s_label, student.model_config)
     student.float()
     distill(teacher, student, plan.data, plan.stages, tokenizer=tokenizer, out_dir=out, resume=args.resume,
             progress=progress, fsdp_teacher=plan.fsdp_teacher, eval_data=plan.eval_data)
@@ -216,14 +267,15 @@ def run_sft(args) -> int:
         raise ConfigError("thinkfast sft runs the sft stage only; use thinkfast distill --stages ... for others")
     out = Path(args.out)
     _check_out(out, args.resume)
-    model, tokenizer = _load_thinkfast_or_teacher(plan.model, _dtype("float32"), "model")
+    m_label = _source(args, plan, "model")
+    model, tokenizer = _load_thinkfast_or_teacher(plan.model, _dtype("float32"), m_label)
     use_declared_instruction(plan, model)
     tokenizer = _load_tokenizer(plan.tokenizer, tokenizer)
     if tokenizer is None:
-        raise ConfigError(f"model {plan.model} has no tokenizer; pass --tokenizer DIR")
+        raise ConfigError(f"{m_label} {plan.model} has no tokenizer; pass --tokenizer DIR")
     stage = plan.stages[0]
     sft(model.float(), stage.data or plan.data, stage.train, tokenizer=tokenizer, out_dir=out, resume=args.resume,
-        progress=progress, freeze=stage.freeze, eval_data=plan.eval_data)
+        progress=progress, freeze=stage.freeze, eval_data=plan.eval_data, chunk_tokens=stage.chunk_tokens)
     _report(out)
     return 0
 

@@ -49,6 +49,14 @@ RUN_KEYS = {"teacher", "model", "student", "attn_layers", "ssm_param", "stages",
             "teacher_dtype", "description", "eval_data", *SHAPE_KEYS}
 TOP_KEYS = RUN_KEYS | TRAIN_KEYS | STAGE_KEYS | DATA_KEYS
 PER_STAGE_KEYS = TRAIN_KEYS | STAGE_KEYS | DATA_KEYS
+# distill's own settings: sft and train-teacher train one model as it is, so a recipe that sets them asked for
+# something those commands would silently not do
+DISTILL_ONLY_KEYS = ("teacher", "teacher_dtype", "fsdp_teacher", "student", "attn_layers", "ssm_param", *SHAPE_KEYS,
+                     "layers", "train_mlp", "loss", "ce_weight", "temperature", "positions")
+INT_KEYS = {"batch_size", "micro_batch_size", "seq_len", "log_every", "ckpt_every", "seed", "chunk_tokens",
+            "eval_every", "eval_rows"}
+FLOAT_KEYS = {"lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "beta1", "beta2", "grad_clip", "ce_weight",
+              "temperature"}
 
 
 def resolve_recipe(name: str) -> Path:
@@ -147,6 +155,7 @@ class Plan:
     fsdp_teacher: bool = False
     teacher_dtype: str = "float32"
     eval_data: DataConfig | None = None  # held-out examples: each stage logs its loss on them
+    recipe: str | None = None  # the recipe file, so errors can name where a setting came from
 
     def data_configs(self) -> list[DataConfig]:
         """Every data config of the plan: the run's, the stages' own, the held-out one."""
@@ -154,28 +163,41 @@ class Plan:
             ([self.eval_data] if self.eval_data is not None else [])
 
 
+def _whole(value) -> int:
+    """An integer setting: 3, 3.0 or "3"; 1.5 or true are refused, not truncated."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError
+        return int(value)
+    return int(value)  # an int, or a flag's text ("1.5" raises)
+
+
 def _coerce(key: str, value, where: str):
     """Check and convert one setting from a recipe or a flag."""
     if value is None:
         return None
-    ints = {"tokens", "batch_size", "seq_len", "log_every", "ckpt_every", "seed", "chunk_tokens", "eval_every", "eval_rows"}
-    floats = {"lr", "min_lr_ratio", "warmup", "decay", "weight_decay", "beta1", "beta2", "grad_clip", "ce_weight", "temperature"}
     try:
         if key == "tokens":
             return parse_count(value, f"{where}: tokens")
         if key == "micro_batch_size":
-            return None if value in (0, "0") else int(value)
+            return None if value in (0, "0") else _whole(value)
         if key in SHAPE_KEYS:
-            if isinstance(value, bool) or int(value) != float(value) or int(value) < 1:
+            if _whole(value) < 1:
                 raise ValueError
-            return int(value)
-        if key in ints:
-            return int(value)
-        if key in floats:
+            return _whole(value)
+        if key in INT_KEYS:
+            return _whole(value)
+        if key in FLOAT_KEYS:
+            if isinstance(value, bool):  # float(True) is 1.0: a typo, not a rate
+                raise ValueError
             return float(value)
     except (TypeError, ValueError):
         if key in SHAPE_KEYS:
             raise ConfigError(f"{where}: {key}={value!r} must be a whole number of at least 1") from None
+        if key in INT_KEYS:
+            raise ConfigError(f"{where}: {key}={value!r} must be a whole number") from None
         raise ConfigError(f"{where}: {key}={value!r} is not a number") from None
     if key in ("layers", "attn_layers"):
         return parse_int_list(value, f"{where}: {key}")
@@ -204,7 +226,8 @@ def use_declared_instruction(plan: "Plan", model) -> None:
 def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Plan:
     """Merge a recipe (or None) with flag values (None = not given). `flags['tokens']` may be a per-stage list."""
     recipe = dict(recipe or {})
-    where = f"recipe {recipe.pop('_path')}" if "_path" in recipe else "settings"
+    path = recipe.pop("_path", None)
+    where = f"recipe {path}" if path else "settings"
     tables = {k: recipe.pop(k) for k in list(recipe) if isinstance(recipe[k], dict)}
     tables = {k: dict(v) for k, v in tables.items() if k in STAGE_KINDS}  # a caller's extra tables are its own
     flags = {k: v for k, v in flags.items() if v is not None}
@@ -219,14 +242,19 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
         v = _coerce(key, recipe.get(key), where)
         return default if v is None else v
 
-    stages = parse_list(flags.get("stages") or recipe.get("stages")) or (["sft"] if command == "sft" else None)
+    # errors name where the stages came from: the flag, or the recipe (train-teacher has no --stages flag)
+    from_flag = bool(flags.get("stages"))
+    stages = parse_list(flags.get("stages") if from_flag else recipe.get("stages")) or (["sft"] if command == "sft" else None)
+    src = "--stages" if from_flag else f"{where}: stages"
     if not stages:
         raise ConfigError("no stages: pass --stages (e.g. matrix,hidden,kd) or set stages in the recipe")
     for s in stages:
         if s not in STAGE_KINDS:
-            raise ConfigError(f"--stages: unknown stage {s!r}; use {', '.join(STAGE_KINDS)}")
+            raise ConfigError(f"{src}: unknown stage {s!r}; use {', '.join(STAGE_KINDS)}")
     if len(set(stages)) != len(stages):
-        raise ConfigError(f"--stages {','.join(stages)}: each stage kind can appear once")
+        raise ConfigError(f"{src} {','.join(stages)}: each stage kind can appear once")
+    if command == "sft":
+        _check_sft_recipe(stages, src, recipe, tables, where)
 
     token_flag = flags.get("tokens")
     if isinstance(token_flag, str):
@@ -272,6 +300,7 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
         tokenizer=top("tokenizer"),
         fsdp_teacher=bool(top("fsdp_teacher", False)),
         teacher_dtype=top("teacher_dtype", "float32"),
+        recipe=path,
     )
     eval_specs = top("eval_data")
     if eval_specs:  # read as the training data is read (prompt style, packing), without its mixing weights
@@ -279,6 +308,19 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
     for s in plan.stages:
         s.validate()
     return plan
+
+
+def _check_sft_recipe(stages, src, recipe: dict, tables: dict, where: str) -> None:
+    """sft and train-teacher (make_plan's "sft" command) run one sft stage on one model: refuse a recipe that asks
+    for more, rather than train part of it."""
+    if stages != ["sft"]:
+        raise ConfigError(f"{src} = {stages}: sft and train-teacher run the sft stage alone; set stages = [\"sft\"] "
+                          "(thinkfast distill runs the other stages)")
+    unused = [k for k in DISTILL_ONLY_KEYS if k in recipe or k in tables.get("sft", {})]
+    if unused:
+        raise ConfigError(f"{where}: {', '.join(unused)} {'is a setting' if len(unused) == 1 else 'are settings'} of "
+                          "thinkfast distill (a teacher, a new student, the other stages); sft and train-teacher train "
+                          f"one model as it is: remove {'it' if len(unused) == 1 else 'them'}")
 
 
 def _data_config(get, where, check: bool = True) -> DataConfig:

@@ -36,7 +36,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models import ThinkfastForCausalLM, from_teacher
 from ..utils import atomic_write_json, disk_space_line, failed_writes_as_os_errors, folder_bytes, usual_permissions
 from .losses import KL_KINDS, hidden_loss, matrix_loss, vocab_loss
-from .trainer import ProgressArg, TrainConfig, TrainResult, barrier, dist_info, pick_device, train
+from .trainer import ProgressArg, TrainConfig, TrainResult, barrier, dist_info, pick_device, setting_changes, train
 
 log = logging.getLogger(__name__)
 
@@ -458,9 +458,8 @@ def _check_out_dir(out_dir: Path, run: dict, resume: bool) -> None:
         if not resume:
             raise CheckpointError(f"{out_dir} already holds a run; pass --resume to continue it, or choose a new --out")
         if saved != run:
-            diff = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
             raise CheckpointError(
-                f"{out_dir} holds a run with other settings ({', '.join(diff)} differ); resume with the same "
+                f"{out_dir} holds a run with other settings ({setting_changes(saved, run)}); resume with the same "
                 "settings, or choose a new --out"
             )
         return
@@ -585,10 +584,8 @@ def distill(
     if len(set(labels)) != len(labels):
         raise ConfigError(f"stages {labels}: give repeated kinds distinct names (StageConfig(name=...)); logs and checkpoints are keyed by name")
     source = _DataSource(data, tokenizer, cache=examples_cache)
-    source.prepare(stages)
-    held_out = _held_out(eval_data, tokenizer, stages)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    if out is not None:  # the run's record needs only the data's description, not the data
         run = json.loads(json.dumps({
             "command": "distill",
             "teacher": _model_fingerprint(t_model, weights=True),
@@ -596,6 +593,10 @@ def distill(
             "stages": [s.fingerprint() for s in stages],
             "data": source.describe(StageConfig("kd")),
         }))
+        _check_out_dir(out, run, resume)  # before the data is read and tokenised (minutes for a large set)
+    source.prepare(stages)
+    held_out = _held_out(eval_data, tokenizer, stages)
+    if out is not None:
         _prepare_out(out, run, resume)
         warn_if_disk_short(out, student, len(stages))
     if fsdp_teacher:
@@ -619,22 +620,26 @@ def sft(
     name: str = "sft",
     callback=None,
     eval_data=None,
+    chunk_tokens: int | None = None,
 ) -> ThinkfastForCausalLM:
     """Supervised fine-tuning (CE on worked solutions, prompts masked) of any thinkfast model, or an HF Llama
     (converted to thinkfast's all-attention model). Also trains a randomly initialised model from scratch.
     out_dir: `stages/01-sft/ckpt`, `train_log.jsonl`, `run.json` and the final save_pretrained folder.
-    eval_data: held-out examples whose loss is logged as in `distill`."""
+    eval_data: held-out examples whose loss is logged as in `distill`. chunk_tokens: positions per vocabulary chunk
+    in the CE (default: ~256 MiB of fp32 logits)."""
     if not isinstance(model, ThinkfastForCausalLM):
         model = from_teacher(model, kind="teacher")
-    stage = StageConfig("sft", train=train_cfg or TrainConfig(), freeze=list(freeze), name=name)
+    stage = StageConfig("sft", train=train_cfg or TrainConfig(), freeze=list(freeze), chunk_tokens=chunk_tokens, name=name)
     stage.validate(model.model_config)
     source = _DataSource(data, tokenizer)
-    source.prepare([stage])
-    held_out = _held_out(eval_data, tokenizer, [stage])
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         run = json.loads(json.dumps({"command": "sft", "model": _model_fingerprint(model),
                                      "stages": [stage.fingerprint()], "data": source.describe(stage)}))
+        _check_out_dir(out, run, resume)  # before the data is read and tokenised (train-teacher: 150k examples)
+    source.prepare([stage])
+    held_out = _held_out(eval_data, tokenizer, [stage])
+    if out is not None:
         _prepare_out(out, run, resume)
         warn_if_disk_short(out, model, 1)
     run_stages(None, model, source, [stage], out, resume, progress, callback, held_out)

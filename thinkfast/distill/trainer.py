@@ -278,13 +278,55 @@ def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, state: dict) ->
 
 
 def load_model_weights(model: nn.Module, ckpt_dir: Path) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     path = Path(ckpt_dir) / "model.safetensors"
     try:
         load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+    except (SafetensorError, FileNotFoundError) as e:
+        # a cut or missing file (a full disk, a copy stopped half-way): no settings would make it load
+        raise CheckpointError(f"{path}: damaged or incomplete ({str(e).splitlines()[0][:200]}); delete {ckpt_dir} and "
+                              "resume to run this stage again, or choose a new --out") from None
     except Exception as e:
         raise CheckpointError(f"{path}: does not fit this model ({str(e).splitlines()[0][:200]}); resume with the same model settings") from None
+
+
+_UNSET = object()  # a setting one fingerprint has and the other lacks
+
+
+def setting_changes(saved, now, limit: int = 3) -> str:
+    """The settings two run fingerprints differ in, each with both values: 'sft seq_len was 256, now 300'.
+    Stages are named by their label; the nesting words (stages, stage, train) are left out."""
+    found: list[str] = []
+
+    def show(v) -> str:
+        text = "unset" if v is _UNSET else json.dumps(v)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    def walk(a, b, path: list[str]) -> None:
+        if a == b:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k, _UNSET), b.get(k, _UNSET), path if k in ("stages", "stage", "train") else path + [str(k)])
+            return
+        if (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+                and all(isinstance(x, dict) and "kind" in x for x in a + b)):  # stage lists, stage by stage
+            for x, y in zip(a, b):
+                walk(x, y, path + [str(y.get("name") or y.get("kind"))])
+            return
+        name = " ".join(path) or "settings"
+        if path and path[-1] == "weights_digest":  # a digest's value means nothing to the reader
+            found.append(f"{' '.join(path[:-1]) or 'model'} weights differ (another model of the same shape)")
+        else:
+            found.append(f"{name} was {show(a)}, now {show(b)}")
+
+    walk(saved, now, [])
+    more = len(found) - limit
+    if not found:
+        return "none found"
+    return "; ".join(found[:limit]) + (f"; and {more} more" if more > 0 else "")
 
 
 def check_fingerprint(state: dict, fingerprint: dict | None, where: Path) -> None:
@@ -292,9 +334,8 @@ def check_fingerprint(state: dict, fingerprint: dict | None, where: Path) -> Non
         return
     saved = state.get("fingerprint")
     if saved != fingerprint:
-        diff = sorted(k for k in set(saved or {}) | set(fingerprint) if (saved or {}).get(k) != fingerprint.get(k))
         raise CheckpointError(
-            f"{where} holds a checkpoint of another run (settings differ: {', '.join(diff) or 'all'}); "
+            f"{where} holds a checkpoint of another run (settings differ: {setting_changes(saved or {}, fingerprint)}); "
             "resume with the same settings, or choose a new --out"
         )
 
@@ -463,6 +504,7 @@ def train(
 
     use_bar = progress is True and info.main
     bar = None
+    postfix: dict[str, str] = {}  # the bar's values: the last logged loss and throughput, the last held-out loss
     if use_bar:
         bar = progress_bar(total, name, "step", initial=step)
     log_file = open(log_path, "a") if (log_path is not None and info.main) else None
@@ -477,6 +519,9 @@ def train(
         record = {"stage": name, "step": step, "tokens": tokens, **evaluate(task, eval_batch, micro, device, autocast),
                   "eval_rows": int(eval_batch["input_ids"].shape[0])}
         evals.append(record)
+        if bar is not None:  # an evaluation right after a log record (the last step) must show, not the one before
+            postfix["eval"] = f"{record['eval_loss']:.4g}"
+            bar.set_postfix(**postfix, refresh=False)
         if log_file is not None:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
@@ -559,8 +604,8 @@ def train(
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                 if bar is not None:
-                    held = {"eval": f"{evals[-1]['eval_loss']:.4g}"} if evals else {}
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{record['tok_s']:.0f}", **held, refresh=False)
+                    postfix.update(loss=f"{record['loss']:.4g}", tok_s=f"{record['tok_s']:.0f}")
+                    bar.set_postfix(**postfix, refresh=False)
                 if callable(progress) and info.main:
                     progress(record)
                 win_loss, win_steps, win_real, win_parts = 0.0, 0, 0, {}
