@@ -68,11 +68,11 @@ def test_a_truncated_reward_head_is_named_as_damaged(reward_model, tmp_path, cap
 
 
 @pytest.mark.parametrize("key,value,says", [
-    ("max_len", "big", 'max_len="big" is not a positive integer'),
-    ("max_len", 0, "max_len=0 is not a positive integer"),
-    ("question_tokens", 1.5, "question_tokens=1.5 is not an integer"),
-    ("uses_question", "yes", 'uses_question="yes" is not true or false'),
-    ("features", "likelyhood", 'features="likelyhood" is not one of likelihood, pooled, both'),
+    ("max_len", "big", "max_len='big' must be an integer"),
+    ("max_len", 0, "max_len=0 must be at least 1"),
+    ("question_tokens", 1.5, "question_tokens=1.5 must be an integer"),
+    ("uses_question", "yes", "uses_question='yes' must be true or false"),
+    ("features", "likelyhood", "features='likelyhood' must be one of likelihood, pooled, both"),
     ("max_lenght", 64, "unknown key 'max_lenght'"),
 ])
 def test_a_hand_edited_reward_config_is_refused_on_load_naming_file_and_key(reward_model, tmp_path, capsys, key, value, says):

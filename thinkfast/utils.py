@@ -83,6 +83,43 @@ def write_failure(exc: BaseException, path: str | os.PathLike | None = None) -> 
     return OSError(code, os.strerror(code), str(path) if path is not None else None)
 
 
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "dict": "a table of settings", "list[int]": "a list of integers"}
+
+
+def _is_kind(value, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "dict":
+        return isinstance(value, dict)
+    if kind == "list[int]":
+        return isinstance(value, (list, tuple)) and all(_is_kind(i, "int") for i in value)
+    return True  # a type this check does not know: left to the caller's own checks
+
+
+def wrong_field_type(obj) -> str | None:
+    """`key=value must be ...` for the first field of a dataclass (annotations as strings) whose value is not of its
+    declared type, else None: configs read from hand-editable JSON fail naming the key, not deep in the code."""
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        if any(_is_kind(value, k) for k in kinds if k != "None"):
+            continue
+        wanted = " or ".join(_KIND_WORDS.get(k, k) for k in kinds if k != "None")
+        return f"{f.name}={value!r} must be {wanted}" + (" (or null)" if "None" in kinds else "")
+    return None
+
+
 def _file_size_limited() -> bool:
     """Whether this process runs under a file-size limit (`ulimit -f`), the other cause of a failed write."""
     try:

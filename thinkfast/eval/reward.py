@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, DataError, ThinkfastError
-from ..utils import atomic_dir
+from ..utils import atomic_dir, wrong_field_type
 
 ORM_CONFIG = "reward_config.json"
 HEAD_FILE = "head.safetensors"
@@ -291,20 +291,16 @@ def _checked_config(raw: dict, where: Path) -> ORMConfig:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise CheckpointError(f"{where}: unknown key {unknown[0]!r} (a reward model has {', '.join(sorted(known))}); {fix}")
-    checks = {"max_len": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-              "question_tokens": (lambda v: _is_int(v) and v >= 0, "an integer, 0 or more"),
-              "train_layers": (lambda v: _is_int(v) and v >= 0, "an integer, 0 or more"),
-              "uses_question": (lambda v: isinstance(v, bool), "true or false"),
-              "features": (lambda v: v in FEATURE_SETS, f"one of {', '.join(FEATURE_SETS)}"),
-              "stats": (lambda v: isinstance(v, dict), "an object")}
-    for key, (ok, what) in checks.items():
-        if key in raw and not ok(raw[key]):
-            raise CheckpointError(f"{where}: {key}={json.dumps(raw[key])} is not {what}; {fix}")
-    return ORMConfig(**raw)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    cfg = ORMConfig(**raw)
+    wrong = wrong_field_type(cfg)
+    if wrong:
+        raise CheckpointError(f"{where}: {wrong}; {fix}")
+    for key, low in (("max_len", 1), ("question_tokens", 0), ("train_layers", 0)):
+        if getattr(cfg, key) < low:
+            raise CheckpointError(f"{where}: {key}={getattr(cfg, key)} must be at least {low}; {fix}")
+    if cfg.features not in FEATURE_SETS:
+        raise CheckpointError(f"{where}: features={cfg.features!r} must be one of {', '.join(FEATURE_SETS)}; {fix}")
+    return cfg
 
 
 def _length_batches(lengths: list[int], batch_size: int, rng: np.random.Generator | None = None) -> list[list[int]]:

@@ -6,28 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..utils import wrong_field_type
 
 SSM_PARAMS = ("discrete", "mamba2")
-_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-               "dict": "a table of settings", "list[int]": "a list of integers"}
-
-
-def _is_kind(value, kind: str) -> bool:
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "dict":
-        return isinstance(value, dict)
-    if kind == "list[int]":
-        return isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
-    return True  # a type this check does not know: left to validate()
-
-
 @dataclass
 class ModelConfig:
     vocab_size: int = 256
@@ -61,16 +42,9 @@ class ModelConfig:
     def check_types(self) -> None:
         """Each field holds its declared type: a hand-edited config.json or recipe with `"n_layers": "4"` must fail
         naming the key, not deep inside a comparison."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kinds = [k.strip() for k in f.type.split("|")]
-            if value is None and "None" in kinds:
-                continue
-            if any(_is_kind(value, k) for k in kinds if k != "None"):
-                continue
-            wanted = " or ".join(_KIND_WORDS.get(k, k) for k in kinds if k != "None")
-            raise ConfigError(f"model config: {f.name}={value!r} must be {wanted}"
-                              + (" (or null)" if "None" in kinds else ""))
+        wrong = wrong_field_type(self)
+        if wrong:
+            raise ConfigError(f"model config: {wrong}")
 
     # derived sizes
     @property
