@@ -14,7 +14,7 @@ the first --problems held-out problems greedily, at temperature 1.0 (4 samples e
         8x1024:hidden=100000+kd=300000,1x512:hidden=100000+kd=300000,1x512:hidden=200000+sft=300000
 
 Writes --out .md and .json (default benchmarks/distill_recipe-latest); benchmarks/distill_recipe.md collects
-the recorded runs, each with its command, and README.md quotes it. --jobs runs settings side by side, one
+the recorded runs, each with its command, and benchmarks/demo_findings.md quotes it. --jobs runs settings side by side, one
 thread each.
 """
 

@@ -7,7 +7,7 @@ the first --problems held-out problems greedily and at temperatures 1.0 and 1.3 
     python benchmarks/distill_scaling.py DEMO_DIR --student hybrid --tokens 1600000 --every 50
     python benchmarks/distill_scaling.py DEMO_DIR --student llamba --tokens 800000 --every 50
 
-Prints one JSON line per evaluation (and appends them to OUT/eval.jsonl); README.md quotes a run.
+Prints one JSON line per evaluation (and appends them to OUT/eval.jsonl).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def main() -> None:
     ap.add_argument("--student", default="hybrid", choices=["hybrid", "llamba"])
     ap.add_argument("--tokens", type=int, default=1_600_000)
     ap.add_argument("--every", type=int, default=50, help="optimizer steps between evaluations")
-    ap.add_argument("--rows", type=int, default=8, help="rows per optimizer step (the README's table: 8)")
-    ap.add_argument("--row-tokens", type=int, default=1024, help="tokens per row (the README's table: 1024)")
+    ap.add_argument("--rows", type=int, default=8, help="rows per optimizer step")
+    ap.add_argument("--row-tokens", type=int, default=1024, help="tokens per row")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)

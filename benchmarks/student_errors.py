@@ -11,8 +11,8 @@ the question's first term), the running total carried from the previous block, a
 `--teacher-forced` also feeds each reference solution through the model and counts, per kind of digit, how
 often its most likely next token is not the reference's (one forward pass per problem): a rate for every
 digit, not only the first slip. `--worked left` compares with the style that restates the terms still to add
-(`left: ...` lines, their own kind), for a model trained on it. benchmarks/distill_recipe.md and README.md record
-the results.
+(`left: ...` lines, their own kind), for a model trained on it. benchmarks/distill_recipe.md and benchmarks/demo_findings.md
+record the results.
 """
 
 from __future__ import annotations
