@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of one session lent a device, prepared to run as one command of about 7 minutes on an
+# The GPU checks of one session lent a device, prepared to run as one command of about 8 minutes on an
 # H100/H200 (torch, transformers, triton and pytest preinstalled there; nothing else needed):
-#   1. the fast paths against their references (CUDA-graph decode step, compiled SSM update, fla prefill kernel);
+#   1. the fast paths against their references (CUDA-graph decode step, compiled SSM update, fla prefill kernel),
+#      and several models sampling in turns on the GPU (the CPU tests of `sample_interleaved`, run there on cuda);
 #   2. the `llama-1b` bench rows that decide the GPU targets: every model at batch 256, then the teacher and
 #      the Llamba student at batch 1024 (the student's constant state is what lets it batch wider), HF last.
 # Usage, from the repository root: bash benchmarks/gpu-session.sh [OUT_DIR]   (default benchmarks/gpu-out)
@@ -20,6 +21,9 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_decode.py tests/test_ssd.py 2>&1 \
     | tee "$OUT_DIR/gpu-tests.log"
+# several models taking turns on one GPU (sample_interleaved picks cuda by itself: bf16, CUDA graphs per engine)
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_engine_interleaved.py 2>&1 \
+    | tee "$OUT_DIR/gpu-interleaved-tests.log"
 
 bench() {  # name, limit in seconds, bench arguments...
     local name=$1 limit=$2
