@@ -9,7 +9,7 @@ import pytest
 
 from thinkfast.errors import ThinkfastError
 from thinkfast.eval.metrics import (
-    ProblemSamples, bootstrap_ci, dataset_curves, ks_for, majority_vote, pass_at_k, problem_curves,
+    ProblemSamples, _balanced_orders, bootstrap_ci, dataset_curves, ks_for, majority_vote, pass_at_k, problem_curves,
 )
 
 
@@ -137,3 +137,28 @@ def test_dataset_curves_means_and_cis():
     assert np.all(pk["ci"][0] <= pk["mean"]) and np.all(pk["mean"] <= pk["ci"][1])
     expected_p1 = np.mean([np.mean(ps.correct) for ps in problems.values()])
     assert pk["mean"][0] == pytest.approx(expected_p1)
+
+
+@pytest.mark.parametrize("n,subsets", [(32, 256), (5, 12), (7, 7), (40, 16)])
+def test_subset_orders_are_permutations_whose_leaders_are_dealt_evenly(n, subsets):
+    orders = _balanced_orders(n, subsets, np.random.default_rng(0))
+    assert orders.shape == ((-(-subsets // n) * n if n <= subsets else subsets), n)
+    assert all(sorted(row) == list(range(n)) for row in orders.tolist())  # each row orders all n samples
+    leads = np.bincount(orders[:, 0], minlength=n)
+    assert (leads.min() == leads.max()) if n <= subsets else (leads.max() == 1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_maj_and_bon_at_1_equal_pass_at_1_exactly(seed):
+    # independent draws of 256 subsets put maj@1 near pass@1 only (a report read maj@1 0.561 beside pass@1 0.567)
+    rng = random.Random(seed)
+    problems = {}
+    for p in range(20):
+        n = rng.choice([4, 32, 48])
+        answers = [rng.choice(["1", "2", "3", None]) for _ in range(n)]
+        problems[f"p{p}"] = ProblemSamples(answers, [a == "1" for a in answers], [rng.random() for _ in range(n)])
+    for n_subsets in (256, 64):
+        means = {name: v["mean"][0] for name, v in dataset_curves(problems, [1], n_subsets=n_subsets, n_boot=10).items()}
+        assert means["maj_at_k"] == pytest.approx(means["pass_at_k"], abs=1e-12)
+        assert means["bon_at_k"] == pytest.approx(means["pass_at_k"], abs=1e-12)
+        assert means["weighted_bon_at_k"] == pytest.approx(means["pass_at_k"], abs=1e-12)

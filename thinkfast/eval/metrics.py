@@ -6,8 +6,9 @@ BoN@k               the sample with the highest reward among k is correct.
 weighted BoN@k      the answer with the largest summed reward among k samples is correct.
 
 maj@k and the BoN variants are means over many random size-k subsets of the n samples (fixed seed), never the
-first k. A subset is the first k entries of a random permutation, so "the answer seen first in the subset"
-(the tie-break) is itself random. An unparseable answer (None) never votes; a subset with no answer at all is
+first k. A subset is the first k entries of a random order of the samples; the orders are independent, except
+that their first places are dealt out evenly (each sample leads equally many), so maj@1 and BoN@1 equal pass@1
+exactly instead of within sampling noise. "The answer seen first in the subset" (the tie-break) is itself random. An unparseable answer (None) never votes; a subset with no answer at all is
 wrong. Ungraded samples (correct is None) count as wrong; reports show how many there were.
 """
 
@@ -126,6 +127,21 @@ def _voted_correct(win: np.ndarray, ans_correct: np.ndarray) -> np.ndarray:
     return (win >= 0) & ans_correct[np.maximum(win, 0)]
 
 
+def _balanced_orders(n: int, n_subsets: int, rng: np.random.Generator) -> np.ndarray:
+    """(M, n) independent random sample orders whose k-prefixes are the subsets, M = n_subsets rounded up to a
+    multiple of n, with the first place dealt out evenly: each sample leads M / n orders (which sample leads which
+    order is itself shuffled, so each order is still uniformly random). Size-1 subsets are then exact, and the
+    larger ones as independent as plain random orders. With more samples than subsets, n_subsets distinct leaders."""
+    M = -(-n_subsets // n) * n if n <= n_subsets else n_subsets
+    orders = rng.permuted(np.broadcast_to(np.arange(n), (M, n)), axis=1)
+    leaders = rng.permutation(np.resize(np.arange(n), M) if n <= n_subsets else np.arange(n))[:M]
+    rows = np.arange(M)
+    at = np.argmax(orders == leaders[:, None], axis=1)  # where each order holds its leader
+    orders[rows, at] = orders[:, 0]  # the displaced first entry takes the leader's place
+    orders[:, 0] = leaders
+    return orders
+
+
 def problem_curves(ps: ProblemSamples, ks: list[int], n_subsets: int = DEFAULT_SUBSETS, seed: int = 0,
                    key: str = "") -> dict[str, np.ndarray]:
     """Per-k values of every metric for one problem: {"pass_at_k": (len(ks),), ...}; BoN entries only with rewards.
@@ -138,8 +154,8 @@ def problem_curves(ps: ProblemSamples, ks: list[int], n_subsets: int = DEFAULT_S
     c = int(correct.sum())
     out = {"pass_at_k": np.array([pass_at_k(n, c, k) for k in ks])}
     ids, ans_correct = _encode(ps)
-    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-    perms = rng.permuted(np.broadcast_to(np.arange(n), (n_subsets, n)), axis=1)  # (M, n); prefixes are subsets
+    orders = _balanced_orders(n, n_subsets, np.random.default_rng([seed, zlib.crc32(key.encode())]))
+    M = orders.shape[0]
     ones = np.ones(n)
     rewards = None
     if ps.rewards is not None:
@@ -149,11 +165,11 @@ def problem_curves(ps: ProblemSamples, ks: list[int], n_subsets: int = DEFAULT_S
     maj, bon, wbon = [], [], []
     for k in ks:
         _check_nck(n, c, k)
-        sub = perms[:, :k]  # (M, k) sample indices
+        sub = orders[:, :k]  # (M, k) sample indices
         win = _vote(ids[sub], ones[sub], len(ans_correct))
         maj.append(_voted_correct(win, ans_correct).mean())
         if rewards is not None:
-            best = sub[np.arange(n_subsets), rewards[sub].argmax(1)]  # argmax: ties go to the first in the subset
+            best = sub[np.arange(M), rewards[sub].argmax(1)]  # argmax: ties go to the first in the subset
             bon.append(correct[best].mean())
             win = _vote(ids[sub], rewards[sub], len(ans_correct))
             wbon.append(_voted_correct(win, ans_correct).mean())

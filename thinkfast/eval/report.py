@@ -428,8 +428,9 @@ def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
     if plots:
         out += ["## Plots", ""] + [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots] + [""]
     out += ["## Method", "",
-            f"pass@k is the unbiased estimator 1 − C(n−c, k)/C(n, k). maj@k, BoN@k and weighted BoN@k are means over "
-            f"{metrics['settings']['n_subsets']} random size-k subsets of each problem's n samples (seed {metrics['settings']['seed']}); "
+            f"pass@k is the unbiased estimator 1 − C(n−c, k)/C(n, k). maj@k, BoN@k and weighted BoN@k are means over at least "
+            f"{metrics['settings']['n_subsets']} random size-k subsets of each problem's n samples (seed {metrics['settings']['seed']}; "
+            "the subsets' first samples are dealt out evenly, so maj@1 and BoN@1 equal pass@1); "
             "ties go to the answer seen first in the subset; a completion without a final answer never votes; "
             "ungraded samples count as wrong. Confidence intervals: percentile bootstrap over problems "
             f"({metrics['settings']['bootstrap']} resamples).", ""]
