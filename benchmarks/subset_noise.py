@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import zlib
 from pathlib import Path
 
 import numpy as np
