@@ -67,6 +67,12 @@ def test_extract_answer(text, kind, expected):
     ("#### 1,2", "12", False),  # a list is not a thousands separator
     ("I give up", "3", False),
     ("#### 1e400000000000", "1", False),  # absurd numbers are refused quickly, not computed
+    # what a small instruct model wrote (SmolLM2 on GSM8K): a `#####` rule is not GSM8K's marker
+    ("#### 375\n#####", "375", True),
+    ("##### The answer is: 375\n#####", "375", True),
+    ("#### 9010 + 11 = 101", "101", True),  # the result after the last `=`, not the sum
+    ("#### Final Answer\nThe total is $42.", "42", True),  # a markdown heading: the number under it
+    ("#### Final Answer\nThe total is $42.", "4", False),
 ])
 def test_number_grading(pred, gold, ok):
     assert grade(pred, gold, "gsm8k") is ok
@@ -84,6 +90,12 @@ def test_no_catastrophic_backtracking():
 def test_word_answers_for_number_kind():
     assert grade("#### Alice", "alice", "number") is True
     assert grade("#### Bob", "alice", "number") is False
+    assert grade("17 has no divisor but 1 and 17.\n#### yes", "yes", "number") is True  # numbers above a word answer
+
+
+def test_a_rule_of_hashes_never_becomes_an_answer_that_votes():
+    assert extract_answer("#### 375\n#####", "gsm8k") == "375"
+    assert extract_answer("work\n#####\n", "gsm8k") is None  # no marker, no number: no answer, not "#"
 
 
 def test_canonical_answers_group_equal_values():

@@ -1,7 +1,9 @@
 """Grading: pull the final answer out of a completion and decide whether it equals the gold answer.
 
 Kinds:
-  gsm8k, number  the final answer is the last `\\boxed{}`, else the text after the last `#### `, else the last number.
+  gsm8k, number  the final answer is the last `\\boxed{}`, else the text after the last `####` (exactly four: a
+                 `#####` rule is not a marker; `#### 9 + 2 = 11` answers 11; after a `####` line without a number,
+                 such as a `#### Final answer` heading, the last number below it), else the last number.
                  Thousands separators, `$`, `%`, units and a leading `x =` are stripped; `18.00 == 18 == 36/2`;
                  strict equality, no partial credit. A gold answer that is not a number (reasoning-gym tasks with
                  word answers) is compared as text, ignoring case and surrounding spaces.
@@ -57,7 +59,7 @@ def check_kind(kind: str) -> str:
 
 BOX_COMMANDS = ("\\boxed", "\\fbox")
 SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>|</s>|<eos>|<end_of_turn>")  # <|im_end|>, <|eot_id|>, ...
-HASH_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
+HASH_ANSWER = re.compile(r"(?<!#)####(?!#)[ \t]*([^\n]*)")  # GSM8K's marker, not part of a longer run of #
 FINAL_PHRASE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
 # a number as people write it: sign, thousands separators, decimals, an optional /denominator
 NUMBER = re.compile(r"[-−+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-−+]?\.\d+")
@@ -106,9 +108,20 @@ def extract_answer(text: str, kind: str) -> str | None:
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
-    hashes = [m.group(1).strip() for m in HASH_ANSWER.finditer(text)]
-    if hashes and hashes[-1]:
-        return hashes[-1]
+    marks = list(HASH_ANSWER.finditer(text))
+    if marks:
+        answer, after = marks[-1].group(1).strip(), text[marks[-1].end():]
+        if kind == "math":
+            if answer:
+                return answer
+        elif NUMBER.search(answer):
+            if "=" in answer and parse_number(answer) is None:  # `#### 9 + 2 = 11`: the result, not the sum
+                answer = answer.rsplit("=", 1)[1].strip() or answer
+            return answer
+        elif NUMBER.search(after):  # a `#### Final answer` heading: the number under it
+            return NUMBER.findall(after)[-1]
+        elif answer:  # a word answer
+            return answer
     if kind == "math":
         phrases = FINAL_PHRASE.findall(text)
         if phrases:
