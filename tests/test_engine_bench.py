@@ -166,3 +166,21 @@ def test_rounds_alternate_the_models_and_keep_each_rows_fastest_pass(saved_pair,
     assert rows[1]["error"] == "out of memory" and rows[0]["wall_seconds"] == 1.5
     with pytest.raises(ConfigError, match="--rounds 0"):
         bench.run_bench(configs=[(1, 4, 3)], isolate=False, rounds=0)
+
+
+def test_a_checkpoints_weights_are_not_counted_as_its_rows_memory(tmp_path):
+    # a safetensors checkpoint loads memory-mapped: its weights' pages arrive on first read, during the row
+    # (a 135M-parameter student read 100x the teacher's peak memory before they were read ahead of the baseline)
+    from thinkfast.models import ModelConfig, ThinkfastConfig, ThinkfastForCausalLM
+
+    cfg = ModelConfig(vocab_size=64, d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, d_mlp=2048, attn_layers=[],
+                      max_position_embeddings=64)
+    model = ThinkfastForCausalLM(ThinkfastConfig.from_model_config(cfg, eos_token_id=0))
+    model.save_pretrained(tmp_path / "student")
+    weights = (tmp_path / "student" / "model.safetensors").stat().st_size
+    assert weights > 60 * 2**20
+    js = tmp_path / "rows.json"
+    assert main(["bench", "--model", str(tmp_path / "student"), "--configs", "2x4x3", "--out", str(tmp_path / "m.md"),
+                 "--json", str(js)]) == 0
+    (row,) = json.loads(js.read_text())
+    assert row["role"] == "llamba" and 0 <= row["peak_mem_bytes"] < weights / 2
