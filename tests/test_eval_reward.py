@@ -285,3 +285,17 @@ def test_cli_score_with_a_prm_folder(tmp_path, capsys):
     assert np.allclose([r["reward"] for r in scored], expected, atol=1e-6)
     assert cli(["score", str(path), "--prm", str(prm_dir), "--reward-model", str(tmp_path)]) == 2
     assert "either" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problems,extra,why", [
+    (8, ["--val-fraction", "0.25"], "no validation AUC: 8 problems; holding some out needs at least 10"),
+    (12, ["--val-fraction", "0.05"], "no validation AUC: val_fraction 0.05 of 12 problems is less than one problem"),
+    (12, ["--val-fraction", "0"], "no validation AUC: val_fraction is 0"),
+])
+def test_train_rm_says_why_it_has_no_validation_auc(backbone_dir, tmp_path, capsys, problems, extra, why):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in toy_samples(problems, 4)))
+    assert cli(["train-rm", "--samples", str(train), "--backbone", str(backbone_dir), "--out", str(tmp_path / "rm")] + extra) == 0
+    assert why in capsys.readouterr().out
+    stats = json.loads((tmp_path / "rm" / "reward_config.json").read_text())["stats"]
+    assert stats["val_examples"] == 0 and stats["no_validation"] in why

@@ -61,7 +61,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-len", type=_positive_int, default=1024, metavar="TOKENS",
                    help="tokens per example: question head (at most 256) + completion tail; the likelihood sees only what is kept (default: 1024)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of problems held out for the reported AUC (default: 0.1)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of problems held out for the reported AUC (default: 0.1; needs at least 10 problems)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
@@ -135,7 +135,8 @@ def cmd_train_rm(args) -> int:
     auc = last.get("val_auc")
     print(f"reward model written to {args.out} ({rm.cfg.stats['train_examples']} training completions, "
           f"{rm.cfg.stats['seconds']:.0f}s; validation AUC {auc:.3f})" if auc is not None else
-          f"reward model written to {args.out} ({rm.cfg.stats['train_examples']} training completions, {rm.cfg.stats['seconds']:.0f}s; no validation split)")
+          f"reward model written to {args.out} ({rm.cfg.stats['train_examples']} training completions, {rm.cfg.stats['seconds']:.0f}s; "
+          f"no validation AUC: {rm.cfg.stats.get('no_validation', 'no validation split')})")
     return 0
 
 

@@ -321,6 +321,9 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 
+MIN_VAL_PROBLEMS = 10  # fewer problems than this: all of them train, and no validation AUC is reported
+
+
 @dataclass
 class ORMTraining:
     epochs: int = 4  # passes when blocks are fine-tuned (train_layers > 0)
@@ -403,12 +406,25 @@ def train_orm(questions: list[str | None], completions: list[str], labels: list[
 
     # hold out whole problems, chosen by a hash of the id (stable across runs and files)
     unique = sorted(set(problem_ids))
-    n_val = int(len(unique) * train.val_fraction) if len(unique) >= 10 else 0
+    n_val = int(len(unique) * train.val_fraction) if len(unique) >= MIN_VAL_PROBLEMS else 0
     val_problems = set(sorted(unique, key=lambda p: zlib.crc32(p.encode()))[:n_val])
     is_val = np.array([p in val_problems for p in problem_ids])
     tr, va = np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
-    if y[tr].all() or not y[tr].any():
-        tr, va = np.arange(len(y)), np.array([], dtype=int)  # too few problems to hold any out
+    # why there is no validation AUC, when there is none: said, not silently dropped
+    if train.val_fraction == 0:
+        no_val = "val_fraction is 0"
+    elif len(unique) < MIN_VAL_PROBLEMS:
+        no_val = f"{len(unique)} problems; holding some out needs at least {MIN_VAL_PROBLEMS}"
+    elif n_val == 0:
+        no_val = f"val_fraction {train.val_fraction} of {len(unique)} problems is less than one problem"
+    else:
+        no_val = None
+    if n_val and (y[tr].all() or not y[tr].any()):
+        tr, va = np.arange(len(y)), np.array([], dtype=int)
+        val_problems = set()
+        no_val = "holding problems out would leave only right or only wrong completions to train on"
+    elif n_val and (y[va].all() or not y[va].any()):
+        no_val = "the held-out problems' completions are all right or all wrong, so they cannot be ranked"
     t0 = time.perf_counter()
 
     def validate(entry: dict) -> dict:
@@ -431,6 +447,8 @@ def train_orm(questions: list[str | None], completions: list[str], labels: list[
     orm.eval()
     cfg.stats = {"train_examples": int(len(tr)), "train_correct": int(y[tr].sum()), "val_examples": int(len(va)),
                  "val_problems": len(val_problems), "seconds": round(time.perf_counter() - t0, 2), "history": history}
+    if no_val:
+        cfg.stats["no_validation"] = no_val
     return orm
 
 
