@@ -8,8 +8,9 @@ weighted BoN@k      the answer with the largest summed reward among k samples is
 maj@k and the BoN variants are means over many random size-k subsets of the n samples (fixed seed), never the
 first k. A subset is the first k entries of a random order of the samples; the orders are independent, except
 that their first places are dealt out evenly (each sample leads equally many), so maj@1 and BoN@1 equal pass@1
-exactly instead of within sampling noise. "The answer seen first in the subset" (the tie-break) is itself random. An unparseable answer (None) never votes; a subset with no answer at all is
-wrong. Ungraded samples (correct is None) count as wrong; reports show how many there were.
+exactly (where equal answers are graded alike) instead of within sampling noise. "The answer seen first in the
+subset" (the tie-break) is itself random. An unparseable answer (None) never votes; a subset with no answer at all
+is wrong. Ungraded samples (correct is None) count as wrong; reports show how many there were.
 """
 
 from __future__ import annotations
