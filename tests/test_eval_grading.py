@@ -46,6 +46,9 @@ def pool():
     (r"so \boxed{5}<|eot_id|>", "math", "5"),
     ("", "math", None),
     ("The final answer is $x^2+1$.", "math", "x^2+1"),
+    # SmolLM2 on MATH-500: the answer in a display block under the phrase (it was read as no answer)
+    ("So the final answer is:\n\n$$\nx = 5\n$$", "math", "x = 5"),
+    ("The answer is:\n\\[\n\\frac{14}{3}\n\\]\nDone.", "math", "\\frac{14}{3}"),
 ])
 def test_extract_answer(text, kind, expected):
     assert extract_answer(text, kind) == expected

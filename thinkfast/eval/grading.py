@@ -7,7 +7,9 @@ Kinds:
                  Thousands separators, `$`, `%`, units and a leading `x =` are stripped; `18.00 == 18 == 36/2`;
                  strict equality, no partial credit. A gold answer that is not a number (reasoning-gym tasks with
                  word answers) is compared as text, ignoring case and surrounding spaces.
-  math           the same extraction (last `\\boxed{}` first); equivalence is decided by math-verify with the gold
+  math           the last `\\boxed{}`, else the text after the last `####`, else what follows the last "the (final)
+                 answer is" (a `$$ ... $$` or `\\[ ... \\]` block when one opens right after it), else the last
+                 number; equivalence is decided by math-verify with the gold
                  wrapped in `$...$`, in a pool of worker processes with a hard timeout per item. A hung or crashed
                  worker is killed and replaced and its item is *ungraded* (correct=None, with the reason), never
                  silently marked wrong.
@@ -61,6 +63,7 @@ BOX_COMMANDS = ("\\boxed", "\\fbox")
 SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>|</s>|<eos>|<end_of_turn>")  # <|im_end|>, <|eot_id|>, ...
 HASH_ANSWER = re.compile(r"(?<!#)####(?!#)[ \t]*([^\n]*)")  # GSM8K's marker, not part of a longer run of #
 FINAL_PHRASE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
+DISPLAY_MATH = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]", re.DOTALL)  # $$ ... $$ or \[ ... \], across lines
 # a number as people write it: sign, thousands separators, decimals, an optional /denominator
 NUMBER = re.compile(r"[-−+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-−+]?\.\d+")
 
@@ -123,9 +126,14 @@ def extract_answer(text: str, kind: str) -> str | None:
         elif answer:  # a word answer
             return answer
     if kind == "math":
-        phrases = FINAL_PHRASE.findall(text)
+        phrases = list(FINAL_PHRASE.finditer(text))
         if phrases:
-            return phrases[-1].strip().rstrip(".").strip("$ ") or None
+            phrase = phrases[-1]
+            block = DISPLAY_MATH.match(text, phrase.start(1))  # "The final answer is:" then a display block
+            said = (block.group(1) or block.group(2)) if block else phrase.group(1)
+            said = said.strip().rstrip(".").strip("$ ").rstrip(".").strip()
+            if said:
+                return said
     numbers = NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
