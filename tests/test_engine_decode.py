@@ -116,7 +116,9 @@ def test_compiled_cpu_step_gives_the_same_samples(slots):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for compiled in (False, True):
-        engine = Engine(lm, None, batch_size=slots, compile=compiled, stop_ids=[1, 2])
+        engine = Engine(lm, None, batch_size=slots, compile=compiled, stop_ids=[1, 2], max_len=64)
+        if compiled and not engine._step.failed:  # compiled with the engine, before any sample's clock runs
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
         runs[compiled] = {(c.problem_id, c.sample_idx): c.tokens for c in engine.generate(prompts, n=2, params=params, seed=3)}
         if compiled:
             if engine._step.failed:
