@@ -182,8 +182,9 @@ class Engine:
     model is moved/cast in place when they differ from its own. compile: torch.compile the SSM update (GPU: a
     fused single pass) or the whole decode step (CPU: tens of seconds to compile, ~1.2-1.5x faster steps after),
     when the state is allocated, outside every sample's clock; "auto" = on GPU only. cuda_graphs: replay decode
-    steps from CUDA graphs ("auto" = on GPU). row_group: rows per attention block in an eager step, the rows kept ordered by context so that each block reads only as
-    many positions as its longest row (None: every row attends over the batch's longest context).
+    steps from CUDA graphs ("auto" = on GPU). row_group: rows per attention block in an eager step, the rows kept
+    ordered by context so that each block reads only as many positions as its longest row (None: every row attends
+    over the batch's longest context).
     """
 
     def __init__(self, model, tokenizer=None, max_len: int | None = None, batch_size: int = 64, device=None, dtype=None,
