@@ -265,3 +265,20 @@ def test_group_by_length_is_checked_where_the_rows_are_built():
     # a stage that falls back on the run's packed rows is refused, naming the fix
     with pytest.raises(ConfigError, match="group_by_length groups one-example rows"):
         make_plan({"stages": ["hidden", "sft"], "tokens": 64, "group_by_length": True, "sft": {"pack": False}}, {})
+
+
+@pytest.mark.parametrize("rank,lines", [("0", 1), ("1", 0)])
+def test_warnings_come_once_under_torchrun_from_rank_0(files, tmp_path, monkeypatch, caplog, rank, lines):
+    # every torchrun rank runs the command: the cut-examples warning printed once per process
+    import logging
+
+    monkeypatch.setenv("RANK", rank)
+    logger = logging.getLogger("thinkfast")
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert main(["sft", "--model", str(files / "teacher"), "--data", f"jsonl:{files}/chain.jsonl?solution=solution",
+                         "--tokens", "200", "--seq-len", "48", "--batch-size", "2", "--instruction", "none", "--no-chat",
+                         "--no-progress", "--out", str(tmp_path / "sft")]) == 0
+    finally:
+        logger.setLevel(logging.NOTSET)
+    assert sum("are cut" in r.getMessage() for r in caplog.records) == lines

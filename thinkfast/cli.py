@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
+import os
 import sys
 
 from .errors import ThinkfastError
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # under torchrun every rank would repeat rank 0's warnings
+        logging.getLogger("thinkfast").setLevel(logging.ERROR)
     try:
         result = args.func(args)
     except ThinkfastError as e:
