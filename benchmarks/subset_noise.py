@@ -42,7 +42,7 @@ def main() -> None:
     for model, per_problem in by_model.items():
         problems = {pid: _problem_samples(s, model) for pid, s in per_problem.items()}
         values: dict[tuple[str, str], list[np.ndarray]] = {}
-        for draw, orders in (("balanced", balanced), ("independent", independent_orders)):
+        for draw, orders in (("dealt", balanced), ("independent", independent_orders)):
             metrics._balanced_orders = orders
             try:
                 for seed in range(args.seeds):
@@ -72,7 +72,7 @@ def main() -> None:
     for model in by_model:
         for name in ("maj_at_k", "bon_at_k", "weighted_bon_at_k"):
             for k in ks:
-                b, i = key.get((model, name, k, "balanced")), key.get((model, name, k, "independent"))
+                b, i = key.get((model, name, k, "dealt")), key.get((model, name, k, "independent"))
                 if b and i:
                     lines.append(f"| {model} | {name} | {k} | {b['sd_over_seeds']:.4f} | {i['sd_over_seeds']:.4f} | "
                                  f"{b['mean']:.4f} | {i['mean']:.4f} |")
