@@ -33,6 +33,8 @@ STEPS = ("data", "teacher", "llamba", "hybrid", "sample", "reward", "report")
 # a tmpfs: 93 MiB at the peak, 87 MiB at the end; asked: 128 MiB)
 DISK_PER_TEACHER_BYTE = 20
 MODELS = ("teacher", "llamba", "hybrid")
+FROM_LLAMBA = object()  # the hybrid's attention layers: where the Llamba's stage 2 fitted worst
+OVERLAP_MIN_TOKENS = 50_000  # the Llamba's stages after `hidden` run beside the hybrid from this many tokens (auto)
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "special_tokens_map.json")
 # seed ranges of reasoning-gym's basic_arithmetic (item i uses seed + i): disjoint from the teacher's [1000, 151000)
@@ -131,11 +133,16 @@ def distill_stages(s: DemoSettings, budgets: dict) -> list:
 
 
 class Demo:
-    def __init__(self, out: str | os.PathLike, settings: DemoSettings, progress: bool = True, log=print):
+    def __init__(self, out: str | os.PathLike, settings: DemoSettings, progress: bool = True, log=print,
+                 overlap: str = "auto"):
         self.out = Path(out)
         self.s = settings
         self.progress = progress
         self.log = log
+        if overlap not in ("auto", "on", "off"):
+            raise ConfigError(f"demo: overlap={overlap!r}; use auto, on or off")
+        self.overlap = overlap  # the Llamba's last stages beside the hybrid (`overlap_threads`); same weights either way
+        self.steps = STEPS  # the steps this run goes to
         self.state_path = self.out / "demo.json"
         self.state = self._open()
         self._tokenizer = None
@@ -173,13 +180,16 @@ class Demo:
         self.state["wall_seconds"] = round(self.state["wall_seconds"] + seconds, 2)
         atomic_write_json(self.state_path, self.state)
 
-    def run(self) -> dict:
-        """Run (or continue) every step; returns the metrics."""
-        if any(step not in self.state["done"] for step in STEPS):
+    def run(self, until: str | None = None) -> dict | None:
+        """Run (or continue) every step, or the steps up to `until`; returns the metrics (None before the report)."""
+        steps = self.steps = STEPS[: STEPS.index(until) + 1] if until is not None else STEPS
+        if any(step not in self.state["done"] for step in steps):
             self.check_disk_space()
-        for i, step in enumerate(STEPS, 1):
+        done_before = set(self.state["done"])
+        for i, step in enumerate(steps, 1):
             if step in self.state["done"]:
-                self.log(f"[{i}/{len(STEPS)}] {step}: done in an earlier run, skipped")
+                if step in done_before:  # not one an earlier step of this run finished beside itself
+                    self.log(f"[{i}/{len(STEPS)}] {step}: done in an earlier run, skipped")
                 continue
             self.log(f"[{i}/{len(STEPS)}] {step}: {STEP_TITLES[step]}")
             t0 = time.perf_counter()
@@ -187,8 +197,9 @@ class Demo:
                 getattr(self, f"step_{step}")()
             finally:
                 self._charge(time.perf_counter() - t0)
-            self._finish_step(step, time.perf_counter() - t0)
-        return json.loads((self.out / "metrics.json").read_text())
+            if step not in self.state["done"]:
+                self._finish_step(step, time.perf_counter() - t0)
+        return json.loads((self.out / "metrics.json").read_text()) if "report" in self.state["done"] else None
 
     def check_disk_space(self) -> None:
         """Refuse before any step, not at a checkpoint ten minutes in, when --out's disk cannot take the run."""
@@ -306,7 +317,8 @@ class Demo:
         n_keep = len(default_hybrid_layers(len(losses)))
         return sorted(sorted(losses, key=losses.get, reverse=True)[:n_keep])
 
-    def _distill(self, name: str, kind: str, budgets: dict) -> None:
+    def _distill(self, name: str, kind: str, budgets: dict, stop_after: str | None = None, callback=None,
+                 attn_layers=FROM_LLAMBA) -> None:
         from .data.packing import DataConfig
         from .distill.stages import distill
         from .models import from_teacher
@@ -317,12 +329,16 @@ class Demo:
                   for st in distill_stages(s, budgets)]
         data = DataConfig(specs=[self.distill_spec], instruction=PROMPT_STYLE["instruction"], seed=s.seed, pack=s.pack)
         work = self.out / "work" / name
-        attn_layers = self.hybrid_attention_layers() if kind == "hybrid" else None
+        if attn_layers is FROM_LLAMBA:
+            attn_layers = self.hybrid_attention_layers() if kind == "hybrid" else None
         teacher = self.teacher_model()
         student = from_teacher(teacher, kind=kind, attn_layers=attn_layers,
                                ssm_param=s.llamba_ssm_param if kind == "llamba" else None)
         student = distill(teacher, student, data, stages, tokenizer=self.tokenizer(), out_dir=work,
-                          resume=True, progress=self.progress, examples_cache=self.examples, eval_data=self.eval_data())
+                          resume=True, progress=self.progress, examples_cache=self.examples, eval_data=self.eval_data(),
+                          stop_after=stop_after, callback=callback)
+        if stop_after is not None and stop_after != stages[-1].label:
+            return  # the later stages continue from the checkpoints in `work`
         with atomic_dir(self.model_dir(name)) as d:
             for f in MODEL_FILES:
                 if (work / f).is_file():
@@ -331,8 +347,88 @@ class Demo:
         self.log(f"  {name}: attention at layers {cfg.attn_layers or 'none'}, {cfg.ssm_param} SSM; "
                  f"log in {work / 'train_log.jsonl'}")
 
+    def overlap_threads(self) -> tuple[int, int] | None:
+        """(threads for the hybrid, threads for the Llamba's last stages) when they run side by side, else None.
+
+        The hybrid needs only the Llamba's stage 2 (its attention layers come from it), so the Llamba's later
+        stages can run in a second process beside it. On a CPU that pays: one training row per step is too small a
+        GEMM to keep two threads busy (2 cores: 97 ms per hybrid step on both, 150 ms on one, and two such runs side
+        by side each keep their 150 ms). Here thread counts do not change the weights (a test checks every weight
+        against the one-after-the-other run). `auto` leaves short stages (--quick) in one process: the second
+        one spends ~10 s starting (imports, re-reading the distillation split) before it trains."""
+        threads = torch.get_num_threads()
+        names = list(self.s.llamba_tokens)
+        if (self.overlap == "off" or threads < 2 or torch.cuda.is_available() or "hidden" not in names
+                or "hybrid" not in self.steps
+                or names[-1] == "hidden" or "llamba" in self.state["done"] or "hybrid" in self.state["done"]):
+            return None
+        later_tokens = sum(list(self.s.llamba_tokens.values())[names.index("hidden") + 1:])
+        if self.overlap == "auto" and later_tokens < OVERLAP_MIN_TOKENS:
+            return None
+        return threads - threads // 2, threads // 2
+
     def step_llamba(self) -> None:
-        self._distill("llamba", "llamba", self.s.llamba_tokens)
+        split = self.overlap_threads()
+        if split is None:
+            self._distill("llamba", "llamba", self.s.llamba_tokens)
+            return
+        t0 = time.perf_counter()
+        self._distill("llamba", "llamba", self.s.llamba_tokens, stop_after="hidden")
+        self._hybrid_beside_llamba(*split, llamba_started=t0)
+
+    def _hybrid_beside_llamba(self, hybrid_threads: int, llamba_threads: int, llamba_started: float) -> None:
+        """The Llamba's stages after `hidden` in a spawned process, the hybrid here; each thread count restored
+        to this process when the other process ends. Finishes both steps; a failure of either stops both
+        (their checkpoints stay: re-running continues them)."""
+        import multiprocessing
+
+        threads = torch.get_num_threads()
+        ctx = multiprocessing.get_context("spawn")  # a forked child would inherit this process's thread pools
+        receive, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_llamba_tail, args=(str(self.out), self.s, llamba_threads, send), daemon=True)
+        stages = list(self.s.llamba_tokens)
+        later = stages[stages.index("hidden") + 1:]
+        self.log(f"  llamba: stages {', '.join(later)} continue in a second process ({llamba_threads} of "
+                 f"{threads} threads) beside the hybrid")
+        attn_layers = self.hybrid_attention_layers()  # read before the second process appends to the same log
+        child.start()
+        send.close()
+        tail_started, tail_seconds = time.perf_counter(), None
+
+        def child_finished() -> None:
+            nonlocal tail_seconds
+            child.join()
+            tail_seconds = time.perf_counter() - tail_started
+            failure = receive.recv() if receive.poll() else (
+                "ThinkfastError", f"the Llamba's second process ended (exit code {child.exitcode}) before its last "
+                "stages did; re-run the same command to continue them")
+            if failure is not None:
+                raise _child_error(*failure)
+            # the Llamba's step: from its start to its end, so it overlaps the hybrid's
+            self._finish_step("llamba", time.perf_counter() - llamba_started)
+            torch.set_num_threads(threads)
+
+        def watch(step: int, record: dict) -> None:
+            if tail_seconds is None and not child.is_alive():
+                child_finished()
+
+        try:
+            torch.set_num_threads(hybrid_threads)
+            self.log(f"[{STEPS.index('hybrid') + 1}/{len(STEPS)}] hybrid: {STEP_TITLES['hybrid']}")
+            h0 = time.perf_counter()
+            self._distill("hybrid", "hybrid", self.s.hybrid_tokens, callback=watch, attn_layers=attn_layers)
+            hybrid_seconds = time.perf_counter() - h0
+            if tail_seconds is None:
+                child_finished()
+        finally:
+            torch.set_num_threads(threads)
+            if child.is_alive():
+                child.terminate()  # its checkpoints stay: a re-run continues them
+                child.join()
+        self.examples.clear()
+        self.log(f"  llamba: stages {', '.join(later)} took {tail_seconds:.0f} s beside the hybrid; "
+                 f"log in {self.out / 'work' / 'llamba' / 'train_log.jsonl'}")
+        self._finish_step("hybrid", hybrid_seconds)
 
     def step_hybrid(self) -> None:
         self._distill("hybrid", "hybrid", self.s.hybrid_tokens)
@@ -429,6 +525,41 @@ class Demo:
         rows = build_data(self.eval_data(), self.tokenizer(), self.s.seq_len, warn_cut=False)
         batch = held_out_batch(rows, self.eval_rows)
         return evaluate(SFTTask(self.teacher_model().eval()), batch, 8, "cpu")["eval_loss"]
+
+
+def _llamba_tail(out: str, settings: DemoSettings, threads: int, report) -> None:
+    """In a spawned process: the Llamba's stages after `hidden`, from their checkpoints; sends None, or the
+    failure as (error class name, one line)."""
+    import logging
+
+    from .commands import no_hf_progress_bars
+    from .errors import ThinkfastError
+
+    torch.set_num_threads(threads)
+    no_hf_progress_bars()
+    logging.getLogger("thinkfast").setLevel(logging.ERROR)  # the first process printed these warnings already
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        Demo(out, settings, progress=False, log=lambda msg: None)._distill("llamba", "llamba", settings.llamba_tokens)
+        report.send(None)
+    except KeyboardInterrupt:
+        report.send(("ThinkfastError", "interrupted"))
+    except ThinkfastError as e:
+        report.send((type(e).__name__, str(e)))
+    except Exception as e:  # noqa: BLE001 - carried to the first process, which prints it in one line
+        report.send(("ThinkfastError", f"the Llamba's last stages failed: {type(e).__name__}: {e}"))
+
+
+def _child_error(class_name: str, message: str) -> Exception:
+    """The error a spawned step sent, as the same thinkfast error class (ThinkfastError for any other name)."""
+    from . import errors
+
+    cls = getattr(errors, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.ThinkfastError)):
+        cls = errors.ThinkfastError
+    return cls(message)
 
 
 def held_out_note(held: dict) -> str:
@@ -574,11 +705,11 @@ def summary_notes(metrics: dict, claims: list[dict], wall: float) -> list[str]:
     return lines
 
 
-def run_demo(out, quick: bool = False, progress: bool = True, log=print, **overrides) -> dict:
+def run_demo(out, quick: bool = False, progress: bool = True, log=print, overlap: str = "auto", **overrides) -> dict:
     settings = DemoSettings.quick_settings() if quick else DemoSettings()
     for k, v in overrides.items():
         if v is not None:
             if not hasattr(settings, k):
                 raise ConfigError(f"demo: unknown setting {k}")
             setattr(settings, k, v)
-    return Demo(out, settings, progress, log).run()
+    return Demo(out, settings, progress, log, overlap=overlap).run()

@@ -26,6 +26,9 @@ def add_parsers(sub) -> None:
     d.add_argument("--batch-size", type=positive_int, help="engine slots (default 256)")
     d.add_argument("--threads", type=positive_int, help="torch CPU threads (default: all cores)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--sequential", action="store_true",
+                   help="train the students one after the other (by default, with 2+ CPU threads, the Llamba's "
+                   "stages after hidden-state alignment run in a second process beside the hybrid; same weights)")
     d.set_defaults(func=run_demo_command)
 
     t = sub.add_parser(
@@ -73,7 +76,8 @@ def run_demo_command(args) -> int:
             raise ConfigError(f"--teacher {t}: not a thinkfast model folder ({'no such folder' if not t.is_dir() else 'no ' + ', '.join(missing)}); "
                               "pass a folder written by `thinkfast train-teacher` or drop --teacher for the embedded one")
     t0 = time.perf_counter()
-    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, teacher=args.teacher,
+    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, overlap="off" if args.sequential else "auto",
+                       teacher=args.teacher,
                        problems=args.problems, n=args.n, temperature=args.temperature, batch_size=args.batch_size)
     print(f"report: {args.out}/report.md  metrics: {args.out}/metrics.json  ({time.perf_counter() - t0:.0f} s this run, "
           f"{metrics.get('wall_seconds') or 0:.0f} s in all)")

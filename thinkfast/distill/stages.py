@@ -502,6 +502,7 @@ def run_stages(
     progress: ProgressArg,
     callback=None,
     held_out: _DataSource | None = None,
+    stop_after: str | None = None,
 ) -> list[TrainResult]:
     results = []
     for k, stage in enumerate(stages):
@@ -519,6 +520,8 @@ def run_stages(
             eval_data=held_out.for_stage(stage) if held_out is not None else None,
         )
         results.append(res)
+        if stage.label == stop_after:
+            break
     return results
 
 
@@ -554,6 +557,7 @@ def distill(
     callback=None,
     eval_data=None,
     examples_cache: dict | None = None,
+    stop_after: str | None = None,
 ) -> ThinkfastForCausalLM:
     """Distil `teacher` into `student` through `stages`, in order.
 
@@ -567,10 +571,17 @@ def distill(
     them (`TrainConfig.eval_every`, `eval_rows`) as `eval_loss` records in train_log.jsonl.
     examples_cache: a dict kept across calls, so that runs on the same data specs (with the same tokenizer
     object) read and tokenise them once (the demo's two students); by default each call reads its own.
+    stop_after: a stage's label: return once it has finished, leaving the later stages to a call with the same
+    arguments and resume=True (possibly in another process); nothing final is saved.
     Returns the trained student (on the training device, in eval mode).
     """
     if not stages:
         raise ConfigError("no stages: give at least one of matrix, hidden, kd, sft")
+    if stop_after is not None:
+        if stop_after not in [s.label for s in stages]:
+            raise ConfigError(f"stop_after={stop_after!r} names no stage; the stages are {[s.label for s in stages]}")
+        if out_dir is None:
+            raise ConfigError("stop_after needs an out_dir: the later stages resume from its checkpoints")
     t_model = as_teacher_model(teacher)
     if isinstance(student, str):
         student = from_teacher(t_model, kind=student, attn_layers=attn_layers)
@@ -601,9 +612,9 @@ def distill(
         warn_if_disk_short(out, student, len(stages))
     if fsdp_teacher:
         shard_teacher(t_model, pick_device(stages[0].train, dist_info()))
-    run_stages(t_model, student, source, stages, out, resume, progress, callback, held_out)
+    results = run_stages(t_model, student, source, stages, out, resume, progress, callback, held_out, stop_after)
     student.eval()
-    if out is not None and dist_info().main:
+    if out is not None and dist_info().main and len(results) == len(stages):
         save_final(student, out, tokenizer)
     return student
 
