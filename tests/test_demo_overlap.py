@@ -4,7 +4,6 @@ the hybrid give the weights of the one-after-the-other run; a crash beside it re
 import hashlib
 import json
 import logging
-import multiprocessing
 
 import pytest
 import torch
@@ -61,9 +60,11 @@ def test_students_side_by_side_have_the_weights_of_one_after_the_other_and_resum
         return original(self, name, *args, **kwargs)
 
     monkeypatch.setattr(demo_module.Demo, "_distill", crash_in_hybrid)
+    d = demo_module.Demo(out, demo_module.DemoSettings.quick_settings(), progress=False, log=lambda msg: None,
+                         overlap="on")
     with pytest.raises(KeyboardInterrupt):
-        students(out, "on")
-    assert multiprocessing.active_children() == []  # the Llamba's process was stopped, not left running
+        d.run(until="hybrid")
+    assert d.tail_process.poll() is not None  # the Llamba's process was stopped, not left running
     assert json.loads((out / "demo.json").read_text())["done"] == ["data", "teacher"]
     assert torch.get_num_threads() == 2  # restored
 
@@ -116,19 +117,25 @@ def test_child_errors_keep_their_class():
     assert type(err) is ThinkfastError and str(err) == "the message"
 
 
-def test_llamba_tail_reports_instead_of_raising(tmp_path):
-    (tmp_path / "demo.json").write_text("{")
-    receive, send = multiprocessing.Pipe(duplex=False)
+def test_llamba_process_reports_one_json_line_instead_of_raising(tmp_path, capsys):
     from transformers.utils import logging as hf_logging
 
     level, threads, hf_level = logging.getLogger("thinkfast").level, torch.get_num_threads(), hf_logging.get_verbosity()
+    results = {}
     try:
-        demo_module._llamba_tail(str(tmp_path), demo_module.DemoSettings.quick_settings(), 1, send)
+        results["damaged"] = demo_module.llamba_tail_main([str(tmp_path), "1"])  # no demo.json
+        said = capsys.readouterr().out.splitlines()
+        d = demo_module.Demo(tmp_path / "run", demo_module.DemoSettings.quick_settings(), log=lambda msg: None)
+        results["no teacher"] = demo_module.llamba_tail_main([str(d.out), "1"])  # an error of no thinkfast class
+        said += capsys.readouterr().out.splitlines()
     finally:
         logging.getLogger("thinkfast").setLevel(level)
         torch.set_num_threads(threads)
         hf_logging.set_verbosity(hf_level)
-    assert receive.recv() == ("CheckpointError", f"{tmp_path / 'demo.json'} is damaged; choose a new --out")
+    assert results == {"damaged": 1, "no teacher": 1}
+    damaged, other = (json.loads(line) for line in said)
+    assert damaged == {"error": "CheckpointError", "message": f"{tmp_path / 'demo.json'} is damaged; choose a new --out"}
+    assert other["error"] == "ThinkfastError" and other["message"].startswith("the Llamba's last stages failed: ")
 
 
 def test_distill_stop_after_names_a_stage_and_needs_a_folder():

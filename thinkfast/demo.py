@@ -143,6 +143,7 @@ class Demo:
             raise ConfigError(f"demo: overlap={overlap!r}; use auto, on or off")
         self.overlap = overlap  # the Llamba's last stages beside the hybrid (`overlap_threads`); same weights either way
         self.steps = STEPS  # the steps this run goes to
+        self.tail_process = None  # the Llamba's second process, while the students train side by side
         self.state_path = self.out / "demo.json"
         self.state = self._open()
         self._tokenizer = None
@@ -377,39 +378,43 @@ class Demo:
         self._hybrid_beside_llamba(*split, llamba_started=t0)
 
     def _hybrid_beside_llamba(self, hybrid_threads: int, llamba_threads: int, llamba_started: float) -> None:
-        """The Llamba's stages after `hidden` in a spawned process, the hybrid here; each thread count restored
+        """The Llamba's stages after `hidden` in a second Python process, the hybrid here; each thread count restored
         to this process when the other process ends. Finishes both steps; a failure of either stops both
         (their checkpoints stay: re-running continues them)."""
-        import multiprocessing
+        import subprocess
+        import sys
 
         threads = torch.get_num_threads()
-        ctx = multiprocessing.get_context("spawn")  # a forked child would inherit this process's thread pools
-        receive, send = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_llamba_tail, args=(str(self.out), self.s, llamba_threads, send), daemon=True)
         stages = list(self.s.llamba_tokens)
         later = stages[stages.index("hidden") + 1:]
         self.log(f"  llamba: stages {', '.join(later)} continue in a second process ({llamba_threads} of "
                  f"{threads} threads) beside the hybrid")
         attn_layers = self.hybrid_attention_layers()  # read before the second process appends to the same log
-        child.start()
-        send.close()
+        # a fresh interpreter, not multiprocessing: a forked one would inherit this process's thread pools, and a
+        # spawned one re-runs the caller's script when it lacks an `if __name__ == "__main__"` guard
+        child = self.tail_process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from thinkfast.demo import llamba_tail_main; sys.exit(llamba_tail_main())",
+             str(self.out), str(llamba_threads)], stdout=subprocess.PIPE, text=True)
         tail_started, tail_seconds = time.perf_counter(), None
 
         def child_finished() -> None:
             nonlocal tail_seconds
-            child.join()
+            said = child.communicate()[0].strip()
             tail_seconds = time.perf_counter() - tail_started
-            failure = receive.recv() if receive.poll() else (
-                "ThinkfastError", f"the Llamba's second process ended (exit code {child.exitcode}) before its last "
-                "stages did; re-run the same command to continue them")
-            if failure is not None:
-                raise _child_error(*failure)
+            if child.returncode != 0 or said:
+                try:
+                    failure = json.loads(said.splitlines()[-1])
+                except (IndexError, ValueError):
+                    failure = {"error": "ThinkfastError", "message": (
+                        f"the Llamba's second process ended (exit code {child.returncode}) before its last stages "
+                        "did; re-run the same command to continue them")}
+                raise _child_error(failure["error"], failure["message"])
             # the Llamba's step: from its start to its end, so it overlaps the hybrid's
             self._finish_step("llamba", time.perf_counter() - llamba_started)
             torch.set_num_threads(threads)
 
         def watch(step: int, record: dict) -> None:
-            if tail_seconds is None and not child.is_alive():
+            if tail_seconds is None and child.poll() is not None:
                 child_finished()
 
         try:
@@ -422,9 +427,9 @@ class Demo:
                 child_finished()
         finally:
             torch.set_num_threads(threads)
-            if child.is_alive():
+            if child.poll() is None:
                 child.terminate()  # its checkpoints stay: a re-run continues them
-                child.join()
+                child.wait()
         self.examples.clear()
         self.log(f"  llamba: stages {', '.join(later)} took {tail_seconds:.0f} s beside the hybrid; "
                  f"log in {self.out / 'work' / 'llamba' / 'train_log.jsonl'}")
@@ -527,33 +532,49 @@ class Demo:
         return evaluate(SFTTask(self.teacher_model().eval()), batch, 8, "cpu")["eval_loss"]
 
 
-def _llamba_tail(out: str, settings: DemoSettings, threads: int, report) -> None:
-    """In a spawned process: the Llamba's stages after `hidden`, from their checkpoints; sends None, or the
-    failure as (error class name, one line)."""
+def llamba_tail_main(argv: list[str] | None = None) -> int:
+    """A second process's entry (`Demo._hybrid_beside_llamba`): argv [out, threads]. Trains the Llamba's stages
+    after `hidden` from their checkpoints, with the settings recorded in `out/demo.json`. Prints nothing on
+    success; on failure one JSON line {"error": class name, "message": one line} on stdout, exit code 1."""
     import logging
+    import sys
 
     from .commands import no_hf_progress_bars
     from .errors import ThinkfastError
 
-    torch.set_num_threads(threads)
+    out, threads = argv if argv is not None else sys.argv[1:]
+    report, sys.stdout = sys.stdout, sys.stderr  # stdout carries the one result line; nothing else may fill its pipe
+    torch.set_num_threads(int(threads))
     no_hf_progress_bars()
     logging.getLogger("thinkfast").setLevel(logging.ERROR)  # the first process printed these warnings already
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+
+    def fail(error: str, message: str) -> int:
+        print(json.dumps({"error": error, "message": message}), file=report, flush=True)
+        return 1
+
     try:
+        state_path = Path(out) / "demo.json"
+        try:
+            settings = DemoSettings(**json.loads(state_path.read_text())["settings"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return fail("CheckpointError", f"{state_path} is damaged; choose a new --out")
         Demo(out, settings, progress=False, log=lambda msg: None)._distill("llamba", "llamba", settings.llamba_tokens)
-        report.send(None)
     except KeyboardInterrupt:
-        report.send(("ThinkfastError", "interrupted"))
+        return 130  # the first process was interrupted too, and says so
     except ThinkfastError as e:
-        report.send((type(e).__name__, str(e)))
+        return fail(type(e).__name__, str(e))
     except Exception as e:  # noqa: BLE001 - carried to the first process, which prints it in one line
-        report.send(("ThinkfastError", f"the Llamba's last stages failed: {type(e).__name__}: {e}"))
+        return fail("ThinkfastError", f"the Llamba's last stages failed: {type(e).__name__}: {e}")
+    finally:
+        sys.stdout = report
+    return 0
 
 
 def _child_error(class_name: str, message: str) -> Exception:
-    """The error a spawned step sent, as the same thinkfast error class (ThinkfastError for any other name)."""
+    """The error the second process reported, as the same thinkfast error class (ThinkfastError for any other name)."""
     from . import errors
 
     cls = getattr(errors, class_name, None)
