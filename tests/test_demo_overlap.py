@@ -155,3 +155,12 @@ def test_cli_sequential_turns_the_overlap_off(tmp_path, monkeypatch):
     assert main(["demo", "--quick", "--out", str(tmp_path / "a"), "--no-progress"]) == 0
     assert main(["demo", "--quick", "--out", str(tmp_path / "b"), "--no-progress", "--sequential"]) == 0
     assert seen == ["auto", "off"]
+
+
+def test_llamba_process_stops_when_the_first_process_is_gone(monkeypatch):
+    check = demo_module.stop_when_orphaned(parent=4242)
+    monkeypatch.setattr(demo_module.os, "getppid", lambda: 4242)
+    check(1, {})  # the parent is alive: training goes on
+    monkeypatch.setattr(demo_module.os, "getppid", lambda: 1)  # re-parented: the first process died
+    with pytest.raises(KeyboardInterrupt):
+        check(2, {})

@@ -394,7 +394,8 @@ class Demo:
         # spawned one re-runs the caller's script when it lacks an `if __name__ == "__main__"` guard
         child = self.tail_process = subprocess.Popen(
             [sys.executable, "-c", "import sys; from thinkfast.demo import llamba_tail_main; sys.exit(llamba_tail_main())",
-             str(self.out), str(llamba_threads)], stdout=subprocess.PIPE, text=True)
+             str(self.out), str(llamba_threads)], stdout=subprocess.PIPE, text=True,
+            start_new_session=True)  # Ctrl-C reaches this process only, which stops the other in `finally`
         tail_started, tail_seconds = time.perf_counter(), None
 
         def child_finished() -> None:
@@ -561,9 +562,10 @@ def llamba_tail_main(argv: list[str] | None = None) -> int:
             settings = DemoSettings(**json.loads(state_path.read_text())["settings"])
         except (OSError, ValueError, KeyError, TypeError):
             return fail("CheckpointError", f"{state_path} is damaged; choose a new --out")
-        Demo(out, settings, progress=False, log=lambda msg: None)._distill("llamba", "llamba", settings.llamba_tokens)
+        Demo(out, settings, progress=False, log=lambda msg: None)._distill(
+            "llamba", "llamba", settings.llamba_tokens, callback=stop_when_orphaned(os.getppid()))
     except KeyboardInterrupt:
-        return 130  # the first process was interrupted too, and says so
+        return 130  # stopped by stop_when_orphaned: the first process is gone
     except ThinkfastError as e:
         return fail(type(e).__name__, str(e))
     except Exception as e:  # noqa: BLE001 - carried to the first process, which prints it in one line
@@ -571,6 +573,15 @@ def llamba_tail_main(argv: list[str] | None = None) -> int:
     finally:
         sys.stdout = report
     return 0
+
+
+def stop_when_orphaned(parent: int):
+    """A training callback that stops the second process once the first one is gone (killed outright, it could
+    not stop it), so that a re-run never has two processes writing the same checkpoints."""
+    def check(step: int, record: dict) -> None:
+        if os.getppid() != parent:
+            raise KeyboardInterrupt
+    return check
 
 
 def _child_error(class_name: str, message: str) -> Exception:
