@@ -22,6 +22,8 @@ def test_bench_writes_markdown_and_json_rows(tmp_path):
     for r in rows:
         assert KEYS <= set(r) and r["tokens_per_s"] > 0 and r["peak_mem_bytes"] >= 0
         assert (r["batch_size"], r["prompt_len"], r["gen_len"]) == (2, 8, 4)
+        if r["engine"] == "thinkfast":  # what the step ran with, on a CPU: no graphs, eager unless asked
+            assert (r["cuda_graphs"], r["compiled"]) == (False, False)
         assert r["seconds_per_sample"] * r["batch_size"] * r["tokens_per_s"] == pytest.approx(r["batch_size"] * r["gen_len"], rel=0.01)
     text = md.read_text()
     assert "| teacher-hf | teacher | hf | 2 | 8 | 4 |" in text and "llamba / teacher" in text

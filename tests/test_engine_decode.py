@@ -31,7 +31,7 @@ def _prefilled_pair(lm, prompts, max_len):
     states = [lm.allocate_state(len(prompts), max_len), engine_state(lm, len(prompts), max_len)]
     for r, ids in enumerate(prompts):
         one = lm.allocate_state(1, len(ids))
-        lm(torch.tensor([ids]), state=one)
+        lm(torch.tensor([ids], device=lm.embed.weight.device), state=one)
         for st in states:
             st.copy_rows_(torch.tensor([r]), one, torch.tensor([0]), len(ids))
     return states
@@ -154,3 +154,50 @@ def test_cuda_graph_step_equals_eager_step(kind, ssm_param):
         got = graphs(tok, pos, int(pos.max()) + 1)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         tok, pos = ref.argmax(-1), pos + 1
+
+
+@pytest.mark.parametrize("kind,ssm_param,buckets", [("llamba", "mamba2", [512]), ("hybrid", "mamba2", [256, 512])])
+def test_cuda_graph_buckets_only_where_context_matters(kind, ssm_param, buckets):
+    """One graph per context bucket for a model with attention; a pure Mamba step ignores the context, so one
+    graph in all (each graph holds its own logits buffer). Constructing the replayer touches no GPU."""
+    lm = _student(kind, ssm_param)
+    graphs = CudaGraphStep(DecodeStep(lm, engine_state(lm, 2, 512)), 2, bucket=256)
+    assert graphs.buckets() == buckets
+    assert [graphs._bucket(n) for n in (1, 300, 512)] == ([512] * 3 if kind == "llamba" else [256, 512, 512])
+
+
+def test_a_failing_compiled_ssm_update_falls_back_to_the_eager_one(caplog):
+    """torch.compile is lazy: a broken toolchain fails at the first compiled step, which the engine takes when
+    it allocates its state. It then decodes with the eager update, and the samples are the eager engine's."""
+    from thinkfast.engine import Engine
+    from thinkfast.engine.sampling import SamplingParams
+
+    lm = _student("hybrid", "mamba2")
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    prompts = [("a", [3, 4, 5])]
+    eager = [c.tokens for c in Engine(lm, None, batch_size=2, max_len=16, stop_ids=[0]).generate(prompts, 2, params)]
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    engine = Engine(lm, None, batch_size=2, max_len=16, stop_ids=[0])
+    engine._step.ssm_update = broken  # as a GPU engine holds a compiled update
+    with caplog.at_level("WARNING"):
+        engine._compile_now()
+    assert "the compiled SSM update failed (no C++ compiler found); using the eager one" in caplog.text
+    assert engine._step.ssm_update is ssm_update_
+    assert [c.tokens for c in engine.generate(prompts, 2, params)] == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind,ssm_param", [("llamba", "mamba2"), ("hybrid", "mamba2")])
+def test_engine_captures_graphs_outside_no_grad(kind, ssm_param):
+    """Models load with requires_grad weights and the engine is built in the caller's grad mode: capture must
+    still succeed (with autograd on, the compiled SSM update failed to trace and graphs were silently dropped)."""
+    from thinkfast.engine import Engine
+
+    lm = _student(kind, ssm_param).cuda()
+    engine = Engine(lm, None, batch_size=4, max_len=300, device="cuda", dtype=torch.bfloat16, stop_ids=[0])
+    assert engine.use_graphs and isinstance(engine._step, CudaGraphStep)
+    assert engine._step.buckets() == ([300] if kind == "llamba" else [256, 300])

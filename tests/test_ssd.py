@@ -130,3 +130,30 @@ def test_fla_kernel_equals_chunked_scan_on_gpu(dtype):
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(h, h_ref, rtol=tol, atol=tol)
+
+
+def test_scan_and_matrices_stay_fp32_under_a_bf16_autocast():
+    """Training on a GPU runs under a bf16 autocast, which would round the einsums' fp32 inputs (decays, carried
+    states, MOHAWK's matrices) to bf16; CPU autocast shows the same rule."""
+    from thinkfast.models.mixers import Attention
+    from thinkfast.models.config import ModelConfig
+    from thinkfast.models.mixers import Rotary
+
+    x, log_a, B, C = random_inputs(1, 200, 2, 8, 8)
+    plain = ssd_chunked(x, log_a, B, C, chunk_size=32, return_final_state=True)
+    matrix = ssd_matrix(log_a, B, C)
+    cfg = ModelConfig(vocab_size=11, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_mlp=64)
+    attn, rope = Attention(cfg), Rotary(cfg)
+    h = torch.randn(1, 40, 32)
+    probs = attn.matrix(h, rope(torch.arange(40)[None]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = ssd_chunked(x, log_a, B, C, chunk_size=32, return_final_state=True)
+        auto_matrix = ssd_matrix(log_a, B, C)
+        auto_probs = attn.matrix(h, rope(torch.arange(40)[None]))
+    for a, b in zip(auto, plain):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(auto_matrix, matrix, rtol=0, atol=0)
+    assert auto_probs.dtype == torch.float32
+    # the q/k projections run in bf16 under the autocast, as in training; only the scores' product stays fp32
+    torch.testing.assert_close(auto_probs, probs, rtol=0, atol=0.05)

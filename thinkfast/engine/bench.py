@@ -318,6 +318,8 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
     roof = batch / (bytes_per_step / bw)
     tps = batch * gen_len / wall
     state_bytes = eng.state.nbytes() if engine == "thinkfast" else None
+    if engine == "thinkfast":  # what the step really ran with: a failed graph capture falls back to eager steps
+        row.update(cuda_graphs=eng.use_graphs, compiled=eng.use_compile)
     row.update(tokens_per_s=round(tps, 1), seconds_per_sample=round(wall / batch, 6), generated_tokens=generated, peak_mem_bytes=int(max(peak, 0)),
                state_bytes=state_bytes, roofline_tokens_per_s=round(roof, 1), roofline_fraction=round(tps / roof, 3),
                cpu_seconds=round(cpu, 3), wall_seconds=round(wall, 3))

@@ -244,26 +244,35 @@ class CudaGraphStep:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def buckets(self) -> list[int]:
+        if not self.step.attn_layers:  # no attention: the context length plays no part in the step
+            return [self.step.max_len]
         return sorted({min(self.step.max_len, b) for b in range(self.bucket, self.step.max_len + self.bucket, self.bucket)})
 
     def _bucket(self, kv_len: int) -> int:
+        if not self.step.attn_layers:
+            return self.step.max_len
         return min(self.step.max_len, -(-kv_len // self.bucket) * self.bucket)
 
     def capture_all(self) -> None:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up outside capture: lazy inits, cuBLAS handles, compiled kernels
-            for _ in range(2):
-                self.step(self.tokens, self.positions, self.buckets()[0])
-        torch.cuda.current_stream().wait_stream(s)
-        pool = None
-        for S in reversed(self.buckets()):  # largest first, so smaller graphs reuse its memory pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.step(self.tokens, self.positions, S)
-            pool = graph.pool()
-            self.graphs[S] = (graph, out)
-        torch.cuda.synchronize()
+        dev = self.tokens.device
+        # inference mode, as the sampling loop replays: with autograd on, a compiled SSM update fails to trace its
+        # in-place state write and every step's activations stay alive. On the engine's own device, which need
+        # not be the current one (cuda:1, a torchrun rank): streams made elsewhere would capture nothing
+        with torch.inference_mode(), torch.cuda.device(dev):
+            s = torch.cuda.Stream(device=dev)
+            s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(s):  # warm-up outside capture: lazy inits, cuBLAS handles, compiled kernels
+                for _ in range(2):
+                    self.step(self.tokens, self.positions, self.buckets()[0])
+            torch.cuda.current_stream(dev).wait_stream(s)
+            pool = None
+            for S in reversed(self.buckets()):  # largest first, so smaller graphs reuse its memory pool
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device=dev)):
+                    out = self.step(self.tokens, self.positions, S)
+                pool = graph.pool()
+                self.graphs[S] = (graph, out)
+            torch.cuda.synchronize(dev)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         n = tokens.shape[0]

@@ -31,7 +31,8 @@ import torch
 
 from ..errors import ConfigError, ThinkfastError
 from ..models.model import ModelState, ThinkfastLM
-from .decode import CompiledStep, CudaGraphStep, DecodeStep, compile_ssm_update, engine_state, ssm_update_functional
+from .decode import (CompiledStep, CudaGraphStep, DecodeStep, compile_ssm_update, engine_state, ssm_update_,
+                     ssm_update_functional)
 from .sampling import SamplingParams, sample_seed, sample_tokens, sample_uniforms
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,8 @@ def slot_bytes(cfg, max_len: int, dtype: torch.dtype) -> int:
 
 
 def available_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # what the driver has free, plus what PyTorch holds cached but unused
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -280,8 +281,15 @@ class Engine:
         one-time cost of the engine, not of the samples whose first step would pay it. One step over two blank
         rows at context 2 (not 1, which torch.compile would specialise), then the state is cleared."""
         n = min(2, self.batch_size)
-        with torch.inference_mode():  # the mode the sampling loop runs in: the compiled graph guards on it
-            self._step(self.tok[:n], self.pos[:n], 2)
+        try:
+            with torch.inference_mode():  # the mode the sampling loop runs in: the compiled graph guards on it
+                self._step(self.tok[:n], self.pos[:n], 2)
+        except Exception as e:  # torch.compile is lazy: a broken toolchain shows here, not where it was asked for
+            if not isinstance(self._step, DecodeStep) or self._step.ssm_update is ssm_update_:
+                raise
+            log.warning("the compiled SSM update failed (%s); using the eager one", str(e).splitlines()[0][:200])
+            self._step.ssm_update = ssm_update_
+            self.use_compile = False
         for cache in self.state.caches:
             for t in vars(cache).values():
                 t.zero_()
@@ -461,6 +469,8 @@ class _Run:
                 forks += len(other.queue)
             self.orphan += self.lap()
             state, logits = self.e._prefill([r.prompt for r in group])
+            if logits.is_cuda:  # the kernels were only launched: their time belongs to this prefill
+                torch.cuda.synchronize(logits.device)
             dt = self.lap()
             st = self.e.stats
             st.prefill_seconds += dt

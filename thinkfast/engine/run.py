@@ -180,6 +180,8 @@ class _SamplingJob:
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(check_device(str(device)))
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # a torchrun rank's own GPU for every kernel and stream made later
         self.dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, self.device)
 
         if problems is None:

@@ -192,7 +192,8 @@ class Attention(nn.Module):
         """Softmax attention probabilities (B, H, T, T), computed eagerly."""
         q, k, _ = self._qkv(x, *rope)
         k = self._expand(k)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
+        with torch.autocast(x.device.type, enabled=False):  # fp32 scores under a bf16 autocast too
+            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
         T = x.shape[1]
         if attention_mask is None:
             mask = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))

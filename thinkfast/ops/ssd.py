@@ -43,6 +43,11 @@ def ssd_chunked(
     return_final_state: bool = False,
 ):
     """Chunked SSD scan over any length. Returns y (b, T, H, P) in x's dtype [, final state (b, H, P, N) fp32]."""
+    with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would round the decays and carried states
+        return _ssd_chunked(x, log_a, B, C, chunk_size, initial_state, return_final_state)
+
+
+def _ssd_chunked(x, log_a, B, C, chunk_size, initial_state, return_final_state):
     b, T, H, P = x.shape
     N = B.shape[-1]
     out_dtype = x.dtype
@@ -151,9 +156,10 @@ def ssd_matrix(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.T
 
     y = M @ x reproduces ssd_chunked (before the D skip). Used by MOHAWK stage 1.
     """
-    A = log_a.float().permute(0, 2, 1)  # (b, H, T)
-    scores = torch.einsum("bthn,bshn->bhts", C.float(), B.float())
-    return scores * torch.exp(segsum(A))
+    with torch.autocast(log_a.device.type, enabled=False):  # fp32 under a bf16 autocast too (MOHAWK stage 1)
+        A = log_a.float().permute(0, 2, 1)  # (b, H, T)
+        scores = torch.einsum("bthn,bshn->bhts", C.float(), B.float())
+        return scores * torch.exp(segsum(A))
 
 
 def ssd_sequential(x, log_a, B, C, initial_state=None):
