@@ -107,6 +107,8 @@ def test_auto_keeps_short_stages_in_one_process(tmp_path, two_threads):
     assert d.overlap_threads() == (1, 1)
     d.steps = demo_module.STEPS[:3]  # a run that stops at the Llamba trains no hybrid beside it
     assert d.overlap_threads() is None
+    with pytest.raises(ConfigError, match="until='sampling' is not a step"):
+        d.run(until="sampling")
     with pytest.raises(ConfigError, match="overlap='yes'"):
         demo_module.Demo(tmp_path / "other", demo_module.DemoSettings.quick_settings(), overlap="yes")
 

@@ -2,5 +2,5 @@ import sys
 
 from .cli import main
 
-if __name__ == "__main__":  # a spawned worker process imports this module again
+if __name__ == "__main__":  # `python -m thinkfast`; importing the module runs nothing
     sys.exit(main())

@@ -183,6 +183,8 @@ class Demo:
 
     def run(self, until: str | None = None) -> dict | None:
         """Run (or continue) every step, or the steps up to `until`; returns the metrics (None before the report)."""
+        if until is not None and until not in STEPS:
+            raise ConfigError(f"demo: until={until!r} is not a step; use one of {', '.join(STEPS)}")
         steps = self.steps = STEPS[: STEPS.index(until) + 1] if until is not None else STEPS
         if any(step not in self.state["done"] for step in steps):
             self.check_disk_space()
