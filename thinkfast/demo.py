@@ -542,17 +542,14 @@ def llamba_tail_main(argv: list[str] | None = None) -> int:
     import logging
     import sys
 
-    from .commands import no_hf_progress_bars
+    from .commands.demo import _quiet_hf
     from .errors import ThinkfastError
 
     out, threads = argv if argv is not None else sys.argv[1:]
     report, sys.stdout = sys.stdout, sys.stderr  # stdout carries the one result line; nothing else may fill its pipe
     torch.set_num_threads(int(threads))
-    no_hf_progress_bars()
+    _quiet_hf()  # as the CLI does: no weight-loading bars or warnings
     logging.getLogger("thinkfast").setLevel(logging.ERROR)  # the first process printed these warnings already
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
 
     def fail(error: str, message: str) -> int:
         print(json.dumps({"error": error, "message": message}), file=report, flush=True)
