@@ -527,3 +527,13 @@ def test_ignore_eos_is_part_of_the_configuration():
                      for flag in (False, True))
     assert config_hash(plain) != config_hash(forced)
     assert explain_difference(forced, plain) == "ignore_eos true here, false in the file"
+
+
+def test_the_hardware_names_the_cpu_kernels_that_decide_the_numbers(monkeypatch):
+    # two hosts both called "AMD EPYC" trained different weights (AVX2 and AVX-512 GEMMs sum in other orders)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert run_mod.hardware_string("cpu").endswith(", AVX512)")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert run_mod.hardware_string("cpu").endswith(", AVX2)")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert run_mod.hardware_string("cpu").endswith("thread)") or run_mod.hardware_string("cpu").endswith("threads)")
