@@ -96,6 +96,11 @@ def test_paired_margin_separates_settled_claims_from_noise():
     assert demo_module.paired_margin(better, {p: (0.5, 0.9) for p in teacher}, 1)["margin"] == pytest.approx(-0.4)
     line = demo_module.summary_notes({"models": {}}, [{"claim": "c", "measured": 0.99, "target": 0.98, "held": True, **m}], 1.0)[-1]
     assert line.startswith("held: c: measured 0.990 (target 0.980; margin +0.200") and "40 problems cannot settle it" in line
+    # a bound just under zero keeps its sign readable (three decimals would print -0.000, as in a real run)
+    near = {"claim": "c", "measured": 0.997, "target": 0.991, "held": True, "margin": 0.0055,
+            "margin_ci": [-0.00022, 0.0125], "problems": 40}
+    line = demo_module.summary_notes({"models": {}}, [near], 1.0)[-1]
+    assert "[-2.2e-04, +0.013]" in line and "-0.000" not in line and "cannot settle it" in line
 
 
 def test_demo_samples_can_be_reproduced_with_thinkfast_sample(quick_demo, capsys):

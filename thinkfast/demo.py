@@ -730,10 +730,16 @@ def summary_notes(metrics: dict, claims: list[dict], wall: float) -> list[str]:
             lo, hi = c["margin_ci"]
             side = ("above the target" if lo > 0 else "below the target" if hi < 0
                     else f"the interval spans zero: {c['problems']} problems cannot settle it")
-            target = (f" (target {c['target']:.3f}; margin {c['margin']:+.3f}, {CLAIM_CI_LEVEL:.0%} paired bootstrap "
-                      f"interval over {c['problems']} problems [{lo:+.3f}, {hi:+.3f}]: {side})")
+            target = (f" (target {c['target']:.3f}; margin {_signed(c['margin'])}, {CLAIM_CI_LEVEL:.0%} paired bootstrap "
+                      f"interval over {c['problems']} problems [{_signed(lo)}, {_signed(hi)}]: {side})")
         lines.append(f"{'held' if c['held'] else 'DID NOT HOLD'}: {c['claim']}: measured {c['measured']:.3f}{target}.")
     return lines
+
+
+def _signed(x: float) -> str:
+    """+0.012; a bound that 3 decimals would show as -0.000 keeps its sign readable (-2.2e-04): which side of
+    zero it lies on is what settles a claim."""
+    return f"{x:+.3f}" if x == 0 or abs(x) >= 5e-4 else f"{x:+.1e}"
 
 
 def run_demo(out, quick: bool = False, progress: bool = True, log=print, overlap: str = "auto", **overrides) -> dict:
