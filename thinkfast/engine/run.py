@@ -71,10 +71,10 @@ def hardware_string(device) -> str:
     except OSError:
         pass
     n = torch.get_num_threads()
-    return f"{cpu} ({n} thread{'' if n == 1 else 's'}{cpu_kernels()})"
+    return f"{cpu} ({n} thread{'' if n == 1 else 's'}{_cpu_kernels()})"
 
 
-def cpu_kernels() -> str:
+def _cpu_kernels() -> str:
     """", AVX512" etc.: the instruction set PyTorch's CPU kernels were picked for. The CPU's name does not say it
     (one "AMD EPYC" has AVX2, another AVX-512), and it decides the order fp32 GEMMs sum in: trained weights, and so
     samples, repeat exactly only between hosts where it is the same."""
