@@ -2,13 +2,13 @@
 one attention layer as SDPA (the engine's kernel), as two matmuls and a softmax (whole, and 32 rows at a time),
 and as a plain read of its keys and values.
 
-    python benchmarks/decode_attention.py DEMO_DIR [--batch 256] [--contexts 200,450,800] [--spread 150] [--reps 20]
+    python benchmarks/decode_attention.py DEMO_DIR [--batch 256] [--contexts 200,450,800] [--spread 150] [--reps 30]
 
 Rows are the first --batch slots of an engine state for 1,400 positions, ordered by context and spread over
 --spread positions below the context (as the engine keeps them), attended in blocks of 32 rows (the engine's
 row_group). Times are medians over --reps rounds after 3 warm-up rounds, every variant taking one step in turn in
-each round so that the host's drift reaches them alike; the state holds zeros (timing does not depend on the values). Writes --out
-.md and .json (default benchmarks/decode_attention-latest).
+each round so that the host's drift reaches them alike. The state starts at zeros: timing does not depend on the
+values. Writes --out .md and .json (default benchmarks/decode_attention-latest).
 """
 
 from __future__ import annotations
