@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from thinkfast import demo as demo_module
@@ -55,6 +56,9 @@ def test_quick_demo_writes_the_report_contract(quick_demo):
         assert sum(g["problems"] for g in groups.values()) == len(load_problems(m["dataset"]))
         assert all(2 <= int(terms) <= 8 for terms in groups)
     # each stage's held-out loss, read back from the students' training logs, beside the teacher's CE on those rows
+    env = m["demo"]["environment"]  # what each step ran under: the numbers repeat only where it is the same
+    assert list(env) == list(demo_module.STEPS) and all(e["torch"] == torch.__version__ for e in env.values())
+    assert len({json.dumps(e) for e in env.values()}) == 1 and "different environments" not in report
     held = m["demo"]["held_out_loss"]
     assert list(held["llamba"]) == ["matrix", "hidden", "kd", "sft"] and list(held["hybrid"]) == ["hidden", "sft"]
     assert held["rows"] == 8 and load_problems(held["spec"])
@@ -142,9 +146,17 @@ def test_interrupted_demo_continues_from_the_last_finished_step(tmp_path, monkey
     assert json.loads((out / "demo.json").read_text())["done"] == ["data", "teacher", "llamba"]
     monkeypatch.setattr(demo_module.Demo, "step_hybrid", original)
     monkeypatch.setattr(demo_module.Demo, "step_llamba", lambda self: calls.append("llamba again"))
+    state = json.loads((out / "demo.json").read_text())  # as if the first part had run under another torch
+    state["environment"]["llamba"]["torch"] = "2.4.0"
+    (out / "demo.json").write_text(json.dumps(state))
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     assert calls == ["crash"]  # the finished llamba step was not redone
     assert json.loads((out / "demo.json").read_text())["done"] == list(demo_module.STEPS)
+    # the report says the resumed run mixed environments, and which step ran under which
+    env = json.loads((out / "metrics.json").read_text())["demo"]["environment"]
+    assert env["llamba"]["torch"] == "2.4.0" and env["hybrid"]["torch"] == torch.__version__
+    report = (out / "report.md").read_text()
+    assert "llamba: torch 2.4.0" in report and "different environments" in report
 
 
 def test_out_folder_with_other_content_is_refused(tmp_path, capsys):

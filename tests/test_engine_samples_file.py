@@ -533,8 +533,10 @@ def test_the_hardware_names_the_cpu_kernels_that_decide_the_numbers(monkeypatch)
     # two hosts both called "AMD EPYC" trained different weights (AVX2 and AVX-512 GEMMs sum in other orders)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert run_mod.hardware_string("cpu").endswith(", AVX512)")
+    assert run_mod.hardware_string("cpu", threads=False).endswith(" (AVX512)")  # the demo's per-step record
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert run_mod.hardware_string("cpu").endswith(", AVX2)")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # no vector kernels: nothing to add
     plain = run_mod.hardware_string("cpu")
     assert "DEFAULT" not in plain and plain.endswith(("thread)", "threads)"))
+    assert run_mod.hardware_string("cpu", threads=False) == plain.rsplit(" (", 1)[0]  # the CPU's name alone

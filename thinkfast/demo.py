@@ -173,6 +173,7 @@ class Demo:
 
     def _finish_step(self, step: str, seconds: float, **extra) -> None:
         self.state["done"].append(step)
+        self.state.setdefault("environment", {})[step] = environment()
         self.state["step_seconds"][step] = round(self.state["step_seconds"].get(step, 0.0) + seconds, 2)
         self.state.update(extra)
         atomic_write_json(self.state_path, self.state)
@@ -499,10 +500,14 @@ class Demo:
             notes.append(held_out_note(held_out))
         if self.state.get("reward_note"):
             notes.append(self.state["reward_note"] + ".")
+        envs = {**self.state.get("environment", {}), "report": environment()}
+        mixed = mixed_environment_note(envs)
+        if mixed:
+            notes.append(mixed)
         metrics = build_report(paths, self.out, dataset=self.dataset_spec, wall_seconds=wall, summary_notes=notes, title=title,
                                group_by="terms")
         metrics["claims"] = claims
-        metrics["demo"] = {"settings": dataclasses.asdict(self.s), "step_seconds": self.state["step_seconds"],
+        metrics["demo"] = {"settings": dataclasses.asdict(self.s), "step_seconds": self.state["step_seconds"], "environment": envs,
                            "models": {m: str(self.model_dir(m)) for m in MODELS}, "held_out_loss": held_out}
         atomic_write_json(self.out / "metrics.json", metrics)
         for line in notes:
@@ -734,6 +739,31 @@ def summary_notes(metrics: dict, claims: list[dict], wall: float) -> list[str]:
                       f"interval over {c['problems']} problems [{_signed(lo)}, {_signed(hi)}]: {side})")
         lines.append(f"{'held' if c['held'] else 'DID NOT HOLD'}: {c['claim']}: measured {c['measured']:.3f}{target}.")
     return lines
+
+
+def environment() -> dict:
+    """What a step's numbers depend on besides the settings: the libraries, and the CPU's kernels (the order fp32
+    sums run in: runs repeat exactly only where all of these are the same)."""
+    import transformers
+
+    from . import __version__
+    from .engine.run import hardware_string
+
+    return {"thinkfast": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": hardware_string("cpu", threads=False)}
+
+
+def mixed_environment_note(envs: dict[str, dict]) -> str | None:
+    """A report line when a resumed run's steps ran under different libraries or CPUs; None when they all agree."""
+    seen: dict[str, list[str]] = {}
+    for step, env in envs.items():
+        seen.setdefault(json.dumps(env, sort_keys=True), []).append(step)
+    if len(seen) < 2:
+        return None
+    keys = sorted({k for env in envs.values() for k in env if len({json.dumps(e.get(k)) for e in envs.values()}) > 1})
+    parts = [f"{', '.join(steps)}: " + ", ".join(f"{k} {json.loads(env).get(k)}" for k in keys) for env, steps in seen.items()]
+    return ("The steps of this run ran under different environments (" + "; ".join(parts) + "): a resumed run mixes "
+            "them, so its numbers need not repeat on either.")
 
 
 def _signed(x: float) -> str:

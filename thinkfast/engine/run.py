@@ -57,7 +57,8 @@ def encode_prompt(tokenizer, text: str, templated: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
 
 
-def hardware_string(device) -> str:
+def hardware_string(device, threads: bool = True) -> str:
+    """The GPU's name, or the CPU's with the thread count (unless `threads` is False) and its kernels' instruction set."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -71,7 +72,8 @@ def hardware_string(device) -> str:
     except OSError:
         pass
     n = torch.get_num_threads()
-    return f"{cpu} ({n} thread{'' if n == 1 else 's'}{_cpu_kernels()})"
+    detail = (f"{n} thread{'' if n == 1 else 's'}" if threads else "") + _cpu_kernels()
+    return f"{cpu} ({detail.removeprefix(', ')})" if detail else cpu
 
 
 def _cpu_kernels() -> str:
