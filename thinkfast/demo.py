@@ -755,13 +755,14 @@ def environment() -> dict:
 
 def mixed_environment_note(envs: dict[str, dict]) -> str | None:
     """A report line when a resumed run's steps ran under different libraries or CPUs; None when they all agree."""
-    seen: dict[str, list[str]] = {}
+    groups: dict[str, tuple[dict, list[str]]] = {}  # one entry per distinct environment, with its steps
     for step, env in envs.items():
-        seen.setdefault(json.dumps(env, sort_keys=True), []).append(step)
-    if len(seen) < 2:
+        groups.setdefault(json.dumps(env, sort_keys=True), (env, []))[1].append(step)
+    if len(groups) < 2:
         return None
-    keys = sorted({k for env in envs.values() for k in env if len({json.dumps(e.get(k)) for e in envs.values()}) > 1})
-    parts = [f"{', '.join(steps)}: " + ", ".join(f"{k} {json.loads(env).get(k)}" for k in keys) for env, steps in seen.items()]
+    names = {k for env in envs.values() for k in env}
+    differing = sorted(k for k in names if len({str(env.get(k)) for env in envs.values()}) > 1)
+    parts = [", ".join(steps) + ": " + ", ".join(f"{k} {env.get(k)}" for k in differing) for env, steps in groups.values()]
     return ("The steps of this run ran under different environments (" + "; ".join(parts) + "): a resumed run mixes "
             "them, so its numbers need not repeat on either.")
 
