@@ -4,7 +4,8 @@
 #   1. the fast paths against their references (CUDA-graph decode step, compiled SSM update, fla prefill kernel),
 #      and several models sampling in turns on the GPU (the CPU tests of `sample_interleaved`, run there on cuda);
 #   2. the `llama-1b` bench rows that decide the GPU targets: every model at batch 256, then the teacher and
-#      the Llamba student at batch 1024 (the student's constant state is what lets it batch wider), HF last.
+#      the Llamba student at batch 1024 (the student's constant state is what lets it batch wider), HF, then the
+#      Llamba with a bf16 SSM state beside its fp32 one.
 # Usage, from the repository root: bash benchmarks/gpu-session.sh [OUT_DIR]   (default benchmarks/gpu-out)
 # To include flash-linear-attention, put its wheel in .whl/ (fla_core-*.whl; einops is already there).
 # Each part has its own time limit, so one slow part cannot starve the rest; the results land in OUT_DIR.
@@ -34,4 +35,6 @@ bench() {  # name, limit in seconds, bench arguments...
 bench llama-1b-b256 150 --configs 256x128x2048 --models llamba,teacher,hybrid
 bench llama-1b-b1024 120 --configs 1024x128x2048 --models llamba,teacher
 bench llama-1b-hf 120 --configs 256x128x2048 --models teacher-hf
+# the Llamba with a bf16 SSM state beside its fp32 one (last: the part a slow session can lose)
+bench llama-1b-state 90 --configs 256x128x1024 --models llamba --ssm-state-dtype float32,bfloat16
 ls -l "$OUT_DIR"

@@ -186,3 +186,42 @@ def test_a_checkpoints_weights_are_not_counted_as_its_rows_memory(tmp_path):
                  "--json", str(js)]) == 0
     (row,) = json.loads(js.read_text())
     assert row["role"] == "llamba" and 0 <= row["peak_mem_bytes"] < weights / 2
+
+
+def test_a_row_per_ssm_state_dtype_side_by_side(tmp_path, saved_pair, capsys):
+    """--ssm-state-dtype float32,bfloat16: the student gets a row per state dtype (the teacher, which has no SSM
+    state, one), with the state's bytes halved and its ratio to the same model's fp32-state row."""
+    teacher_dir, student_dir = saved_pair
+    md, js = tmp_path / "models.md", tmp_path / "models.json"
+    assert main(["bench", "--model", str(teacher_dir), "--model", str(student_dir), "--name", "llamba-1", "--no-hf",
+                 "--configs", "2x8x5", "--no-isolate", "--ssm-state-dtype", "float32,bfloat16",
+                 "--out", str(md), "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert [(r["model"], r["ssm_state_dtype"]) for r in rows] == [
+        ("teacher", "float32"), ("llamba-1", "float32"), ("llamba-1 (bfloat16 state)", "bfloat16")]
+    fp32, bf16 = rows[1], rows[2]
+    assert bf16["generated_tokens"] == 2 * 5 and bf16["state_bytes"] < fp32["state_bytes"]
+    assert bf16["roofline_tokens_per_s"] > fp32["roofline_tokens_per_s"]  # fewer bytes per step
+    text = md.read_text()
+    assert "llamba-1 (bfloat16 state) / llamba-1 tokens/s" in text and "--ssm-state-dtype float32,bfloat16" in text
+    assert text.count(f"= `{student_dir}`") == 1  # the models line names each checkpoint once
+    before = md.read_bytes()
+    assert main(["bench", "--model", str(student_dir), "--configs", "2x8x5", "--no-isolate",
+                 "--ssm-state-dtype", "float32,int8", "--out", str(md)]) == 2
+    assert "--ssm-state-dtype 'float32,int8'" in capsys.readouterr().err and md.read_bytes() == before
+
+
+def test_state_ratios_name_each_pair_once():
+    """Without a teacher row the first row is the reference: a model's fp32 row then is both the reference and
+    the base of its own bf16 row, and their ratio is listed once."""
+    from thinkfast.engine.bench import ratios
+
+    def row(model, state, tps):
+        return {"model": model, "role": "llamba", "engine": "thinkfast", "batch_size": 2, "prompt_len": 8, "gen_len": 5,
+                "tokens_per_s": tps, "ssm_state_dtype": state}
+
+    lines = ratios([row("llamba", "float32", 100.0), row("llamba (bfloat16 state)", "bfloat16", 120.0),
+                    row("hybrid", "float32", 80.0), row("hybrid (bfloat16 state)", "bfloat16", 88.0)])
+    assert len(lines) == len(set(lines)) == 4
+    assert any("llamba (bfloat16 state) / llamba tokens/s = 1.20x" in x for x in lines)
+    assert any("hybrid (bfloat16 state) / hybrid tokens/s = 1.10x" in x for x in lines)

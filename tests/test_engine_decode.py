@@ -25,10 +25,11 @@ def _student(kind, ssm_param, d_conv=4):
     return lm
 
 
-def _prefilled_pair(lm, prompts, max_len):
+def _prefilled_pair(lm, prompts, max_len, ssm_dtype=None):
     """Two identical states with each row prefilled with its own prompt (rows at different positions)."""
     # the reference in the model's own layout, the fast path in the engine's (SSM state stored P innermost)
-    states = [lm.allocate_state(len(prompts), max_len), engine_state(lm, len(prompts), max_len)]
+    states = [lm.allocate_state(len(prompts), max_len, ssm_dtype=ssm_dtype),
+              engine_state(lm, len(prompts), max_len, ssm_dtype=ssm_dtype)]
     for r, ids in enumerate(prompts):
         one = lm.allocate_state(1, len(ids))
         lm(torch.tensor([ids], device=lm.embed.weight.device), state=one)
@@ -100,6 +101,62 @@ def test_grouped_ssm_update_equals_reference_recurrence(fused):
         torch.testing.assert_close(hT.transpose(-1, -2).reshape(n, -1, P, N), ref_state, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_a_low_precision_ssm_state_is_rounded_once_per_step(dtype):
+    """A bf16/fp16 state: the update runs in fp32 from the stored state and is rounded once when stored; y is read
+    before that rounding (as mamba_ssm's kernel does)."""
+    n, Hx, g, P, N = 3, 2, 3, 4, 5
+    stored = torch.randn(n, Hx, g, N, P).to(dtype)
+    x, B, C = torch.randn(n, Hx, 1, P), torch.randn(n, Hx, N), torch.randn(n, Hx, g, N)
+    a = torch.rand(n, Hx, g)
+    full = stored.float()
+    y_ref = ssm_update_(full, x, B, C, a)
+    y = ssm_update_(stored, x, B, C, a)
+    assert stored.dtype == dtype
+    torch.testing.assert_close(stored, full.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 0.01), (torch.float16, 0.001)])
+@torch.no_grad()
+def test_a_low_precision_ssm_state_tracks_the_fp32_one(dtype, atol):
+    """The engine's step with a bf16/fp16 SSM state (KV and conv state unchanged) stays close to the fp32 one
+    over many steps, but is not the same (the state really is rounded); it takes half the state's bytes."""
+    from thinkfast.engine.engine import slot_bytes
+
+    lm = _student("hybrid", "mamba2")
+    prompts = [torch.randint(0, 101, (n,)).tolist() for n in (5, 17, 9, 30)]
+    _, full = _prefilled_pair(lm, prompts, 96)
+    ref_low, low = _prefilled_pair(lm, prompts, 96, dtype)  # each prefilled fp32 state rounded once into it
+    kinds = {type(c).__name__: c for c in low.caches}
+    assert kinds["SSMCache"].ssm.dtype == dtype and kinds["SSMCache"].conv.dtype == torch.float32
+    assert kinds["KVCache"].k.dtype == torch.float32
+    assert low.nbytes() == len(prompts) * slot_bytes(lm.cfg, 96, torch.float32, dtype) < full.nbytes()
+    steps = [DecodeStep(lm, s) for s in (full, low)]
+    pos = torch.tensor([len(p) for p in prompts])
+    tok = torch.randint(0, 101, (4,))
+    worst = 0.0
+    for _ in range(40):
+        ref, got = (step(tok, pos, int(pos.max()) + 1) for step in steps)
+        worst = max(worst, (ref - got).abs().max().item())
+        # the model's own step with the same low-precision state agrees with the engine's (one rounding each)
+        torch.testing.assert_close(lm.step(tok, pos, ref_low), got, rtol=0, atol=2e-5)
+        tok, pos = ref.argmax(-1), pos + 1
+    assert 0 < worst < atol
+
+
+def test_the_engine_refuses_an_ssm_state_dtype_it_does_not_keep():
+    from thinkfast.engine import Engine
+    from thinkfast.errors import ConfigError
+
+    lm = _student("llamba", "mamba2")
+    for bad in ("int8", torch.float64):
+        with pytest.raises(ConfigError, match="SSM state dtype"):
+            Engine(lm, None, ssm_state_dtype=bad)
+    assert Engine(lm, None, ssm_state_dtype="bf16", max_len=8).state.caches[0].ssm.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("slots", [4, 2])
 @torch.no_grad()
 def test_compiled_cpu_step_gives_the_same_samples(slots):
@@ -116,6 +173,7 @@ def test_compiled_cpu_step_gives_the_same_samples(slots):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for compiled in (False, True):
+        lm.rotary._inv_freq.clear()  # as loaded: RoPE's table once filled inside the compiled step, which compiled again
         engine = Engine(lm, None, batch_size=slots, compile=compiled, stop_ids=[1, 2], max_len=64)
         if compiled and not engine._step.failed:  # compiled with the engine, before any sample's clock runs
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
@@ -132,14 +190,34 @@ def test_compiled_cpu_step_gives_the_same_samples(slots):
     assert len({len(t) for t in runs[True].values()}) > 1  # samples ended at different steps: rows were refilled
 
 
+@torch.no_grad()
+def test_every_compiled_engine_in_a_process_gets_its_own_graph(monkeypatch):
+    """The compiled steps of several engines (models taking turns, a bf16 state beside an fp32 one) share one
+    torch.compile cache; once it was full (8 entries), further engines silently decoded eagerly. Here the cache
+    starts with room for one entry, and each of three engines (three SSM state dtypes) still compiles its graph."""
+    from thinkfast.engine.engine import Engine
+
+    key = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(torch._dynamo.config, key, 1)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    lm = _student("llamba", "mamba2")
+    engines = [Engine(lm, None, batch_size=3, compile=True, stop_ids=[], max_len=16, ssm_state_dtype=d)
+               for d in (None, torch.bfloat16, torch.float16)]
+    if any(e._step.failed for e in engines):
+        pytest.skip(f"torch.compile cannot build here: {engines[0]._step.failed}")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kind,ssm_param", [("teacher", None), ("hybrid", "mamba2")])
+@pytest.mark.parametrize("kind,ssm_param,ssm_dtype", [("teacher", None, None), ("hybrid", "mamba2", None),
+                                                     ("hybrid", "mamba2", torch.bfloat16)])
 @torch.no_grad()
-def test_cuda_graph_step_equals_eager_step(kind, ssm_param):
+def test_cuda_graph_step_equals_eager_step(kind, ssm_param, ssm_dtype):
     lm = _student(kind, ssm_param).cuda()
     prompts = [torch.randint(0, 101, (n,)).tolist() for n in (5, 17, 9, 30)]
-    a, b = _prefilled_pair(lm, prompts, 512)
+    a, b = _prefilled_pair(lm, prompts, 512, ssm_dtype)
     eager = DecodeStep(lm, a, compile_ssm_update())
     graphs = CudaGraphStep(DecodeStep(lm, b, compile_ssm_update()), 4, bucket=256)
     snapshot = [[t.clone() for t in vars(c).values()] for c in b.caches]

@@ -540,3 +540,33 @@ def test_the_hardware_names_the_cpu_kernels_that_decide_the_numbers(monkeypatch)
     plain = run_mod.hardware_string("cpu")
     assert "DEFAULT" not in plain and plain.endswith(("thread)", "threads)"))
     assert run_mod.hardware_string("cpu", threads=False) == plain.rsplit(" (", 1)[0]  # the CPU's name alone
+
+
+def test_the_ssm_state_dtype_is_part_of_the_configuration_only_when_set(setup, tmp_path, capsys):
+    """A bf16 SSM state draws other samples: resuming an fp32-state file with it is refused, naming the setting.
+    The default (fp32) adds nothing to the configuration, so files written before the option still resume."""
+    from thinkfast.data import Problem
+    from thinkfast.data.prompts import PromptStyle
+    from thinkfast.engine.run import sample_config
+
+    problems = [Problem(id="p0", question="Calculate 1 + 2.", answer="3", kind="number")]
+    default = sample_config("m", problems, 2, SamplingParams(), 0, PromptStyle())
+    assert "ssm_state_dtype" not in default
+    assert sample_config("m", problems, 2, SamplingParams(), 0, PromptStyle(), ssm_dtype=torch.float32) == default
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out)) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(_args(root, spec, out, "--ssm-state-dtype", "bfloat16")) == 2
+    assert "ssm_state_dtype 'bfloat16' here, 'float32' in the file" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    bf16 = tmp_path / "bf16.jsonl"
+    assert main(_args(root, spec, bf16, "--ssm-state-dtype", "bfloat16")) == 0
+    rows = [json.loads(line) for line in bf16.read_text().splitlines()]
+    assert len(rows) == 3 * N_PROBLEMS and rows[0]["sampling"]["ssm_state_dtype"] == "bfloat16"
+    assert main(_args(root, spec, bf16, "--ssm-state-dtype", "bfloat16")) == 0  # its own setting resumes
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(_args(root, spec, bf16, "--ssm-state-dtype", "fp8"))
+    assert exit_.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -9,6 +9,10 @@ from pathlib import Path
 from ..errors import ConfigError
 from . import no_hf_progress_bars, positive_float, positive_int
 
+STATE_DTYPES = ("float32", "bfloat16", "float16")  # engine.SSM_STATE_DTYPES, named here so --help imports no torch
+SSM_STATE_HELP = ("the Mamba layers' SSM state in the engine (default float32; bfloat16/float16 halve its bytes, the "
+                  "update still in fp32; on a CPU only the compiled step gains from it, and bf16 can cost accuracy)")
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser(
@@ -46,6 +50,8 @@ def add_parsers(sub) -> None:
                    help="with several --model: engine seconds each model runs before the next takes its turn (default 1)")
     p.add_argument("--no-grade", action="store_true", help="do not grade (answer and correct stay null)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the SSM update (GPU) or the whole decode step (CPU: pays off in long runs) (auto: GPU only)")
+    p.add_argument("--ssm-state-dtype", choices=STATE_DTYPES, default="float32",
+                   help=SSM_STATE_HELP)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
@@ -72,6 +78,9 @@ def add_parsers(sub) -> None:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     b.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the SSM update (GPU) or the whole decode step (CPU: pays off in long runs) (auto: GPU only)")
+    b.add_argument("--ssm-state-dtype", default="float32",
+                   help="comma list of SSM state dtypes (float32, bfloat16, float16): each model with Mamba layers gets a "
+                   "row per dtype, side by side, e.g. float32,bfloat16 (default float32)")
     b.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per row (default: torch's default)")
     b.add_argument("--repeats", type=int, default=1, help="timed runs per row; the fastest counts (default 1)")
     b.add_argument("--rounds", type=positive_int, default=1,
@@ -79,6 +88,13 @@ def add_parsers(sub) -> None:
                    "in the machine's speed reaches every model (default 1)")
     b.add_argument("--no-isolate", action="store_true", help="run rows in this process (faster; peak memory less exact)")
     b.set_defaults(func=cmd_bench)
+
+
+def _state_dtypes(value: str) -> list[str]:
+    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not names or any(v not in STATE_DTYPES for v in names):
+        raise ConfigError(f"--ssm-state-dtype {value!r}: use a comma list of {', '.join(STATE_DTYPES)}")
+    return names
 
 
 def _compile_flag(value: str):
@@ -132,7 +148,7 @@ def cmd_sample(args) -> int:
         grade_fn = grade_many
     common = dict(data_spec=args.data, n=args.n, params=params, seed=args.seed, batch_size=args.batch_size,
                   device=args.device, dtype=args.dtype, grade_fn=grade_fn, compile=_compile_flag(args.compile),
-                  problems=problems)
+                  problems=problems, ssm_state_dtype=args.ssm_state_dtype)
     if several:
         jobs = [dict(model_spec=spec, out=Path(args.out) / f"{name}.jsonl", name=name, style=style(spec))
                 for (spec, _), name in zip(specs, names)]
@@ -231,7 +247,7 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     rows = run_bench(args.preset, _parse_configs(args.configs), models, device, args.dtype, _compile_flag(args.compile),
                      isolate=not args.no_isolate, threads=args.threads, repeats=args.repeats, rounds=args.rounds,
-                     checkpoints=checkpoints, hf=not args.no_hf)
+                     checkpoints=checkpoints, hf=not args.no_hf, ssm_state_dtypes=_state_dtypes(args.ssm_state_dtype))
     if rows and all(r.get("error") for r in rows):  # keep the previous results rather than a table of failures
         raise ConfigError(f"every row failed (first: {rows[0]['error']}); nothing written to {out}")
     unreadable = [r for r in rows if r.get("load_failed")]
@@ -259,6 +275,8 @@ def _bench_command(args) -> str:
         parts.append(f"--dtype {args.dtype}")
     if args.compile != "auto":
         parts.append(f"--compile {args.compile}")
+    if args.ssm_state_dtype != "float32":
+        parts.append(f"--ssm-state-dtype {args.ssm_state_dtype}")
     if args.no_hf:
         parts.append("--no-hf")
     if args.no_isolate:

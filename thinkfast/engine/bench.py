@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CheckpointError, ConfigError, ThinkfastError
+from .engine import parse_ssm_state_dtype
 
 ROLES = {"teacher": "teacher", "llamba": "llamba", "hybrid": "hybrid", "teacher-hf": "teacher"}
 
@@ -163,7 +164,7 @@ def copy_bandwidth(device, nbytes: int = 256 * 2**20) -> float:
     return 2 * nbytes / best
 
 
-def step_bytes(lm, batch: int, avg_context: float) -> float:
+def step_bytes(lm, batch: int, avg_context: float, ssm_dtype: torch.dtype = torch.float32) -> float:
     """Bytes one decode step must move: every weight once, plus each row's decode state (KV read over the
     context and the new entry written; SSM and conv state read and written)."""
     cfg = lm.cfg
@@ -171,13 +172,14 @@ def step_bytes(lm, batch: int, avg_context: float) -> float:
     if not cfg.tie_embeddings:  # embedding rows are gathered, not streamed
         weights -= lm.embed.weight.numel() * lm.embed.weight.element_size()
     es = lm.embed.weight.element_size()
+    ssm_es = torch.empty((), dtype=ssm_dtype).element_size()
     per_row = 0.0
     for i in range(cfg.n_layers):
         if cfg.is_attention(i):
             per_row += 2 * cfg.n_kv_heads * cfg.hd * es * (avg_context + 1)
         else:
             m = lm.layers[i].mixer
-            per_row += 2 * (m.H * m.P * m.N * 4 + m.conv_dim * (cfg.d_conv - 1) * es)
+            per_row += 2 * (m.H * m.P * m.N * ssm_es + m.conv_dim * (cfg.d_conv - 1) * es)
     return weights + batch * per_row
 
 
@@ -218,6 +220,10 @@ def _make_resident(model) -> None:
             t.sum()
 
 
+def state_row_name(which: str, ssm_dtype: torch.dtype) -> str:
+    return which if ssm_dtype == torch.float32 else f"{which} ({str(ssm_dtype).removeprefix('torch.')} state)"
+
+
 def _row_head(which: str, role: str | None, engine: str, path: str | None, batch: int, prompt_len: int, gen_len: int) -> dict:
     return {"model": which, "role": role, "engine": engine, "path": path, "batch_size": batch, "prompt_len": prompt_len,
             "gen_len": gen_len}
@@ -239,12 +245,14 @@ def _thinkfast_model(preset_name: str, which: str, path: str | None, device, dty
 
 
 def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: int, device="cpu", dtype="float32",
-            compile="auto", seed: int = 0, repeats: int = 1, path: str | None = None, engine: str | None = None) -> dict:
+            compile="auto", seed: int = 0, repeats: int = 1, path: str | None = None, engine: str | None = None,
+            ssm_state_dtype: str = "float32") -> dict:
     """Measure one row in this process (the fastest of `repeats` runs). Peak memory is the growth over the
     loaded model (CPU: peak RSS); state_bytes is the engine's static decode state (KV cache / SSM state).
 
     Without `path`, `which` is a preset model (teacher, llamba, hybrid, teacher-hf) with random weights. With
-    `path` (a checkpoint), `which` is the row's name and `engine` says what runs it: thinkfast or hf (generate())."""
+    `path` (a checkpoint), `which` is the row's name and `engine` says what runs it: thinkfast or hf (generate()).
+    A row whose SSM state is not fp32 is named "WHICH (DTYPE state)"."""
     from ..utils import parse_dtype
     from .engine import Engine, model_role
     from .sampling import SamplingParams
@@ -252,7 +260,10 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
     engine = engine or ("hf" if which == "teacher-hf" else "thinkfast")
     device = torch.device(device)
     dt = parse_dtype(dtype, device)
-    row = _row_head(which, ROLES.get(which) if path is None else None, engine, path, batch, prompt_len, gen_len)
+    ssm_dt = parse_ssm_state_dtype(ssm_state_dtype)
+    row = _row_head(state_row_name(which, ssm_dt), ROLES.get(which) if path is None else None, engine, path, batch,
+                    prompt_len, gen_len)
+    row["ssm_state_dtype"] = str(ssm_dt).removeprefix("torch.")
     try:
         model = _thinkfast_model(preset_name, which, path, device, dt, seed)
     except ThinkfastError as e:  # e.g. weights the config promised but that do not load: bad input, not a measurement
@@ -261,7 +272,7 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
         return _failed(row, f"out of memory loading the model ({str(e).splitlines()[0][:80]})")
     lm = model.lm
     row["role"] = model_role(lm)
-    bytes_per_step = step_bytes(lm, batch, prompt_len + gen_len / 2)
+    bytes_per_step = step_bytes(lm, batch, prompt_len + gen_len / 2, ssm_dt)
     vocab = lm.cfg.vocab_size
     del lm
     if engine == "hf":
@@ -292,7 +303,8 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
                     out = model.generate(input_ids=x, attention_mask=mask, generation_config=gc)
                 return out[:, prompt_len:].numel()
         else:
-            eng = Engine(model, None, max_len=prompt_len + gen_len, batch_size=batch, device=device, dtype=dt, stop_ids=[], compile=compile)
+            eng = Engine(model, None, max_len=prompt_len + gen_len, batch_size=batch, device=device, dtype=dt, stop_ids=[],
+                         compile=compile, ssm_state_dtype=ssm_dt)
             items = [(str(i), prompts[i].tolist()) for i in range(batch)]
 
             def run(n_tokens):
@@ -345,12 +357,17 @@ def resolve_checkpoints(checkpoints, hf: bool = True) -> list[Checkpoint]:
 
 def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None, dtype="auto", compile="auto",
               isolate: bool = True, threads: int | None = None, repeats: int = 1, log=print, checkpoints=None,
-              hf: bool = True, rounds: int = 1) -> list[dict]:
+              hf: bool = True, rounds: int = 1, ssm_state_dtypes=("float32",)) -> list[dict]:
     """Time every (config, model) row. `checkpoints`: [(path, name or None), ...] to time instead of the preset's
     random-weight models (the preset then only supplies the default configs); each teacher-role checkpoint also
     gets an HF generate() row named NAME-hf unless `hf` is False. Every input is checked before the first row.
     `rounds`: passes over all the rows, each row keeping its fastest: the models alternate, so a drift in the
-    machine's speed reaches each of them (`repeats` times a row again and again within its own pass)."""
+    machine's speed reaches each of them (`repeats` times a row again and again within its own pass).
+    `ssm_state_dtypes`: each model with Mamba layers gets a row per SSM state dtype (all-attention ones, one row)."""
+    if not ssm_state_dtypes:
+        raise ConfigError("--ssm-state-dtype: name at least one dtype")
+    for d in ssm_state_dtypes:
+        parse_ssm_state_dtype(d)
     if rounds < 1:
         raise ConfigError(f"--rounds {rounds}: pass over the rows at least once")
     if preset_name not in PRESETS:
@@ -388,15 +405,16 @@ def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None,
         for which, role, path, engine, _ in jobs:
             if engine == "hf" and preset.hf_max_batch and batch > preset.hf_max_batch:
                 continue
-            args = dict(preset_name=preset_name, which=which, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
-                        device=str(device), dtype=dtype, compile=compile, repeats=repeats)
-            if path is not None:
-                args.update(path=path, engine=engine)
-            planned.append((args, role))
+            for state in ssm_state_dtypes if role != "teacher" else ["float32"]:  # a teacher has no SSM state
+                args = dict(preset_name=preset_name, which=which, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+                            device=str(device), dtype=dtype, compile=compile, repeats=repeats, ssm_state_dtype=state)
+                if path is not None:
+                    args.update(path=path, engine=engine)
+                planned.append((args, role))
     rows: list[dict] = []
     for rnd in range(rounds):
         for i, (args, role) in enumerate(planned):
-            which = args["which"]
+            which = state_row_name(args["which"], parse_ssm_state_dtype(args["ssm_state_dtype"]))
             log(f"bench: {which} batch {args['batch']} prompt {args['prompt_len']} gen {args['gen_len']}"
                 + (f" (round {rnd + 1} of {rounds})" if rounds > 1 else "") + " ...")
             row = _run_isolated(args, threads, role) if isolate else run_row(**args)
@@ -431,13 +449,15 @@ def _run_isolated(args: dict, threads: int | None, role: str) -> dict:
     err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     which = args["which"]
     engine = args.get("engine") or ("hf" if which == "teacher-hf" else "thinkfast")
+    which = state_row_name(which, parse_ssm_state_dtype(args.get("ssm_state_dtype")))
     row = _row_head(which, role, engine, args.get("path"), args["batch"], args["prompt_len"], args["gen_len"])
     return _failed(row, err)
 
 
 def ratios(rows: list[dict]) -> list[str]:
     """Plain-language comparisons measured in this run (same machine, same settings): each model against the
-    first teacher-role row in this engine (else the first row), and each HF row against its twin here."""
+    first teacher-role row in this engine (else the first row), each HF row against its twin here, and each row
+    with a lower-precision SSM state against the same model's fp32-state row."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -447,11 +467,18 @@ def ratios(rows: list[dict]) -> list[str]:
         ours = [r for r in group if r["engine"] != "hf"]
         ref = next((r for r in ours if r["role"] == "teacher"), ours[0] if ours else None)
         by_name = {r["model"]: r for r in ours}
+        pairs = []
         for r in sorted(group, key=lambda r: r["model"]):
             hf = r["engine"] == "hf"
             t = by_name.get(r["model"].removesuffix("-hf")) if hf else ref
-            if t is None or t is r:
-                continue
+            if t is not None and t is not r:
+                pairs.append((r, t, hf))
+        for r in ours:
+            state = r.get("ssm_state_dtype", "float32")
+            base = by_name.get(r["model"].removesuffix(f" ({state} state)")) if state != "float32" else None
+            if base is not None and base is not ref:  # against the reference row it is already there
+                pairs.append((r, base, False))
+        for r, t, hf in pairs:
             name = f"{t['model']} in thinkfast / HF generate" if hf else f"{r['model']} / {t['model']}"
             x = t["tokens_per_s"] / r["tokens_per_s"] if hf else r["tokens_per_s"] / t["tokens_per_s"]
             line = f"batch {b}, prompt {p}, gen {g}: {name} tokens/s = {x:.2f}x"
@@ -463,7 +490,8 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict], preset_name: str, hardware: str, command: str) -> str:
-    checkpoints = {r["model"]: (r["path"], r["role"]) for r in rows if r.get("path") and r["engine"] != "hf"}
+    checkpoints = {r["model"]: (r["path"], r["role"]) for r in rows if r.get("path") and r["engine"] != "hf"
+                   and r.get("ssm_state_dtype", "float32") == "float32"}  # a lower-precision state's row: same path
     lines = [
         "# `thinkfast bench --model ...`: checkpoints side by side" if checkpoints else f"# `thinkfast bench --preset {preset_name}`",
         "",

@@ -28,18 +28,22 @@ log = logging.getLogger(__name__)
 def ssm_update_(hT: torch.Tensor, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """One SSD recurrence step over grouped heads, in place; returns y.
 
-    hT (n, Hx, g, N, P) fp32: the state transposed, P innermost (see `engine_state`); x (n, Hx, 1 or g, P);
+    hT (n, Hx, g, N, P): the state transposed, P innermost (see `engine_state`); x (n, Hx, 1 or g, P);
     B (n, Hx, N); C (n, Hx, g, N); a (n, Hx, g) the decay.  h <- a h + x B^T ; y = h C  -> (n, Hx, g, P) fp32.
-    Both updates write into the state itself (no state-sized temporary: at CPU sizes the state lives in cache
-    and a temporary doubles its traffic); the readout is a row-vector product along P.
+    An fp32 state is updated in place (no state-sized temporary: at CPU sizes the state lives in cache and a
+    temporary doubles its traffic); the readout is a row-vector product along P. A lower-precision state goes
+    through `ssm_update_functional`: the update in fp32, rounded once when stored, y read before rounding.
     """
+    if hT.dtype != torch.float32:
+        return ssm_update_functional(hT, x, B, C, a)
     hT.mul_(a.float()[..., None, None])
     hT.addcmul_(B.float()[:, :, None, :, None], x.float()[..., None, :])
     return torch.matmul(C.float()[..., None, :], hT)[..., 0, :]
 
 
 def ssm_update_functional(hT, x, B, C, a):
-    """`ssm_update_` written for torch.compile (no out=): Inductor fuses it into one pass over the state."""
+    """`ssm_update_` written for torch.compile (no out=): Inductor fuses it into one pass over the state.
+    The new state is computed in fp32 whatever the state's dtype; storing it rounds it (as mamba_ssm's kernel)."""
     new = hT * a.float()[..., None, None] + B.float()[:, :, None, :, None] * x.float()[..., None, :]
     hT.copy_(new)
     return (new * C.float()[..., :, None]).sum(-2)
@@ -52,6 +56,15 @@ def compile_ssm_update():
     except Exception as e:  # no compiler toolchain, unsupported platform
         log.warning("torch.compile unavailable (%s); using the eager SSM update", e)
         return None
+
+
+def _room_for_another_compiled_step(entries: int = 8) -> None:
+    """Every CompiledStep compiles the same method, DecodeStep.__call__, and torch.compile keeps one cache per code
+    object (8 graphs by default): each engine's step is another entry, so without more room the ninth engine in a
+    process (sooner with recompiles: several models taking turns, say) would silently decode eagerly."""
+    config = torch._dynamo.config
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the name before torch 2.6
+    setattr(config, key, getattr(config, key) + entries)
 
 
 class CompiledStep:
@@ -72,6 +85,10 @@ class CompiledStep:
         for t in held:
             if torch.is_tensor(t):
                 torch._dynamo.mark_static(t)
+        # RoPE's table for this device, made now: made inside the first compiled call, it fails that graph's guard
+        # and the step compiles a second time, in the first sampling step, on the samples' clock
+        step.lm.rotary(torch.zeros(1, 1, dtype=torch.long, device=step.lm.embed.weight.device))
+        _room_for_another_compiled_step()
         self.compiled = torch.compile(step.__call__, dynamic=True)
         self.failed: str | None = None
 
@@ -91,12 +108,12 @@ class CompiledStep:
         return self.step(tokens, positions, kv_len)
 
 
-def engine_state(lm: ThinkfastLM, batch: int, max_len: int, device=None, dtype=None) -> ModelState:
+def engine_state(lm: ThinkfastLM, batch: int, max_len: int, device=None, dtype=None, ssm_dtype=None) -> ModelState:
     """`lm.allocate_state` with the Mamba states stored transposed in memory, SSM state as (B, H, N, P) and conv
     state as (B, d_conv - 1, conv_dim), and exposed as the usual (B, H, P, N) and (B, conv_dim, d_conv - 1)
     views: the model's code reads and writes them as before; the fast step gets the innermost dimension it
     reduces along rows (P for the state readout, channels for the conv), which vectorises on CPU."""
-    state = lm.allocate_state(batch, max_len, device, dtype)
+    state = lm.allocate_state(batch, max_len, device, dtype, ssm_dtype)
     for c in state.caches:
         if isinstance(c, SSMCache):
             c.ssm = torch.zeros_like(c.ssm.transpose(-1, -2).contiguous()).transpose(-1, -2)

@@ -144,16 +144,31 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     return ids
 
 
-def slot_bytes(cfg, max_len: int, dtype: torch.dtype) -> int:
-    """Decode-state bytes of one slot: KV cache for attention layers, conv + fp32 SSM state for Mamba layers."""
+SSM_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_ssm_state_dtype(value: str | torch.dtype | None) -> torch.dtype:
+    """None -> fp32; a name in SSM_STATE_DTYPES (or bf16 / fp16 / fp32) or one of their torch dtypes."""
+    if value is None:
+        return torch.float32
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    dtype = value if isinstance(value, torch.dtype) else SSM_STATE_DTYPES.get(aliases.get(value, value))
+    if dtype not in SSM_STATE_DTYPES.values():
+        raise ConfigError(f"SSM state dtype {value!r}: use one of {', '.join(SSM_STATE_DTYPES)}")
+    return dtype
+
+
+def slot_bytes(cfg, max_len: int, dtype: torch.dtype, ssm_dtype: torch.dtype = torch.float32) -> int:
+    """Decode-state bytes of one slot: KV cache for attention layers, conv + SSM state for Mamba layers."""
     es = torch.empty((), dtype=dtype).element_size()
+    ssm_es = torch.empty((), dtype=ssm_dtype).element_size()
     total = 0
     for i in range(cfg.n_layers):
         if cfg.is_attention(i):
             total += 2 * cfg.n_kv_heads * max_len * cfg.hd * es
         else:
             conv_dim = cfg.n_xb_heads * cfg.hd + cfg.n_xb_heads * cfg.n_state + cfg.n_heads * cfg.n_state
-            total += conv_dim * (cfg.d_conv - 1) * es + cfg.n_heads * cfg.hd * cfg.n_state * 4
+            total += conv_dim * (cfg.d_conv - 1) * es + cfg.n_heads * cfg.hd * cfg.n_state * ssm_es
     return total
 
 
@@ -185,14 +200,16 @@ class Engine:
     when the state is allocated, outside every sample's clock; "auto" = on GPU only. cuda_graphs: replay decode
     steps from CUDA graphs ("auto" = on GPU). row_group: rows per attention block in an eager step, the rows kept
     ordered by context so that each block reads only as many positions as its longest row (None: every row attends
-    over the batch's longest context).
+    over the batch's longest context). ssm_state_dtype: the Mamba layers' SSM state (default fp32; bf16 or fp16
+    halve what each step reads and writes there, the update itself still in fp32, rounded once per step).
     """
 
     def __init__(self, model, tokenizer=None, max_len: int | None = None, batch_size: int = 64, device=None, dtype=None,
                  stop_ids: Iterable[int] | None = None, compile="auto", cuda_graphs="auto", memory_fraction: float = 0.9,
-                 row_group: int | None = ROW_GROUP):
+                 row_group: int | None = ROW_GROUP, ssm_state_dtype: str | torch.dtype | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch size {batch_size}: use at least 1")
+        self.ssm_dtype = parse_ssm_state_dtype(ssm_state_dtype)
         self.model = model
         self.lm = as_lm(model)
         p = self.lm.embed.weight
@@ -227,7 +244,7 @@ class Engine:
         if max_len < 2:
             raise ConfigError(f"max_len {max_len}: need room for a prompt and at least one generated token")
         max_len = min(int(max_len), self.limit)
-        per_slot = slot_bytes(self.cfg, max_len, self.dtype)
+        per_slot = slot_bytes(self.cfg, max_len, self.dtype, self.ssm_dtype)
         need = per_slot * self.batch_size
         free = available_memory(self.device)
         if self.state is not None:  # the old state is given back before the new one is allocated
@@ -242,7 +259,7 @@ class Engine:
         self.state = None
         self._step = None
         try:
-            self.state = engine_state(self.lm, self.batch_size, max_len, self.device, self.dtype)
+            self.state = engine_state(self.lm, self.batch_size, max_len, self.device, self.dtype, self.ssm_dtype)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if "memory" not in str(e).lower():
                 raise

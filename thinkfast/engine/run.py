@@ -21,7 +21,7 @@ from ..data import Problem, load_problems
 from ..data.prompts import PromptStyle, render_prompt
 from ..errors import CheckpointError, ConfigError, ThinkfastError
 from ..utils import check_device, parse_dtype
-from .engine import Engine, EngineStats, model_role
+from .engine import Engine, EngineStats, model_role, parse_ssm_state_dtype
 from .samples_file import SamplesWriter, part_files
 from .sampling import SamplingParams
 
@@ -153,12 +153,13 @@ def problems_fingerprint(problems: list[Problem]) -> dict:
 
 
 def sample_config(model_spec: str, problems: list[Problem], n: int, params: SamplingParams, seed: int,
-                  style: PromptStyle, dtype: torch.dtype = torch.float32) -> dict:
+                  style: PromptStyle, dtype: torch.dtype = torch.float32,
+                  ssm_dtype: torch.dtype = torch.float32) -> dict:
     """What the samples depend on; its hash tags every line of the file. The model and the problems count by
     content, not by path. The precision is part of it (a bf16 run draws other samples than an fp32 one from the
-    same seeds); the batch size is not (per-sample seeds)."""
+    same seeds), the SSM state's too; the batch size is not (per-sample seeds)."""
     few_shot = style.few_shot or []
-    return {
+    config = {
         "model": model_fingerprint(model_spec), "data": problems_fingerprint(problems), "n": n,
         "temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(params.top_k),
         "min_p": float(params.min_p), "max_new_tokens": int(params.max_new_tokens), "stop": list(params.stop),
@@ -170,6 +171,9 @@ def sample_config(model_spec: str, problems: list[Problem], n: int, params: Samp
                    if few_shot else None},
         "seed": seed, "dtype": str(dtype).removeprefix("torch."),
     }
+    if ssm_dtype != torch.float32:  # only when set: files from before the option keep their hash and resume
+        config["ssm_state_dtype"] = str(ssm_dtype).removeprefix("torch.")
+    return config
 
 
 class _SamplingJob:
@@ -182,7 +186,8 @@ class _SamplingJob:
     def __init__(self, model_spec: str, data_spec: str, out, n: int, params: SamplingParams, seed: int = 0,
                  batch_size: int = 64, device=None, dtype: str | torch.dtype | None = "auto",
                  style: PromptStyle | None = None, grade_fn: GradeFn | None = None, name: str | None = None,
-                 compile="auto", problems: list[Problem] | None = None):
+                 compile="auto", problems: list[Problem] | None = None,
+                 ssm_state_dtype: str | torch.dtype | None = None):
         self.t0 = time.perf_counter()
         if n < 1:
             raise ConfigError(f"--n {n}: ask for at least 1 sample per problem")
@@ -196,6 +201,7 @@ class _SamplingJob:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # a torchrun rank's own GPU for every kernel and stream made later
         self.dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, self.device)
+        self.ssm_dtype = parse_ssm_state_dtype(ssm_state_dtype)
 
         if problems is None:
             problems = load_problems(data_spec)
@@ -208,7 +214,8 @@ class _SamplingJob:
 
         self.model_spec, self.out, self.n, self.params, self.seed = model_spec, out, n, params, seed
         self.batch_size, self.grade_fn, self.compile = batch_size, grade_fn, compile
-        self.writer = SamplesWriter(out, sample_config(model_spec, problems, n, params, seed, self.style, self.dtype),
+        self.writer = SamplesWriter(out, sample_config(model_spec, problems, n, params, seed, self.style, self.dtype,
+                                                       self.ssm_dtype),
                                     self.rank, self.world)
         done = self.writer.done()  # refuses a file of another configuration before any work
         written_as = _written_name(out) if done else None
@@ -241,7 +248,7 @@ class _SamplingJob:
                 self.prompts.append((p.id, encode_prompt(tokenizer, render_prompt(p, tokenizer, self.style), templated)))
                 self.by_id[p.id] = p
         self.engine = Engine(model, tokenizer, batch_size=self.batch_size, device=self.device, dtype=self.dtype,
-                             compile=self.compile)
+                             compile=self.compile, ssm_state_dtype=self.ssm_dtype)
         self.hardware = hardware_string(self.device)
         desc = self.name + (f" rank {self.rank}" if self.world > 1 else "")
         self.bar = _progress_bar(sum(len(v) for v in self.todo.values()), desc, progress and self.rank == 0,
@@ -319,14 +326,16 @@ def sample_to_file(
     compile="auto",
     progress: bool = True,
     problems: list[Problem] | None = None,
+    ssm_state_dtype: str | torch.dtype | None = None,
 ) -> SampleSummary:
     """Sample n completions per problem into the samples file `out`, resuming whatever is already there.
 
     With torchrun each rank takes every world_size-th problem, writes its own part file, and rank 0 merges the
-    parts into `out` once all ranks are done.
+    parts into `out` once all ranks are done. ssm_state_dtype: the Mamba layers' SSM state in the engine
+    (None or "float32", "bfloat16", "float16"; see `Engine`).
     """
     job = _SamplingJob(model_spec, data_spec, out, n, params, seed, batch_size, device, dtype, style, grade_fn, name,
-                       compile, problems)
+                       compile, problems, ssm_state_dtype)
     job.start(progress)
     for _ in job.batches():
         pass

@@ -37,6 +37,7 @@ def config_hash(config: dict) -> str:
 
 
 _ABSENT = object()  # a setting one side's configuration does not have (another version of thinkfast)
+_UNSET = {"ssm_state_dtype": "float32"}  # settings recorded only when they differ from this value
 
 
 def _shown(value) -> str:
@@ -65,7 +66,7 @@ def explain_difference(here: dict, file: dict) -> str:
     ours, theirs = _flat(here), _flat(file)
     parts = []
     for key in list(ours) + [k for k in theirs if k not in ours]:
-        a, b = ours.get(key, _ABSENT), theirs.get(key, _ABSENT)
+        a, b = ours.get(key, _UNSET.get(key, _ABSENT)), theirs.get(key, _UNSET.get(key, _ABSENT))
         if a == b:
             continue
         if key == "data" and isinstance(a, dict) and isinstance(b, dict):

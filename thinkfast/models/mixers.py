@@ -117,11 +117,11 @@ class KVCache:
 @dataclass
 class SSMCache:
     conv: torch.Tensor  # (B, conv_dim, d_conv - 1): the last inputs of the causal conv
-    ssm: torch.Tensor  # (B, H, P, N) fp32
+    ssm: torch.Tensor  # (B, H, P, N), fp32 unless allocated otherwise
 
     def copy_rows_(self, dst: torch.Tensor, src: "SSMCache", src_rows: torch.Tensor, length: int | None = None):
         self.conv[dst] = src.conv[src_rows]
-        self.ssm[dst] = src.ssm[src_rows]
+        self.ssm[dst] = src.ssm[src_rows].to(self.ssm.dtype)  # a prefill's fp32 state into a bf16 engine state
 
 
 # ---------------------------------------------------------------- attention
@@ -201,7 +201,7 @@ class Attention(nn.Module):
             mask = padding_aware_causal_mask(attention_mask)
         return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
-    def allocate_cache(self, batch, max_len, device, dtype) -> KVCache:
+    def allocate_cache(self, batch, max_len, device, dtype, ssm_dtype=None) -> KVCache:
         shape = (batch, self.n_kv, max_len, self.hd)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
@@ -336,8 +336,10 @@ class Mamba2Mixer(nn.Module):
             M = M * F.softplus(dt_raw.float() + self.dt_bias).transpose(1, 2)[:, :, None, :]  # column s scaled by dt_s
         return M + torch.diag_embed(self.D.float()[None, :, None].expand(M.shape[0], -1, T))
 
-    def allocate_cache(self, batch, max_len, device, dtype) -> SSMCache:
+    def allocate_cache(self, batch, max_len, device, dtype, ssm_dtype=None) -> SSMCache:
+        """The SSM state is fp32 unless `ssm_dtype` says otherwise (a bf16 state halves the bytes each decode step
+        reads and writes; the update still runs in fp32 and rounds once per step)."""
         return SSMCache(
             torch.zeros(batch, self.conv_dim, self.cfg.d_conv - 1, device=device, dtype=dtype),
-            torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=torch.float32),
+            torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=ssm_dtype or torch.float32),
         )

@@ -123,11 +123,12 @@ class ThinkfastLM(nn.Module):
             h = layer.step(h, rope, positions, cache, kv_len)
         return self.logits(self.norm(h))
 
-    def allocate_state(self, batch: int, max_len: int, device=None, dtype=None) -> ModelState:
+    def allocate_state(self, batch: int, max_len: int, device=None, dtype=None, ssm_dtype=None) -> ModelState:
+        """KV caches and conv states in `dtype` (default: the weights'), SSM states in `ssm_dtype` (default fp32)."""
         p = self.embed.weight
         device = p.device if device is None else device
         dtype = p.dtype if dtype is None else dtype
-        caches = [layer.mixer.allocate_cache(batch, max_len, device, dtype) for layer in self.layers]
+        caches = [layer.mixer.allocate_cache(batch, max_len, device, dtype, ssm_dtype) for layer in self.layers]
         return ModelState(caches, max_len)
 
     @torch.no_grad()

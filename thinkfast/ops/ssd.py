@@ -141,13 +141,18 @@ def ssd_scan(x, log_a, B, C, chunk_size: int = 64, initial_state=None, return_fi
 
 
 def ssd_step(state: torch.Tensor, x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
-    """One recurrent step. state (b, H, P, N) fp32, x (b, H, P), log_a (b, H), B and C (b, H, N).
+    """One recurrent step. state (b, H, P, N), x (b, H, P), log_a (b, H), B and C (b, H, N).
 
-    Returns (y (b, H, P) in x's dtype, new state). The state is updated in place.
+    Returns (y (b, H, P) in x's dtype, new state). The state is updated in place; a state kept in less than fp32
+    is updated in fp32 and rounded once when stored, y read before that rounding (as the engine's step does).
     """
     a = torch.exp(log_a.float())[..., None, None]
-    state.mul_(a).add_(x.float().unsqueeze(-1) * B.float().unsqueeze(-2))
-    y = torch.einsum("bhpn,bhn->bhp", state, C.float())
+    if state.dtype == torch.float32:
+        new = state.mul_(a).add_(x.float().unsqueeze(-1) * B.float().unsqueeze(-2))
+    else:
+        new = state.float() * a + x.float().unsqueeze(-1) * B.float().unsqueeze(-2)
+        state.copy_(new)
+    y = torch.einsum("bhpn,bhn->bhp", new, C.float())
     return y.to(x.dtype), state
 
 
