@@ -227,3 +227,21 @@ def test_bad_input_is_one_clear_error(monkeypatch):
     with pytest.raises(ThinkfastError, match=r"batch size 100000 needs .* use --batch-size \d+") as e:
         Engine(lm, batch_size=100000, max_len=64)
     assert "\n" not in str(e.value)
+
+
+def test_a_growing_state_is_measured_after_the_old_one_and_its_step_are_given_back(monkeypatch):
+    """Growing the state (a longer request) frees the old state and its step before measuring free memory: on a
+    GPU the step's CUDA graphs hold memory pools that a figure taken before would count as taken. On a CPU the
+    old state's bytes count as free, as they will be."""
+    lm = _lm("hybrid", "mamba2")
+    eng = Engine(lm, batch_size=2, max_len=16)
+    old = eng.state.nbytes()
+    seen = []
+
+    def free_memory(device):
+        seen.append((eng.state, eng._step))
+        return int(1.5 * old)  # with the old state's bytes: room for the new one (~2x the old) under 0.9 x free
+
+    monkeypatch.setattr(engine_mod, "available_memory", free_memory)
+    list(eng.generate(_prompts([20]), 1, SamplingParams(temperature=0, max_new_tokens=8)))
+    assert seen == [(None, None)] and eng.max_len == 28 and eng.state.nbytes() > old

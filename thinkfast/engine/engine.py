@@ -246,9 +246,14 @@ class Engine:
         max_len = min(int(max_len), self.limit)
         per_slot = slot_bytes(self.cfg, max_len, self.dtype, self.ssm_dtype)
         need = per_slot * self.batch_size
+        old = self.state.nbytes() if self.state is not None else 0
+        # the old state and its step are given back before measuring: CUDA graphs hold memory pools of their own,
+        # freed only with the step, which a free-memory figure taken before would count as taken
+        self.state = None
+        self._step = None
         free = available_memory(self.device)
-        if self.state is not None:  # the old state is given back before the new one is allocated
-            free = None if free is None else free + self.state.nbytes()
+        if free is not None and self.device.type != "cuda":
+            free += old  # memory freed on a CPU need not show as available at once
         if free is not None and need > self.memory_fraction * free:
             fit = max(1, int(self.memory_fraction * free // max(per_slot, 1)))
             raise ThinkfastError(
@@ -256,8 +261,6 @@ class Engine:
                 f"{max_len} positions) but only {_gib(free)} is free on {self.device}; use --batch-size {fit} or fewer "
                 "--max-new-tokens"
             )
-        self.state = None
-        self._step = None
         try:
             self.state = engine_state(self.lm, self.batch_size, max_len, self.device, self.dtype, self.ssm_dtype)
         except (torch.OutOfMemoryError, RuntimeError) as e:
