@@ -206,6 +206,10 @@ def test_a_row_per_ssm_state_dtype_side_by_side(tmp_path, saved_pair, capsys):
     text = md.read_text()
     assert "llamba-1 (bfloat16 state) / llamba-1 tokens/s" in text and "--ssm-state-dtype float32,bfloat16" in text
     assert text.count(f"= `{student_dir}`") == 1  # the models line names each checkpoint once
+    assert main(["bench", "--model", str(student_dir), "--configs", "2x8x5", "--no-isolate",
+                 "--ssm-state-dtype", "bfloat16", "--out", str(md)]) == 0
+    text = md.read_text()  # only a bf16 row: still the checkpoints' table, naming the checkpoint
+    assert "checkpoints side by side" in text and f"student (bfloat16 state) = `{student_dir}`" in text
     before = md.read_bytes()
     assert main(["bench", "--model", str(student_dir), "--configs", "2x8x5", "--no-isolate",
                  "--ssm-state-dtype", "float32,int8", "--out", str(md)]) == 2

@@ -490,8 +490,10 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict], preset_name: str, hardware: str, command: str) -> str:
-    checkpoints = {r["model"]: (r["path"], r["role"]) for r in rows if r.get("path") and r["engine"] != "hf"
-                   and r.get("ssm_state_dtype", "float32") == "float32"}  # a lower-precision state's row: same path
+    checkpoints = {}  # name -> (path, role), each path once (a model's rows per SSM state dtype share it)
+    for r in rows:
+        if r.get("path") and r["engine"] != "hf" and r["path"] not in {p for p, _ in checkpoints.values()}:
+            checkpoints[r["model"]] = (r["path"], r["role"])
     lines = [
         "# `thinkfast bench --model ...`: checkpoints side by side" if checkpoints else f"# `thinkfast bench --preset {preset_name}`",
         "",
