@@ -41,6 +41,25 @@ def stage_ends(out: Path) -> tuple[dict, dict]:
     return steps, loss
 
 
+def set_decay_range(student, low: float, high: float) -> None:
+    """Start every Mamba-2 mixer's A = exp(A_log) log-uniform in [low, high] instead of Mamba-2's [1, 16]: A < 0.1
+    keeps a head's memory hundreds of tokens long at Mamba-2's dt init, so gradients reach the question."""
+    import math
+
+    import torch
+
+    from thinkfast.models.mixers import Mamba2Mixer
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in student.modules():
+            if isinstance(m, Mamba2Mixer):
+                if m.discrete:
+                    raise SystemExit("--a-range needs Mamba-2's parameterisation (--ssm-param mamba2)")
+                u = torch.rand(m.H, generator=gen)
+                m.A_log.copy_(math.log(low) + u * (math.log(high) - math.log(low)))
+
+
 def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, student_kind: str = "hybrid",
                 attn_layers: list[int] | None = None, shape: dict | None = None, worked: str = "columns") -> dict:
     import torch
@@ -83,10 +102,14 @@ def run_setting(demo_dir: str, setting: str, problems: int, out_root: str, stude
     data = DataConfig(specs=[train_spec], instruction=PROMPT_STYLE["instruction"],
                       seed=settings.seed, pack=not unpacked, group_by_length=grouped)
     where = f"-attn{'-'.join(map(str, attn_layers))}" if student_kind == "hybrid" else ""
-    where += "".join(f"-{k}{v}" for k, v in sorted(shape.items())) + ("" if worked == "columns" else f"-worked-{worked}")
+    where += "".join(f"-{k}{'-'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(shape.items())) + ("" if worked == "columns" else f"-worked-{worked}")
     out = Path(out_root) / f"{student_kind}{where}-{setting.replace(':', '_').replace('+', '_').replace('=', '')}"
     t0 = time.time()
-    student = from_teacher(teacher, kind=student_kind, attn_layers=attn_layers, **shape) if shape else student_kind
+    a_range = shape.pop("a_range", None)
+    student = from_teacher(teacher, kind=student_kind, attn_layers=attn_layers, **shape) if shape or a_range else student_kind
+    if a_range:
+        set_decay_range(student, *a_range)
+        shape["a_range"] = a_range
     student = distill(teacher, student, data, stages, tokenizer=tok, out_dir=out, progress=False, attn_layers=attn_layers)
     seconds = time.time() - t0
     steps, last = stage_ends(out)
@@ -130,6 +153,7 @@ def main() -> None:
                     help="the Mamba mixers' parameterisation (default: Llamba's discrete one for a llamba, Mamba-2's for a hybrid)")
     from thinkfast.data.worked import STYLES
 
+    ap.add_argument("--a-range", help="LOW,HIGH: start A = exp(A_log) log-uniform in this range (Mamba-2: 1,16)")
     ap.add_argument("--worked", choices=STYLES, default="columns",
                     help="worked-solution style of the training sums (left: restate the terms still to add after "
                          "each partial sum; the teacher never saw it, so use it with sft stages)")
@@ -150,7 +174,8 @@ def main() -> None:
         results = list(pool.map(run_setting, [str(demo)] * len(settings), settings, [args.problems] * len(settings),
                                 [str(work)] * len(settings), [args.student] * len(settings),
                                 [attn] * len(settings),
-                                [{"d_state": args.d_state, "d_conv": args.d_conv, "ssm_kv_heads": args.ssm_kv_heads, "ssm_param": args.ssm_param}] * len(settings),
+                                [{"d_state": args.d_state, "d_conv": args.d_conv, "ssm_kv_heads": args.ssm_kv_heads, "ssm_param": args.ssm_param,
+                                  "a_range": tuple(float(x) for x in args.a_range.split(",")) if args.a_range else None}] * len(settings),
                                 [args.worked] * len(settings)))
     from thinkfast.demo import DemoSettings
 
@@ -164,6 +189,7 @@ def main() -> None:
         + (f" --d-conv {args.d_conv}" if args.d_conv else "")
         + (f" --ssm-kv-heads {args.ssm_kv_heads}" if args.ssm_kv_heads else "")
         + (f" --ssm-param {args.ssm_param}" if args.ssm_param else "")
+        + (f" --a-range {args.a_range}" if args.a_range else "")
         + (f" --worked {args.worked}" if args.worked != "columns" else "")
         + f" --jobs {args.jobs} --settings {args.settings}` "
         "(one thread per setting; seconds compare only within this table).",

@@ -66,7 +66,7 @@ def batch(rng, style, size, terms, filler):
     return ids, mask
 
 
-def build(arch: str):
+def build(arch: str, ssm_init: str = "default"):
     import torch
 
     from thinkfast.distill.toy import random_model, tiny_config
@@ -77,17 +77,42 @@ def build(arch: str):
     if arch == "mamba":
         torch.manual_seed(0)
         model = from_teacher(model, kind="llamba", ssm_param="mamba2", init_from_attention=False)
+        if ssm_init != "default":
+            long_memory_init(model, tie_bc=ssm_init == "mimetic")
     return model
 
 
-def run(spec: str, steps: int, batch_size: int, lr: float, terms: int, filler: int, seed: int) -> dict:
+def long_memory_init(model, tie_bc: bool):
+    """Decay near 1 at init (A in [0.01, 0.1] instead of [1, 16]: with Mamba-2's dt init every head's half-life is
+    at least ~70 tokens), so gradients reach far back; `tie_bc` also starts C as a copy of B (each query head's C
+    rows equal its group's B rows), so a position's query matches the keys it resembles, as mimetic init does."""
+    import torch
+
+    from thinkfast.models.mixers import Mamba2Mixer
+
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, Mamba2Mixer):
+                continue
+            m.A_log.copy_(torch.log(torch.empty(m.H).uniform_(0.01, 0.1)))
+            if tie_bc:
+                w = m.in_proj.weight
+                b0 = m.d_inner + m.d_x
+                c0 = b0 + m.d_b
+                g = m.H // m.Hx
+                for h in range(m.H):
+                    src = b0 + (h // g) * m.N
+                    w[c0 + h * m.N: c0 + (h + 1) * m.N] = w[src: src + m.N]
+
+
+def run(spec: str, ssm_init: str, steps: int, batch_size: int, lr: float, terms: int, filler: int, seed: int) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(1)
     arch, style = spec.split(":")
-    model = build(arch)
+    model = build(arch, ssm_init)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -120,7 +145,7 @@ def run(spec: str, steps: int, batch_size: int, lr: float, terms: int, filler: i
             right += per_digit.all(-1).float().sum(0).numpy()
             n += ids.shape[0]
     by_term = (right / n).round(3).tolist()
-    return {"run": spec, "arch": arch, "style": style, "steps": steps, "batch": batch_size, "lr": lr, "terms": terms,
+    return {"run": spec, "ssm_init": ssm_init if arch == "mamba" else "", "arch": arch, "style": style, "steps": steps, "batch": batch_size, "lr": lr, "terms": terms,
             "filler": filler, "tokens": steps * batch_size * (ids.shape[1] - 1), "seconds": round(seconds),
             "final_loss": curve[-1]["loss"], "curve": curve, "exact_by_term": by_term,
             "exact": round(float(right.sum() / (n * terms)), 3)}
@@ -135,6 +160,8 @@ def main():
     ap.add_argument("--terms", type=int, default=8)
     ap.add_argument("--filler", type=int, default=48, help="random digits before each query (the work between look-ups)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ssm-init", choices=("default", "long", "mimetic"), default="default",
+                    help="Mamba-2 init: Mamba-2's own; long: decay near 1 (A in [0.01, 0.1]); mimetic: long and C = B")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/recall_probe-latest")
     args = ap.parse_args()
@@ -146,10 +173,11 @@ def main():
         if arch not in ("attention", "mamba") or style not in ("next", "indexed", "keyed"):
             ap.error(f"--runs {s!r}: use ARCH:STYLE with ARCH attention|mamba and STYLE next|indexed|keyed")
     with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(run, specs, *([x] * len(specs) for x in (args.steps, args.batch, args.lr, args.terms,
+        results = list(pool.map(run, specs, *([x] * len(specs) for x in (args.ssm_init, args.steps, args.batch, args.lr, args.terms,
                                                                           args.filler, args.seed))))
     lines = [f"Command: `python benchmarks/recall_probe.py --runs {args.runs} --steps {args.steps} --batch {args.batch} "
-             f"--lr {args.lr} --terms {args.terms} --filler {args.filler} --jobs {args.jobs}` (one thread per run)", "",
+             f"--lr {args.lr} --terms {args.terms} --filler {args.filler} --ssm-init {args.ssm_init} --jobs {args.jobs}` "
+             "(one thread per run)", "",
              "| model | addressing | tokens | final loss | exact (all terms) | exact by term 1..N | seconds |",
              "|---|---|---:|---:|---:|---|---:|"]
     for r in results:
