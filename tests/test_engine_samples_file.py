@@ -570,3 +570,66 @@ def test_the_ssm_state_dtype_is_part_of_the_configuration_only_when_set(setup, t
     with pytest.raises(SystemExit) as exit_:
         main(_args(root, spec, bf16, "--ssm-state-dtype", "fp8"))
     assert exit_.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def _worked_pool(root, questions):
+    """A jsonl of worked examples: one per question, the first of them also an evaluated problem."""
+    pool = root / "shots.jsonl"
+    pool.write_text("".join(json.dumps({"q": q, "a": "5", "s": f"{q} -> add.\n#### 5", "id": f"s{i}"}) + "\n"
+                            for i, q in enumerate(questions)))
+    return f"jsonl:{pool}?question=q&answer=a&solution=s&id=id"
+
+
+def test_few_shot_prompts_show_the_drawn_examples_and_never_an_evaluated_problem(setup, tmp_path, capsys):
+    """--few-shot K puts K worked examples before every question, the same ones for every problem; the examples
+    are part of the samples file's configuration, and a problem being evaluated is never drawn as an example."""
+    from transformers import AutoTokenizer
+
+    from thinkfast.data import load_problems
+    from thinkfast.data.prompts import PromptStyle, render_prompt
+    from thinkfast.engine.run import encode_prompt
+
+    root, spec = setup
+    shots = _worked_pool(tmp_path, ["What is 0 + 0?", "What is 2 + 3?", "What is 1 + 4?", "What is 5 + 0?"])
+    plain, few = tmp_path / "plain.jsonl", tmp_path / "few.jsonl"
+    assert main(_args(root, spec, plain)) == 0
+    assert main(_args(root, spec, few, "--few-shot", "3", "--few-shot-data", shots)) == 0
+    rows = [json.loads(line) for line in few.read_text().splitlines()]
+    drawn = rows[0]["sampling"]["prompt"]["few_shot"]
+    assert sorted(drawn) == ["s1", "s2", "s3"]  # s0's question is problems:0's: never drawn
+    # each prompt grew by exactly the three examples, rendered as the engine renders them
+    tok = AutoTokenizer.from_pretrained(root / "hybrid")
+    pool = {p.id: p for p in load_problems(shots)}
+    by_id = {p.id: p for p in load_problems(spec)}
+    style = PromptStyle(instruction="auto", few_shot=[pool[i] for i in drawn])
+    base = {r["problem_id"]: r["prompt_tokens"] for r in map(json.loads, plain.read_text().splitlines())}
+    for r in rows:
+        expected = render_prompt(by_id[r["problem_id"]], tok, style)
+        assert "What is 2 + 3?" in expected and r["prompt_tokens"] == len(encode_prompt(tok, expected, False))
+        assert r["prompt_tokens"] > base[r["problem_id"]] + 3 * len("What is 2 + 3?")
+    # another draw is another configuration: refused, the file untouched; the same draw resumes
+    before = few.read_bytes()
+    capsys.readouterr()
+    assert main(_args(root, spec, few, "--few-shot", "2", "--few-shot-data", shots)) == 2
+    assert "prompt.few_shot" in capsys.readouterr().err and few.read_bytes() == before
+    assert main(_args(root, spec, few, "--few-shot", "3", "--few-shot-data", shots)) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--few-shot", "2"], "--few-shot 2 needs --few-shot-data SPEC"),
+    (["--few-shot-data", "{shots}"], "--few-shot-data without --few-shot K"),
+    (["--few-shot", "-1", "--few-shot-data", "{shots}"], "--few-shot -1: give a number of examples, 0 or more"),
+    (["--few-shot", "4", "--few-shot-data", "{shots}"], "asked for 4 examples but only 2 problems with worked solutions"),
+    (["--few-shot", "1", "--few-shot-data", "{spec}"], "only 0 problems with worked solutions"),
+    (["--few-shot", "1", "--few-shot-data", "jsonl:{missing}?question=q&answer=a"], "does not exist"),
+])
+def test_bad_few_shot_options_are_one_line(setup, tmp_path, capsys, extra, needle):
+    root, spec = setup
+    shots = _worked_pool(tmp_path, ["What is 0 + 0?", "What is 2 + 3?", "What is 1 + 4?"])
+    out = tmp_path / "s.jsonl"
+    extra = [e.format(shots=shots, spec=spec, missing=tmp_path / "nope.jsonl") for e in extra]
+    assert main(_args(root, spec, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

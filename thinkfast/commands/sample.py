@@ -44,6 +44,14 @@ def add_parsers(sub) -> None:
                    "model's config.json declares, e.g. none for the embedded models; else auto)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-chat", action="store_true", help="plain 'Question: ... Answer:' prompts even when the tokenizer has a chat template")
+    p.add_argument("--few-shot", type=int, default=0, metavar="K",
+                   help="show K worked examples before each question (chat turns, or Question/Answer blocks with "
+                   "--no-chat), drawn from --few-shot-data (default 0)")
+    p.add_argument("--few-shot-data", metavar="SPEC",
+                   help="data spec the examples come from: problems with worked solutions, e.g. "
+                   "gsm8k:../shared/data/gsm8k_train.jsonl; any problem that is also in --data is never drawn")
+    p.add_argument("--few-shot-seed", type=int, default=0,
+                   help="which K examples are drawn (default 0); every problem gets the same ones")
     p.add_argument("--name", dest="models", action=_InOrder, const="name", metavar="NAME",
                    help="model name in the samples file of the --model before it (default: the checkpoint folder's name)")
     p.add_argument("--turn-seconds", type=positive_float, default=1.0,
@@ -133,13 +141,15 @@ def cmd_sample(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, stop=args.stop)
 
-    def style(spec):
-        instruction = args.instruction or declared_instruction(spec) or "auto"
-        return PromptStyle(instruction=instruction, system=args.system, chat=not args.no_chat)
-
     from ..data import load_problems
 
     problems = load_problems(args.data)  # once, here: grading needs every gold answer before a model loads
+    examples = _few_shot(args, problems)
+
+    def style(spec):
+        instruction = args.instruction or declared_instruction(spec) or "auto"
+        return PromptStyle(instruction=instruction, system=args.system, chat=not args.no_chat, few_shot=examples)
+
     grade_fn = None
     if not args.no_grade:
         from ..eval.grading import grade_many
@@ -165,6 +175,28 @@ def cmd_sample(args) -> int:
             print(f"{s.out}: wrote {s.written} samples ({s.skipped} already there), {st.gen_tokens:,} tokens in "
                   f"{st.wall_seconds:.1f} s of engine time ({st.tokens_per_second:,.0f} tok/s engine), config {s.config}")
     return 0
+
+
+def _few_shot(args, problems) -> list | None:
+    """The --few-shot examples, drawn once for every model (and every torchrun rank: the draw is seeded)."""
+    if args.few_shot < 0:
+        raise ConfigError(f"--few-shot {args.few_shot}: give a number of examples, 0 or more")
+    if args.few_shot == 0:
+        if args.few_shot_data:
+            raise ConfigError("--few-shot-data without --few-shot K: say how many examples each prompt shows")
+        return None
+    if not args.few_shot_data:
+        raise ConfigError(f"--few-shot {args.few_shot} needs --few-shot-data SPEC, problems with worked solutions "
+                          "(e.g. gsm8k:../shared/data/gsm8k_train.jsonl)")
+    from ..data import load_problems
+    from ..data.prompts import few_shot_examples
+    from ..errors import DataError
+
+    pool = load_problems(args.few_shot_data)  # its errors name the spec
+    try:
+        return few_shot_examples(pool, args.few_shot, seed=args.few_shot_seed, exclude=problems)
+    except DataError as e:
+        raise DataError(f"--few-shot-data {args.few_shot_data!r}: {e}") from None
 
 
 def _check_gold_answers(spec: str, problems) -> None:

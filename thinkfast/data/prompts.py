@@ -119,5 +119,6 @@ def few_shot_examples(source, k: int, seed: int = 0, exclude=()) -> list[Problem
     banned = {x.id if isinstance(x, Problem) else x for x in exclude} | {x.question for x in exclude if isinstance(x, Problem)}
     pool = [p for p in problems if p.solution and p.id not in banned and p.question not in banned]
     if len(pool) < k:
-        raise DataError(f"few-shot: asked for {k} examples but only {len(pool)} problems with worked solutions are available")
+        raise DataError(f"few-shot: asked for {k} examples but only {len(pool)} problems with worked solutions are "
+                        "available (problems also being evaluated are left out)")
     return random.Random(seed).sample(pool, k)
