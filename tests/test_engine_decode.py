@@ -59,6 +59,50 @@ def test_fast_step_equals_reference_step(kind, ssm_param, d_conv, row_group):
             torch.testing.assert_close(x, y, rtol=0, atol=2e-5)
 
 
+def _onednn_op_exists() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@pytest.mark.parametrize("kind,ssm_param", CASES)
+@torch.no_grad()
+def test_fast_step_with_onednn_gemms_equals_reference_step(kind, ssm_param, monkeypatch):
+    """Large fp32 weights on a CPU go through oneDNN's GEMM in the eager step. With the size threshold at 0, every
+    product of the step (q|k|v, o, MLP, Mamba in/out, head) takes that path; the step still matches the model's."""
+    import thinkfast.engine.decode as decode
+
+    monkeypatch.setattr(decode, "ONEDNN_MIN_WEIGHT", 0)
+    lm = _student(kind, ssm_param)
+    prompts = [torch.randint(0, 101, (n,)).tolist() for n in (5, 17, 9, 30)]
+    ref_state, fast_state = _prefilled_pair(lm, prompts, 64)
+    fast = DecodeStep(lm, fast_state)
+    assert fast.onednn == _onednn_op_exists()  # on the CPU wheel this project installs, the op is there
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise if fast.onednn else None
+    if fast.onednn:
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[1].shape) or real(*a))
+    pos, tok = torch.tensor([len(p) for p in prompts]), torch.randint(0, 101, (4,))
+    for _ in range(4):
+        ref = lm.step(tok, pos, ref_state)
+        torch.testing.assert_close(fast(tok, pos, int(pos.max()) + 1), ref, rtol=0, atol=2e-5)
+        tok, pos = ref.argmax(-1), pos + 1
+    linears_per_step = 5 * len(lm.layers) + 1  # per layer the mixer's two (q|k|v and o, or in and out) and the MLP's three; the head
+    assert len(calls) == (4 * linears_per_step if fast.onednn else 0)
+
+
+def test_the_embedded_models_stay_on_the_default_gemm():
+    """The oneDNN path starts at weights of ONEDNN_MIN_WEIGHT elements: the demo's teacher and both its students
+    are smaller in every product, so their samples do not depend on it."""
+    from thinkfast.embedded import embedded_teacher_dir
+    from thinkfast.engine.decode import ONEDNN_MIN_WEIGHT
+    from thinkfast.models import ThinkfastForCausalLM
+
+    teacher = ThinkfastForCausalLM.from_pretrained(embedded_teacher_dir())
+    for model in (teacher, from_teacher(teacher, kind="llamba", ssm_param="mamba2"),
+                  from_teacher(teacher, kind="hybrid", attn_layers=[3])):
+        biggest = max(p.numel() for p in model.parameters())
+        assert 0 < biggest < ONEDNN_MIN_WEIGHT // 2
+
+
 def test_row_blocks_read_only_their_own_rows_positions():
     lm = _student("teacher", None)
     step = DecodeStep(lm, engine_state(lm, 5, 64), row_group=2)
@@ -182,7 +226,7 @@ def test_compiled_cpu_step_gives_the_same_samples(slots):
             if engine._step.failed:
                 assert "dynamic" not in engine._step.failed  # our marking, not a missing toolchain
                 pytest.skip(f"torch.compile cannot build here: {engine._step.failed}")
-            assert type(engine._step).__name__ == "CompiledStep"
+            assert type(engine._step).__name__ == "CompiledStep" and not engine._step.step.onednn  # Inductor's GEMMs
             # one graph for every row count and context (a full batch, rows == the state's slots, once compiled a
             # second: its row count was unified with the state's size and specialised)
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -8,13 +8,16 @@ It reads the model's own modules and weights and computes the same function with
     ordered by context, so a block of young samples skips the old ones' positions);
   - Mamba: the SSM state update and its readout in one function (`ssm_update_`) over grouped heads (x and B are
     broadcast to their query block, never copied), which `torch.compile` can fuse into a single pass over the
-    state: C++ on CPU, Triton on GPU. The state is read and written once per step.
+    state: C++ on CPU, Triton on GPU. The state is read and written once per step;
+  - products: on a CPU in fp32, every weight of at least ONEDNN_MIN_WEIGHT elements goes through oneDNN's GEMM,
+    which reads large weights with few rows much faster than MKL's sgemm on the hosts measured.
 Rows are the first `n` slots of the state (the engine keeps its live samples packed at the front).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +80,7 @@ class CompiledStep:
     def __init__(self, step: DecodeStep):
         self.step = step
         step.row_group = None  # row blocks depend on the positions' values: one graph attends over all rows
+        step.onednn = False  # Inductor picks the GEMMs
         # only the row count and the context length vary: every tensor the step holds (state, fused weights,
         # tables) keeps its sizes, else equal sizes get unified with the row count and force recompiles
         held = [t for c in step.state.caches for t in vars(c).values()]
@@ -121,6 +125,27 @@ def engine_state(lm: ThinkfastLM, batch: int, max_len: int, device=None, dtype=N
     return state
 
 
+ONEDNN_MIN_WEIGHT = 1 << 18  # elements (1 MiB in fp32); the embedded models' largest is 98k, so they stay on MKL
+_ONEDNN_OK: bool | None = None
+
+
+def onednn_linear_works() -> bool:
+    """Whether oneDNN's fp32 linear (`torch.ops.mkldnn._linear_pointwise`, the op Inductor emits for CPU linears)
+    runs here and agrees with F.linear: checked once, on a small product. `THINKFAST_ONEDNN=0` turns it off."""
+    global _ONEDNN_OK
+    if _ONEDNN_OK is None:
+        if os.environ.get("THINKFAST_ONEDNN", "1") == "0":
+            _ONEDNN_OK = False
+            return False
+        try:
+            x, w = torch.randn(4, 64), torch.randn(96, 64)
+            _ONEDNN_OK = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
+                torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w), rtol=1e-4, atol=1e-4)
+        except Exception:  # an older or newer torch without the op, or a build without oneDNN
+            _ONEDNN_OK = False
+    return _ONEDNN_OK
+
+
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm in one fused op (the same numbers: fp32 statistics, weight applied in x's dtype)."""
     if x.dtype == torch.float32:
@@ -141,6 +166,11 @@ class DecodeStep:
         # attention per block of `row_group` rows, each over its own rows' longest context (eager steps only:
         # the blocks depend on the positions' values); pays when rows are ordered by context, as the engine keeps them
         self.row_group = row_group
+        # large fp32 weights on a CPU go through oneDNN's GEMM: with few rows MKL's sgemm reads them at a third of
+        # the memory bandwidth (README: SmolLM2-135M decodes 1.4-1.9x faster); eager steps only (CompiledStep
+        # leaves the choice to Inductor)
+        self.onednn = (lm.embed.weight.device.type == "cpu" and lm.embed.weight.dtype == torch.float32
+                       and onednn_linear_works())
         cfg = lm.cfg
         self.hd, self.n_heads, self.n_kv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
         self.max_len = state.max_len
@@ -188,8 +218,14 @@ class DecodeStep:
             else:
                 y = self._mamba(i, layer.mixer, x, cache)
             h = h + y
-            h = h + layer.mlp(rms_norm(layer.mlp_norm, h))
-        return lm.logits(rms_norm(lm.norm, h))
+            h = h + layer.mlp(rms_norm(layer.mlp_norm, h), self.linear)
+        return self.linear(rms_norm(lm.norm, h), lm.head_weight)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight^T (no bias: the models have none)."""
+        if self.onednn and weight.numel() >= ONEDNN_MIN_WEIGHT:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
+        return F.linear(x, weight)
 
     def _row_blocks(self, positions: torch.Tensor, kv_len: int) -> list[tuple[int, int, int]]:
         """(first row, end row, positions to attend) per block of rows: one block over `kv_len` unless row
@@ -202,7 +238,7 @@ class DecodeStep:
 
     def _attention(self, i, m, x, cos, sin, blocks, bias, write_idx, cache: KVCache):
         n, H, Hk, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
-        qkv = F.linear(x, self.qkv_weight[i]).view(n, H + 2 * Hk, hd)
+        qkv = self.linear(x, self.qkv_weight[i]).view(n, H + 2 * Hk, hd)
         qk = qkv[:, : H + Hk].float()
         qk = (qk * cos + torch.roll(qk, hd // 2, dims=-1) * sin).to(x.dtype)  # RoPE on q and k together
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hk:]
@@ -215,11 +251,11 @@ class DecodeStep:
             K, V = cache.k[a:b, :, :length], cache.v[a:b, :, :length]  # (rows, Hk, S, hd) views
             ys.append(F.scaled_dot_product_attention(qg[a:b], K.to(qg.dtype), V.to(qg.dtype), attn_mask=mask, scale=m.scale))
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
-        return m.o_proj(y.reshape(n, H * hd))
+        return self.linear(y.reshape(n, H * hd), m.o_proj.weight)
 
     def _mamba(self, i, m, x, cache: SSMCache):
         n = x.shape[0]
-        z, xBC, dt_raw = m._split(m.in_proj(x))
+        z, xBC, dt_raw = m._split(self.linear(x, m.in_proj.weight))
         convT = cache.conv[:n].transpose(1, 2)  # (n, d_conv - 1, conv_dim), contiguous with an `engine_state`
         window = torch.cat([convT, xBC.unsqueeze(1).to(convT.dtype)], dim=1)  # (n, d_conv, conv_dim)
         convT.copy_(window[:, 1:])
@@ -241,7 +277,7 @@ class DecodeStep:
         hT = cache.ssm[:n].transpose(-1, -2).view(n, Hx, g, N, P)  # P innermost with an `engine_state`
         y = self.ssm_update(hT, x_in, Bs, Cs, a.view(n, Hx, g)).to(x.dtype)  # (n, Hx, g, P)
         y = torch.addcmul(y, self.D[i], xs)  # + D x (unscaled x)
-        return m._gate_out(y.reshape(n, m.d_inner), z)
+        return m._gate_out(y.reshape(n, m.d_inner), z, self.linear)
 
 
 class CudaGraphStep:

@@ -40,8 +40,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d_model, d_mlp, bias=False)
         self.down_proj = nn.Linear(d_mlp, d_model, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, linear=F.linear):
+        """`linear(x, weight)`: the decode step passes its own GEMM (oneDNN for large CPU weights)."""
+        return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight)
 
 
 # ---------------------------------------------------------------- rotary embeddings
@@ -277,12 +278,12 @@ class Mamba2Mixer(nn.Module):
             x_in = x * dt.unsqueeze(-1).to(x.dtype)
         return x, x_in, B, C, log_a
 
-    def _gate_out(self, y, z):
+    def _gate_out(self, y, z, linear=F.linear):
         if self.norm is not None:
             y = self.norm(y * F.silu(z))
         else:
             y = y * F.silu(z)
-        return self.out_proj(y)
+        return linear(y, self.out_proj.weight)
 
     def _conv_seq(self, xBC, T):
         """xBC (B, T, conv_dim) -> causal depthwise conv output (B, T, conv_dim)."""
