@@ -266,3 +266,15 @@ def test_real_smollm2_teacher_from_gguf():
         ref, out = teacher(ids).logits, student(ids).logits
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-3)
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_the_model_calls_its_projection_modules():
+    """The engine's decode step reads the MLP's and Mamba mixer's weights directly (for its own GEMM), but the
+    model's forward calls the nn.Linear modules, so wrappers of them (LoRA adapters, sharding hooks) apply."""
+    hybrid = from_teacher(tiny_llama(), kind="hybrid", attn_layers=[0])
+    mamba = next(layer for layer in hybrid.lm.layers if not layer.is_attention)
+    called = []
+    for name, module in (("gate", mamba.mlp.gate_proj), ("down", mamba.mlp.down_proj), ("out", mamba.mixer.out_proj)):
+        module.register_forward_hook(lambda *_, name=name: called.append(name))
+    hybrid(input_ids=torch.randint(3, 101, (1, 9)))
+    assert {"gate", "down", "out"} <= set(called)

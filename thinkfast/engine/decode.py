@@ -166,9 +166,9 @@ class DecodeStep:
         # attention per block of `row_group` rows, each over its own rows' longest context (eager steps only:
         # the blocks depend on the positions' values); pays when rows are ordered by context, as the engine keeps them
         self.row_group = row_group
-        # large fp32 weights on a CPU go through oneDNN's GEMM: with few rows MKL's sgemm reads them at a third of
-        # the memory bandwidth (README: SmolLM2-135M decodes 1.4-1.9x faster); eager steps only (CompiledStep
-        # leaves the choice to Inductor)
+        # large fp32 weights on a CPU go through oneDNN's GEMM: with few rows MKL's sgemm runs them far slower
+        # (SmolLM2-135M decodes 1.16-1.64x faster, benchmarks/cpu_gemm.md); eager steps only (CompiledStep leaves
+        # the choice to Inductor)
         self.onednn = (lm.embed.weight.device.type == "cpu" and lm.embed.weight.dtype == torch.float32
                        and onednn_linear_works())
         cfg = lm.cfg

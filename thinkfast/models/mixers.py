@@ -40,8 +40,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d_model, d_mlp, bias=False)
         self.down_proj = nn.Linear(d_mlp, d_model, bias=False)
 
-    def forward(self, x, linear=F.linear):
-        """`linear(x, weight)`: the decode step passes its own GEMM (oneDNN for large CPU weights)."""
+    def forward(self, x, linear=None):
+        """`linear(x, weight)`: the engine's decode step passes its own GEMM (oneDNN for large CPU weights); the
+        model calls the modules, so wrappers of them (LoRA, sharding hooks) still apply in training."""
+        if linear is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight)
 
 
@@ -278,12 +281,12 @@ class Mamba2Mixer(nn.Module):
             x_in = x * dt.unsqueeze(-1).to(x.dtype)
         return x, x_in, B, C, log_a
 
-    def _gate_out(self, y, z, linear=F.linear):
+    def _gate_out(self, y, z, linear=None):
         if self.norm is not None:
             y = self.norm(y * F.silu(z))
         else:
             y = y * F.silu(z)
-        return linear(y, self.out_proj.weight)
+        return self.out_proj(y) if linear is None else linear(y, self.out_proj.weight)
 
     def _conv_seq(self, xBC, T):
         """xBC (B, T, conv_dim) -> causal depthwise conv output (B, T, conv_dim)."""
