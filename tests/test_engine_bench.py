@@ -24,6 +24,7 @@ def test_bench_writes_markdown_and_json_rows(tmp_path):
         assert (r["batch_size"], r["prompt_len"], r["gen_len"]) == (2, 8, 4)
         if r["engine"] == "thinkfast":  # what the step ran with, on a CPU: no graphs, eager unless asked
             assert (r["cuda_graphs"], r["compiled"]) == (False, False)
+            assert r["onednn_products"] == 0  # the tiny preset's weights all stay on the default GEMM
         assert r["seconds_per_sample"] * r["batch_size"] * r["tokens_per_s"] == pytest.approx(r["batch_size"] * r["gen_len"], rel=0.01)
     text = md.read_text()
     assert "| teacher-hf | teacher | hf | 2 | 8 | 4 |" in text and "llamba / teacher" in text

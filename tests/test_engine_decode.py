@@ -87,6 +87,7 @@ def test_fast_step_with_onednn_gemms_equals_reference_step(kind, ssm_param, monk
         tok, pos = ref.argmax(-1), pos + 1
     linears_per_step = 5 * len(lm.layers) + 1  # per layer the mixer's two (q|k|v and o, or in and out) and the MLP's three; the head
     assert len(calls) == (4 * linears_per_step if fast.onednn else 0)
+    assert fast.onednn_products() == (linears_per_step if fast.onednn else 0)  # what `bench` rows record
 
 
 def test_the_embedded_models_stay_on_the_default_gemm():
@@ -101,6 +102,7 @@ def test_the_embedded_models_stay_on_the_default_gemm():
                   from_teacher(teacher, kind="hybrid", attn_layers=[3])):
         biggest = max(p.numel() for p in model.parameters())
         assert 0 < biggest < ONEDNN_MIN_WEIGHT // 2
+        assert DecodeStep(model.lm, engine_state(model.lm, 2, 16)).onednn_products() == 0
 
 
 def test_row_blocks_read_only_their_own_rows_positions():

@@ -331,7 +331,8 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
     tps = batch * gen_len / wall
     state_bytes = eng.state.nbytes() if engine == "thinkfast" else None
     if engine == "thinkfast":  # what the step really ran with: a failed graph capture falls back to eager steps
-        row.update(cuda_graphs=eng.use_graphs, compiled=eng.use_compile)
+        step = getattr(eng._step, "step", eng._step)  # a compiled or graph step wraps the DecodeStep
+        row.update(cuda_graphs=eng.use_graphs, compiled=eng.use_compile, onednn_products=step.onednn_products())
     row.update(tokens_per_s=round(tps, 1), seconds_per_sample=round(wall / batch, 6), generated_tokens=generated, peak_mem_bytes=int(max(peak, 0)),
                state_bytes=state_bytes, roofline_tokens_per_s=round(roof, 1), roofline_fraction=round(tps / roof, 3),
                cpu_seconds=round(cpu, 3), wall_seconds=round(wall, 3))

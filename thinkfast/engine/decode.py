@@ -194,6 +194,17 @@ class DecodeStep:
         self.kv_heads = torch.arange(self.n_kv, device=dev)
         self.arange = torch.arange(self.max_len, device=dev)
 
+    def onednn_products(self) -> int:
+        """How many of a step's weight products run on oneDNN (0 with the path off, or every weight small)."""
+        if not self.onednn:
+            return 0
+        weights = [*self.qkv_weight.values(), self.lm.head_weight]
+        for layer in self.lm.layers:
+            m = layer.mixer
+            weights += [m.o_proj.weight] if layer.is_attention else [m.in_proj.weight, m.out_proj.weight]
+            weights += [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight]
+        return sum(w.numel() >= ONEDNN_MIN_WEIGHT for w in weights)
+
     # ------------------------------------------------------------------ the step
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
