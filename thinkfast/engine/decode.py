@@ -194,16 +194,21 @@ class DecodeStep:
         self.kv_heads = torch.arange(self.n_kv, device=dev)
         self.arange = torch.arange(self.max_len, device=dev)
 
-    def onednn_products(self) -> int:
-        """How many of a step's weight products run on oneDNN (0 with the path off, or every weight small)."""
-        if not self.onednn:
-            return 0
+        # the weights whose products go through oneDNN, decided once (the step is rebuilt when weights change)
+        self.onednn_weights = {id(w) for w in self._product_weights()
+                               if w.numel() >= ONEDNN_MIN_WEIGHT and w.is_contiguous()} if self.onednn else set()
+
+    def _product_weights(self) -> list[torch.Tensor]:
         weights = [*self.qkv_weight.values(), self.lm.head_weight]
         for layer in self.lm.layers:
             m = layer.mixer
             weights += [m.o_proj.weight] if layer.is_attention else [m.in_proj.weight, m.out_proj.weight]
             weights += [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight]
-        return sum(w.numel() >= ONEDNN_MIN_WEIGHT for w in weights)
+        return weights
+
+    def onednn_products(self) -> int:
+        """How many of a step's weight products run on oneDNN (0 with the path off, or every weight small)."""
+        return len(self.onednn_weights) if self.onednn else 0
 
     # ------------------------------------------------------------------ the step
 
@@ -234,7 +239,7 @@ class DecodeStep:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x @ weight^T (no bias: the models have none)."""
-        if self.onednn and weight.numel() >= ONEDNN_MIN_WEIGHT:
+        if self.onednn and id(weight) in self.onednn_weights:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
         return F.linear(x, weight)
 
