@@ -10,7 +10,7 @@ It reads the model's own modules and weights and computes the same function with
     broadcast to their query block, never copied), which `torch.compile` can fuse into a single pass over the
     state: C++ on CPU, Triton on GPU. The state is read and written once per step;
   - products: on a CPU in fp32, every weight of at least ONEDNN_MIN_WEIGHT elements goes through oneDNN's GEMM,
-    which reads large weights with few rows much faster than MKL's sgemm on the hosts measured.
+    which ran large weights with few rows much faster than MKL's sgemm on the (AMD) host measured.
 Rows are the first `n` slots of the state (the engine keeps its live samples packed at the front).
 """
 
