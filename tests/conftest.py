@@ -78,9 +78,38 @@ def tiny_llama(vocab=101, hidden=64, layers=3, heads=8, kv_heads=2, rope_scaling
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                       rope_parameters=rope, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).eval()
+    return _visible_weights(LlamaForCausalLM(cfg).eval())
+
+
+def _visible_weights(model):
     with torch.no_grad():  # larger weights than HF's init so layers do visibly different things
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif name.endswith("bias"):  # Qwen2's q, k, v biases: large enough that dropping one shows
+                p.normal_(0, 0.5)
     return model
+
+
+def tiny_qwen2(vocab=101, hidden=64, layers=3, heads=8, kv_heads=2, tie=True, seed=0, **extra):
+    """A random tiny transformers.Qwen2ForCausalLM: Llama's layers plus q, k, v biases (tied embeddings, as the
+    small Qwen2.5 models)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=tie,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    return _visible_weights(Qwen2ForCausalLM(cfg).eval())
+
+
+def tiny_mistral(vocab=101, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=24, seed=0, **extra):
+    """A random tiny transformers.MistralForCausalLM (a head size that is not hidden / heads)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    return _visible_weights(MistralForCausalLM(cfg).eval())

@@ -84,18 +84,20 @@ def build_models(preset: Preset, which: str, device, dtype, seed: int = 0):
 
 
 def to_hf_llama(model):
-    """transformers LlamaForCausalLM with the weights of an all-attention thinkfast model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """transformers LlamaForCausalLM with the weights of an all-attention thinkfast model (Qwen2ForCausalLM when
+    its q, k, v have biases: the only difference between the two)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     c = model.lm.cfg
     rope = dict(c.rope_params or {"rope_type": "default"}, rope_theta=c.rope_theta)
-    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
-                         num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.hd, rms_norm_eps=c.rms_norm_eps,
-                         max_position_embeddings=c.max_position_embeddings, rope_parameters=rope, tie_word_embeddings=c.tie_embeddings,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if c.qkv_bias else (LlamaConfig, LlamaForCausalLM)
+    hf_cfg = config_class(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
+                          num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.hd, rms_norm_eps=c.rms_norm_eps,
+                          max_position_embeddings=c.max_position_embeddings, rope_parameters=rope, tie_word_embeddings=c.tie_embeddings,
+                          bos_token_id=None, eos_token_id=None, pad_token_id=None)
     p = model.lm.embed.weight
     with torch.device(p.device):
-        hf = LlamaForCausalLM(hf_cfg).to(p.dtype).eval()
+        hf = model_class(hf_cfg).to(p.dtype).eval()
     rename = {"input_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "mixer": "self_attn"}
     sd = {}
     for name, t in model.lm.state_dict().items():
@@ -125,7 +127,7 @@ class Checkpoint:
 
 
 def probe_checkpoint(spec: str, name: str | None = None) -> Checkpoint:
-    """Role and positions of anything `load_thinkfast` reads (thinkfast folder of any role, HF Llama folder,
+    """Role and positions of anything `load_thinkfast` reads (thinkfast folder of any role, HF Llama-family folder (Llama, Mistral, Qwen2),
     .gguf file, hub id) from its config alone, refusing in one line what that loader would refuse."""
     from transformers import AutoConfig
 

@@ -175,10 +175,12 @@ class DecodeStep:
         self.hd, self.n_heads, self.n_kv = cfg.hd, cfg.n_heads, cfg.n_kv_heads
         self.max_len = state.max_len
         self.attn_layers = [i for i, layer in enumerate(lm.layers) if layer.is_attention]
-        self.qkv_weight = {}
+        self.qkv_weight, self.qkv_bias = {}, {}
         for i in self.attn_layers:
             m = lm.layers[i].mixer
             self.qkv_weight[i] = torch.cat([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]).detach()
+            if m.q_proj.bias is not None:  # Qwen2's
+                self.qkv_bias[i] = torch.cat([m.q_proj.bias, m.k_proj.bias, m.v_proj.bias]).detach()
         self.neg_A, self.conv_w, self.D = {}, {}, {}
         for i, layer in enumerate(lm.layers):
             m = layer.mixer
@@ -237,11 +239,11 @@ class DecodeStep:
             h = h + layer.mlp(rms_norm(layer.mlp_norm, h), self.linear)
         return self.linear(rms_norm(lm.norm, h), lm.head_weight)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x @ weight^T (no bias: the models have none)."""
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight^T (+ bias: only q, k, v and a Mamba in_proj initialised from them have one)."""
         if self.onednn and id(weight) in self.onednn_weights:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
-        return F.linear(x, weight)
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
 
     def _row_blocks(self, positions: torch.Tensor, kv_len: int) -> list[tuple[int, int, int]]:
         """(first row, end row, positions to attend) per block of rows: one block over `kv_len` unless row
@@ -254,7 +256,7 @@ class DecodeStep:
 
     def _attention(self, i, m, x, cos, sin, blocks, bias, write_idx, cache: KVCache):
         n, H, Hk, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
-        qkv = self.linear(x, self.qkv_weight[i]).view(n, H + 2 * Hk, hd)
+        qkv = self.linear(x, self.qkv_weight[i], self.qkv_bias.get(i)).view(n, H + 2 * Hk, hd)
         qk = qkv[:, : H + Hk].float()
         qk = (qk * cos + torch.roll(qk, hd // 2, dims=-1) * sin).to(x.dtype)  # RoPE on q and k together
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hk:]
@@ -271,7 +273,7 @@ class DecodeStep:
 
     def _mamba(self, i, m, x, cache: SSMCache):
         n = x.shape[0]
-        z, xBC, dt_raw = m._split(self.linear(x, m.in_proj.weight))
+        z, xBC, dt_raw = m._split(self.linear(x, m.in_proj.weight, m.in_proj.bias))
         convT = cache.conv[:n].transpose(1, 2)  # (n, d_conv - 1, conv_dim), contiguous with an `engine_state`
         window = torch.cat([convT, xBC.unsqueeze(1).to(convT.dtype)], dim=1)  # (n, d_conv, conv_dim)
         convT.copy_(window[:, 1:])

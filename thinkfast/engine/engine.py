@@ -31,6 +31,7 @@ import torch
 
 from ..errors import ConfigError, ThinkfastError
 from ..models.model import ModelState, ThinkfastLM
+from ..models.teacher import LLAMA_TYPES
 from .decode import (CompiledStep, CudaGraphStep, DecodeStep, compile_ssm_update, engine_state, ssm_update_,
                      ssm_update_functional)
 from .sampling import SamplingParams, sample_seed, sample_tokens, sample_uniforms
@@ -103,17 +104,18 @@ class _Slot:
 
 
 def as_lm(model) -> ThinkfastLM:
-    """ThinkfastLM from a ThinkfastLM, a ThinkfastForCausalLM, or an HF Llama model (converted, kind="teacher")."""
+    """ThinkfastLM from a ThinkfastLM, a ThinkfastForCausalLM, or an HF Llama / Mistral / Qwen2 model (converted,
+    kind="teacher")."""
     if isinstance(model, ThinkfastLM):
         return model
     lm = getattr(model, "lm", None)
     if isinstance(lm, ThinkfastLM):
         return lm
-    if getattr(getattr(model, "config", None), "model_type", None) == "llama":
+    if getattr(getattr(model, "config", None), "model_type", None) in LLAMA_TYPES:
         from ..models.transfer import from_teacher
 
         return from_teacher(model, kind="teacher").lm
-    raise ConfigError(f"the engine runs thinkfast models or HF Llama models, not {type(model).__name__}")
+    raise ConfigError(f"the engine runs thinkfast models or HF Llama-family models, not {type(model).__name__}")
 
 
 def model_role(lm: ThinkfastLM) -> str:

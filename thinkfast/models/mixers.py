@@ -144,9 +144,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
         self.scale = self.hd**-0.5
 
@@ -237,7 +237,8 @@ class Mamba2Mixer(nn.Module):
         self.d_c = self.H * self.N
         self.conv_dim = self.d_x + self.d_b + self.d_c
         self.discrete = cfg.ssm_param == "discrete"
-        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.conv_dim + self.H, bias=False)
+        # a bias where the teacher's q, k, v had one, so that x, B and C can take theirs (z and dt start at zero)
+        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.conv_dim + self.H, bias=cfg.qkv_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, padding=cfg.d_conv - 1)
         self.dt_bias = nn.Parameter(torch.zeros(self.H))
         if not self.discrete:

@@ -137,6 +137,8 @@ class ThinkfastLM(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    m.bias.zero_()
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=std)
             elif isinstance(m, RMSNorm):

@@ -1,4 +1,4 @@
-"""Load a Llama-family teacher: an HF checkpoint folder (config.json + safetensors), a GGUF file, a hub id,
+"""Load a Llama-family teacher (Llama, Mistral, Qwen2): an HF checkpoint folder (config.json + safetensors), a GGUF file, a hub id,
 or a thinkfast checkpoint whose layers are all attention (the embedded teacher)."""
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from .config import ModelConfig
 
-LLAMA_TYPES = ("llama",)
+# model types whose layers thinkfast reproduces exactly: Llama's, and those that differ from it only in q, k, v
+# biases (Qwen2) or a sliding window (Mistral)
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED = "model_type 'llama', 'mistral' or 'qwen2', e.g. Llama-3.2-1B-Instruct, SmolLM2, Qwen2.5-Math-1.5B-Instruct"
 
 
 def _rope_from_hf(hf_cfg) -> tuple[float, dict | None]:
@@ -33,17 +36,23 @@ def model_config_from_hf(hf_cfg, where: str = "teacher") -> ModelConfig:
     mt = getattr(hf_cfg, "model_type", None)
     if mt not in LLAMA_TYPES:
         raise ConfigError(
-            f"{where}: model_type {mt!r} is not Llama-family; thinkfast distils Llama-architecture teachers "
-            "(model_type 'llama', e.g. Llama-3.2-1B-Instruct, SmolLM2)"
+            f"{where}: model_type {mt!r} is not Llama-family; thinkfast distils Llama-architecture teachers ({SUPPORTED})"
         )
-    for flag in ("attention_bias", "mlp_bias"):
+    for flag, what in (("attention_bias", "an o_proj bias"), ("mlp_bias", "MLP biases")):
         if getattr(hf_cfg, flag, False):
-            raise ConfigError(f"{where}: {flag}=True is not supported; thinkfast's Llama layers have no biases")
+            raise ConfigError(f"{where}: {flag}=True is not supported; thinkfast's layers have no {what} "
+                              "(only Qwen2's q, k, v biases)")
     act = getattr(hf_cfg, "hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{where}: hidden_act={act!r}; Llama-family MLPs use 'silu'")
     theta, scaling = _rope_from_hf(hf_cfg)
     n_layers = hf_cfg.num_hidden_layers
+    positions = hf_cfg.max_position_embeddings
+    window = getattr(hf_cfg, "sliding_window", None)  # Mistral's, or Qwen2's when use_sliding_window is on
+    if window and window < positions:
+        # thinkfast attends to every position, which equals a sliding window up to the window's length: so the
+        # model's context stops there (the engine then refuses longer prompts and ends samples at it)
+        positions = window
     return ModelConfig(
         vocab_size=hf_cfg.vocab_size,
         d_model=hf_cfg.hidden_size,
@@ -55,8 +64,9 @@ def model_config_from_hf(hf_cfg, where: str = "teacher") -> ModelConfig:
         rms_norm_eps=hf_cfg.rms_norm_eps,
         rope_theta=theta,
         rope_params=scaling,
-        max_position_embeddings=hf_cfg.max_position_embeddings,
+        max_position_embeddings=positions,
         tie_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
+        qkv_bias=mt == "qwen2",
         attn_layers=list(range(n_layers)),
     )
 
@@ -151,7 +161,7 @@ def checkpoint_source(spec: str, role: str = "teacher") -> tuple[str, dict]:
         if raw.get("model_type") not in LLAMA_TYPES + ("thinkfast",):
             raise ConfigError(
                 f"{path}/config.json: model_type {raw.get('model_type')!r} is not Llama-family; thinkfast distils "
-                "Llama-architecture teachers (model_type 'llama')"
+                f"Llama-architecture teachers ({SUPPORTED})"
             )
         if not list(path.glob("*.safetensors")):
             raise CheckpointError(
@@ -169,7 +179,7 @@ def checkpoint_source(spec: str, role: str = "teacher") -> tuple[str, dict]:
 
 def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device=None,
                  role: str = "teacher"):
-    """Returns (model, tokenizer or None). The model is an HF LlamaForCausalLM, or a ThinkfastForCausalLM
+    """Returns (model, tokenizer or None). The model is an HF Llama / Mistral / Qwen2 model, or a ThinkfastForCausalLM
     for a thinkfast all-attention checkpoint. Weights load from safetensors; remote code only when asked.
     `role` names the model in error messages as the user gave it (teacher, --model, --student, backbone ...)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -207,7 +217,7 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, tr
 def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None, where: str = "--model",
                    trust_remote_code: bool = False):
     """(ThinkfastForCausalLM, tokenizer or None) from a thinkfast folder of any role, or from anything
-    `load_teacher` reads (HF Llama folder, .gguf, hub id), converted to an all-attention thinkfast model."""
+    `load_teacher` reads (HF Llama-family folder (Llama, Mistral, Qwen2), .gguf, hub id), converted to an all-attention thinkfast model."""
     from transformers import AutoTokenizer
 
     from .hf import ThinkfastForCausalLM

@@ -1,7 +1,7 @@
 """Teacher -> student weights: Llamba (every mixer Mamba-2) or hybrid (attention kept at `attn_layers`).
 
-Mamba mixers start from their layer's attention (MambaInLlama): x <- W_V, B <- W_K, C <- W_Q, out_proj <- W_O,
-identity conv, D = 0. Embeddings, norms, MLPs and head are copied.
+Mamba mixers start from their layer's attention (MambaInLlama): x <- W_V, B <- W_K, C <- W_Q, out_proj <- W_O
+(and the q, k, v biases of a Qwen2 teacher likewise), identity conv, D = 0. Embeddings, norms, MLPs and head are copied.
 """
 
 from __future__ import annotations
@@ -98,8 +98,10 @@ def from_teacher(
         if init_from_attention:
             for i in scfg.mamba_layers:
                 p = f"layers.{i}.mixer."
+                biases = [sd.get(p + f"{n}_proj.bias") for n in "qkv"] if tcfg.qkv_bias else None
                 init_mamba_from_attention(
-                    student.lm.layers[i].mixer, sd[p + "q_proj.weight"], sd[p + "k_proj.weight"], sd[p + "v_proj.weight"], sd[p + "o_proj.weight"], tcfg.n_kv_heads
+                    student.lm.layers[i].mixer, sd[p + "q_proj.weight"], sd[p + "k_proj.weight"], sd[p + "v_proj.weight"], sd[p + "o_proj.weight"], tcfg.n_kv_heads,
+                    biases,
                 )
     return student.eval()
 
@@ -111,17 +113,35 @@ def expand_kv_blocks(w: torch.Tensor, n_kv: int, n_heads: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_mamba_from_attention(mixer: Mamba2Mixer, wq, wk, wv, wo, n_kv: int) -> None:
+def init_mamba_from_attention(mixer: Mamba2Mixer, wq, wk, wv, wo, n_kv: int, biases=None) -> None:
+    """`biases`: the attention's (bq, bk, bv), mapped onto the in_proj bias as the weights' rows are."""
     H, P, N, Hx = mixer.H, mixer.P, mixer.N, mixer.Hx
     hd = wq.shape[0] // H
     if P != hd:
         raise ConfigError(f"Mamba head size {P} differs from the attention head size {hd}; cannot map weights")
-    if Hx != n_kv:
-        if Hx != H:
-            raise ConfigError(f"ssm_kv_heads={Hx} must equal the teacher's KV heads ({n_kv}) or query heads ({H})")
+    if Hx != n_kv and Hx != H:
+        raise ConfigError(f"ssm_kv_heads={Hx} must equal the teacher's KV heads ({n_kv}) or query heads ({H})")
+    _map_rows(mixer, mixer.in_proj.weight, wq, wk, wv, n_kv)
+    if biases is not None:
+        if mixer.in_proj.bias is None:
+            raise ConfigError("the teacher's q, k, v projections have biases but the student's in_proj has none")
+        mixer.in_proj.bias.zero_()
+        _map_rows(mixer, mixer.in_proj.bias[:, None], *(b[:, None] for b in biases), n_kv)
+    mixer.out_proj.weight.copy_(wo)
+    # identity conv: each channel passes its current input through
+    mixer.conv1d.weight.zero_()
+    mixer.conv1d.weight[:, 0, -1] = 1.0
+    mixer.conv1d.bias.zero_()
+    mixer.D.zero_()  # attention has no skip connection inside the mixer
+
+
+def _map_rows(mixer: Mamba2Mixer, W: torch.Tensor, wq, wk, wv, n_kv: int) -> None:
+    """In place: the x, B and C rows of an in_proj weight (or bias as a column) take V, K and Q's rows."""
+    H, N, Hx = mixer.H, mixer.N, mixer.Hx
+    hd = wq.shape[0] // H
+    if Hx != n_kv:  # x and B per query head: each KV head's rows repeated for its group
         wk, wv = expand_kv_blocks(wk, n_kv, H), expand_kv_blocks(wv, n_kv, H)
-    W = mixer.in_proj.weight  # rows: z | x | B | C | dt
-    o_x = mixer.d_inner
+    o_x = mixer.d_inner  # rows: z | x | B | C | dt
     o_b = o_x + mixer.d_x
     o_c = o_b + mixer.d_b
     W[o_x:o_b].copy_(wv)
@@ -134,9 +154,3 @@ def init_mamba_from_attention(mixer: Mamba2Mixer, wq, wk, wv, wo, n_kv: int) -> 
         b[:, :hd].copy_(wk.view(Hx, hd, -1))
         c[:, :hd].copy_(wq.view(H, hd, -1))
         c[:, hd:].zero_()
-    mixer.out_proj.weight.copy_(wo)
-    # identity conv: each channel passes its current input through
-    mixer.conv1d.weight.zero_()
-    mixer.conv1d.weight[:, 0, -1] = 1.0
-    mixer.conv1d.bias.zero_()
-    mixer.D.zero_()  # attention has no skip connection inside the mixer

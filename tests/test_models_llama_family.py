@@ -1,0 +1,148 @@
+"""Llama-family teachers other than Llama: Qwen2 (q, k, v biases) and Mistral (sliding window, explicit head size).
+HF's own forward is the reference; students take the biases; the engine's step and the CLI run them."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_mistral, tiny_qwen2, write_distill_files
+
+import thinkfast  # noqa: F401  (registers the Auto classes)
+from thinkfast.cli import main
+from thinkfast.distill.toy import char_tokenizer
+from thinkfast.engine.decode import DecodeStep, engine_state
+from thinkfast.errors import ThinkfastError
+from thinkfast.models import ThinkfastForCausalLM, from_teacher
+from thinkfast.models.teacher import load_teacher, model_config_from_hf
+
+
+@pytest.mark.parametrize("make", [tiny_qwen2, lambda: tiny_qwen2(tie=False), lambda: tiny_mistral(sliding_window=None)],
+                         ids=["qwen2", "qwen2-untied", "mistral"])
+def test_all_attention_model_reproduces_hf(make):
+    teacher = make()
+    model = from_teacher(teacher, kind="teacher")
+    ids = torch.randint(0, 101, (2, 150))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, teacher(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_qwen2_biases_are_read():
+    # guards the test above: without the biases the logits move
+    teacher = tiny_qwen2()
+    model = from_teacher(teacher, kind="teacher")
+    assert model.lm.cfg.qkv_bias and model.lm.layers[0].mixer.k_proj.bias is not None
+    ids = torch.randint(0, 101, (1, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+        for layer in model.lm.layers:
+            layer.mixer.k_proj.bias.zero_()
+        assert (model(ids).logits - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("changes", [{}, {"ssm_kv_heads": 8}, {"d_state": 16}])
+def test_mamba_mixers_take_q_k_v_with_their_biases(changes):
+    """At init a Mamba mixer's C, B and x are its attention's q, k and v, biases included, per head block."""
+    teacher = tiny_qwen2()
+    student = from_teacher(teacher, kind="llamba", ssm_param="mamba2", **changes).lm
+    x = torch.randn(1, 6, 64)
+    for i, layer in enumerate(student.layers):
+        att, mixer = teacher.model.layers[i].self_attn, layer.mixer
+        with torch.no_grad():
+            _, xBC, dt_raw = mixer._split(mixer.in_proj(x))
+            pre_activation = mixer.conv1d(xBC.transpose(1, 2))[..., :6].transpose(1, 2)  # identity conv at init
+            xh, _, B, C, _ = mixer._heads(pre_activation, dt_raw)
+            q, k, v = att.q_proj(x).view(1, 6, 8, 8), att.k_proj(x).view(1, 6, 2, 8), att.v_proj(x).view(1, 6, 2, 8)
+        for h in range(8):
+            torch.testing.assert_close(C[:, :, h, :8], q[:, :, h])
+            torch.testing.assert_close(B[:, :, h, :8], k[:, :, h // 4])
+            torch.testing.assert_close(xh[:, :, h], v[:, :, h // 4])
+        z_and_dt = torch.cat([mixer.in_proj.bias[: mixer.d_inner], mixer.in_proj.bias[-mixer.H:]])
+        assert z_and_dt.abs().max() == 0  # only the parts that came from attention carry a bias
+    assert tiny_llama() and not from_teacher(tiny_llama(), kind="llamba").lm.cfg.qkv_bias  # Llama: no bias anywhere
+    assert from_teacher(tiny_llama(), kind="llamba").lm.layers[0].mixer.in_proj.bias is None
+
+
+@pytest.mark.parametrize("kind,ssm_param", [("teacher", None), ("llamba", "mamba2"), ("llamba", "discrete"), ("hybrid", "mamba2")])
+@pytest.mark.parametrize("onednn", [False, True])
+@torch.no_grad()
+def test_engine_step_equals_model_step_with_biases(kind, ssm_param, onednn, monkeypatch):
+    import thinkfast.engine.decode as decode
+
+    if onednn:  # every product through oneDNN's GEMM, with its bias
+        monkeypatch.setattr(decode, "ONEDNN_MIN_WEIGHT", 0)
+    lm = from_teacher(tiny_qwen2(), kind=kind, ssm_param=ssm_param).lm
+    for layer in lm.layers:
+        if hasattr(layer.mixer, "in_proj"):
+            layer.mixer.in_proj.bias.normal_(0, 0.3)  # z and dt too, once trained
+    prompts = [torch.randint(0, 101, (n,)).tolist() for n in (5, 17, 9)]
+    ref_state, fast_state = lm.allocate_state(3, 48), engine_state(lm, 3, 48)
+    for r, ids in enumerate(prompts):
+        one = lm.allocate_state(1, len(ids))
+        lm(torch.tensor([ids]), state=one)
+        for st in (ref_state, fast_state):
+            st.copy_rows_(torch.tensor([r]), one, torch.tensor([0]), len(ids))
+    fast = DecodeStep(lm, fast_state)
+    assert fast.onednn_products() == (5 * len(lm.layers) + 1 if onednn and fast.onednn else 0)
+    pos, tok = torch.tensor([len(p) for p in prompts]), torch.randint(0, 101, (3,))
+    for _ in range(5):
+        ref = lm.step(tok, pos, ref_state)
+        torch.testing.assert_close(fast(tok, pos, int(pos.max()) + 1), ref, rtol=0, atol=2e-5)
+        tok, pos = ref.argmax(-1), pos + 1
+
+
+def test_a_sliding_window_caps_the_context():
+    """thinkfast attends to every position: equal to a sliding window only up to its length, so the context stops
+    there. Mistral's window below its positions, Qwen2's when switched on; a window past them changes nothing."""
+    assert model_config_from_hf(tiny_mistral(sliding_window=64).config).max_position_embeddings == 64
+    assert model_config_from_hf(tiny_mistral(sliding_window=4096).config).max_position_embeddings == 512
+    qwen = tiny_qwen2(use_sliding_window=True, sliding_window=100, max_window_layers=1)
+    assert model_config_from_hf(qwen.config).max_position_embeddings == 100
+    assert model_config_from_hf(tiny_qwen2().config).max_position_embeddings == 512
+    teacher = tiny_mistral(sliding_window=64)  # within the window the two agree
+    ids = torch.randint(0, 101, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(from_teacher(teacher, kind="teacher")(ids).logits, teacher(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_architectures_it_cannot_reproduce_are_refused_in_one_line(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    biased = tmp_path / "llama-o-bias"
+    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, attention_bias=True)).save_pretrained(biased)
+    qwen3 = tmp_path / "qwen3"
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(qwen3)
+    for path, needle in [(biased, "attention_bias=True is not supported"), (qwen3, "model_type 'qwen3' is not Llama-family")]:
+        with pytest.raises(ThinkfastError) as e:
+            load_teacher(path)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert "'qwen2'" in str(e.value)  # the message lists what is supported
+
+
+def test_a_qwen2_teacher_through_distill_save_load_and_sample(tmp_path):
+    """A Qwen2 checkpoint folder as `--teacher`: the hybrid student keeps the biases through save_pretrained and
+    loading, and `thinkfast sample` and `thinkfast bench` (with an HF generate() row) run the teacher and student."""
+    tok = char_tokenizer()
+    root = write_distill_files(tmp_path, tok, teachers=())
+    tiny_qwen2(vocab=len(tok), layers=2, heads=4, kv_heads=2).save_pretrained(root / "qwen")
+    tok.save_pretrained(root / "qwen")
+    out = tmp_path / "hybrid"
+    assert main(["distill", "--teacher", str(root / "qwen"), "--student", "hybrid", "--stages", "kd",
+                 "--tokens", "256", "--data", f"jsonl:{root}/chain.jsonl?solution=solution", "--seq-len", "64",
+                 "--batch-size", "2", "--instruction", "none", "--no-progress", "--out", str(out)]) == 0
+    student = ThinkfastForCausalLM.from_pretrained(out)
+    assert student.config.qkv_bias and student.config.role == "hybrid"
+    mamba = student.lm.layers[student.lm.cfg.mamba_layers[0]].mixer
+    assert mamba.in_proj.bias.abs().max() > 0
+    for model in (root / "qwen", out):
+        samples = tmp_path / f"{model.name}.jsonl"
+        assert main(["sample", "--model", str(model), "--data", f"jsonl:{root}/chain.jsonl?limit=2", "--n", "2",
+                     "--max-new-tokens", "8", "--no-chat", "--out", str(samples), "--quiet"]) == 0
+        rows = [json.loads(line) for line in samples.read_text().splitlines()]
+        assert sum(1 for r in rows if "completion" in r) == 4
+    results = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(root / "qwen"), "--model", str(out), "--no-isolate", "--configs", "2x4x3",
+                 "--out", str(tmp_path / "bench.md"), "--json", str(results)]) == 0
+    rows = json.loads(results.read_text())
+    assert [(r["model"], r["engine"]) for r in rows] == [("qwen", "thinkfast"), ("qwen-hf", "hf"), ("hybrid", "thinkfast")]
