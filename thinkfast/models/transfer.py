@@ -115,7 +115,7 @@ def expand_kv_blocks(w: torch.Tensor, n_kv: int, n_heads: int) -> torch.Tensor:
 @torch.no_grad()
 def init_mamba_from_attention(mixer: Mamba2Mixer, wq, wk, wv, wo, n_kv: int, biases=None) -> None:
     """`biases`: the attention's (bq, bk, bv), mapped onto the in_proj bias as the weights' rows are."""
-    H, P, N, Hx = mixer.H, mixer.P, mixer.N, mixer.Hx
+    H, P, Hx = mixer.H, mixer.P, mixer.Hx
     hd = wq.shape[0] // H
     if P != hd:
         raise ConfigError(f"Mamba head size {P} differs from the attention head size {hd}; cannot map weights")
