@@ -104,6 +104,24 @@ def tiny_qwen2(vocab=101, hidden=64, layers=3, heads=8, kv_heads=2, tie=True, se
     return _visible_weights(Qwen2ForCausalLM(cfg).eval())
 
 
+def tiny_qwen3(vocab=101, hidden=64, layers=3, heads=8, kv_heads=2, head_dim=16, tie=True, seed=0, **extra):
+    """A random tiny transformers.Qwen3ForCausalLM: Llama's layers plus an RMSNorm over each head's q and k (with
+    weights drawn away from 1, so that reading them matters), an explicit head size."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                      max_position_embeddings=512, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0, **extra)
+    model = _visible_weights(Qwen3ForCausalLM(cfg).eval())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 def tiny_mistral(vocab=101, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=24, seed=0, **extra):
     """A random tiny transformers.MistralForCausalLM (a head size that is not hidden / heads)."""
     from transformers import MistralConfig, MistralForCausalLM

@@ -30,19 +30,20 @@ def test_bench_writes_markdown_and_json_rows(tmp_path):
     assert "| teacher-hf | teacher | hf | 2 | 8 | 4 |" in text and "llamba / teacher" in text
 
 
-@pytest.mark.parametrize("source", ["tiny", "qwen2"])
-def test_hf_twin_of_the_teacher_has_the_same_logits(source):
-    """The HF row's model: a Llama twin, or a Qwen2 one for a teacher with q, k, v biases."""
-    from conftest import tiny_qwen2
+@pytest.mark.parametrize("source,hf_class", [("tiny", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+                                             ("qwen3", "Qwen3ForCausalLM")])
+def test_hf_twin_of_the_teacher_has_the_same_logits(source, hf_class):
+    """The HF row's model: a Llama twin, or a Qwen2 / Qwen3 one for a teacher with q, k, v biases / q, k norms."""
+    from conftest import tiny_qwen2, tiny_qwen3
 
     from thinkfast.models import from_teacher
 
     if source == "tiny":
         teacher = build_models(PRESETS["tiny"], "teacher", "cpu", torch.float32)
     else:
-        teacher = from_teacher(tiny_qwen2(vocab=260), kind="teacher")
+        teacher = from_teacher({"qwen2": tiny_qwen2, "qwen3": tiny_qwen3}[source](vocab=260), kind="teacher")
     hf = to_hf_llama(teacher)
-    assert type(hf).__name__ == ("LlamaForCausalLM" if source == "tiny" else "Qwen2ForCausalLM")
+    assert type(hf).__name__ == hf_class
     ids = torch.randint(0, 260, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, teacher(ids).logits, rtol=0, atol=1e-4)

@@ -1,11 +1,12 @@
-"""Llama-family teachers other than Llama: Qwen2 (q, k, v biases) and Mistral (sliding window, explicit head size).
-HF's own forward is the reference; students take the biases; the engine's step and the CLI run them."""
+"""Llama-family teachers other than Llama: Qwen2 (q, k, v biases), Qwen3 (per-head q and k norms) and Mistral
+(sliding window, explicit head size). HF's own forward is the reference; students take the biases and norms; the
+engine's step and the CLI run them."""
 
 import json
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_mistral, tiny_qwen2, write_distill_files
+from conftest import tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3, write_distill_files
 
 import thinkfast  # noqa: F401  (registers the Auto classes)
 from thinkfast.cli import main
@@ -16,8 +17,8 @@ from thinkfast.models import ThinkfastForCausalLM, from_teacher
 from thinkfast.models.teacher import load_teacher, model_config_from_hf
 
 
-@pytest.mark.parametrize("make", [tiny_qwen2, lambda: tiny_qwen2(tie=False), lambda: tiny_mistral(sliding_window=None)],
-                         ids=["qwen2", "qwen2-untied", "mistral"])
+@pytest.mark.parametrize("make", [tiny_qwen2, lambda: tiny_qwen2(tie=False), tiny_qwen3, lambda: tiny_mistral(sliding_window=None)],
+                         ids=["qwen2", "qwen2-untied", "qwen3", "mistral"])
 def test_all_attention_model_reproduces_hf(make):
     teacher = make()
     model = from_teacher(teacher, kind="teacher")
@@ -26,17 +27,18 @@ def test_all_attention_model_reproduces_hf(make):
         torch.testing.assert_close(model(ids).logits, teacher(ids).logits, rtol=0, atol=1e-4)
 
 
-def test_qwen2_biases_are_read():
-    # guards the test above: without the biases the logits move
-    teacher = tiny_qwen2()
-    model = from_teacher(teacher, kind="teacher")
-    assert model.lm.cfg.qkv_bias and model.lm.layers[0].mixer.k_proj.bias is not None
+def test_qwen2_biases_and_qwen3_norms_are_read():
+    # guards the test above: without Qwen2's biases, or with Qwen3's norm weights at 1, the logits move
+    qwen2, qwen3 = from_teacher(tiny_qwen2(), kind="teacher"), from_teacher(tiny_qwen3(), kind="teacher")
+    assert qwen2.lm.cfg.qkv_bias and not qwen2.lm.cfg.qk_norm and qwen2.lm.layers[0].mixer.q_norm is None
+    assert qwen3.lm.cfg.qk_norm and not qwen3.lm.cfg.qkv_bias and qwen3.lm.layers[0].mixer.k_proj.bias is None
     ids = torch.randint(0, 101, (1, 40))
     with torch.no_grad():
-        ref = model(ids).logits
-        for layer in model.lm.layers:
-            layer.mixer.k_proj.bias.zero_()
-        assert (model(ids).logits - ref).abs().max() > 1e-2
+        for model, neutral in ((qwen2, lambda m: m.k_proj.bias.zero_()), (qwen3, lambda m: m.q_norm.weight.fill_(1.0))):
+            ref = model(ids).logits
+            for layer in model.lm.layers:
+                neutral(layer.mixer)
+            assert (model(ids).logits - ref).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("changes", [{}, {"ssm_kv_heads": 8}, {"d_state": 16}])
@@ -62,17 +64,38 @@ def test_mamba_mixers_take_q_k_v_with_their_biases(changes):
     assert from_teacher(tiny_llama(), kind="llamba").lm.layers[0].mixer.in_proj.bias is None
 
 
+@pytest.mark.parametrize("changes", [{"ssm_kv_heads": None}, {"ssm_kv_heads": 8}])
+def test_mamba_mixers_take_q_and_k_norms_as_c_and_b_norms(changes):
+    """From a Qwen3 teacher, C and B are normalised per head with q's and k's norm weights: with the discrete SSM
+    (no activation after the identity conv) they equal the teacher's normalised q and k at init."""
+    teacher = tiny_qwen3()
+    student = from_teacher(teacher, kind="llamba", ssm_param="discrete", **changes).lm
+    x = torch.randn(1, 6, 64)
+    for i, layer in enumerate(student.layers):
+        att, mixer = teacher.model.layers[i].self_attn, layer.mixer
+        with torch.no_grad():
+            _, xBC, dt_raw = mixer._split(mixer.in_proj(x))
+            _, _, B, C, _ = mixer._heads(mixer._conv_seq(xBC, 6), dt_raw)
+            q = att.q_norm(att.q_proj(x).view(1, 6, 8, 16))
+            k = att.k_norm(att.k_proj(x).view(1, 6, 2, 16))
+        torch.testing.assert_close(C, q)
+        torch.testing.assert_close(B, k.repeat_interleave(4, dim=2))
+    with pytest.raises(ThinkfastError, match="d_state=32: this teacher normalises q and k"):
+        from_teacher(teacher, kind="llamba", d_state=32)
+
+
 @pytest.mark.parametrize("kind,ssm_param", [("teacher", None), ("llamba", "mamba2"), ("llamba", "discrete"), ("hybrid", "mamba2")])
 @pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("make", [tiny_qwen2, tiny_qwen3])
 @torch.no_grad()
-def test_engine_step_equals_model_step_with_biases(kind, ssm_param, onednn, monkeypatch):
+def test_engine_step_equals_model_step(make, kind, ssm_param, onednn, monkeypatch):
     import thinkfast.engine.decode as decode
 
     if onednn:  # every product through oneDNN's GEMM, with its bias
         monkeypatch.setattr(decode, "ONEDNN_MIN_WEIGHT", 0)
-    lm = from_teacher(tiny_qwen2(), kind=kind, ssm_param=ssm_param).lm
+    lm = from_teacher(make(), kind=kind, ssm_param=ssm_param).lm
     for layer in lm.layers:
-        if hasattr(layer.mixer, "in_proj"):
+        if getattr(layer.mixer, "in_proj", None) is not None and layer.mixer.in_proj.bias is not None:
             layer.mixer.in_proj.bias.normal_(0, 0.3)  # z and dt too, once trained
     prompts = [torch.randint(0, 101, (n,)).tolist() for n in (5, 17, 9)]
     ref_state, fast_state = lm.allocate_state(3, 48), engine_state(lm, 3, 48)
@@ -105,36 +128,43 @@ def test_a_sliding_window_caps_the_context():
 
 
 def test_architectures_it_cannot_reproduce_are_refused_in_one_line(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
+    small = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
     biased = tmp_path / "llama-o-bias"
-    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, attention_bias=True)).save_pretrained(biased)
-    qwen3 = tmp_path / "qwen3"
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(qwen3)
-    for path, needle in [(biased, "attention_bias=True is not supported"), (qwen3, "model_type 'qwen3' is not Llama-family")]:
+    LlamaForCausalLM(LlamaConfig(attention_bias=True, **small)).save_pretrained(biased)
+    qwen3_biased = tmp_path / "qwen3-o-bias"
+    tiny_qwen3(attention_bias=True).save_pretrained(qwen3_biased)
+    phi3 = tmp_path / "phi3"
+    Phi3ForCausalLM(Phi3Config(pad_token_id=0, **small)).save_pretrained(phi3)
+    for path, needle in [(biased, "attention_bias=True is not supported"), (qwen3_biased, "attention_bias=True is not supported"),
+                         (phi3, "model_type 'phi3' is not Llama-family")]:
         with pytest.raises(ThinkfastError) as e:
             load_teacher(path)
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
-    assert "'qwen2'" in str(e.value)  # the message lists what is supported
+    assert "'qwen2'" in str(e.value) and "'qwen3'" in str(e.value)  # the message lists what is supported
 
 
-def test_a_qwen2_teacher_through_distill_save_load_and_sample(tmp_path):
-    """A Qwen2 checkpoint folder as `--teacher`: the hybrid student keeps the biases through save_pretrained and
-    loading, and `thinkfast sample` and `thinkfast bench` (with an HF generate() row) run the teacher and student."""
+@pytest.mark.parametrize("make", [tiny_qwen2, tiny_qwen3])
+def test_a_qwen_teacher_through_distill_save_load_sample_and_bench(make, tmp_path):
+    """A Qwen2 / Qwen3 checkpoint folder as `--teacher`: the hybrid student keeps the biases or norms through
+    save_pretrained and loading, and `thinkfast sample` and `thinkfast bench` (with an HF generate() row, in
+    transformers' own Qwen class) run the teacher and the student."""
     tok = char_tokenizer()
     root = write_distill_files(tmp_path, tok, teachers=())
-    tiny_qwen2(vocab=len(tok), layers=2, heads=4, kv_heads=2).save_pretrained(root / "qwen")
+    make(vocab=len(tok), layers=2, heads=4, kv_heads=2).save_pretrained(root / "qwen")
     tok.save_pretrained(root / "qwen")
     out = tmp_path / "hybrid"
     assert main(["distill", "--teacher", str(root / "qwen"), "--student", "hybrid", "--stages", "kd",
                  "--tokens", "256", "--data", f"jsonl:{root}/chain.jsonl?solution=solution", "--seq-len", "64",
                  "--batch-size", "2", "--instruction", "none", "--no-progress", "--out", str(out)]) == 0
     student = ThinkfastForCausalLM.from_pretrained(out)
-    assert student.config.qkv_bias and student.config.role == "hybrid"
+    assert student.config.role == "hybrid"
     mamba = student.lm.layers[student.lm.cfg.mamba_layers[0]].mixer
-    assert mamba.in_proj.bias.abs().max() > 0
+    if make is tiny_qwen2:
+        assert student.config.qkv_bias and mamba.in_proj.bias.abs().max() > 0
+    else:
+        assert student.config.qk_norm and (mamba.c_norm.weight - 1).abs().max() > 0.1  # q's norm, not a fresh one
     for model in (root / "qwen", out):
         samples = tmp_path / f"{model.name}.jsonl"
         assert main(["sample", "--model", str(model), "--data", f"jsonl:{root}/chain.jsonl?limit=2", "--n", "2",

@@ -59,12 +59,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub) -> None:
     d = sub.add_parser(
         "distill",
-        help="distil a Llama-family teacher (Llama, Mistral, Qwen2) into a Llamba (MOHAWK) or hybrid (reverse KL) student",
+        help="distil a Llama-family teacher (Llama, Mistral, Qwen2, Qwen3) into a Llamba (MOHAWK) or hybrid (reverse KL) student",
         description="Distil a Llama-family teacher into a Mamba-2 student. Stages: matrix (MOHAWK 1), hidden "
         "(MOHAWK 2), kd (end-to-end KL; forward for llamba, reverse for hybrid), sft. Writes checkpoints per "
         "stage, train_log.jsonl, and finally a save_pretrained folder in --out.",
     )
-    d.add_argument("--teacher", help="teacher: HF Llama-family checkpoint folder (Llama, Mistral, Qwen2), .gguf file, hub id, or thinkfast all-attention folder")
+    d.add_argument("--teacher", help="teacher: HF Llama-family checkpoint folder (Llama, Mistral, Qwen2, Qwen3), .gguf file, hub id, or thinkfast all-attention folder")
     d.add_argument("--student", help="llamba | hybrid, or a saved thinkfast student folder to keep training (default llamba)")
     d.add_argument("--attn-layers", dest="attn_layers", metavar="I,J", help="hybrid: layers that keep attention (default: a quarter, spread)")
     d.add_argument("--ssm-param", dest="ssm_param", choices=["discrete", "mamba2"], help="SSM parameterisation (default: discrete for llamba, mamba2 for hybrid)")
@@ -92,7 +92,7 @@ def add_parsers(sub) -> None:
         description="Cross entropy on worked solutions, prompt tokens masked. Writes checkpoints, "
         "train_log.jsonl and a save_pretrained folder in --out.",
     )
-    s.add_argument("--model", help="model to fine-tune: a thinkfast folder (student or teacher) or an HF Llama-family folder (Llama, Mistral, Qwen2) / .gguf / hub id")
+    s.add_argument("--model", help="model to fine-tune: a thinkfast folder (student or teacher) or an HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3) / .gguf / hub id")
     _add_common(s)
     s.set_defaults(func=run_sft)
 

@@ -85,12 +85,14 @@ def build_models(preset: Preset, which: str, device, dtype, seed: int = 0):
 
 def to_hf_llama(model):
     """transformers LlamaForCausalLM with the weights of an all-attention thinkfast model (Qwen2ForCausalLM when
-    its q, k, v have biases: the only difference between the two)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    its q, k, v have biases, Qwen3ForCausalLM when q and k are normalised: their only differences from Llama)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     c = model.lm.cfg
     rope = dict(c.rope_params or {"rope_type": "default"}, rope_theta=c.rope_theta)
-    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if c.qkv_bias else (LlamaConfig, LlamaForCausalLM)
+    config_class, model_class = ((Qwen3Config, Qwen3ForCausalLM) if c.qk_norm else (Qwen2Config, Qwen2ForCausalLM)
+                                 if c.qkv_bias else (LlamaConfig, LlamaForCausalLM))
     hf_cfg = config_class(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
                           num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.hd, rms_norm_eps=c.rms_norm_eps,
                           max_position_embeddings=c.max_position_embeddings, rope_parameters=rope, tie_word_embeddings=c.tie_embeddings,
@@ -127,7 +129,7 @@ class Checkpoint:
 
 
 def probe_checkpoint(spec: str, name: str | None = None) -> Checkpoint:
-    """Role and positions of anything `load_thinkfast` reads (thinkfast folder of any role, HF Llama-family folder (Llama, Mistral, Qwen2),
+    """Role and positions of anything `load_thinkfast` reads (thinkfast folder of any role, HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3),
     .gguf file, hub id) from its config alone, refusing in one line what that loader would refuse."""
     from transformers import AutoConfig
 

@@ -257,7 +257,10 @@ class DecodeStep:
     def _attention(self, i, m, x, cos, sin, blocks, bias, write_idx, cache: KVCache):
         n, H, Hk, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
         qkv = self.linear(x, self.qkv_weight[i], self.qkv_bias.get(i)).view(n, H + 2 * Hk, hd)
-        qk = qkv[:, : H + Hk].float()
+        qk = qkv[:, : H + Hk]
+        if m.q_norm is not None:  # Qwen3's per-head norms, before RoPE
+            qk = torch.cat([rms_norm(m.q_norm, qk[:, :H]), rms_norm(m.k_norm, qk[:, H:])], dim=1)
+        qk = qk.float()
         qk = (qk * cos + torch.roll(qk, hd // 2, dims=-1) * sin).to(x.dtype)  # RoPE on q and k together
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hk:]
         Bmax = cache.k.shape[0]
@@ -285,6 +288,8 @@ class DecodeStep:
         xs = xs.view(n, Hx, 1, P)
         Bs = Bs.view(n, Hx, N)
         Cs = Cs.view(n, Hx, g, N)
+        if m.c_norm is not None:
+            Bs, Cs = rms_norm(m.b_norm, Bs), rms_norm(m.c_norm, Cs)
         dt = dt_raw.float() + m.dt_bias
         if m.discrete:  # a = exp(-softplus(dt)) = sigmoid(-dt)
             a, x_in = torch.sigmoid(-dt), xs

@@ -104,7 +104,7 @@ class _Slot:
 
 
 def as_lm(model) -> ThinkfastLM:
-    """ThinkfastLM from a ThinkfastLM, a ThinkfastForCausalLM, or an HF Llama / Mistral / Qwen2 model (converted,
+    """ThinkfastLM from a ThinkfastLM, a ThinkfastForCausalLM, or an HF Llama-family model (converted,
     kind="teacher")."""
     if isinstance(model, ThinkfastLM):
         return model

@@ -25,6 +25,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_embeddings: bool = True
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2); a Mamba mixer then has an in_proj bias
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3); a Mamba mixer then normalises C and B
     attn_layers: list[int] = field(default_factory=list)  # indices of layers that keep softmax attention
     # Mamba-2 mixer
     ssm_param: str = "mamba2"  # "discrete" (Llamba) or "mamba2" (MambaInLlama)

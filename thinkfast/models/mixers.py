@@ -148,12 +148,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.hd**-0.5
 
     def _qkv(self, x, cos, sin):
         Bsz, T, _ = x.shape
-        q = self.q_proj(x).view(Bsz, T, self.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(Bsz, T, self.n_kv, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(Bsz, T, self.n_heads, self.hd)
+        k = self.k_proj(x).view(Bsz, T, self.n_kv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(Bsz, T, self.n_kv, self.hd).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # (B, heads, T, hd)
 
@@ -245,6 +250,9 @@ class Mamba2Mixer(nn.Module):
             self.A_log = nn.Parameter(torch.zeros(self.H))
         self.D = nn.Parameter(torch.ones(self.H))
         self.norm = RMSNorm(self.d_inner, cfg.rms_norm_eps) if cfg.use_ssm_norm else None
+        # from a teacher with q/k norms (Qwen3): C and B normalised per head as q and k were, with their weights
+        self.c_norm = RMSNorm(self.N, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.b_norm = RMSNorm(self.N, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
         self.reset_ssm_parameters()
 
@@ -271,8 +279,11 @@ class Mamba2Mixer(nn.Module):
         x, B, C = torch.split(xBC, [self.d_x, self.d_b, self.d_c], dim=-1)
         g = self.H // self.Hx
         x = x.reshape(*lead, self.Hx, self.P).repeat_interleave(g, dim=-2)
-        B = B.reshape(*lead, self.Hx, self.N).repeat_interleave(g, dim=-2)
+        B = B.reshape(*lead, self.Hx, self.N)
         C = C.reshape(*lead, self.H, self.N)
+        if self.c_norm is not None:
+            B, C = self.b_norm(B), self.c_norm(C)
+        B = B.repeat_interleave(g, dim=-2)
         if self.discrete:
             log_a = -F.softplus(dt_raw.float() + self.dt_bias)
             x_in = x

@@ -1,4 +1,4 @@
-"""Load a Llama-family teacher (Llama, Mistral, Qwen2): an HF checkpoint folder (config.json + safetensors), a GGUF file, a hub id,
+"""Load a Llama-family teacher (Llama, Mistral, Qwen2, Qwen3): an HF checkpoint folder (config.json + safetensors), a GGUF file, a hub id,
 or a thinkfast checkpoint whose layers are all attention (the embedded teacher)."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from ..errors import CheckpointError, ConfigError
 from .config import ModelConfig
 
 # model types whose layers thinkfast reproduces exactly: Llama's, and those that differ from it only in q, k, v
-# biases (Qwen2) or a sliding window (Mistral)
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED = "model_type 'llama', 'mistral' or 'qwen2', e.g. Llama-3.2-1B-Instruct, SmolLM2, Qwen2.5-Math-1.5B-Instruct"
+# biases (Qwen2), per-head q and k norms (Qwen3) or a sliding window (Mistral)
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("model_type 'llama', 'mistral', 'qwen2' or 'qwen3', e.g. Llama-3.2-1B-Instruct, SmolLM2, "
+             "Qwen2.5-Math-1.5B-Instruct, Qwen3-1.7B")
 
 
 def _rope_from_hf(hf_cfg) -> tuple[float, dict | None]:
@@ -48,7 +49,7 @@ def model_config_from_hf(hf_cfg, where: str = "teacher") -> ModelConfig:
     theta, scaling = _rope_from_hf(hf_cfg)
     n_layers = hf_cfg.num_hidden_layers
     positions = hf_cfg.max_position_embeddings
-    window = getattr(hf_cfg, "sliding_window", None)  # Mistral's, or Qwen2's when use_sliding_window is on
+    window = getattr(hf_cfg, "sliding_window", None)  # Mistral's, or Qwen2's / Qwen3's when use_sliding_window is on
     if window and window < positions:
         # thinkfast attends to every position, which equals a sliding window up to the window's length: so the
         # model's context stops there (the engine then refuses longer prompts and ends samples at it)
@@ -67,6 +68,7 @@ def model_config_from_hf(hf_cfg, where: str = "teacher") -> ModelConfig:
         max_position_embeddings=positions,
         tie_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
         qkv_bias=mt == "qwen2",
+        qk_norm=mt == "qwen3",
         attn_layers=list(range(n_layers)),
     )
 
@@ -179,7 +181,7 @@ def checkpoint_source(spec: str, role: str = "teacher") -> tuple[str, dict]:
 
 def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device=None,
                  role: str = "teacher"):
-    """Returns (model, tokenizer or None). The model is an HF Llama / Mistral / Qwen2 model, or a ThinkfastForCausalLM
+    """Returns (model, tokenizer or None). The model is an HF Llama / Mistral / Qwen2 / Qwen3 model, or a ThinkfastForCausalLM
     for a thinkfast all-attention checkpoint. Weights load from safetensors; remote code only when asked.
     `role` names the model in error messages as the user gave it (teacher, --model, --student, backbone ...)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -217,7 +219,7 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, tr
 def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None, where: str = "--model",
                    trust_remote_code: bool = False):
     """(ThinkfastForCausalLM, tokenizer or None) from a thinkfast folder of any role, or from anything
-    `load_teacher` reads (HF Llama-family folder (Llama, Mistral, Qwen2), .gguf, hub id), converted to an all-attention thinkfast model."""
+    `load_teacher` reads (HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3), .gguf, hub id), converted to an all-attention thinkfast model."""
     from transformers import AutoTokenizer
 
     from .hf import ThinkfastForCausalLM

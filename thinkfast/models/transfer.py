@@ -1,7 +1,8 @@
 """Teacher -> student weights: Llamba (every mixer Mamba-2) or hybrid (attention kept at `attn_layers`).
 
 Mamba mixers start from their layer's attention (MambaInLlama): x <- W_V, B <- W_K, C <- W_Q, out_proj <- W_O
-(and the q, k, v biases of a Qwen2 teacher likewise), identity conv, D = 0. Embeddings, norms, MLPs and head are copied.
+(and the q, k, v biases of a Qwen2 teacher likewise; a Qwen3 teacher's q and k norms become C's and B's), identity
+conv, D = 0. Embeddings, norms, MLPs and head are copied.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def from_teacher(
         ssm_param = "discrete" if kind == "llamba" else "mamba2"
     if d_state is not None and d_state < tcfg.hd:
         raise ConfigError(f"d_state={d_state} is below the teacher's head size {tcfg.hd}; B and C could not hold K and Q")
+    if d_state is not None and d_state != tcfg.hd and tcfg.qk_norm and kind != "teacher":
+        raise ConfigError(f"d_state={d_state}: this teacher normalises q and k over its head size ({tcfg.hd}); a student "
+                          "normalising B and C the same way needs d_state equal to it (drop --d-state)")
     scfg = tcfg.replace(attn_layers=layers, ssm_param=ssm_param, ssm_kv_heads=ssm_kv_heads, d_conv=d_conv, d_state=d_state)
 
     torch.manual_seed(seed)
@@ -103,6 +107,9 @@ def from_teacher(
                     student.lm.layers[i].mixer, sd[p + "q_proj.weight"], sd[p + "k_proj.weight"], sd[p + "v_proj.weight"], sd[p + "o_proj.weight"], tcfg.n_kv_heads,
                     biases,
                 )
+                if tcfg.qk_norm:  # q's and k's norms become C's and B's
+                    student.lm.layers[i].mixer.c_norm.weight.copy_(sd[p + "q_norm.weight"])
+                    student.lm.layers[i].mixer.b_norm.weight.copy_(sd[p + "k_norm.weight"])
     return student.eval()
 
 
