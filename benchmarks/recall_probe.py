@@ -66,17 +66,19 @@ def batch(rng, style, size, terms, filler):
     return ids, mask
 
 
-def build(arch: str, ssm_init: str = "default"):
+def build(arch: str, ssm_init: str = "default", ssm_heads: int = 6):
     import torch
 
     from thinkfast.distill.toy import random_model, tiny_config
     from thinkfast.models import from_teacher
 
-    cfg = tiny_config(VOCAB, d_model=192, n_layers=4, n_heads=6, n_kv_heads=3, d_mlp=512)
+    heads = ssm_heads if arch == "mamba" else 6
+    cfg = tiny_config(VOCAB, d_model=192, n_layers=4, n_heads=heads, n_kv_heads=heads // 2, d_mlp=512)
     model = random_model(cfg, seed=0)
     if arch == "mamba":
         torch.manual_seed(0)
-        model = from_teacher(model, kind="llamba", ssm_param="mamba2", init_from_attention=False)
+        # more heads of a smaller size, the state kept at 6 x 32 x 32 per layer: more independent decays
+        model = from_teacher(model, kind="llamba", ssm_param="mamba2", init_from_attention=False, d_state=32)
         if ssm_init != "default":
             long_memory_init(model, tie_bc=ssm_init == "mimetic")
     return model
@@ -105,14 +107,15 @@ def long_memory_init(model, tie_bc: bool):
                     w[c0 + h * m.N: c0 + (h + 1) * m.N] = w[src: src + m.N]
 
 
-def run(spec: str, ssm_init: str, steps: int, batch_size: int, lr: float, terms: int, filler: int, seed: int) -> dict:
+def run(spec: str, ssm_init: str, steps: int, batch_size: int, lr: float, terms: int, filler: int, seed: int,
+        ssm_heads: int = 6) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(1)
     arch, style = spec.split(":")
-    model = build(arch, ssm_init)
+    model = build(arch, ssm_init, ssm_heads)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -145,7 +148,8 @@ def run(spec: str, ssm_init: str, steps: int, batch_size: int, lr: float, terms:
             right += per_digit.all(-1).float().sum(0).numpy()
             n += ids.shape[0]
     by_term = (right / n).round(3).tolist()
-    return {"run": spec, "ssm_init": ssm_init if arch == "mamba" else "", "arch": arch, "style": style, "steps": steps, "batch": batch_size, "lr": lr, "terms": terms,
+    return {"run": spec, "ssm_init": ssm_init if arch == "mamba" else "", "ssm_heads": ssm_heads if arch == "mamba" else None,
+            "arch": arch, "style": style, "steps": steps, "batch": batch_size, "lr": lr, "terms": terms,
             "filler": filler, "tokens": steps * batch_size * (ids.shape[1] - 1), "seconds": round(seconds),
             "final_loss": curve[-1]["loss"], "curve": curve, "exact_by_term": by_term,
             "exact": round(float(right.sum() / (n * terms)), 3)}
@@ -162,6 +166,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ssm-init", choices=("default", "long", "mimetic"), default="default",
                     help="Mamba-2 init: Mamba-2's own; long: decay near 1 (A in [0.01, 0.1]); mimetic: long and C = B")
+    ap.add_argument("--ssm-heads", type=int, default=6,
+                    help="Mamba heads per layer (head size 192 / H, state size kept at 32 per head row: 6 is the demo's shape)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/recall_probe-latest")
     args = ap.parse_args()
@@ -174,9 +180,10 @@ def main():
             ap.error(f"--runs {s!r}: use ARCH:STYLE with ARCH attention|mamba and STYLE next|indexed|keyed")
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run, specs, *([x] * len(specs) for x in (args.ssm_init, args.steps, args.batch, args.lr, args.terms,
-                                                                          args.filler, args.seed))))
+                                                                          args.filler, args.seed, args.ssm_heads))))
     lines = [f"Command: `python benchmarks/recall_probe.py --runs {args.runs} --steps {args.steps} --batch {args.batch} "
-             f"--lr {args.lr} --terms {args.terms} --filler {args.filler} --ssm-init {args.ssm_init} --jobs {args.jobs}` "
+             f"--lr {args.lr} --terms {args.terms} --filler {args.filler} --ssm-init {args.ssm_init} --ssm-heads {args.ssm_heads} "
+             f"--jobs {args.jobs}` "
              "(one thread per run)", "",
              "| model | addressing | tokens | final loss | exact (all terms) | exact by term 1..N | seconds |",
              "|---|---|---:|---:|---:|---|---:|"]
