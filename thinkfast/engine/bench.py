@@ -129,7 +129,7 @@ class Checkpoint:
 
 
 def probe_checkpoint(spec: str, name: str | None = None) -> Checkpoint:
-    """Role and positions of anything `load_thinkfast` reads (thinkfast folder of any role, HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3),
+    """Role and positions of anything `load_thinkfast` reads (thinkfast folder of any role, HF Llama-family folder,
     .gguf file, hub id) from its config alone, refusing in one line what that loader would refuse."""
     from transformers import AutoConfig
 

@@ -32,9 +32,9 @@ GradeFn = Callable[[list[str], list[str], list[str]], list]
 
 
 def load_for_sampling(spec: str, device=None, dtype: torch.dtype = torch.float32):
-    """(ThinkfastForCausalLM, tokenizer, name) from a thinkfast checkpoint folder (any role), an HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3),
-    a .gguf file or a hub id. Llama teachers are converted to all-attention thinkfast models, so the teacher and
-    its students run in the same engine."""
+    """(ThinkfastForCausalLM, tokenizer, name) from a thinkfast checkpoint folder (any role), an HF Llama-family
+    folder (Llama, Mistral, Qwen2, Qwen3), a .gguf file or a hub id. Llama-family teachers are converted to
+    all-attention thinkfast models, so the teacher and its students run in the same engine."""
     from ..models.teacher import load_thinkfast
 
     model, tok = load_thinkfast(spec, dtype=dtype, device=device, where="--model")

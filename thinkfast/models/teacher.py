@@ -1,5 +1,6 @@
-"""Load a Llama-family teacher (Llama, Mistral, Qwen2, Qwen3): an HF checkpoint folder (config.json + safetensors), a GGUF file, a hub id,
-or a thinkfast checkpoint whose layers are all attention (the embedded teacher)."""
+"""Load a Llama-family teacher (Llama, Mistral, Qwen2, Qwen3): an HF checkpoint folder (config.json +
+safetensors), a GGUF file, a hub id, or a thinkfast checkpoint whose layers are all attention (the embedded
+teacher)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def model_config_from_hf(hf_cfg, where: str = "teacher") -> ModelConfig:
         raise ConfigError(
             f"{where}: model_type {mt!r} is not Llama-family; thinkfast distils Llama-architecture teachers ({SUPPORTED})"
         )
-    for flag, what in (("attention_bias", "an o_proj bias"), ("mlp_bias", "MLP biases")):
+    for flag, what in (("attention_bias", "o_proj bias"), ("mlp_bias", "MLP biases")):
         if getattr(hf_cfg, flag, False):
             raise ConfigError(f"{where}: {flag}=True is not supported; thinkfast's layers have no {what} "
                               "(only Qwen2's q, k, v biases)")
@@ -181,9 +182,10 @@ def checkpoint_source(spec: str, role: str = "teacher") -> tuple[str, dict]:
 
 def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device=None,
                  role: str = "teacher"):
-    """Returns (model, tokenizer or None). The model is an HF Llama / Mistral / Qwen2 / Qwen3 model, or a ThinkfastForCausalLM
-    for a thinkfast all-attention checkpoint. Weights load from safetensors; remote code only when asked.
-    `role` names the model in error messages as the user gave it (teacher, --model, --student, backbone ...)."""
+    """Returns (model, tokenizer or None). The model is an HF Llama / Mistral / Qwen2 / Qwen3 model, or a
+    ThinkfastForCausalLM for a thinkfast all-attention checkpoint. Weights load from safetensors; remote code
+    only when asked. `role` names the model in error messages as the user gave it (teacher, --model, --student,
+    backbone ...)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .hf import ThinkfastForCausalLM
@@ -219,7 +221,7 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, tr
 def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None, where: str = "--model",
                    trust_remote_code: bool = False):
     """(ThinkfastForCausalLM, tokenizer or None) from a thinkfast folder of any role, or from anything
-    `load_teacher` reads (HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3), .gguf, hub id), converted to an all-attention thinkfast model."""
+    `load_teacher` reads (HF Llama-family folder, .gguf, hub id), converted to an all-attention thinkfast model."""
     from transformers import AutoTokenizer
 
     from .hf import ThinkfastForCausalLM
