@@ -41,6 +41,15 @@ def test_qwen2_biases_and_qwen3_norms_are_read():
             assert (model(ids).logits - ref).abs().max() > 1e-2
 
 
+def _x_b_c_at_init(mixer, x):
+    """A fresh mixer's per-head x, B and C for input x, its (identity) conv's output taken before any activation."""
+    with torch.no_grad():
+        _, xBC, dt_raw = mixer._split(mixer.in_proj(x))
+        pre_activation = mixer.conv1d(xBC.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        xh, _, B, C, _ = mixer._heads(pre_activation, dt_raw)
+    return xh, B, C
+
+
 @pytest.mark.parametrize("changes", [{}, {"ssm_kv_heads": 8}, {"d_state": 16}])
 def test_mamba_mixers_take_q_k_v_with_their_biases(changes):
     """At init a Mamba mixer's C, B and x are its attention's q, k and v, biases included, per head block."""
@@ -49,10 +58,8 @@ def test_mamba_mixers_take_q_k_v_with_their_biases(changes):
     x = torch.randn(1, 6, 64)
     for i, layer in enumerate(student.layers):
         att, mixer = teacher.model.layers[i].self_attn, layer.mixer
+        xh, B, C = _x_b_c_at_init(mixer, x)
         with torch.no_grad():
-            _, xBC, dt_raw = mixer._split(mixer.in_proj(x))
-            pre_activation = mixer.conv1d(xBC.transpose(1, 2))[..., :6].transpose(1, 2)  # identity conv at init
-            xh, _, B, C, _ = mixer._heads(pre_activation, dt_raw)
             q, k, v = att.q_proj(x).view(1, 6, 8, 8), att.k_proj(x).view(1, 6, 2, 8), att.v_proj(x).view(1, 6, 2, 8)
         for h in range(8):
             torch.testing.assert_close(C[:, :, h, :8], q[:, :, h])
@@ -60,22 +67,21 @@ def test_mamba_mixers_take_q_k_v_with_their_biases(changes):
             torch.testing.assert_close(xh[:, :, h], v[:, :, h // 4])
         z_and_dt = torch.cat([mixer.in_proj.bias[: mixer.d_inner], mixer.in_proj.bias[-mixer.H:]])
         assert z_and_dt.abs().max() == 0  # only the parts that came from attention carry a bias
-    assert tiny_llama() and not from_teacher(tiny_llama(), kind="llamba").lm.cfg.qkv_bias  # Llama: no bias anywhere
-    assert from_teacher(tiny_llama(), kind="llamba").lm.layers[0].mixer.in_proj.bias is None
+    llama_student = from_teacher(tiny_llama(), kind="llamba").lm  # from Llama: no bias anywhere
+    assert not llama_student.cfg.qkv_bias and llama_student.layers[0].mixer.in_proj.bias is None
 
 
 @pytest.mark.parametrize("changes", [{"ssm_kv_heads": None}, {"ssm_kv_heads": 8}])
 def test_mamba_mixers_take_q_and_k_norms_as_c_and_b_norms(changes):
-    """From a Qwen3 teacher, C and B are normalised per head with q's and k's norm weights: with the discrete SSM
-    (no activation after the identity conv) they equal the teacher's normalised q and k at init."""
+    """From a Qwen3 teacher, C and B are normalised per head with q's and k's norm weights: at init (identity conv,
+    before the activation Mamba-2's parameterisation adds) they equal the teacher's normalised q and k."""
     teacher = tiny_qwen3()
-    student = from_teacher(teacher, kind="llamba", ssm_param="discrete", **changes).lm
+    student = from_teacher(teacher, kind="llamba", ssm_param="mamba2", **changes).lm
     x = torch.randn(1, 6, 64)
     for i, layer in enumerate(student.layers):
         att, mixer = teacher.model.layers[i].self_attn, layer.mixer
+        _, B, C = _x_b_c_at_init(mixer, x)
         with torch.no_grad():
-            _, xBC, dt_raw = mixer._split(mixer.in_proj(x))
-            _, _, B, C, _ = mixer._heads(mixer._conv_seq(xBC, 6), dt_raw)
             q = att.q_norm(att.q_proj(x).view(1, 6, 8, 16))
             k = att.k_norm(att.k_proj(x).view(1, 6, 2, 16))
         torch.testing.assert_close(C, q)
