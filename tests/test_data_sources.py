@@ -57,6 +57,58 @@ def test_jsonl_field_mapping(tmp_path):
     assert all(p.meta == {} for p in probs)  # every field was mapped
 
 
+R1_ROWS = [  # the shape of reasoning-trace datasets: chains kept in a list of generations, or in chat turns
+    {"problem": "What is 2+3?", "answer": "5", "generations": ["<think>2+3=5</think> \\boxed{5}", "other"],
+     "messages": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "2+3 = 5"}], "level": 1},
+    {"problem": "What is 4+4?", "answer": "8", "generations": ["<think>4+4=8</think> \\boxed{8}"],
+     "messages": [{"role": "user", "content": "What is 4+4?"}, {"role": "assistant", "content": "4+4 = 8"}], "level": 2},
+]
+
+
+def test_dotted_fields_read_into_lists_and_records(tmp_path):
+    path = tmp_path / "r1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in R1_ROWS))
+    probs = load_problems(f"jsonl:{path}?question=problem&answer=answer&solution=generations.0")
+    assert [p.solution for p in probs] == ["<think>2+3=5</think> \\boxed{5}", "<think>4+4=8</think> \\boxed{8}"]
+    assert [p.meta for p in probs] == [{"level": 1}, {"level": 2}]
+    probs = load_problems(f"jsonl:{path}?question=messages.0.content&answer=answer&solution=messages.-1.content")
+    assert [(p.question, p.solution) for p in probs] == [("What is 2+3?", "2+3 = 5"), ("What is 4+4?", "4+4 = 8")]
+    # a path that runs off a row is that row's error, naming it (generations.1 exists in the first row only)
+    with pytest.raises(DataError, match=r"r1.jsonl:2: no field 'generations.1'") as e:
+        load_problems(f"jsonl:{path}?question=problem&answer=answer&solution=generations.1")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="no field 'solutoin'"):  # a named solution field is checked like the others
+        load_problems(f"jsonl:{path}?question=problem&answer=answer&solution=solutoin")
+
+
+class _FakeDataset(list):
+    """What `hf:` reads of a `datasets.Dataset`: rows as dicts, and `column_names`."""
+
+    @property
+    def column_names(self):
+        return list(self[0])
+
+
+def test_hf_spec_maps_fields_and_names_missing_columns(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda ds_id, config, split: calls.append((ds_id, config, split)) or _FakeDataset(R1_ROWS)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    probs = load_problems("hf:open-r1/OpenR1-Math-220k:default:train?solution=generations.0&limit=1")
+    assert calls == [("open-r1/OpenR1-Math-220k", "default", "train")]
+    assert [(p.id, p.question, p.answer, p.kind, p.solution) for p in probs] == [
+        ("open-r1/OpenR1-Math-220k:train:0", "What is 2+3?", "5", "math", "<think>2+3=5</think> \\boxed{5}")]
+    assert load_problems("hf:some/data:train")[1].solution is None  # no solution column, none named: no solution
+    for spec, column in [("hf:some/data:train?question=prompt", "prompt"), ("hf:some/data:train?solution=trace.0", "trace")]:
+        with pytest.raises(DataError, match=f"the dataset has no column '{column}' \\(columns: problem, answer, "
+                                            "generations, messages, level\\)") as e:
+            load_problems(spec)
+        assert "\n" not in str(e.value)
+
+
 def test_jsonl_keeps_its_other_plain_fields_for_reports(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"question": "1+1?", "answer": "2", "level": 3, "topic": "sums", "steps": [1, 2]}) + "\n")

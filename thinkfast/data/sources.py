@@ -2,12 +2,14 @@
 
   gsm8k:PATH                                 GSM8K jsonl (`question`, `answer` ending in `#### N`)
   math:PATH                                  MATH jsonl (`problem`, `answer`, optional `solution`)
-  jsonl:PATH?question=FIELD&answer=FIELD     any jsonl (`solution=FIELD`, `kind=number|gsm8k|math` optional)
+  jsonl:PATH?question=FIELD&answer=FIELD     any jsonl (`solution=FIELD`, `kind=number|gsm8k|math` optional; a
+                                             FIELD may be a dotted path into lists and records: generations.0)
   rg:NAME?size=N&seed=S&KEY=VALUE...         a reasoning-gym generator (extra keys go to its config; sums take
                                              `worked=columns|left|running`, the style of their worked solutions;
                                              `max_chars=N` leaves out items whose question + worked solution
                                              run longer; worked solutions: sums, gcd, and any `answer_cot`)
-  hf:ID[:CONFIG]:SPLIT                       a Hugging Face dataset (needs `datasets` and the network)
+  hf:ID[:CONFIG]:SPLIT                       a Hugging Face dataset (needs `datasets` and the network; fields as
+                                             for jsonl)
   text:PATH                                  plain text (distillation data only; no answers)
 
 Every spec also takes `offset=N` and `limit=N` to select a slice of problems. Any other key is refused: a typo
@@ -160,10 +162,38 @@ def _read_jsonl(s: DataSpec) -> list[dict]:
     return rows
 
 
+_MISSING = object()
+
+
+def _lookup(row, path: str):
+    """A field by name, or by a dotted path into nested records and lists (`generations.0`,
+    `messages.1.content`): reasoning datasets keep their chains in lists of generations or chat turns."""
+    value = row
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
 def _field(row: dict, name: str, s: DataSpec, n: int):
-    if name not in row:
-        raise DataError(f"{s.target}:{n}: no field {name!r} (fields: {sorted(row)}); map fields with ?question=...&answer=...")
-    return row[name]
+    value = _lookup(row, name)
+    if value is _MISSING:
+        raise DataError(f"{s.target}:{n}: no field {name!r} (fields: {sorted(row)}); map fields with ?question=...&answer=... "
+                        "(a dotted path such as generations.0 or messages.1.content reads into lists and records)")
+    return value
+
+
+def _solution_field(row: dict, name: str | None, s: DataSpec, n: int) -> str | None:
+    """The worked solution when the spec names one: a named field missing from a row is an error (a typo would
+    otherwise train on nothing), an empty or null one is no solution."""
+    if not name:
+        return None
+    value = _field(row, name, s, n)
+    return CALCULATOR_MARK.sub("", str(value)) if value else None
 
 
 def gsm8k_final_answer(answer_text: str) -> str:
@@ -206,10 +236,12 @@ def _jsonl(s: DataSpec) -> list[Problem]:
     stem = Path(s.target).stem
     out = []
     for n, row in enumerate(_read_jsonl(s), 1):
-        pid = str(row[idf]) if idf and idf in row else f"{stem}:{n - 1}"
-        solution = CALCULATOR_MARK.sub("", row[sol]) if sol and row.get(sol) else None
+        pid = _lookup(row, idf) if idf else _MISSING
+        pid = f"{stem}:{n - 1}" if pid is _MISSING else str(pid)
+        solution = _solution_field(row, sol, s, n)
         # the row's other plain fields (a difficulty level, a topic) stay with the problem: reports group by them
-        meta = {k: v for k, v in row.items() if k not in (q, a, sol, idf) and isinstance(v, (str, int, float, bool))}
+        used = {name.split(".")[0] for name in (q, a, sol, idf) if name}
+        meta = {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))}
         out.append(Problem(pid, str(_field(row, q, s, n)), str(_field(row, a, s, n)), kind, solution, meta))
     return out
 
@@ -330,14 +362,22 @@ def _hf(s: DataSpec) -> list[Problem]:
         rows = datasets.load_dataset(ds_id, config, split=split)
     except Exception as e:
         raise DataError(f"data spec {s.text!r}: could not load ({str(e).splitlines()[0][:200]}); is the network up?") from None
-    q = s.params.get("question") or ("question" if "question" in rows.column_names else "problem")
+    columns = list(rows.column_names)
+    q = s.params.get("question") or ("question" if "question" in columns else "problem")
     a = s.params.get("answer", "answer")
     kind = _kind(s, "gsm8k" if "gsm8k" in ds_id.lower() else "math")
+    # a `solution` column is read when present; one the spec names must be there
+    sol = s.params.get("solution") or ("solution" if "solution" in columns else None)
+    for name in (q, a, sol):
+        if name and name.split(".")[0] not in columns:
+            raise DataError(f"data spec {s.text!r}: the dataset has no column {name.split('.')[0]!r} (columns: "
+                            f"{', '.join(columns)}); map them with ?question=...&answer=...&solution=...")
     out = []
     for i, row in enumerate(rows):
-        gold = gsm8k_final_answer(row[a]) if kind == "gsm8k" else str(row[a])
-        sol = CALCULATOR_MARK.sub("", row[a]) if kind == "gsm8k" else row.get(s.params.get("solution", "solution"))
-        out.append(Problem(f"{ds_id}:{split}:{i}", row[q], gold, kind, sol))
+        answer = str(_field(row, a, s, i + 1))
+        gold = gsm8k_final_answer(answer) if kind == "gsm8k" else answer
+        solution = CALCULATOR_MARK.sub("", answer) if kind == "gsm8k" else _solution_field(row, sol, s, i + 1)
+        out.append(Problem(f"{ds_id}:{split}:{i}", str(_field(row, q, s, i + 1)), gold, kind, solution))
     return out
 
 
