@@ -182,3 +182,32 @@ def test_a_qwen_teacher_through_distill_save_load_sample_and_bench(make, tmp_pat
                  "--out", str(tmp_path / "bench.md"), "--json", str(results)]) == 0
     rows = json.loads(results.read_text())
     assert [(r["model"], r["engine"]) for r in rows] == [("qwen", "thinkfast"), ("qwen-hf", "hf"), ("hybrid", "thinkfast")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("make", [tiny_qwen2, tiny_qwen3])
+@pytest.mark.parametrize("kind", ["teacher", "hybrid", "llamba"])
+@torch.no_grad()
+def test_cuda_graph_step_with_biases_and_norms_equals_model_step(make, kind):
+    from thinkfast.engine.decode import CudaGraphStep, compile_ssm_update
+
+    lm = from_teacher(make(), kind=kind, ssm_param="mamba2").lm.cuda()
+    prompts = [torch.randint(0, 101, (n,)).tolist() for n in (5, 17, 9)]
+    ref_state, fast_state = lm.allocate_state(3, 256), engine_state(lm, 3, 256)
+    for r, ids in enumerate(prompts):
+        one = lm.allocate_state(1, len(ids))
+        lm(torch.tensor([ids], device="cuda"), state=one)
+        for st in (ref_state, fast_state):
+            st.copy_rows_(torch.tensor([r], device="cuda"), one, torch.tensor([0], device="cuda"), len(ids))
+    graphs = CudaGraphStep(DecodeStep(lm, fast_state, compile_ssm_update()), 3, bucket=128)
+    snapshot = [[t.clone() for t in vars(c).values()] for c in fast_state.caches]
+    graphs.capture_all()  # capturing runs the step: put the state back
+    for c, old in zip(fast_state.caches, snapshot):
+        for t, o in zip(vars(c).values(), old):
+            t.copy_(o)
+    pos, tok = torch.tensor([len(p) for p in prompts], device="cuda"), torch.randint(0, 101, (3,), device="cuda")
+    for _ in range(4):
+        ref = lm.step(tok, pos, ref_state)
+        torch.testing.assert_close(graphs(tok, pos, int(pos.max()) + 1), ref, rtol=1e-4, atol=1e-4)
+        tok, pos = ref.argmax(-1), pos + 1
