@@ -48,6 +48,29 @@ def test_render_example_is_prompt_plus_completion(chat_tok):
         assert grade(completion, p.answer, p.kind)  # the SFT target carries a gradable final answer
 
 
+# the shape of DeepSeek-R1-Distill's template: assistant turns in the history lose their <think> part, and the
+# generation prompt opens the turn with "<think>\n" itself
+R1_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}{% else %}"
+               "{% set c = m['content'] %}{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+               "<|Assistant|>{{ c }}<|end_of_sentence|>{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}")
+
+
+def test_a_template_that_opens_the_thinking_gets_the_trace_once():
+    """SFT on a reasoning trace with an R1-style template: the completion continues the prompt as sampling sees
+    it (no second <think>, the thinking kept), then the template's own end of turn."""
+    tok = build_byte_tokenizer()
+    tok.chat_template = R1_TEMPLATE
+    trace = Problem("r:0", "What is 2+3?", "5", "math", "<think>\n2 plus 3 is 5.\n</think>\n\nThe sum is $\\boxed{5}$.")
+    prompt, completion = render_example(trace, tok, PromptStyle(instruction="none"))
+    assert prompt == "<|User|>What is 2+3?<|Assistant|><think>\n"
+    assert completion == "2 plus 3 is 5.\n</think>\n\nThe sum is $\\boxed{5}$.<|end_of_sentence|>"
+    assert grade(completion, "5", "math")
+    # a solution without a <think> of its own is kept whole
+    plain = Problem("r:1", "What is 2+3?", "5", "math", "2 plus 3 is 5, so $\\boxed{5}$.")
+    assert render_example(plain, tok, PromptStyle(instruction="none"))[1] == "2 plus 3 is 5, so $\\boxed{5}$.<|end_of_sentence|>"
+
+
 def test_solution_text_formats_are_gradable():
     _need = SHARED_DATA / "math500_test.jsonl"
     if not _need.is_file():

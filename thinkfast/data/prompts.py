@@ -94,13 +94,33 @@ def render_example(problem: Problem, tokenizer=None, style: PromptStyle | None =
     prompt = render_prompt(problem, tokenizer, style)
     completion = solution_text(problem, style)
     if style.chat and has_chat_template(tokenizer):
-        full = tokenizer.apply_chat_template(
-            messages_for(problem, style) + [{"role": "assistant", "content": completion}], tokenize=False
-        )
+        messages = messages_for(problem, style)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
         if full.startswith(prompt):  # the template's own end-of-turn marker follows the answer
             return prompt, full[len(prompt):]
+        # a template that rewrites an assistant turn (R1-style ones drop its <think> part from the history) and
+        # opens the turn with `<think>` itself: the solution continues the prompt as sampling would see it, without
+        # a second <think>, then the template's end of turn
+        return prompt, _after_opened_think(prompt, completion) + _end_of_turn(tokenizer, messages)
     eos = getattr(tokenizer, "eos_token", None) or ""
     return prompt, " " + completion + eos
+
+
+_TURN_MARK = "\u2063thinkfast-end-of-turn\u2063"  # text no template rewrites: what follows it ends a turn
+
+
+def _end_of_turn(tokenizer, messages: list[dict]) -> str:
+    """What the chat template writes after an assistant message's content (its end-of-turn token and spacing)."""
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _TURN_MARK}], tokenize=False)
+    at = full.rfind(_TURN_MARK)
+    return full[at + len(_TURN_MARK):] if at >= 0 else getattr(tokenizer, "eos_token", None) or ""
+
+
+def _after_opened_think(prompt: str, completion: str) -> str:
+    """The completion without its opening `<think>` when the prompt already ends with one."""
+    if re.search(r"<think>\s*$", prompt) and completion.lstrip().startswith("<think>"):
+        return completion.lstrip()[len("<think>"):].lstrip()
+    return completion
 
 
 def few_shot_examples(source, k: int, seed: int = 0, exclude=()) -> list[Problem]:
