@@ -102,6 +102,8 @@ def test_hf_spec_maps_fields_and_names_missing_columns(monkeypatch):
     assert [(p.id, p.question, p.answer, p.kind, p.solution) for p in probs] == [
         ("open-r1/OpenR1-Math-220k:train:0", "What is 2+3?", "5", "math", "<think>2+3=5</think> \\boxed{5}")]
     assert load_problems("hf:some/data:train")[1].solution is None  # no solution column, none named: no solution
+    (second,) = load_problems("hf:some/data:train?offset=1&limit=5")  # sliced as a file is: ids keep their index
+    assert (second.id, second.question) == ("some/data:train:1", "What is 4+4?")
     for spec, column in [("hf:some/data:train?question=prompt", "prompt"), ("hf:some/data:train?solution=trace.0", "trace")]:
         with pytest.raises(DataError, match=f"the dataset has no column '{column}' \\(columns: problem, answer, "
                                             "generations, messages, level\\)") as e:

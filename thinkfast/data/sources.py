@@ -124,6 +124,8 @@ def load_problems(spec: str) -> list[Problem]:
     loader = {"gsm8k": _gsm8k, "math": _math, "jsonl": _jsonl, "rg": _reasoning_gym, "hf": _hf, "text": _text}[s.scheme]
     offset, limit = s.slice_params()  # before loading: a typo fails before a big file is read
     problems = loader(s)
+    if s.scheme == "hf":  # sliced while reading: a trace dataset's rows are too many to turn into problems first
+        return problems
     return problems[offset: None if limit is None else offset + limit]
 
 
@@ -372,8 +374,11 @@ def _hf(s: DataSpec) -> list[Problem]:
         if name and name.split(".")[0] not in columns:
             raise DataError(f"data spec {s.text!r}: the dataset has no column {name.split('.')[0]!r} (columns: "
                             f"{', '.join(columns)}); map them with ?question=...&answer=...&solution=...")
+    offset, limit = s.slice_params()
+    end = len(rows) if limit is None else min(len(rows), offset + limit)
     out = []
-    for i, row in enumerate(rows):
+    for i in range(offset, end):  # ids keep the row's index in the split, as a sliced file's do
+        row = rows[i]
         answer = str(_field(row, a, s, i + 1))
         gold = gsm8k_final_answer(answer) if kind == "gsm8k" else answer
         solution = CALCULATOR_MARK.sub("", answer) if kind == "gsm8k" else _solution_field(row, sol, s, i + 1)
