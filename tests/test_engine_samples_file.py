@@ -633,3 +633,53 @@ def test_bad_few_shot_options_are_one_line(setup, tmp_path, capsys, extra, needl
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# Qwen3's switch, in the shape of its template: with enable_thinking false the turn opens with an empty thinking block
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                     "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_chat_template_kwargs_reach_the_template_and_the_configuration(setup, tmp_path, capsys):
+    import shutil
+
+    root, spec = setup
+    model = tmp_path / "thinking"
+    shutil.copytree(root / "hybrid", model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = THINKING_TEMPLATE
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in model.glob("chat_template.*"):
+        f.unlink()  # the template above is the only one
+    args = lambda out, *extra: ["sample", "--model", str(model), *_args(root, spec, out, *extra)[3:]]  # noqa: E731
+    on, off = tmp_path / "on.jsonl", tmp_path / "off.jsonl"
+    assert main(args(on)) == 0
+    assert main(args(off, "--chat-template-kwargs", '{"enable_thinking": false}')) == 0
+    first_on, *_ = rows = [json.loads(line) for line in on.read_text().splitlines()]
+    rows_on = {r["problem_id"]: r for r in rows}
+    rows_off = [json.loads(line) for line in off.read_text().splitlines()]
+    assert rows_off[0]["sampling"]["prompt"]["template_kwargs"] == {"enable_thinking": False}
+    assert "template_kwargs" not in first_on["sampling"]["prompt"]  # unset: older files keep their hash
+    for r in rows_off:  # every prompt grew by the empty thinking block, 19 bytes
+        assert r["prompt_tokens"] == rows_on[r["problem_id"]]["prompt_tokens"] + len("<think>\n\n</think>\n\n")
+    before = off.read_bytes()
+    capsys.readouterr()
+    assert main(args(off, "--chat-template-kwargs", '{"enable_thinking": true}')) == 2  # another prompt: refused
+    assert "template_kwargs" in capsys.readouterr().err and off.read_bytes() == before
+    assert main(args(off, "--chat-template-kwargs", '{"enable_thinking": false}')) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--chat-template-kwargs", "enable_thinking=false"], "not JSON"),
+    (["--chat-template-kwargs", "[1, 2]"], "a JSON object is needed"),
+    (["--chat-template-kwargs", '{"enable_thinking": false}', "--no-chat"], "with --no-chat"),
+])
+def test_bad_chat_template_kwargs_are_one_line(setup, tmp_path, capsys, extra, needle):
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -44,6 +44,9 @@ def add_parsers(sub) -> None:
                    "model's config.json declares, e.g. none for the embedded models; else auto)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-chat", action="store_true", help="plain 'Question: ... Answer:' prompts even when the tokenizer has a chat template")
+    p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help="extra variables for the chat template, a JSON object, e.g. '{\"enable_thinking\": false}' "
+                   "(Qwen3 without its thinking); part of the samples file's configuration")
     p.add_argument("--few-shot", type=int, default=0, metavar="K",
                    help="show K worked examples before each question (chat turns, or Question/Answer blocks with "
                    "--no-chat), drawn from --few-shot-data (default 0)")
@@ -143,12 +146,14 @@ def cmd_sample(args) -> int:
 
     from ..data import load_problems
 
+    template_kwargs = _template_kwargs(args)
     problems = load_problems(args.data)  # once, here: grading needs every gold answer before a model loads
     examples = _few_shot(args, problems)
 
     def style(spec):
         instruction = args.instruction or declared_instruction(spec) or "auto"
-        return PromptStyle(instruction=instruction, system=args.system, chat=not args.no_chat, few_shot=examples)
+        return PromptStyle(instruction=instruction, system=args.system, chat=not args.no_chat, few_shot=examples,
+                           template_kwargs=template_kwargs)
 
     grade_fn = None
     if not args.no_grade:
@@ -175,6 +180,26 @@ def cmd_sample(args) -> int:
             print(f"{s.out}: wrote {s.written} samples ({s.skipped} already there), {st.gen_tokens:,} tokens in "
                   f"{st.wall_seconds:.1f} s of engine time ({st.tokens_per_second:,.0f} tok/s engine), config {s.config}")
     return 0
+
+
+def _template_kwargs(args) -> dict | None:
+    """--chat-template-kwargs as a dict: a JSON object with string keys, and only where a chat template is used."""
+    text = args.chat_template_kwargs
+    if text is None:
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--chat-template-kwargs {text!r}: not JSON ({e.msg}); give an object, e.g. "
+                          "'{\"enable_thinking\": false}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--chat-template-kwargs {text!r}: a JSON object is needed, e.g. '{{\"enable_thinking\": false}}'")
+    if args.no_chat:
+        raise ConfigError("--chat-template-kwargs with --no-chat: the variables are for the chat template, which "
+                          "--no-chat turns off; drop one of them")
+    return value or None
 
 
 def _few_shot(args, problems) -> list | None:

@@ -22,6 +22,8 @@ class PromptStyle:
     system: str | None = None
     few_shot: list[Problem] | None = None
     chat: bool = True  # use the tokenizer's chat template when it has one
+    # extra variables for the chat template, as vLLM's `chat_template_kwargs` (Qwen3: {"enable_thinking": false})
+    template_kwargs: dict | None = None
 
     def instruction_for(self, problem: Problem) -> str:
         key = self.instruction
@@ -80,7 +82,8 @@ def render_prompt(problem: Problem, tokenizer=None, style: PromptStyle | None = 
     """Text that precedes the model's answer (the assistant turn is opened, not closed)."""
     style = style or PromptStyle()
     if style.chat and has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages_for(problem, style), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages_for(problem, style), tokenize=False, add_generation_prompt=True,
+                                             **(style.template_kwargs or {}))
     parts = [style.system] if style.system else []
     for ex in style.few_shot or []:
         parts.append(f"Question: {user_message(ex, style)}\nAnswer: {solution_text(ex, style)}")
@@ -95,13 +98,14 @@ def render_example(problem: Problem, tokenizer=None, style: PromptStyle | None =
     completion = solution_text(problem, style)
     if style.chat and has_chat_template(tokenizer):
         messages = messages_for(problem, style)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False,
+                                             **(style.template_kwargs or {}))
         if full.startswith(prompt):  # the template's own end-of-turn marker follows the answer
             return prompt, full[len(prompt):]
         # a template that rewrites an assistant turn (R1-style ones drop its <think> part from the history) and
         # opens the turn with `<think>` itself: the solution continues the prompt as sampling would see it, without
         # a second <think>, then the template's end of turn
-        return prompt, _after_opened_think(prompt, completion) + _end_of_turn(tokenizer, messages)
+        return prompt, _after_opened_think(prompt, completion) + _end_of_turn(tokenizer, messages, style.template_kwargs)
     eos = getattr(tokenizer, "eos_token", None) or ""
     return prompt, " " + completion + eos
 
@@ -109,9 +113,10 @@ def render_example(problem: Problem, tokenizer=None, style: PromptStyle | None =
 _TURN_MARK = "\u2063thinkfast-end-of-turn\u2063"  # text no template rewrites: what follows it ends a turn
 
 
-def _end_of_turn(tokenizer, messages: list[dict]) -> str:
+def _end_of_turn(tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> str:
     """What the chat template writes after an assistant message's content (its end-of-turn token and spacing)."""
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _TURN_MARK}], tokenize=False)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _TURN_MARK}], tokenize=False,
+                                         **(template_kwargs or {}))
     at = full.rfind(_TURN_MARK)
     return full[at + len(_TURN_MARK):] if at >= 0 else getattr(tokenizer, "eos_token", None) or ""
 

@@ -173,6 +173,8 @@ def sample_config(model_spec: str, problems: list[Problem], n: int, params: Samp
     }
     if ssm_dtype != torch.float32:  # only when set: files from before the option keep their hash and resume
         config["ssm_state_dtype"] = str(ssm_dtype).removeprefix("torch.")
+    if style.template_kwargs:  # likewise
+        config["prompt"]["template_kwargs"] = dict(sorted(style.template_kwargs.items()))
     return config
 
 
