@@ -50,6 +50,25 @@ def _x_b_c_at_init(mixer, x):
     return xh, B, C
 
 
+def test_every_stop_token_of_the_generation_config_carries_over(tmp_path):
+    """Qwen2.5-Instruct names one end token in config.json and two in generation_config.json: a converted model
+    and its students stop on both, also once saved and loaded again."""
+    from transformers import GenerationConfig
+
+    from thinkfast.engine import stop_token_ids
+
+    teacher = tiny_qwen2()  # config.json: eos 2
+    teacher.generation_config = GenerationConfig(eos_token_id=[2, 7], bos_token_id=1)
+    teacher.save_pretrained(tmp_path / "qwen")
+    loaded, _ = load_teacher(tmp_path / "qwen")
+    for kind in ("teacher", "hybrid"):
+        model = from_teacher(loaded, kind=kind)
+        assert model.config.eos_token_id == [2, 7] and stop_token_ids(None, model) == {2, 7}
+        model.save_pretrained(tmp_path / kind)
+        assert stop_token_ids(None, ThinkfastForCausalLM.from_pretrained(tmp_path / kind)) == {2, 7}
+    assert from_teacher(tiny_qwen2(), kind="teacher").config.eos_token_id == 2  # one stop token stays an int
+
+
 @pytest.mark.parametrize("changes", [{}, {"ssm_kv_heads": 8}, {"d_state": 16}])
 def test_mamba_mixers_take_q_k_v_with_their_biases(changes):
     """At init a Mamba mixer's C, B and x are its attention's q, k and v, biases included, per head block."""

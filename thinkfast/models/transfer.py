@@ -31,7 +31,17 @@ def teacher_parts(teacher) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     hf = teacher.config
     # token ids, and the prompt style a model was trained with (the embedded teacher's), carry over to students
     extras = {k: getattr(hf, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "prompt_style")}
+    # and every stop token: HF checkpoints often list more in generation_config.json than in config.json
+    # (Qwen2.5-Instruct: <|im_end|> there, <|im_end|> and <|endoftext|> here); sampling stops on any of them
+    eos = _ids(extras["eos_token_id"])
+    eos += [i for i in _ids(getattr(getattr(teacher, "generation_config", None), "eos_token_id", None)) if i not in eos]
+    if len(eos) > 1:
+        extras["eos_token_id"] = eos
     return cfg, sd, extras
+
+
+def _ids(value) -> list[int]:
+    return [value] if isinstance(value, int) else [i for i in value or [] if isinstance(i, int)]
 
 
 def default_hybrid_layers(n_layers: int, fraction: float = 0.25) -> list[int]:
