@@ -282,3 +282,30 @@ def test_warnings_come_once_under_torchrun_from_rank_0(files, tmp_path, monkeypa
     finally:
         logger.setLevel(logging.NOTSET)
     assert sum("are cut" in r.getMessage() for r in caplog.records) == lines
+
+
+def test_chat_template_kwargs_from_a_recipe_table_or_the_flag_reach_the_prompts(tmp_path, capsys):
+    """`chat_template_kwargs` (a TOML table, or `--chat-template-kwargs JSON`) renders every training prompt with
+    those template variables: here Qwen3's switch, whose off state opens the answer with an empty thinking block."""
+    from conftest import THINKING_TEMPLATE
+
+    from thinkfast.data.packing import DataConfig, build_data
+    from thinkfast.data.tokenizer import build_byte_tokenizer
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('stages = ["sft"]\nchat_template_kwargs = { enable_thinking = false }\n[sft]\ntokens = 64\n')
+    plan = make_plan(load_recipe(str(recipe)), {}, "sft")
+    assert plan.data.template_kwargs == {"enable_thinking": False}
+    flag = make_plan(load_recipe(str(recipe)), {"chat_template_kwargs": '{"enable_thinking": true}'}, "sft")
+    assert flag.data.template_kwargs == {"enable_thinking": True}  # the flag overrides the recipe
+    tok = build_byte_tokenizer()
+    tok.chat_template = THINKING_TEMPLATE
+    spec = "rg:basic_arithmetic?size=3&seed=1"
+    on, off = (build_data(DataConfig(specs=[spec], pack=False, template_kwargs=kw), tok, 256).sources[0]
+               for kw in (None, {"enable_thinking": False}))
+    added = len("<think>\n\n</think>\n\n")
+    assert (off.real.sum(1) - on.real.sum(1)).tolist() == [added] * 3  # the same solutions, longer prompts
+    with pytest.raises(ConfigError, match="chat_template_kwargs .* is not JSON"):
+        make_plan(None, {"stages": "sft", "tokens": "64", "chat_template_kwargs": "enable_thinking=false"}, "sft")
+    with pytest.raises(ConfigError, match="with chat off"):
+        make_plan(None, {"stages": "sft", "tokens": "64", "chat": False, "chat_template_kwargs": '{"a": 1}'}, "sft")

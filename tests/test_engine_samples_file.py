@@ -635,14 +635,10 @@ def test_bad_few_shot_options_are_one_line(setup, tmp_path, capsys, extra, needl
     assert not out.exists()
 
 
-# Qwen3's switch, in the shape of its template: with enable_thinking false the turn opens with an empty thinking block
-THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
-                     "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
-
-
 def test_chat_template_kwargs_reach_the_template_and_the_configuration(setup, tmp_path, capsys):
     import shutil
+
+    from conftest import THINKING_TEMPLATE
 
     root, spec = setup
     model = tmp_path / "thinking"

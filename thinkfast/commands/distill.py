@@ -45,6 +45,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instruction", help="prompt instruction: auto | boxed | hash | none | literal text (default: the "
                    "recipe's, else the one the teacher (sft: the model) declares in its config.json, else auto)")
     p.add_argument("--no-chat", dest="chat", action="store_const", const=False, help="plain 'Question:/Answer:' prompts, no chat template")
+    p.add_argument("--chat-template-kwargs", dest="chat_template_kwargs", metavar="JSON",
+                   help="extra variables for the chat template, a JSON object (e.g. '{\"enable_thinking\": false}')")
     p.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="one example per row instead of packing several (the token budget then counts the examples' real tokens)")
     p.add_argument("--group-by-length", dest="group_by_length", action="store_const", const=True,
                    help="with --no-pack and --batch-size > 1: batches of examples of similar length (less padding)")
@@ -97,7 +99,8 @@ def add_parsers(sub) -> None:
     s.set_defaults(func=run_sft)
 
 
-FLAG_KEYS = ["data", "data_weights", "eval_data", "group_by_length", "tokens", "tokenizer", "instruction", "chat", "pack", "train_prompt", "freeze",
+FLAG_KEYS = ["data", "data_weights", "eval_data", "group_by_length", "tokens", "tokenizer", "instruction", "chat",
+             "chat_template_kwargs", "pack", "train_prompt", "freeze",
              "chunk_tokens", "teacher", "student", "attn_layers", "ssm_param", "d_conv", "d_state", "ssm_kv_heads", "stages", "layers", "train_mlp", "loss",
              "ce_weight", "temperature", "positions", "teacher_dtype", "fsdp_teacher", "model"] + [k for _, k, _, _ in TRAIN_FLAGS]
 

@@ -23,6 +23,7 @@ the same batches as an uninterrupted one, and every process of a data-parallel r
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class DataConfig:
     pack: bool = True
     instruction: str | None = "auto"  # PromptStyle instruction: auto | boxed | hash | none | literal text (None: auto)
     chat: bool = True  # use the tokenizer's chat template when it has one
+    template_kwargs: dict | None = None  # variables for the chat template (Qwen3: {"enable_thinking": false})
     train_prompt: bool = False  # also train next-token targets on prompt tokens (CE); KD stages choose separately
     seed: int = 0
     group_by_length: bool = False  # one-example rows: batches of rows of similar length (less padding)
@@ -356,11 +358,12 @@ def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = No
         raise DataError("no data: give at least one --data spec (e.g. gsm8k:../shared/data/gsm8k_train.jsonl)")
     weights = _parse_weights(cfg.weights, len(cfg.specs))
     instruction = cfg.instruction or "auto"  # None: a plan nobody resolved against its teacher (recipes.use_declared_instruction)
-    style = PromptStyle(instruction=instruction, chat=cfg.chat)
+    style = PromptStyle(instruction=instruction, chat=cfg.chat, template_kwargs=cfg.template_kwargs)
     pad = pad_id_of(tokenizer)
     sources = []
     for k, spec in enumerate(cfg.specs):
-        key = (spec if isinstance(spec, str) else id(spec), instruction, cfg.chat, id(tokenizer))
+        key = (spec if isinstance(spec, str) else id(spec), instruction, cfg.chat,
+               json.dumps(cfg.template_kwargs, sort_keys=True), id(tokenizer))
         if cache is not None and key in cache:
             examples = cache[key]
         else:

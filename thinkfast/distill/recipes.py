@@ -43,7 +43,8 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 STAGE_KEYS = {"layers", "train_mlp", "loss", "ce_weight", "temperature", "positions", "freeze", "chunk_tokens"}
-DATA_KEYS = {"data", "data_weights", "instruction", "chat", "pack", "train_prompt", "group_by_length"}
+DATA_KEYS = {"data", "data_weights", "instruction", "chat", "chat_template_kwargs", "pack", "train_prompt", "group_by_length"}
+VALUE_TABLES = ("chat_template_kwargs",)  # keys whose value is a TOML table, not a stage
 SHAPE_KEYS = ("d_state", "d_conv", "ssm_kv_heads")  # a new student's Mamba mixers (`from_teacher`)
 RUN_KEYS = {"teacher", "model", "student", "attn_layers", "ssm_param", "stages", "tokenizer", "fsdp_teacher",
             "teacher_dtype", "description", "eval_data", *SHAPE_KEYS}
@@ -82,7 +83,7 @@ def load_recipe(name: str, extra_tables: tuple[str, ...] = ()) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"recipe {path}: not valid TOML ({e})") from None
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key not in VALUE_TABLES:
             if key in extra_tables:
                 continue
             if key not in STAGE_KINDS:
@@ -208,9 +209,26 @@ def _coerce(key: str, value, where: str):
             return [float(x) for x in (value if isinstance(value, list) else str(value).split(","))]
         except ValueError:
             raise ConfigError(f"{where}: data_weights {value!r} are not numbers (e.g. 0.7,0.3)") from None
+    if key == "chat_template_kwargs":
+        return _template_kwargs(value, where)
     if key in ("train_mlp", "chat", "pack", "train_prompt", "fsdp_teacher", "group_by_length") and not isinstance(value, bool):
         raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     return value
+
+
+def _template_kwargs(value, where: str) -> dict | None:
+    """Chat template variables: a TOML table, or a flag's JSON object."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: chat_template_kwargs {value!r} is not JSON ({e.msg}); give an object, "
+                              "e.g. '{\"enable_thinking\": false}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: chat_template_kwargs must be a table / JSON object, e.g. {{\"enable_thinking\": false}}")
+    return value or None
 
 
 def use_declared_instruction(plan: "Plan", model) -> None:
@@ -228,7 +246,7 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
     recipe = dict(recipe or {})
     path = recipe.pop("_path", None)
     where = f"recipe {path}" if path else "settings"
-    tables = {k: recipe.pop(k) for k in list(recipe) if isinstance(recipe[k], dict)}
+    tables = {k: recipe.pop(k) for k in list(recipe) if isinstance(recipe[k], dict) and k not in VALUE_TABLES}
     tables = {k: dict(v) for k, v in tables.items() if k in STAGE_KINDS}  # a caller's extra tables are its own
     flags = {k: v for k, v in flags.items() if v is not None}
     if "data" in flags and "data_weights" not in flags:  # the recipe's weights were for the recipe's sources
@@ -327,12 +345,17 @@ def _data_config(get, where, check: bool = True) -> DataConfig:
     specs = get("data") or []
     if check and get("group_by_length", False) and get("pack", True):
         raise ConfigError(f"{where}: group_by_length groups one-example rows; packed rows are all one length (add --no-pack or pack = false)")
+    template_kwargs = get("chat_template_kwargs")
+    if check and template_kwargs and not get("chat", True):
+        raise ConfigError(f"{where}: chat_template_kwargs with chat off (--no-chat): the variables are for the chat "
+                          "template; drop one of them")
     return DataConfig(
         specs=list(specs),
         weights=get("data_weights"),
         pack=get("pack", True),
         instruction=get("instruction"),  # None: the style the teacher declares (use_declared_instruction)
         chat=get("chat", True),
+        template_kwargs=template_kwargs,
         train_prompt=get("train_prompt", False),
         seed=get("seed", 0),
         group_by_length=get("group_by_length", False),
