@@ -305,7 +305,7 @@ def test_chat_template_kwargs_from_a_recipe_table_or_the_flag_reach_the_prompts(
                for kw in (None, {"enable_thinking": False}))
     added = len("<think>\n\n</think>\n\n")
     assert (off.real.sum(1) - on.real.sum(1)).tolist() == [added] * 3  # the same solutions, longer prompts
-    with pytest.raises(ConfigError, match="chat_template_kwargs .* is not JSON"):
+    with pytest.raises(ConfigError, match="chat-template-kwargs .* not JSON"):
         make_plan(None, {"stages": "sft", "tokens": "64", "chat_template_kwargs": "enable_thinking=false"}, "sft")
     with pytest.raises(ConfigError, match="with chat off"):
         make_plan(None, {"stages": "sft", "tokens": "64", "chat": False, "chat_template_kwargs": '{"a": 1}'}, "sft")

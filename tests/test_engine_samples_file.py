@@ -669,7 +669,7 @@ def test_chat_template_kwargs_reach_the_template_and_the_configuration(setup, tm
 
 @pytest.mark.parametrize("extra, needle", [
     (["--chat-template-kwargs", "enable_thinking=false"], "not JSON"),
-    (["--chat-template-kwargs", "[1, 2]"], "a JSON object is needed"),
+    (["--chat-template-kwargs", "[1, 2]"], "a JSON object / TOML table is needed"),
     (["--chat-template-kwargs", '{"enable_thinking": false}', "--no-chat"], "with --no-chat"),
 ])
 def test_bad_chat_template_kwargs_are_one_line(setup, tmp_path, capsys, extra, needle):

@@ -183,23 +183,16 @@ def cmd_sample(args) -> int:
 
 
 def _template_kwargs(args) -> dict | None:
-    """--chat-template-kwargs as a dict: a JSON object with string keys, and only where a chat template is used."""
-    text = args.chat_template_kwargs
-    if text is None:
+    """--chat-template-kwargs as a dict, and only where a chat template is used."""
+    if args.chat_template_kwargs is None:
         return None
-    import json
+    from ..data.prompts import parse_template_kwargs
 
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--chat-template-kwargs {text!r}: not JSON ({e.msg}); give an object, e.g. "
-                          "'{\"enable_thinking\": false}'") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"--chat-template-kwargs {text!r}: a JSON object is needed, e.g. '{{\"enable_thinking\": false}}'")
+    value = parse_template_kwargs(args.chat_template_kwargs, "--chat-template-kwargs")
     if args.no_chat:
         raise ConfigError("--chat-template-kwargs with --no-chat: the variables are for the chat template, which "
                           "--no-chat turns off; drop one of them")
-    return value or None
+    return value
 
 
 def _few_shot(args, problems) -> list | None:

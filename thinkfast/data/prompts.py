@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from .sources import Problem
 
 INSTRUCTIONS = {
@@ -30,6 +31,22 @@ class PromptStyle:
         if key == "auto":
             key = "boxed" if problem.kind == "math" else "hash"
         return INSTRUCTIONS.get(key, key)
+
+
+def parse_template_kwargs(value, where: str) -> dict | None:
+    """Chat template variables from a JSON object's text (a flag) or a mapping (a recipe's TOML table); None when
+    empty. `where` names the flag or recipe in the one-line error."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} {value!r}: not JSON ({e.msg}); give an object, e.g. "
+                              "'{\"enable_thinking\": false}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} {value!r}: a JSON object / TOML table is needed, e.g. '{{\"enable_thinking\": false}}'")
+    return value or None
 
 
 def declared_instruction(model_dir) -> str | None:

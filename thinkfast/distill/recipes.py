@@ -210,25 +210,12 @@ def _coerce(key: str, value, where: str):
         except ValueError:
             raise ConfigError(f"{where}: data_weights {value!r} are not numbers (e.g. 0.7,0.3)") from None
     if key == "chat_template_kwargs":
-        return _template_kwargs(value, where)
+        from ..data.prompts import parse_template_kwargs
+
+        return parse_template_kwargs(value, where if where.startswith("flag") else f"{where}: chat_template_kwargs")
     if key in ("train_mlp", "chat", "pack", "train_prompt", "fsdp_teacher", "group_by_length") and not isinstance(value, bool):
         raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     return value
-
-
-def _template_kwargs(value, where: str) -> dict | None:
-    """Chat template variables: a TOML table, or a flag's JSON object."""
-    if isinstance(value, str):
-        import json
-
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: chat_template_kwargs {value!r} is not JSON ({e.msg}); give an object, "
-                              "e.g. '{\"enable_thinking\": false}'") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: chat_template_kwargs must be a table / JSON object, e.g. {{\"enable_thinking\": false}}")
-    return value or None
 
 
 def use_declared_instruction(plan: "Plan", model) -> None:
