@@ -170,6 +170,8 @@ _MISSING = object()
 def _lookup(row, path: str):
     """A field by name, or by a dotted path into nested records and lists (`generations.0`,
     `messages.1.content`): reasoning datasets keep their chains in lists of generations or chat turns."""
+    if isinstance(row, dict) and path in row:  # a field whose own name has a dot
+        return row[path]
     value = row
     for part in path.split("."):
         if isinstance(value, dict) and part in value:
@@ -371,7 +373,7 @@ def _hf(s: DataSpec) -> list[Problem]:
     # a `solution` column is read when present; one the spec names must be there
     sol = s.params.get("solution") or ("solution" if "solution" in columns else None)
     for name in (q, a, sol):
-        if name and name.split(".")[0] not in columns:
+        if name and name not in columns and name.split(".")[0] not in columns:
             raise DataError(f"data spec {s.text!r}: the dataset has no column {name.split('.')[0]!r} (columns: "
                             f"{', '.join(columns)}); map them with ?question=...&answer=...&solution=...")
     offset, limit = s.slice_params()
