@@ -79,7 +79,8 @@ def test_dotted_fields_read_into_lists_and_records(tmp_path):
     assert "\n" not in str(e.value)
     dotted = tmp_path / "dotted.jsonl"  # a field whose own name has a dot is read as that field
     dotted.write_text(json.dumps({"q.text": "1+1?", "a": "2"}) + "\n")
-    assert load_problems(f"jsonl:{dotted}?question=q.text&answer=a")[0].question == "1+1?"
+    (p,) = load_problems(f"jsonl:{dotted}?question=q.text&answer=a")
+    assert (p.question, p.meta) == ("1+1?", {})
     with pytest.raises(DataError, match="no field 'solutoin'"):  # a named solution field is checked like the others
         load_problems(f"jsonl:{path}?question=problem&answer=answer&solution=solutoin")
 

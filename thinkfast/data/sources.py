@@ -244,7 +244,7 @@ def _jsonl(s: DataSpec) -> list[Problem]:
         pid = f"{stem}:{n - 1}" if pid is _MISSING else str(pid)
         solution = _solution_field(row, sol, s, n)
         # the row's other plain fields (a difficulty level, a topic) stay with the problem: reports group by them
-        used = {name.split(".")[0] for name in (q, a, sol, idf) if name}
+        used = {part for name in (q, a, sol, idf) if name for part in (name, name.split(".")[0])}
         meta = {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))}
         out.append(Problem(pid, str(_field(row, q, s, n)), str(_field(row, a, s, n)), kind, solution, meta))
     return out
