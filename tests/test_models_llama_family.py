@@ -170,21 +170,24 @@ def test_architectures_it_cannot_reproduce_are_refused_in_one_line(tmp_path):
     assert "'qwen2'" in str(e.value) and "'qwen3'" in str(e.value)  # the message lists what is supported
 
 
-@pytest.mark.parametrize("make", [tiny_qwen2, tiny_qwen3])
-def test_a_qwen_teacher_through_distill_save_load_sample_and_bench(make, tmp_path):
-    """A Qwen2 / Qwen3 checkpoint folder as `--teacher`: the hybrid student keeps the biases or norms through
-    save_pretrained and loading, and `thinkfast sample` and `thinkfast bench` (with an HF generate() row, in
-    transformers' own Qwen class) run the teacher and the student."""
+@pytest.mark.parametrize("make,student_kind,stages", [(tiny_qwen2, "hybrid", "kd"), (tiny_qwen3, "llamba", "matrix,hidden,kd")])
+def test_a_qwen_teacher_through_distill_save_load_sample_and_bench(make, student_kind, stages, tmp_path):
+    """A Qwen2 / Qwen3 checkpoint folder as `--teacher` (a hybrid by KD; a Llamba by MOHAWK's three stages): the
+    student keeps the biases or norms through save_pretrained and loading, and `thinkfast sample` and `thinkfast
+    bench` (with an HF generate() row, in transformers' own Qwen class) run the teacher and the student."""
     tok = char_tokenizer()
     root = write_distill_files(tmp_path, tok, teachers=())
     make(vocab=len(tok), layers=2, heads=4, kv_heads=2).save_pretrained(root / "qwen")
     tok.save_pretrained(root / "qwen")
-    out = tmp_path / "hybrid"
-    assert main(["distill", "--teacher", str(root / "qwen"), "--student", "hybrid", "--stages", "kd",
-                 "--tokens", "256", "--data", f"jsonl:{root}/chain.jsonl?solution=solution", "--seq-len", "64",
-                 "--batch-size", "2", "--instruction", "none", "--no-progress", "--out", str(out)]) == 0
+    out = tmp_path / student_kind
+    n_stages = len(stages.split(","))
+    assert main(["distill", "--teacher", str(root / "qwen"), "--student", student_kind, "--stages", stages,
+                 "--tokens", ",".join(["256"] * n_stages), "--data", f"jsonl:{root}/chain.jsonl?solution=solution",
+                 "--seq-len", "64", "--batch-size", "2", "--instruction", "none", "--no-progress", "--out", str(out)]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == set(stages.split(",")) and all(r["loss"] == r["loss"] for r in log)  # no nan
     student = ThinkfastForCausalLM.from_pretrained(out)
-    assert student.config.role == "hybrid"
+    assert student.config.role == student_kind
     mamba = student.lm.layers[student.lm.cfg.mamba_layers[0]].mixer
     if make is tiny_qwen2:
         assert student.config.qkv_bias and mamba.in_proj.bias.abs().max() > 0
@@ -200,7 +203,7 @@ def test_a_qwen_teacher_through_distill_save_load_sample_and_bench(make, tmp_pat
     assert main(["bench", "--model", str(root / "qwen"), "--model", str(out), "--no-isolate", "--configs", "2x4x3",
                  "--out", str(tmp_path / "bench.md"), "--json", str(results)]) == 0
     rows = json.loads(results.read_text())
-    assert [(r["model"], r["engine"]) for r in rows] == [("qwen", "thinkfast"), ("qwen-hf", "hf"), ("hybrid", "thinkfast")]
+    assert [(r["model"], r["engine"]) for r in rows] == [("qwen", "thinkfast"), ("qwen-hf", "hf"), (student_kind, "thinkfast")]
 
 
 @pytest.mark.gpu
