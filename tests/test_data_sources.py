@@ -108,6 +108,8 @@ def test_hf_spec_maps_fields_and_names_missing_columns(monkeypatch):
     assert load_problems("hf:some/data:train")[1].solution is None  # no solution column, none named: no solution
     (second,) = load_problems("hf:some/data:train?offset=1&limit=5")  # sliced as a file is: ids keep their index
     assert (second.id, second.question) == ("some/data:train:1", "What is 4+4?")
+    load_problems("hf:some/data:default:train[:1000]")  # datasets' own slice syntax reaches it whole
+    assert calls[-1] == ("some/data", "default", "train[:1000]")
     for spec, column in [("hf:some/data:train?question=prompt", "prompt"), ("hf:some/data:train?solution=trace.0", "trace")]:
         with pytest.raises(DataError, match=f"the dataset has no column '{column}' \\(columns: problem, answer, "
                                             "generations, messages, level\\)") as e:

@@ -353,7 +353,7 @@ def _reasoning_gym(s: DataSpec) -> list[Problem]:
 
 
 def _hf(s: DataSpec) -> list[Problem]:
-    parts = s.target.split(":")
+    parts = re.split(r":(?![^\[]*\])", s.target)  # not the ':' of a split's own slice, train[:1000]
     if len(parts) not in (2, 3):
         raise DataError(f"data spec {s.text!r}: expected hf:ID[:CONFIG]:SPLIT")
     ds_id, split = parts[0], parts[-1]
