@@ -278,3 +278,19 @@ def test_the_model_calls_its_projection_modules():
         module.register_forward_hook(lambda *_, name=name: called.append(name))
     hybrid(input_ids=torch.randint(3, 101, (1, 9)))
     assert {"gate", "down", "out"} <= set(called)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_converted_teacher_can_share_the_checkpoints_tensors(tie):
+    """`share_weights`: the converted model takes the checkpoint's tensors instead of copies (no second copy of a
+    multi-GB teacher in memory while sampling or distilling); it computes the same function."""
+    teacher = tiny_llama(tie=tie)
+    shared = from_teacher(teacher, kind="teacher", share_weights=True)
+    assert shared.lm.embed.weight.data_ptr() == teacher.model.embed_tokens.weight.data_ptr()
+    assert shared.lm.layers[1].mlp.up_proj.weight.data_ptr() == teacher.model.layers[1].mlp.up_proj.weight.data_ptr()
+    assert all(p.device.type == "cpu" for p in shared.parameters())  # nothing left on the meta device it was built on
+    ids = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(shared(ids).logits, teacher(ids).logits, rtol=0, atol=1e-4)
+    with pytest.raises(ConfigError, match="share_weights is for kind='teacher'"):
+        from_teacher(teacher, kind="hybrid", share_weights=True)

@@ -120,7 +120,7 @@ def as_teacher_model(teacher) -> ThinkfastForCausalLM:
             raise ConfigError(f"the teacher is a thinkfast {teacher.config.role} model; a teacher has attention in every layer")
         model = teacher
     else:
-        model = from_teacher(teacher, kind="teacher")
+        model = from_teacher(teacher, kind="teacher", share_weights=True)  # frozen: its tensors can be the teacher's
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

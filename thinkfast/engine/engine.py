@@ -114,7 +114,7 @@ def as_lm(model) -> ThinkfastLM:
     if getattr(getattr(model, "config", None), "model_type", None) in LLAMA_TYPES:
         from ..models.transfer import from_teacher
 
-        return from_teacher(model, kind="teacher").lm
+        return from_teacher(model, kind="teacher", share_weights=True).lm
     raise ConfigError(f"the engine runs thinkfast models or HF Llama-family models, not {type(model).__name__}")
 
 

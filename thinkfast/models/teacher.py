@@ -248,7 +248,8 @@ def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, 
             tok = None
         return _placed(model.eval(), device), tok
     teacher, tok = load_teacher(spec, dtype=dtype, trust_remote_code=trust_remote_code, role=where)
-    model = teacher if isinstance(teacher, ThinkfastForCausalLM) else from_teacher(teacher, kind="teacher")
+    # the loaded checkpoint is dropped on return: the converted model takes its tensors rather than copies
+    model = teacher if isinstance(teacher, ThinkfastForCausalLM) else from_teacher(teacher, kind="teacher", share_weights=True)
     return _placed(model.eval(), device), tok
 
 

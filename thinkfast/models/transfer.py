@@ -61,6 +61,7 @@ def from_teacher(
     d_conv: int = 4,
     seed: int = 0,
     d_state: int | None = None,
+    share_weights: bool = False,
 ) -> ThinkfastForCausalLM:
     """Build a student from a teacher (HF Llama model, thinkfast all-attention model, or a path/hub id/GGUF).
 
@@ -70,6 +71,9 @@ def from_teacher(
     (x and B expanded per head block at run time); set it to n_heads to expand the weights once here.
     `d_state` defaults to the teacher's head size; a larger state takes K and Q in its first head-size dimensions
     (the extra dimensions of C start at zero, so the student starts as the attention-initialised one).
+    `share_weights` (kind="teacher" only): the model takes the teacher's tensors as they are instead of copies, so
+    a converted multi-GB checkpoint does not exist twice in memory; for a model that is only run (sampling, a
+    frozen distillation teacher), since training it would change the original too.
     """
     if kind not in KINDS:
         raise ConfigError(f"student kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -96,6 +100,15 @@ def from_teacher(
 
     torch.manual_seed(seed)
     hf_cfg = ThinkfastConfig.from_model_config(scfg, **{k: v for k, v in extras.items() if v is not None})
+    if share_weights:
+        if kind != "teacher":
+            raise ConfigError("share_weights is for kind='teacher': a student trains its weights, which would change the teacher's")
+        with torch.device("meta"):  # no weights of its own to initialise: every one is the teacher's
+            model = ThinkfastForCausalLM(hf_cfg)
+        missing, unexpected = model.lm.load_state_dict(sd, strict=False, assign=True)
+        if missing or unexpected:
+            raise ConfigError(f"teacher and thinkfast model differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model.eval()
     student = ThinkfastForCausalLM(hf_cfg)
     ref = next(iter(sd.values()))
     student.to(ref.dtype)
