@@ -32,7 +32,7 @@ def teacher_parts(teacher) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     # token ids, and the prompt style a model was trained with (the embedded teacher's), carry over to students
     extras = {k: getattr(hf, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "prompt_style")}
     # and every stop token: HF checkpoints often list more in generation_config.json than in config.json
-    # (Qwen2.5-Instruct: <|im_end|> there, <|im_end|> and <|endoftext|> here); sampling stops on any of them
+    # (Qwen2.5-Instruct: <|im_end|> in config.json, <|im_end|> and <|endoftext|> in generation_config.json)
     eos = _ids(extras["eos_token_id"])
     eos += [i for i in _ids(getattr(getattr(teacher, "generation_config", None), "eos_token_id", None)) if i not in eos]
     if len(eos) > 1:
