@@ -284,7 +284,7 @@ def test_warnings_come_once_under_torchrun_from_rank_0(files, tmp_path, monkeypa
     assert sum("are cut" in r.getMessage() for r in caplog.records) == lines
 
 
-def test_chat_template_kwargs_from_a_recipe_table_or_the_flag_reach_the_prompts(tmp_path, capsys):
+def test_chat_template_kwargs_from_a_recipe_table_or_the_flag_reach_the_prompts(tmp_path):
     """`chat_template_kwargs` (a TOML table, or `--chat-template-kwargs JSON`) renders every training prompt with
     those template variables: here Qwen3's switch, whose off state opens the answer with an empty thinking block."""
     from conftest import THINKING_TEMPLATE
