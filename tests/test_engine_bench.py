@@ -117,6 +117,28 @@ def test_bench_times_saved_checkpoints_with_their_roles_and_exact_token_counts(t
     assert f"llamba-1 = `{student_dir}` (llamba)" in text and "llamba-1 / teacher" in text and "| llamba-1 | llamba | thinkfast | 1 | 4 | 3 |" in text
 
 
+def test_hf_students_get_generate_rows_against_the_teachers(tmp_path, saved_pair, capsys):
+    teacher_dir, student_dir = saved_pair
+    md, js = tmp_path / "models.md", tmp_path / "models.json"
+    assert main(["bench", "--model", str(teacher_dir), "--model", str(student_dir), "--name", "llamba-1", "--hf-students",
+                 "--configs", "2x8x5", "--out", str(md), "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert [(r["model"], r["role"], r["engine"]) for r in rows] == [
+        ("teacher", "teacher", "thinkfast"), ("teacher-hf", "teacher", "hf"), ("llamba-1", "llamba", "thinkfast"),
+        ("llamba-1-hf", "llamba", "hf")]
+    assert all(r["generated_tokens"] == 10 for r in rows)  # the student's generate() ignores its EOS too
+    text = md.read_text()
+    assert "llamba-1 in thinkfast / HF generate" in text and "llamba-1-hf / teacher-hf" in text and "--hf-students" in text
+
+    js2 = tmp_path / "tiny.json"
+    assert main(["bench", "--preset", "tiny", "--configs", "2x8x4", "--no-isolate", "--hf-students", "--models",
+                 "llamba,teacher-hf,llamba-hf", "--out", str(tmp_path / "tiny.md"), "--json", str(js2)]) == 0
+    assert [(r["model"], r["engine"]) for r in json.loads(js2.read_text())] == [
+        ("llamba", "thinkfast"), ("teacher-hf", "hf"), ("llamba-hf", "hf")]
+    assert main(["bench", "--model", str(student_dir), "--hf-students", "--no-hf", "--out", str(md)]) == 2
+    assert "--hf-students" in capsys.readouterr().err and json.loads(js.read_text()) == rows
+
+
 def test_checkpoint_row_in_its_own_process(tmp_path, saved_pair):
     js = tmp_path / "rows.json"
     assert main(["bench", "--model", str(saved_pair[1]), "--configs", "2x4x3", "--out", str(tmp_path / "m.md"),

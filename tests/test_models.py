@@ -213,6 +213,27 @@ def test_save_pretrained_roundtrip_safetensors_and_generate(tmp_path):
     assert torch.equal(out[:, : x.shape[1]], x)
 
 
+def test_loading_keeps_every_loaded_weight_and_initialises_missing_ones(tmp_path):
+    """Some transformers 5.x versions re-run the model's init after loading: the SSM parameters must survive it."""
+    from safetensors.torch import load_file, save_file
+
+    student = from_teacher(tiny_llama(), kind="hybrid")
+    with torch.no_grad():
+        for mixer in (layer.mixer for layer in student.lm.layers if not layer.is_attention):
+            mixer.D.mul_(3.0)  # away from the init value (1)
+    student.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    missing = "lm.layers.0.mixer.D"
+    del weights[missing]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = ThinkfastForCausalLM.from_pretrained(tmp_path)
+    saved = dict(student.state_dict())
+    for name, value in loaded.state_dict().items():
+        if name != missing:
+            assert torch.equal(value, saved[name]), name
+    assert torch.equal(loaded.state_dict()[missing], torch.ones_like(saved[missing]))  # initialised, not left empty
+
+
 @pytest.mark.parametrize(
     "changes,needle",
     [

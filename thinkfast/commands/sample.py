@@ -82,8 +82,11 @@ def add_parsers(sub) -> None:
     b.add_argument("--name", dest="checkpoints", action=_InOrder, const="name", metavar="NAME",
                    help="row name of the --model just before it (default: the folder's name)")
     b.add_argument("--no-hf", action="store_true", help="no HF generate() rows (by default the preset's teacher and every teacher-role --model get one)")
+    b.add_argument("--hf-students", action="store_true",
+                   help="students get HF generate() rows too (NAME-hf; the preset's llamba-hf and hybrid-hf): their own "
+                   "generate() with its cached recurrent step, against the teacher's HF row")
     b.add_argument("--configs", default=None, help="BATCHxPROMPTxGEN list, e.g. 64x80x1024,1x80x1024 (default: the preset's)")
-    b.add_argument("--models", default=None, help="comma list of teacher, llamba, hybrid, teacher-hf (default: all; not with --model)")
+    b.add_argument("--models", default=None, help="comma list of teacher, llamba, hybrid, teacher-hf, llamba-hf, hybrid-hf (default: the first four; not with --model)")
     b.add_argument("--out", default=None, help="markdown file (default benchmarks/<preset>.md; with --model benchmarks/models.md)")
     b.add_argument("--json", default=None, help="also write the rows as a JSON list to this file")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -288,6 +291,8 @@ def cmd_bench(args) -> int:
     parse_dtype(args.dtype, device)  # a bad --dtype is one line here, not an error in every row
     if args.repeats < 1:
         raise ConfigError(f"--repeats {args.repeats}: time each row at least once")
+    if args.hf_students and args.no_hf:
+        raise ConfigError("--hf-students asks for HF generate() rows, --no-hf for none: pass one of them")
     # checkpoint rows never replace a preset's recorded results by default
     out = Path(args.out or ("benchmarks/models.md" if checkpoints else f"benchmarks/{args.preset}.md"))
     check_out_path(out, folder=False)
@@ -297,7 +302,8 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     rows = run_bench(args.preset, _parse_configs(args.configs), models, device, args.dtype, _compile_flag(args.compile),
                      isolate=not args.no_isolate, threads=args.threads, repeats=args.repeats, rounds=args.rounds,
-                     checkpoints=checkpoints, hf=not args.no_hf, ssm_state_dtypes=_state_dtypes(args.ssm_state_dtype))
+                     checkpoints=checkpoints, hf=not args.no_hf, ssm_state_dtypes=_state_dtypes(args.ssm_state_dtype),
+                     hf_students=args.hf_students)
     if rows and all(r.get("error") for r in rows):  # keep the previous results rather than a table of failures
         raise ConfigError(f"every row failed (first: {rows[0]['error']}); nothing written to {out}")
     unreadable = [r for r in rows if r.get("load_failed")]
@@ -329,6 +335,8 @@ def _bench_command(args) -> str:
         parts.append(f"--ssm-state-dtype {args.ssm_state_dtype}")
     if args.no_hf:
         parts.append("--no-hf")
+    if args.hf_students:
+        parts.append("--hf-students")
     if args.no_isolate:
         parts.append("--no-isolate")
     return " ".join(parts)

@@ -31,7 +31,9 @@ import torch
 from ..errors import CheckpointError, ConfigError, ThinkfastError
 from .engine import parse_ssm_state_dtype
 
-ROLES = {"teacher": "teacher", "llamba": "llamba", "hybrid": "hybrid", "teacher-hf": "teacher"}
+ROLES = {"teacher": "teacher", "llamba": "llamba", "hybrid": "hybrid", "teacher-hf": "teacher", "llamba-hf": "llamba",
+         "hybrid-hf": "hybrid"}
+STUDENT_HF_MODELS = ["llamba-hf", "hybrid-hf"]  # the preset's students through HF generate() (`--hf-students`)
 
 
 @dataclass
@@ -245,7 +247,7 @@ def _thinkfast_model(preset_name: str, which: str, path: str | None, device, dty
 
         model, _ = load_thinkfast(path, dtype=dtype, device=device, where="--model")
         return model.eval()
-    return build_models(PRESETS[preset_name], "teacher" if which == "teacher-hf" else which, device, dtype, seed)
+    return build_models(PRESETS[preset_name], which.removesuffix("-hf"), device, dtype, seed)
 
 
 def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: int, device="cpu", dtype="float32",
@@ -261,7 +263,7 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
     from .engine import Engine, model_role
     from .sampling import SamplingParams
 
-    engine = engine or ("hf" if which == "teacher-hf" else "thinkfast")
+    engine = engine or ("hf" if which.endswith("-hf") else "thinkfast")
     device = torch.device(device)
     dt = parse_dtype(dtype, device)
     ssm_dt = parse_ssm_state_dtype(ssm_state_dtype)
@@ -279,8 +281,9 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
     bytes_per_step = step_bytes(lm, batch, prompt_len + gen_len / 2, ssm_dt)
     vocab = lm.cfg.vocab_size
     del lm
-    if engine == "hf":
+    if engine == "hf" and row["role"] == "teacher":
         model = to_hf_llama(model)  # the thinkfast copy is freed here, before the memory baseline
+    # a student's HF row runs its own generate(): transformers' loop over the model's cached recurrent step
     g = torch.Generator().manual_seed(seed + 1)
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=g)
     cuda = device.type == "cuda"
@@ -298,6 +301,7 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
             from transformers import GenerationConfig
 
             gc = GenerationConfig(max_new_tokens=gen_len, do_sample=False, eos_token_id=None, pad_token_id=None)
+            model.generation_config.eos_token_id = None  # else generate() takes the checkpoint's EOS back
             x = prompts.to(device)
             mask = torch.ones_like(x)
 
@@ -346,12 +350,12 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
 # ---------------------------------------------------------------------------------------------- the table
 
 
-def resolve_checkpoints(checkpoints, hf: bool = True) -> list[Checkpoint]:
-    """Probe every (path, name or None) and refuse two rows under one name (a teacher's HF row is NAME-hf)."""
+def resolve_checkpoints(checkpoints, hf: bool = True, hf_students: bool = False) -> list[Checkpoint]:
+    """Probe every (path, name or None) and refuse two rows under one name (an HF row is NAME-hf)."""
     probed = [probe_checkpoint(path, name) for path, name in checkpoints]
     seen: dict[str, str] = {}
     for c in probed:
-        names = [c.name] + ([f"{c.name}-hf"] if hf and c.role == "teacher" else [])
+        names = [c.name] + ([f"{c.name}-hf"] if hf and (c.role == "teacher" or hf_students) else [])
         for n in names:
             if n in seen:
                 raise ConfigError(f"--model {c.path} and --model {seen[n]} both give rows named {n!r}; name one of them "
@@ -362,10 +366,11 @@ def resolve_checkpoints(checkpoints, hf: bool = True) -> list[Checkpoint]:
 
 def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None, dtype="auto", compile="auto",
               isolate: bool = True, threads: int | None = None, repeats: int = 1, log=print, checkpoints=None,
-              hf: bool = True, rounds: int = 1, ssm_state_dtypes=("float32",)) -> list[dict]:
+              hf: bool = True, rounds: int = 1, ssm_state_dtypes=("float32",), hf_students: bool = False) -> list[dict]:
     """Time every (config, model) row. `checkpoints`: [(path, name or None), ...] to time instead of the preset's
     random-weight models (the preset then only supplies the default configs); each teacher-role checkpoint also
-    gets an HF generate() row named NAME-hf unless `hf` is False. Every input is checked before the first row.
+    gets an HF generate() row named NAME-hf unless `hf` is False; with `hf_students`, each student too (the preset's
+    llamba-hf and hybrid-hf rows). Every input is checked before the first row.
     `rounds`: passes over all the rows, each row keeping its fastest: the models alternate, so a drift in the
     machine's speed reaches each of them (`repeats` times a row again and again within its own pass).
     `ssm_state_dtypes`: each model with Mamba layers gets a row per SSM state dtype (all-attention ones, one row)."""
@@ -387,18 +392,18 @@ def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None,
         if models:
             raise ConfigError("--models picks among the preset's random-weight models; with --model, the checkpoints are the rows")
         jobs = []
-        for c in resolve_checkpoints(checkpoints, hf):
+        for c in resolve_checkpoints(checkpoints, hf, hf_students):
             jobs.append((c.name, c.role, c.path, "thinkfast", c.max_positions))
-            if hf and c.role == "teacher":
+            if hf and (c.role == "teacher" or hf_students):
                 jobs.append((f"{c.name}-hf", "teacher", c.path, "hf", c.max_positions))
     else:
-        models = models or preset.models
+        models = models or preset.models + (STUDENT_HF_MODELS if hf_students and hf else [])
         bad = [m for m in models if m not in ROLES]
         if bad:
             raise ConfigError(f"--models {bad[0]!r}: use some of {', '.join(ROLES)}")
         positions = preset.teacher["max_position_embeddings"]
-        jobs = [(m, ROLES[m], None, "hf" if m == "teacher-hf" else "thinkfast", positions) for m in models
-                if hf or m != "teacher-hf"]
+        jobs = [(m, ROLES[m], None, "hf" if m.endswith("-hf") else "thinkfast", positions) for m in models
+                if hf or not m.endswith("-hf")]
     for batch, prompt_len, gen_len in configs:  # the engine would silently stop short of gen_len
         for which, _, path, _, positions in jobs:
             if prompt_len + gen_len > positions:
@@ -453,7 +458,7 @@ def _run_isolated(args: dict, threads: int | None, role: str) -> dict:
             return json.loads(line)
     err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     which = args["which"]
-    engine = args.get("engine") or ("hf" if which == "teacher-hf" else "thinkfast")
+    engine = args.get("engine") or ("hf" if which.endswith("-hf") else "thinkfast")
     which = state_row_name(which, parse_ssm_state_dtype(args.get("ssm_state_dtype")))
     row = _row_head(which, role, engine, args.get("path"), args["batch"], args["prompt_len"], args["gen_len"])
     return _failed(row, err)
@@ -461,8 +466,9 @@ def _run_isolated(args: dict, threads: int | None, role: str) -> dict:
 
 def ratios(rows: list[dict]) -> list[str]:
     """Plain-language comparisons measured in this run (same machine, same settings): each model against the
-    first teacher-role row in this engine (else the first row), each HF row against its twin here, and each row
-    with a lower-precision SSM state against the same model's fp32-state row."""
+    first teacher-role row in this engine (else the first row), each HF row against its twin here, each student's
+    HF row against the teacher's HF row, and each row with a lower-precision SSM state against the same model's
+    fp32-state row."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -471,6 +477,7 @@ def ratios(rows: list[dict]) -> list[str]:
     for (b, p, g), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
         ours = [r for r in group if r["engine"] != "hf"]
         ref = next((r for r in ours if r["role"] == "teacher"), ours[0] if ours else None)
+        hf_ref = next((r for r in group if r["engine"] == "hf" and r["role"] == "teacher"), None)
         by_name = {r["model"]: r for r in ours}
         pairs = []
         for r in sorted(group, key=lambda r: r["model"]):
@@ -478,6 +485,8 @@ def ratios(rows: list[dict]) -> list[str]:
             t = by_name.get(r["model"].removesuffix("-hf")) if hf else ref
             if t is not None and t is not r:
                 pairs.append((r, t, hf))
+            if hf and hf_ref is not None and r["role"] != "teacher":  # what a transformers user gains by the student
+                pairs.append((r, hf_ref, False))
         for r in ours:
             state = r.get("ssm_state_dtype", "float32")
             base = by_name.get(r["model"].removesuffix(f" ({state} state)")) if state != "float32" else None

@@ -160,6 +160,8 @@ class DecodeStep:
     changing the model's weights.
     """
 
+    allocate = staticmethod(engine_state)  # the state layout this step reads fastest (as `ModelStep.allocate`)
+
     def __init__(self, lm: ThinkfastLM, state: ModelState, ssm_update=None, row_group: int | None = None):
         self.lm, self.state, self.cfg = lm, state, lm.cfg
         self.ssm_update = ssm_update or ssm_update_

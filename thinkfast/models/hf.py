@@ -1,8 +1,11 @@
 """Hugging Face wrappers: `ThinkfastConfig` / `ThinkfastForCausalLM`, registered with the Auto classes.
 
 `save_pretrained` writes config.json + model.safetensors; `AutoModelForCausalLM.from_pretrained(dir)` loads it.
-`generate()` works by re-running the whole prefix each step (no HF cache): correct and simple, but slow;
-the fast path is `thinkfast.engine`.
+`generate()` keeps each layer's decode state between steps (`ThinkfastCache`: KV caches for attention layers, conv +
+SSM states for Mamba layers), so a student's step costs the same at any length. Its step is the model's own
+(`ModelStep`) until `import thinkfast` installs the engine's fused one (`thinkfast.engine.decode.DecodeStep`, which
+this package cannot import); `thinkfast sample` stays faster (static slots, refill, compiled or graph steps).
+`generate(use_cache=False)` re-runs the prefix.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from .config import ModelConfig
-from .model import ThinkfastLM
+from .mixers import KVCache, Mamba2Mixer, RMSNorm
+from .model import ModelState, ThinkfastLM
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 
@@ -43,11 +48,94 @@ class ThinkfastConfig(PretrainedConfig):
         return "teacher" if n_attn == self.n_layers else "llamba" if n_attn == 0 else "hybrid"
 
 
+class ModelStep:
+    """A decode step over a `ModelState`: `step(tokens (B,), positions (B,), kv_len) -> logits (B, V)`.
+    This one is `ThinkfastLM.step`; the engine's `DecodeStep` has the same interface, faster."""
+
+    @staticmethod
+    def allocate(lm: ThinkfastLM, batch: int, max_len: int) -> ModelState:
+        return lm.allocate_state(batch, max_len)
+
+    def __init__(self, lm: ThinkfastLM, state: ModelState):
+        self.lm, self.state = lm, state
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return self.lm.step(tokens, positions, self.state, kv_len)
+
+
+class ThinkfastCache:
+    """`generate()`'s decode state: every layer's cache (`ModelState`) and each row's length.
+
+    Rows keep their real tokens from slot 0 (a left-padded prompt's pads are dropped at prefill), so a row's length is
+    both its next token's position and its KV slot, as in the engine. The KV caches grow by doubling; Mamba layers'
+    states never grow. Duck-typed for transformers 5.x's generation loop (`get_seq_length`, `reorder_cache` for
+    beam search, `is_compileable`), which has renamed its cache classes and arguments across minor versions.
+    """
+
+    is_compileable = False  # generate() asks before compiling the forward; the engine has its own compiled step
+
+    def __init__(self, state: ModelState, lengths: torch.Tensor, seen: int, make_step):
+        self.state = state
+        self.lengths = lengths  # (B,) long
+        self.seen = seen  # input columns consumed, pads included: generate() feeds the ones after these
+        self.make_step = make_step  # state -> step; rebuilt when the KV caches grow
+        self.step = make_step(state)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    @property
+    def capacity(self) -> int:
+        return self.state.max_len
+
+    def reorder_cache(self, beam_idx: torch.Tensor):
+        """Rows take the rows `beam_idx` names (beam search keeps the beams it extends)."""
+        beam_idx = beam_idx.to(self.lengths.device)
+        for c in self.state.caches:
+            for t in (c.k, c.v) if isinstance(c, KVCache) else (c.conv, c.ssm):
+                t.copy_(t.index_select(0, beam_idx))  # in place: the step may rely on the state's memory layout
+        self.lengths = self.lengths.index_select(0, beam_idx)
+
+    def reserve(self, needed: int):
+        """Room for `needed` KV slots per row: attention layers' caches double until it fits."""
+        if needed <= self.capacity:
+            return
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        for c in self.state.caches:
+            if isinstance(c, KVCache):
+                for name in ("k", "v"):
+                    old = getattr(c, name)
+                    grown = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                    grown[:, :, : old.shape[2]] = old
+                    setattr(c, name, grown)
+        self.state.max_len = capacity
+        self.step = self.make_step(self.state)
+
+
+@dataclasses.dataclass
+class ThinkfastCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    # the same state under both names: transformers' generate() reads `past_key_values` up to 5.2x, `cache` since
+    past_key_values: ThinkfastCache | None = None
+    cache: ThinkfastCache | None = None
+
+
+def _left_padding_only(attention_mask: torch.Tensor) -> bool:
+    m = attention_mask.long()
+    return bool((m[:, 1:] >= m[:, :-1]).all()) and bool(m[:, -1].all())
+
+
 class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = ThinkfastConfig
     base_model_prefix = "lm"
     _no_split_modules = ["Block"]
     main_input_name = "input_ids"
+    _is_stateful = True  # its state cannot be cropped: transformers then refuses assisted decoding
+    generation_step = ModelStep  # generate()'s step (allocate + call); `import thinkfast` installs the engine's
+    GENERATION_MIN_CAPACITY = 256  # KV slots a generation cache starts with (at least twice the prompt)
 
     def __init__(self, config: ThinkfastConfig):
         super().__init__(config)
@@ -59,8 +147,27 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         return self.lm.cfg
 
     def _init_weights(self, module):
-        if module is self:
-            self.lm.init_weights(self.config.initializer_range)
+        """transformers' per-module init, run after loading on modules it did not wholly load: a module's own
+        parameters that were loaded keep their values (the SSM parameters' init is a plain copy_, which transformers'
+        init guards would not stop), missing ones get `ThinkfastLM.init_weights`'s scheme."""
+        own = list(module.parameters(recurse=False))
+        kept = [(p, p.detach().clone()) for p in own if getattr(p, "_is_hf_initialized", False)]
+        if len(kept) == len(own):
+            return
+        std = self.config.initializer_range
+        with torch.no_grad():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, nn.Conv1d):
+                module.reset_parameters()
+            elif isinstance(module, Mamba2Mixer):
+                module.reset_ssm_parameters()
+            for p, value in kept:
+                p.copy_(value)
 
     def init_weights(self):
         self.lm.init_weights(self.config.initializer_range)
@@ -73,20 +180,85 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False
+        return False  # it brings its own cache (`ThinkfastCache`), made at prefill
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(
+        self, input_ids, attention_mask=None, use_cache=None, cache=None, past_key_values=None, **kwargs
+    ):
+        state = cache if isinstance(cache, ThinkfastCache) else past_key_values
+        if isinstance(state, ThinkfastCache):
+            input_ids = input_ids[:, state.seen :]
+        else:
+            state = None
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache, "cache": state}
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, **kwargs):
-        out = self.lm(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        position_ids=None,
+        use_cache=None,
+        cache=None,
+        past_key_values=None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ):
+        state = cache if isinstance(cache, ThinkfastCache) else past_key_values
+        if isinstance(state, ThinkfastCache):
+            logits = self._decode_with_cache(input_ids, state)
+        elif use_cache and labels is None:
+            logits, state = self._prefill_with_cache(input_ids, attention_mask, logits_to_keep)
+        else:
+            state = None
+            out = self.lm(input_ids, attention_mask=attention_mask, position_ids=position_ids, compute_logits=False)
+            hidden = out.last_hidden[:, -logits_to_keep:] if logits_to_keep else out.last_hidden
+            logits = self.lm.logits(hidden)
         loss = None
         if labels is not None:
-            logits = out.logits[:, :-1].float()
+            shifted = logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+                shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+        return ThinkfastCausalLMOutput(loss=loss, logits=logits, past_key_values=state, cache=state)
+
+    def _prefill_with_cache(self, input_ids, attention_mask, logits_to_keep):
+        Bsz, T = input_ids.shape
+        if attention_mask is not None and not bool(attention_mask.all()) and not _left_padding_only(attention_mask):
+            raise ValueError(
+                "thinkfast: generating with a cache needs left-padded prompts (tokenizer.padding_side = 'left'); "
+                "this attention_mask has pads after a prompt's tokens"
+            )
+        capacity = max(self.GENERATION_MIN_CAPACITY, 2 * T)
+        step = type(self).generation_step
+        state = step.allocate(self.lm, Bsz, capacity)
+        out = self.lm(input_ids, attention_mask=attention_mask, state=state, compute_logits=False)
+        if attention_mask is None:
+            lengths = torch.full((Bsz,), T, dtype=torch.long, device=input_ids.device)
+        else:
+            lengths = attention_mask.long().sum(-1)
+            pads = T - lengths
+            if bool(pads.any()):  # each row's real tokens move to slots [0, length): their positions
+                slots = (torch.arange(T, device=input_ids.device)[None, :] + pads[:, None]).clamp(max=T - 1)
+                for c in state.caches:
+                    if isinstance(c, KVCache):
+                        idx = slots[:, None, :, None].expand(-1, c.k.shape[1], -1, c.k.shape[3])
+                        c.k[:, :, :T] = c.k[:, :, :T].gather(2, idx)
+                        c.v[:, :, :T] = c.v[:, :, :T].gather(2, idx)
+        hidden = out.last_hidden[:, -logits_to_keep:] if logits_to_keep else out.last_hidden
+        return self.lm.logits(hidden), ThinkfastCache(state, lengths, T, lambda st: step(self.lm, st))
+
+    def _decode_with_cache(self, input_ids, state: ThinkfastCache):
+        """The new columns one at a time, through the model's recurrent step."""
+        new = input_ids.shape[1]
+        state.reserve(int(state.lengths.max()) + new)
+        logits = []
+        for j in range(new):
+            kv_len = int(state.lengths.max()) + 1  # nothing past the longest row is ever attended
+            logits.append(state.step(input_ids[:, j], state.lengths, kv_len))
+            state.lengths = state.lengths + 1
+        state.seen += new
+        return torch.stack(logits, 1)
 
 
 AutoConfig.register("thinkfast", ThinkfastConfig, exist_ok=True)

@@ -1,0 +1,138 @@
+"""transformers' `generate()` on thinkfast models keeps a decode state between steps (`ThinkfastCache`), stepped by
+the engine's fused `DecodeStep` (installed by `import thinkfast`) or the model's own `step` (`ModelStep`)."""
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from thinkfast.engine.decode import DecodeStep
+from thinkfast.models import from_teacher
+from thinkfast.models.hf import ModelStep, ThinkfastCache, ThinkfastForCausalLM
+
+ROLES = ("teacher", "llamba", "hybrid")
+GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+
+@pytest.fixture(params=[DecodeStep, ModelStep], ids=["engine-step", "model-step"])
+def step_kind(request, monkeypatch):
+    monkeypatch.setattr(ThinkfastForCausalLM, "generation_step", request.param)
+    return request.param
+
+
+def test_import_thinkfast_installs_the_engine_step():
+    assert ThinkfastForCausalLM.generation_step is DecodeStep
+
+
+@pytest.fixture(scope="module")
+def models():
+    teacher = tiny_llama(layers=4)
+    return {kind: from_teacher(teacher, kind=kind).eval() for kind in ROLES}
+
+
+def _left_padded(seed=0):
+    """Three prompts of 7, 10 and 12 tokens, left-padded with 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 101, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[1, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("kind", ROLES)
+def test_cached_generate_equals_recomputing_and_unpadded(models, kind, step_kind):
+    model = models[kind]
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        cached = model.generate(ids, attention_mask=mask, max_new_tokens=24, **GREEDY)
+        recomputed = model.generate(ids, attention_mask=mask, max_new_tokens=24, use_cache=False, **GREEDY)
+        alone = model.generate(ids[:1, 5:], max_new_tokens=24, **GREEDY)
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached[0, 5:], alone[0])  # pads change nothing
+
+
+@pytest.mark.parametrize("kind", ROLES)
+def test_beam_search_reorders_the_state(models, kind, step_kind):
+    model = models[kind]
+    ids, mask = _left_padded(seed=1)
+    kw = dict(attention_mask=mask, max_new_tokens=10, num_beams=3, **GREEDY)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_one_prefill_then_one_step_per_token(models, monkeypatch):
+    model = models["hybrid"]
+    calls = []
+    forward = model.lm.forward
+
+    def spy_forward(ids, *a, **k):
+        calls.append(("forward", tuple(ids.shape)))
+        return forward(ids, *a, **k)
+
+    class SpyStep(DecodeStep):
+        def __call__(self, tokens, positions, kv_len):
+            calls.append(("step", tuple(tokens.shape)))
+            return super().__call__(tokens, positions, kv_len)
+
+    monkeypatch.setattr(ThinkfastForCausalLM, "generation_step", SpyStep)
+    model.lm.forward = spy_forward
+    try:
+        with torch.no_grad():
+            model.generate(torch.randint(3, 101, (2, 9)), max_new_tokens=6, num_return_sequences=2, do_sample=True,
+                           pad_token_id=0, eos_token_id=None)
+    finally:
+        del model.lm.forward
+    assert calls == [("forward", (4, 9))] + [("step", (4,))] * 5
+
+
+def test_kv_cache_grows_past_its_first_size(models, monkeypatch, step_kind):
+    model = models["hybrid"]
+    monkeypatch.setattr(ThinkfastForCausalLM, "GENERATION_MIN_CAPACITY", 4)  # 12-token prompts start at 24 slots
+    ids, mask = _left_padded(seed=2)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        assert out.cache.capacity == 24
+        grown = model.generate(ids, attention_mask=mask, max_new_tokens=60, **GREEDY)
+        monkeypatch.setattr(ThinkfastForCausalLM, "GENERATION_MIN_CAPACITY", 256)
+        assert torch.equal(grown, model.generate(ids, attention_mask=mask, max_new_tokens=60, **GREEDY))
+
+
+@pytest.mark.parametrize("kind", ROLES)
+def test_forward_with_cache_continues_the_sequence(models, kind, step_kind):
+    """Prefill then several new tokens at once: the logits of a forward over the whole sequence (1e-5)."""
+    model = models[kind]
+    ids = torch.randint(3, 101, (2, 15))
+    with torch.no_grad():
+        full = model(ids).logits
+        first = model(ids[:, :9], use_cache=True)
+        assert isinstance(first.cache, ThinkfastCache) and first.cache is first.past_key_values
+        rest = model(ids[:, 9:], cache=first.cache)
+        assert rest.cache.get_seq_length() == 15
+    torch.testing.assert_close(first.logits, full[:, :9], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rest.logits, full[:, 9:], rtol=1e-4, atol=1e-5)
+
+
+def test_llamba_state_does_not_grow(models):
+    model = models["llamba"]
+    with torch.no_grad():
+        cache = model(torch.randint(3, 101, (2, 300)), use_cache=True).cache
+        before = cache.state.nbytes()
+        for _ in range(3):
+            cache = model(torch.randint(3, 101, (2, 200)), cache=cache).cache
+    assert cache.state.nbytes() == before and cache.get_seq_length() == 900
+
+
+def test_right_padding_with_a_cache_is_refused_in_one_line(models):
+    ids, mask = _left_padded()
+    right = mask.flip(1)
+    with pytest.raises(ValueError) as e, torch.no_grad():
+        models["hybrid"].generate(ids, attention_mask=right, max_new_tokens=4, **GREEDY)
+    assert "left" in str(e.value) and "\n" not in str(e.value)
+    with torch.no_grad():  # without a cache (scoring, training) any mask still works
+        assert models["hybrid"](ids, attention_mask=right).logits.shape == (3, 12, 101)
+
+
+def test_training_forward_allocates_no_state(models):
+    ids = torch.randint(3, 101, (2, 10))
+    out = models["hybrid"](ids, labels=ids, use_cache=True)
+    assert out.cache is None and out.loss is not None and torch.isfinite(out.loss)
