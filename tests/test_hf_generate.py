@@ -136,3 +136,17 @@ def test_training_forward_allocates_no_state(models):
     ids = torch.randint(3, 101, (2, 10))
     out = models["hybrid"](ids, labels=ids, use_cache=True)
     assert out.cache is None and out.loss is not None and torch.isfinite(out.loss)
+
+
+def test_a_returned_cache_continues_the_conversation(models):
+    """generate() again from its own returned state (a second turn): the same tokens as recomputing everything."""
+    model = models["hybrid"]
+    ids = torch.randint(3, 101, (2, 9))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, return_dict_in_generate=True, **GREEDY)
+        key = "cache" if getattr(out, "cache", None) is not None else "past_key_values"  # renamed within 5.x
+        state = getattr(out, key)
+        assert isinstance(state, ThinkfastCache) and state.get_seq_length() == 14  # the last token is not fed yet
+        turn = torch.cat([out.sequences, torch.randint(3, 101, (2, 4))], 1)
+        continued = model.generate(turn, max_new_tokens=5, **{key: state}, **GREEDY)
+        assert torch.equal(continued, model.generate(turn, max_new_tokens=5, use_cache=False, **GREEDY))
