@@ -118,7 +118,7 @@ class ThinkfastCache:
 class ThinkfastCausalLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    # the same state under both names: transformers' generate() reads `past_key_values` up to 5.2x, `cache` since
+    # the same state under both names: transformers' generate() reads `past_key_values` before 5.24, `cache` since
     past_key_values: ThinkfastCache | None = None
     cache: ThinkfastCache | None = None
 
