@@ -26,6 +26,7 @@ MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 
 class ThinkfastConfig(PretrainedConfig):
     model_type = "thinkfast"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # a Trainer's evaluation collects logits, not states
 
     def __init__(self, tie_word_embeddings: bool = False, **kwargs):
         defaults = ModelConfig()
