@@ -150,3 +150,21 @@ def test_a_returned_cache_continues_the_conversation(models):
         turn = torch.cat([out.sequences, torch.randint(3, 101, (2, 4))], 1)
         continued = model.generate(turn, max_new_tokens=5, **{key: state}, **GREEDY)
         assert torch.equal(continued, model.generate(turn, max_new_tokens=5, use_cache=False, **GREEDY))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ROLES)
+def test_cached_decoding_on_a_gpu_in_bf16(kind):
+    """The engine's step on a GPU in bf16 continues a prefill as a forward over the whole sequence does (within bf16
+    rounding, as the engine's own bf16 tests), and generate() runs there with a left-padded batch."""
+    model = from_teacher(tiny_llama(layers=4), kind=kind).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(3, 101, (2, 15), device="cuda")
+    with torch.no_grad():
+        full = model(ids).logits.float()
+        first = model(ids[:, :9], use_cache=True)
+        rest = model(ids[:, 9:], cache=first.cache).logits.float()
+        padded, mask = (t.cuda() for t in _left_padded())
+        out = model.generate(padded, attention_mask=mask, max_new_tokens=12, **GREEDY)
+    torch.testing.assert_close(rest, full[:, 9:], rtol=0.05, atol=0.1)
+    assert out.shape == (3, 24) and out.device.type == "cuda"
