@@ -168,3 +168,44 @@ def test_cached_decoding_on_a_gpu_in_bf16(kind):
         out = model.generate(padded, attention_mask=mask, max_new_tokens=12, **GREEDY)
     torch.testing.assert_close(rest, full[:, 9:], rtol=0.05, atol=0.1)
     assert out.shape == (3, 24) and out.device.type == "cuda"
+
+
+class LowRankAdapter(torch.nn.Module):
+    """A LoRA-shaped wrapper: the base layer plus a low-rank update, as PEFT inserts around a Linear."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.up.weight, std=0.5)
+
+    @property
+    def weight(self):  # as PEFT's layers expose the base weight, without the update
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "llamba"])
+def test_adapters_are_decoded_through_the_modules(kind):
+    """A step that reads weights directly would skip an adapter: generate() then steps through the modules."""
+    model = from_teacher(tiny_llama(layers=4), kind=kind).eval()
+    ids, mask = _left_padded(seed=3)
+    with torch.no_grad():
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=16, **GREEDY)
+        for layer in model.lm.layers:
+            mixer = layer.mixer
+            if layer.is_attention:
+                mixer.q_proj = LowRankAdapter(mixer.q_proj)
+            else:
+                mixer.in_proj = LowRankAdapter(mixer.in_proj)
+        adapted = model.generate(ids, attention_mask=mask, max_new_tokens=16, **GREEDY)
+        recomputed = model.generate(ids, attention_mask=mask, max_new_tokens=16, use_cache=False, **GREEDY)
+    assert not torch.equal(adapted, plain)  # the adapters matter
+    assert torch.equal(adapted, recomputed)

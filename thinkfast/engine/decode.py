@@ -161,6 +161,7 @@ class DecodeStep:
     """
 
     allocate = staticmethod(engine_state)  # the state layout this step reads fastest (as `ModelStep.allocate`)
+    reads_weights = True  # not the modules: an adapter on one (PEFT's LoRA) would be skipped
 
     def __init__(self, lm: ThinkfastLM, state: ModelState, ssm_update=None, row_group: int | None = None):
         self.lm, self.state, self.cfg = lm, state, lm.cfg

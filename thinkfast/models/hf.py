@@ -18,8 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.utils import ModelOutput
 
 from .config import ModelConfig
-from .mixers import KVCache, Mamba2Mixer, RMSNorm
-from .model import ModelState, ThinkfastLM
+from .mixers import MLP, Attention, KVCache, Mamba2Mixer, RMSNorm, Rotary
+from .model import Block, ModelState, ThinkfastLM
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 
@@ -51,7 +51,10 @@ class ThinkfastConfig(PretrainedConfig):
 
 class ModelStep:
     """A decode step over a `ModelState`: `step(tokens (B,), positions (B,), kv_len) -> logits (B, V)`.
-    This one is `ThinkfastLM.step`; the engine's `DecodeStep` has the same interface, faster."""
+    This one is `ThinkfastLM.step`, which calls the model's modules; the engine's `DecodeStep` has the same
+    interface, faster, but reads their weights directly (`reads_weights = True`)."""
+
+    reads_weights = False
 
     @staticmethod
     def allocate(lm: ThinkfastLM, batch: int, max_len: int) -> ModelState:
@@ -62,6 +65,17 @@ class ModelStep:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         return self.lm.step(tokens, positions, self.state, kv_len)
+
+
+# the modules a thinkfast model is built of: a step that reads their weights directly computes what they would
+PLAIN_MODULES = (ThinkfastLM, Block, Attention, Mamba2Mixer, MLP, RMSNorm, Rotary, nn.Embedding, nn.Linear, nn.Conv1d,
+                 nn.ModuleList)
+
+
+def plain_modules(model: nn.Module) -> bool:
+    """No adapter (PEFT's LoRA), quantised or parametrised layer, and no hook (accelerate's offloading) anywhere."""
+    return all(type(m) in PLAIN_MODULES and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
+               for m in model.modules())
 
 
 class ThinkfastCache:
@@ -232,6 +246,8 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
             )
         capacity = max(self.GENERATION_MIN_CAPACITY, 2 * T)
         step = type(self).generation_step
+        if getattr(step, "reads_weights", False) and not plain_modules(self.lm):
+            step = ModelStep  # an adapter or hook would be skipped by a step that reads the weights itself
         state = step.allocate(self.lm, Bsz, capacity)
         out = self.lm(input_ids, attention_mask=attention_mask, state=state, compute_logits=False)
         if attention_mask is None:
