@@ -209,3 +209,18 @@ def test_adapters_are_decoded_through_the_modules(kind):
         recomputed = model.generate(ids, attention_mask=mask, max_new_tokens=16, use_cache=False, **GREEDY)
     assert not torch.equal(adapted, plain)  # the adapters matter
     assert torch.equal(adapted, recomputed)
+
+
+def test_padding_in_the_tokens_after_a_cache_is_refused(models):
+    model = models["llamba"]
+    ids = torch.randint(3, 101, (2, 9))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+        more = torch.randint(3, 101, (2, 3))
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, -1] = 0  # the second row's new text is one token shorter
+        with pytest.raises(ValueError) as e:
+            model(more, attention_mask=mask, cache=cache)
+        assert "padded" in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(ValueError):
+            model(more[:, :0], cache=cache)

@@ -221,7 +221,7 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
     ):
         state = cache if isinstance(cache, ThinkfastCache) else past_key_values
         if isinstance(state, ThinkfastCache):
-            logits = self._decode_with_cache(input_ids, state)
+            logits = self._decode_with_cache(input_ids, state, attention_mask)
         elif use_cache and labels is None:
             logits, state = self._prefill_with_cache(input_ids, attention_mask, logits_to_keep)
         else:
@@ -265,9 +265,15 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = out.last_hidden[:, -logits_to_keep:] if logits_to_keep else out.last_hidden
         return self.lm.logits(hidden), ThinkfastCache(state, lengths, T, lambda st: step(self.lm, st))
 
-    def _decode_with_cache(self, input_ids, state: ThinkfastCache):
+    def _decode_with_cache(self, input_ids, state: ThinkfastCache, attention_mask=None):
         """The new columns one at a time, through the model's recurrent step."""
         new = input_ids.shape[1]
+        if new == 0:
+            raise ValueError("thinkfast: no new tokens to feed a cache that has seen them all; pass the cache with "
+                             "a longer sequence, or none")
+        if attention_mask is not None and not bool(attention_mask[:, -new:].all()):
+            raise ValueError("thinkfast: tokens after a cache cannot be padded (each row's state has moved on); "
+                             "continue rows whose new text differs in length one at a time")
         state.reserve(int(state.lengths.max()) + new)
         logits = []
         for j in range(new):
