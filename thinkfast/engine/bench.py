@@ -69,7 +69,8 @@ PRESETS = {
 
 
 def build_models(preset: Preset, which: str, device, dtype, seed: int = 0):
-    """The thinkfast model (or, for teacher-hf, the transformers Llama) of one bench row, random weights."""
+    """The thinkfast model of one bench row (teacher, llamba or hybrid), random weights; an HF row converts the
+    teacher itself (`to_hf_llama`) or runs a student's own generate()."""
     from ..models import ModelConfig, ThinkfastConfig, ThinkfastForCausalLM, from_teacher
 
     torch.manual_seed(seed)
@@ -78,8 +79,6 @@ def build_models(preset: Preset, which: str, device, dtype, seed: int = 0):
         teacher = ThinkfastForCausalLM(ThinkfastConfig.from_model_config(cfg)).to(dtype).eval()
     if which == "teacher":
         return teacher
-    if which == "teacher-hf":
-        return to_hf_llama(teacher)
     student = from_teacher(teacher, kind=which)
     del teacher
     return student.to(device=device, dtype=dtype).eval()

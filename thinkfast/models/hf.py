@@ -274,11 +274,11 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask[:, -new:].all()):
             raise ValueError("thinkfast: tokens after a cache cannot be padded (each row's state has moved on); "
                              "continue rows whose new text differs in length one at a time")
-        state.reserve(int(state.lengths.max()) + new)
+        longest = int(state.lengths.max())  # one host sync per call, not per token
+        state.reserve(longest + new)
         logits = []
-        for j in range(new):
-            kv_len = int(state.lengths.max()) + 1  # nothing past the longest row is ever attended
-            logits.append(state.step(input_ids[:, j], state.lengths, kv_len))
+        for j in range(new):  # nothing past the longest row is ever attended
+            logits.append(state.step(input_ids[:, j], state.lengths, longest + j + 1))
             state.lengths = state.lengths + 1
         state.seen += new
         return torch.stack(logits, 1)
