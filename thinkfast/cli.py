@@ -22,6 +22,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 COMMAND_MODULES = {
     "thinkfast.commands.demo": ["demo", "train-teacher"],
     "thinkfast.commands.distill": ["distill", "sft"],
+    "thinkfast.commands.convert": ["convert"],
     "thinkfast.commands.sample": ["sample", "bench"],
     "thinkfast.commands.evaluate": ["score", "train-rm", "report"],
 }

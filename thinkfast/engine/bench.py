@@ -130,15 +130,20 @@ class Checkpoint:
 
 
 def probe_checkpoint(spec: str, name: str | None = None) -> Checkpoint:
-    """Role and positions of anything `load_thinkfast` reads (thinkfast folder of any role, HF Llama-family folder,
-    .gguf file, hub id) from its config alone, refusing in one line what that loader would refuse."""
+    """Role and positions of anything `load_thinkfast` reads (thinkfast folder of any role, published student,
+    HF Llama-family folder, .gguf file, hub id) from its config alone, refusing in one line what that loader would refuse."""
     from transformers import AutoConfig
 
-    from ..models.teacher import checkpoint_source, model_config_from_hf
+    from ..models.published import published_shape
+    from ..models.teacher import checkpoint_source, model_config_from_hf, published_source
     from .run import default_model_name
 
     spec = str(spec)
     where = f"--model {spec}"
+    published = published_source(spec, "--model")
+    if published is not None:  # Cartesia's Llamba, MambaInLlama: configs of their own
+        role, positions = published_shape(*published, where)
+        return Checkpoint(path=spec, name=name or default_model_name(spec), role=role, max_positions=positions)
     source, kwargs = checkpoint_source(spec, "--model")
     try:
         cfg = AutoConfig.from_pretrained(source, **kwargs)

@@ -33,6 +33,9 @@ class ModelConfig:
     ssm_kv_heads: int | None = None  # heads of x and B before per-block expansion; default n_kv_heads
     d_conv: int = 4
     ssm_norm: bool | None = None  # gated RMSNorm; default on for mamba2, off for discrete
+    # the gated RMSNorm's group size: default all of the mixer's width at once; MambaInLlama's checkpoints
+    # normalise each head on its own (group = the head size)
+    ssm_norm_group: int | None = None
     chunk_size: int = 64
     initializer_range: float = 0.02
 
@@ -96,6 +99,10 @@ class ModelConfig:
                 f"model config: attn_layers {bad} out of range for a {self.n_layers}-layer model; "
                 f"use indices 0..{self.n_layers - 1}"
             )
+        width = self.n_heads * self.hd
+        if self.ssm_norm_group is not None and (self.ssm_norm_group <= 0 or width % self.ssm_norm_group):
+            raise ConfigError(f"model config: ssm_norm_group={self.ssm_norm_group} must divide the Mamba mixer's "
+                              f"width n_heads x head_dim = {width}")
         if self.ssm_param not in SSM_PARAMS:
             raise ConfigError(f"model config: ssm_param={self.ssm_param!r}; use one of {', '.join(SSM_PARAMS)}")
 

@@ -20,14 +20,21 @@ from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    """`group`: normalise each run of that many features on its own (one weight over all of them)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, group: int | None = None):
         super().__init__()
         self.eps = eps
+        self.group = group if group and group != dim else None
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
+        if self.group is not None:
+            h = h.unflatten(-1, (-1, self.group))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.group is not None:
+            h = h.flatten(-2)
         return self.weight * h.to(x.dtype)
 
 
@@ -249,7 +256,7 @@ class Mamba2Mixer(nn.Module):
         if not self.discrete:
             self.A_log = nn.Parameter(torch.zeros(self.H))
         self.D = nn.Parameter(torch.ones(self.H))
-        self.norm = RMSNorm(self.d_inner, cfg.rms_norm_eps) if cfg.use_ssm_norm else None
+        self.norm = RMSNorm(self.d_inner, cfg.rms_norm_eps, cfg.ssm_norm_group) if cfg.use_ssm_norm else None
         # from a teacher with q/k norms (Qwen3): C and B normalised per head as q and k were, with their weights
         self.c_norm = RMSNorm(self.N, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.b_norm = RMSNorm(self.N, cfg.rms_norm_eps) if cfg.qk_norm else None

@@ -218,22 +218,28 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, tr
     return _placed(model.eval(), device), _load_tokenizer(folder, extra)
 
 
-def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None, where: str = "--model",
+def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype | None = torch.float32, device=None, where: str = "--model",
                    trust_remote_code: bool = False):
-    """(ThinkfastForCausalLM, tokenizer or None) from a thinkfast folder of any role, or from anything
-    `load_teacher` reads (HF Llama-family folder, .gguf, hub id), converted to an all-attention thinkfast model."""
+    """(ThinkfastForCausalLM, tokenizer or None) from a thinkfast folder of any role, a published Mamba-2 student
+    (Cartesia's Llamba, MambaInLlama; `published.py`), or anything `load_teacher` reads (HF Llama-family folder,
+    .gguf, hub id), converted to an all-attention thinkfast model. `dtype=None` keeps the checkpoint's."""
     from transformers import AutoTokenizer
 
     from .hf import ThinkfastForCausalLM
+    from .published import load_published
     from .transfer import from_teacher
 
     path = Path(spec)
     cfg_file = path / "config.json"
+    published = published_source(str(spec), where)
+    if published is not None:
+        model, tok = load_published(*published, where=where, dtype=dtype)
+        return _placed(model, device), tok
     if path.is_dir() and cfg_file.is_file() and _read_config_json(path, where).get("model_type") == "thinkfast":
         if not list(path.glob("*.safetensors")):
             raise CheckpointError(f"{where} {spec}: no *.safetensors weights; save the model with save_pretrained()")
         try:
-            model = ThinkfastForCausalLM.from_pretrained(str(path), dtype=dtype)
+            model = ThinkfastForCausalLM.from_pretrained(str(path), dtype="auto" if dtype is None else dtype)
         except ConfigError as e:  # a hand-edited config.json: name the file, not the checkpoint as a whole
             raise ConfigError(f"{where} {spec}: {cfg_file}: {e}; fix that value or re-save the model") from None
         except Exception as e:
@@ -247,10 +253,26 @@ def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         except Exception:
             tok = None
         return _placed(model.eval(), device), tok
-    teacher, tok = load_teacher(spec, dtype=dtype, trust_remote_code=trust_remote_code, role=where)
+    teacher, tok = load_teacher(spec, dtype="auto" if dtype is None else dtype, trust_remote_code=trust_remote_code, role=where)
     # the loaded checkpoint is dropped on return: the converted model takes its tensors rather than copies
     model = teacher if isinstance(teacher, ThinkfastForCausalLM) else from_teacher(teacher, kind="teacher", share_weights=True)
     return _placed(model.eval(), device), tok
+
+
+def published_source(spec: str, where: str):
+    """(folder, format) when `spec` is a published Mamba-2 student (Cartesia's Llamba, MambaInLlama): a local folder,
+    or a hub id (its files fetched); None otherwise."""
+    from .published import fetch_published, published_format
+
+    path = Path(spec)
+    if path.is_dir():
+        kind = published_format(path)
+        return None if kind is None else (path, kind)
+    if path.exists() or _is_gguf(spec):
+        return None
+    source, extra = checkpoint_source(spec, where)  # a bad local path is one line here; else a hub id
+    folder = fetch_published(source, where, extra)
+    return None if folder is None else (folder, published_format(folder))
 
 
 def _placed(model, device):

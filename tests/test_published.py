@@ -1,0 +1,401 @@
+"""Published Mamba-2 students in their own formats (Cartesia's Llamba, MambaInLlama) load as thinkfast models.
+
+No published checkpoint can be downloaded here: each test writes a small random checkpoint in the published layout
+(key names, row order, configs) and holds the converted model to a reference forward written here from the
+published models' math, independently of thinkfast's mixer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from thinkfast.cli import main
+from thinkfast.errors import ThinkfastError
+from thinkfast.models.teacher import load_thinkfast
+
+ASSET = Path(__file__).resolve().parent.parent / "thinkfast" / "assets" / "tiny-teacher"
+
+
+def _rms(x, w, eps=1e-5):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _causal_conv(xs, weight, bias):
+    """Depthwise causal conv over time: xs (B, T, C), weight (C, 1, K)."""
+    K = weight.shape[-1]
+    padded = F.pad(xs.transpose(1, 2), (K - 1, 0))
+    return (F.conv1d(padded, weight, bias, groups=xs.shape[-1])).transpose(1, 2)
+
+
+def _scan(x, B, C, log_a, dt_scale):
+    """Sequential SSM: h_t = a_t h + (dt_t x_t) B_t^T; y_t = h_t C_t. x (b,T,H,P), B/C (b,T,H,N), log_a/dt (b,T,H)."""
+    b, T, H, P = x.shape
+    h = x.new_zeros(b, H, P, B.shape[-1])
+    ys = []
+    for t in range(T):
+        h = torch.exp(log_a[:, t])[..., None, None] * h + (dt_scale[:, t][..., None] * x[:, t])[..., None] * B[:, t][:, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    return torch.stack(ys, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- Llamba
+
+
+LLAMBA_CFG = {
+    "d_model": 48, "n_layer": 2, "vocab_size": 264, "tie_embeddings": False, "pad_vocab_size_multiple": 8,
+    "lm_head_bias": False, "norm_epsilon": 1e-5,
+    "mlp_cfg": {"intermediate_size": 96, "bias": False, "act_fn": "silu"},
+    "ssm_cfg": {"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "expand": 1, "chunk_size": 16, "activation": "identity",
+                "bias": False},
+}
+
+
+def llamba_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    d, s, m = cfg["d_model"], cfg["ssm_cfg"], cfg["mlp_cfg"]["intermediate_size"]
+    di, nv, nqk, N = d * s["expand"], s["n_v_heads"], s["n_qk_heads"], s["d_state"]
+    V = cfg["vocab_size"]
+
+    def r(*shape, scale=0.1):
+        return torch.randn(*shape, generator=g) * scale
+
+    w = {"backbone.embedding.weight": r(V, d, scale=1.0), "backbone.final_layernorm.weight": 1 + r(d), "lm_head.weight": r(V, d)}
+    conv = di + 2 * nqk * N
+    for i in range(cfg["n_layer"]):
+        p = f"backbone.layers.{i}."
+        in_proj = r(2 * di + 2 * nqk * N + nv, d, scale=0.2)
+        in_proj[-nv:] *= 10  # A_log rows: decays spread well away from 0 and 1
+        w |= {
+            p + "mixer.in_proj.weight": in_proj, p + "mixer.z_bias": r(di, scale=0.5),
+            p + "mixer.conv1d.weight": r(conv, 1, 4, scale=0.5), p + "mixer.conv1d.bias": r(conv),
+            p + "mixer.D": r(nv, scale=1.0), p + "mixer.out_proj.weight": r(d, di, scale=0.2),
+            p + "input_layernorm.weight": 1 + r(d), p + "post_attention_layernorm.weight": 1 + r(d),
+            p + "mlp.gate_proj.weight": r(m, d), p + "mlp.up_proj.weight": r(m, d), p + "mlp.down_proj.weight": r(d, m),
+        }
+    return w
+
+
+def llamba_reference(cfg: dict, w: dict, ids: torch.Tensor) -> torch.Tensor:
+    """Cartesia's LlambaLMHeadModel forward, from its DiscreteMamba2: in_proj -> x|B|C|z|A_log, conv (no activation),
+    a = exp(-softplus(A_log)), x not scaled (x / dt * dt), B and C shared by each group of n_v / n_qk heads,
+    y + D x, y * silu(z + z_bias)."""
+    d, s = cfg["d_model"], cfg["ssm_cfg"]
+    di, nv, nqk, N = d * s["expand"], s["n_v_heads"], s["n_qk_heads"], s["d_state"]
+    P = di // nv
+    h = w["backbone.embedding.weight"][ids]
+    b, T = ids.shape
+    for i in range(cfg["n_layer"]):
+        p = f"backbone.layers.{i}."
+        u = _rms(h, w[p + "input_layernorm.weight"])
+        xBC, z, A_log = torch.split(u @ w[p + "mixer.in_proj.weight"].T, [di + 2 * nqk * N, di, nv], dim=-1)
+        xBC = _causal_conv(xBC, w[p + "mixer.conv1d.weight"], w[p + "mixer.conv1d.bias"])
+        x, B, C = torch.split(xBC, [di, nqk * N, nqk * N], dim=-1)
+        x = x.view(b, T, nv, P)
+        group = torch.arange(nv) // (nv // nqk)  # head h reads group h // (heads per group)
+        B, C = B.view(b, T, nqk, N)[:, :, group], C.view(b, T, nqk, N)[:, :, group]
+        y = _scan(x, B, C, -F.softplus(A_log), torch.ones_like(A_log))
+        y = y + w[p + "mixer.D"][:, None] * x
+        y = y.reshape(b, T, di) * F.silu(z + w[p + "mixer.z_bias"])
+        h = h + y @ w[p + "mixer.out_proj.weight"].T
+        u = _rms(h, w[p + "post_attention_layernorm.weight"])
+        h = h + (F.silu(u @ w[p + "mlp.gate_proj.weight"].T) * (u @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+    return _rms(h, w["backbone.final_layernorm.weight"]) @ w["lm_head.weight"].T
+
+
+def write_llamba(folder: Path, cfg: dict = LLAMBA_CFG, seed: int = 0, bin_file: bool = False) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    w = llamba_weights(cfg, seed)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    if bin_file:
+        torch.save(w, folder / "pytorch_model.bin")
+    else:
+        save_file(w, str(folder / "model.safetensors"))
+    return w
+
+
+def test_a_llamba_checkpoint_converts_to_the_same_logits(tmp_path):
+    w = write_llamba(tmp_path / "llamba")
+    model, tok = load_thinkfast(tmp_path / "llamba")
+    assert tok is None and model.config.role == "llamba" and model.model_config.ssm_param == "discrete"
+    ids = torch.randint(0, 264, (2, 23))
+    with torch.no_grad():
+        ours = model(ids).logits
+    ref = llamba_reference(LLAMBA_CFG, w, ids)
+    assert ref.abs().max() > 1  # not all near zero
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_a_llamba_pytorch_bin_loads_with_tensors_only(tmp_path):
+    w = write_llamba(tmp_path / "llamba", bin_file=True, seed=3)
+    model, _ = load_thinkfast(tmp_path / "llamba")
+    ids = torch.randint(0, 264, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, llamba_reference(LLAMBA_CFG, w, ids), atol=2e-4, rtol=1e-4)
+
+
+def test_a_converted_llamba_decodes_step_by_step_as_its_forward(tmp_path):
+    import thinkfast  # noqa: F401  (the engine's decode step for generate())
+
+    write_llamba(tmp_path / "llamba", seed=1)
+    model, _ = load_thinkfast(tmp_path / "llamba")
+    ids = torch.randint(0, 264, (2, 7))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    cached = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    recomputed = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=False, **kw)
+    assert torch.equal(cached, recomputed)
+    assert len(set(cached[0, 7:].tolist())) > 1  # not one token repeated: the state carries something
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"ssm_cfg": {**LLAMBA_CFG["ssm_cfg"], "activation": "silu"}}, "activation='silu' is not supported"),
+    ({"ssm_cfg": {**LLAMBA_CFG["ssm_cfg"], "bias": True}}, "bias=True is not supported"),
+    ({"ssm_cfg": {**LLAMBA_CFG["ssm_cfg"], "n_qk_heads": 3}}, "n_v_heads=4 must divide"),
+    ({"lm_head_bias": True}, "lm_head_bias=True is not supported"),
+])
+def test_llamba_settings_thinkfast_cannot_reproduce_are_refused_in_one_line(tmp_path, capsys, change, needle):
+    write_llamba(tmp_path / "llamba")
+    (tmp_path / "llamba" / "config.json").write_text(json.dumps({**LLAMBA_CFG, **change}))
+    assert main(["convert", str(tmp_path / "llamba"), "--out", str(tmp_path / "out"), "--tokenizer", str(ASSET)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_or_misshapen_weight_is_named(tmp_path):
+    w = write_llamba(tmp_path / "llamba")
+    del w["backbone.layers.1.mixer.D"]
+    save_file(w, str(tmp_path / "llamba" / "model.safetensors"))
+    with pytest.raises(ThinkfastError, match=r"weight backbone\.layers\.1\.mixer\.D is missing"):
+        load_thinkfast(tmp_path / "llamba")
+    w["backbone.layers.1.mixer.D"] = torch.ones(5)
+    save_file(w, str(tmp_path / "llamba" / "model.safetensors"))
+    with pytest.raises(ThinkfastError, match=r"mixer\.D has shape \(5,\) where its config implies \(4,\)"):
+        load_thinkfast(tmp_path / "llamba")
+
+
+# ---------------------------------------------------------------------------------------------- MambaInLlama
+
+
+class ReferenceMamba2(nn.Module):
+    """MambaInLlama's Mamba2 layer from its published math: in_proj -> z|x|B|C|dt, x and B in the teacher's KV-head
+    shape (repeated per head, before or after the conv), SiLU conv, dt = softplus(dt + dt_bias), a = exp(-dt
+    exp(A_log)), input scaled by dt, y + D x, RMSNorm of y * silu(z) over each head (group size d_state)."""
+
+    def __init__(self, d_model, d_xb, d_inner, d_state, repeat_kv_before_conv=False):
+        super().__init__()
+        self.d_xb, self.d_inner, self.N, self.repeat_first = d_xb, d_inner, d_state, repeat_kv_before_conv
+        self.H = d_inner // d_state
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_xb + self.H, bias=False)
+        conv = 3 * d_inner if repeat_kv_before_conv else d_inner + 2 * d_xb
+        self.conv1d = nn.Conv1d(conv, conv, 4, groups=conv, padding=3)
+        self.dt_bias = nn.Parameter(torch.randn(self.H) * 0.5)
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.H).uniform_(1, 4)))
+        self.D = nn.Parameter(torch.randn(self.H))
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(1 + 0.1 * torch.randn(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def _repeat(self, t, b, T):  # (b, T, d_xb) -> (b, T, H, N), each KV head's block repeated for its heads
+        return t.view(b, T, self.d_xb // self.N, self.N).repeat_interleave(self.d_inner // self.d_xb, dim=2)
+
+    def forward(self, u):
+        b, T, _ = u.shape
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, 2 * self.d_xb + self.d_inner, self.H], dim=-1)
+        if self.repeat_first:
+            x, B, C = torch.split(xBC, [self.d_xb, self.d_xb, self.d_inner], dim=-1)
+            xBC = torch.cat([self._repeat(x, b, T).flatten(2), self._repeat(B, b, T).flatten(2), C], dim=-1)
+        xBC = F.silu(_causal_conv(xBC, self.conv1d.weight, self.conv1d.bias))
+        if self.repeat_first:
+            x, B, C = (t.view(b, T, self.H, self.N) for t in torch.split(xBC, self.d_inner, dim=-1))
+        else:
+            x, B, C = torch.split(xBC, [self.d_xb, self.d_xb, self.d_inner], dim=-1)
+            x, B, C = self._repeat(x, b, T), self._repeat(B, b, T), C.view(b, T, self.H, self.N)
+        dt = F.softplus(dt + self.dt_bias)
+        y = _scan(x, B, C, -dt * torch.exp(self.A_log), dt) + self.D[:, None] * x
+        g = y * F.silu(z.view(b, T, self.H, self.N))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return self.out_proj(g.reshape(b, T, self.d_inner) * self.norm.weight)
+
+
+class ReferenceMambaLayer(nn.Module):
+    """MambaDecoderLayer: pre-norm Mamba2 and MLP, in place of a LlamaDecoderLayer."""
+
+    def __init__(self, llama_layer, mamba):
+        super().__init__()
+        self.mamba, self.mlp = mamba, llama_layer.mlp
+        self.input_layernorm, self.post_attention_layernorm = llama_layer.input_layernorm, llama_layer.post_attention_layernorm
+
+    def forward(self, hidden_states, *args, **kwargs):
+        h = hidden_states + self.mamba(self.input_layernorm(hidden_states))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, seed=0):
+    """A LlamaForCausalLM with Mamba2 layers in place of some decoder layers, saved as MambaInLlama saves it
+    (the Llama config.json, mamba_config.json, one state dict); returns the reference model."""
+    from conftest import tiny_llama
+
+    torch.manual_seed(seed)
+    model = tiny_llama(vocab=264, hidden=64, layers=3, heads=4, kv_heads=2, tie=False, seed=seed)
+    model.config.rms_norm_eps = 1e-5  # Llama-3's; MambaInLlama's gated norm has 1e-5 whatever the config says
+    for layer in model.model.layers:
+        layer.input_layernorm.variance_epsilon = layer.post_attention_layernorm.variance_epsilon = 1e-5
+    model.model.norm.variance_epsilon = 1e-5
+    hd, n_kv = 16, 2
+    for i in mamba_layers:
+        mamba = ReferenceMamba2(64, n_kv * hd, 64, hd, repeat_kv_before_conv=repeat_first)
+        with torch.no_grad():
+            mamba.in_proj.weight.normal_(0, 0.15)
+        model.model.layers[i] = ReferenceMambaLayer(model.model.layers[i], mamba)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    attn = [i for i in range(3) if i not in mamba_layers]
+    ssm_cfg = {"expand": 1, "ngroups": 4, "d_state": hd, **({"repeat_kv_before_conv": True} if repeat_first else {})}
+    (folder / "mamba_config.json").write_text(json.dumps({
+        "d_model": 64, "ssm_cfg": ssm_cfg, "rms_norm_eps": 1e-5, "vocab_size": 264, "d_inner": 64, "d_xb": n_kv * hd,
+        "intermediate_size": model.config.intermediate_size, "hidden_act": "silu", "n_layer": 3, "attn_layers": attn}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    return model.eval()
+
+
+@pytest.mark.parametrize("mamba_layers, repeat_first", [((0, 2), False), ((0, 1, 2), False), ((1,), True)])
+def test_a_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, mamba_layers, repeat_first):
+    ref = write_mambainllama(tmp_path / "mil", mamba_layers, repeat_first)
+    model, _ = load_thinkfast(tmp_path / "mil")
+    cfg = model.model_config
+    assert cfg.attn_layers == [i for i in range(3) if i not in mamba_layers] and cfg.ssm_norm_group == 16
+    ids = torch.randint(0, 264, (2, 19))
+    with torch.no_grad():
+        expected = ref(ids, use_cache=False).logits
+        torch.testing.assert_close(model(ids).logits, expected, atol=2e-4, rtol=1e-4)
+    # the per-head norm matters: normalising all 64 features at once gives other logits
+    model.lm.layers[mamba_layers[0]].mixer.norm.group = None
+    with torch.no_grad():
+        assert (model(ids).logits - expected).abs().max() > 1e-2
+
+
+def test_a_converted_mambainllama_hybrid_decodes_step_by_step_as_its_forward(tmp_path):
+    import thinkfast  # noqa: F401
+
+    write_mambainllama(tmp_path / "mil", (0, 2))
+    model, _ = load_thinkfast(tmp_path / "mil")
+    ids = torch.randint(0, 264, (2, 6))
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_a_mamba1_mambainllama_checkpoint_is_refused_in_one_line(tmp_path):
+    write_mambainllama(tmp_path / "mil", (0,))
+    from safetensors.torch import load_file
+
+    w = load_file(str(tmp_path / "mil" / "model.safetensors"))
+    w["model.layers.0.mamba.x_proj.weight"] = torch.zeros(4, 4)
+    save_file(w, str(tmp_path / "mil" / "model.safetensors"))
+    with pytest.raises(ThinkfastError, match="a Mamba-1 MambaInLlama checkpoint"):
+        load_thinkfast(tmp_path / "mil")
+
+
+# ---------------------------------------------------------------------------------------------- convert, hub
+
+
+def test_convert_writes_a_folder_that_sample_and_the_auto_classes_read(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    w = write_llamba(tmp_path / "llamba", seed=2)
+    out = tmp_path / "converted"
+    assert main(["convert", str(tmp_path / "llamba"), "--out", str(out), "--tokenizer", str(ASSET)]) == 0
+    assert "thinkfast llamba" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 260, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, llamba_reference(LLAMBA_CFG, w, ids), atol=2e-4, rtol=1e-4)
+    assert model.config.eos_token_id == 258  # the tokenizer's, as nothing in Llamba's config names one
+    samples = tmp_path / "s.jsonl"
+    assert main(["sample", "--model", str(out), "--data", "rg:chain_sum?size=2", "--n", "2", "--max-new-tokens", "8",
+                 "--out", str(samples), "--quiet"]) == 0
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == 4 and {r["role"] for r in rows} == {"llamba"} and len({r["problem_id"] for r in rows}) == 2
+
+
+def test_convert_keeps_or_changes_the_dtype(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    w = {k: v.to(torch.bfloat16) for k, v in llamba_weights(LLAMBA_CFG).items()}
+    (tmp_path / "llamba").mkdir()
+    (tmp_path / "llamba" / "config.json").write_text(json.dumps(LLAMBA_CFG))
+    save_file(w, str(tmp_path / "llamba" / "model.safetensors"))
+    assert main(["convert", str(tmp_path / "llamba"), "--out", str(tmp_path / "a"), "--tokenizer", str(ASSET)]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype="auto").dtype == torch.bfloat16
+    assert main(["convert", str(tmp_path / "llamba"), "--out", str(tmp_path / "b"), "--tokenizer", str(ASSET),
+                 "--dtype", "float32"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype="auto").dtype == torch.float32
+
+
+def test_convert_refuses_without_a_tokenizer_and_never_overwrites_other_files(tmp_path, capsys):
+    write_llamba(tmp_path / "llamba")
+    assert main(["convert", str(tmp_path / "llamba"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no tokenizer beside the weights; pass --tokenizer" in err, err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main(["convert", str(tmp_path / "llamba"), "--out", str(other), "--tokenizer", str(ASSET)]) == 2
+    assert "holds other files" in capsys.readouterr().err and (other / "notes.txt").read_text() == "keep me"
+
+
+def test_a_cached_hub_llamba_loads_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    import thinkfast.models.teacher as teacher
+
+    monkeypatch.setattr(teacher, "hub_reachable", lambda: False)
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    w = write_llamba(cache / "models--org--llamba" / "snapshots" / "abc")
+    (cache / "models--org--llamba" / "refs").mkdir()
+    (cache / "models--org--llamba" / "refs" / "main").write_text("abc")
+    model, _ = load_thinkfast("org/llamba")
+    ids = torch.randint(0, 264, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, llamba_reference(LLAMBA_CFG, w, ids), atol=2e-4, rtol=1e-4)
+    shutil.rmtree(cache / "models--org--llamba")
+
+
+def test_bench_times_published_students_with_their_roles(tmp_path):
+    write_llamba(tmp_path / "llamba")
+    write_mambainllama(tmp_path / "mil", (0, 2))
+    js = tmp_path / "rows.json"
+    assert main(["bench", "--model", str(tmp_path / "llamba"), "--model", str(tmp_path / "mil"), "--hf-students",
+                 "--configs", "2x6x4", "--no-isolate", "--out", str(tmp_path / "m.md"), "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert [(r["model"], r["role"], r["engine"], r["generated_tokens"]) for r in rows] == [
+        ("llamba", "llamba", "thinkfast", 8), ("llamba-hf", "llamba", "hf", 8),
+        ("mil", "hybrid", "thinkfast", 8), ("mil-hf", "hybrid", "hf", 8)]
+
+
+def test_distill_keeps_training_a_published_hybrid_from_its_teacher(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import tiny_llama
+
+    ref = write_mambainllama(tmp_path / "mil", (0, 2), seed=4)
+    teacher = tiny_llama(vocab=264, hidden=64, layers=3, heads=4, kv_heads=2, tie=False, seed=4)  # the same start
+    teacher.save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(ASSET).save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "mil"), "--stages", "kd",
+                 "--tokens", "256", "--seq-len", "64", "--batch-size", "2", "--data", "rg:chain_sum?size=8",
+                 "--instruction", "none", "--no-progress", "--out", str(out)]) == 0
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    cfg = trained.model_config
+    assert (cfg.attn_layers, cfg.ssm_norm_group, cfg.ssm_param) == ([1], 16, "mamba2")
+    ids = torch.randint(0, 260, (1, 12))
+    with torch.no_grad():  # trained: no longer the published weights
+        assert (trained(ids).logits - ref(ids, use_cache=False).logits).abs().max() > 1e-3

@@ -1,0 +1,97 @@
+"""`thinkfast convert`: any model thinkfast reads (a published Llamba or MambaInLlama student, a Llama-family
+teacher, a thinkfast folder) into a thinkfast save_pretrained folder with its tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import CheckpointError, ConfigError
+from . import no_hf_progress_bars
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="write a published student (Cartesia Llamba, MambaInLlama Mamba-2) or a Llama-family model as a "
+        "thinkfast folder",
+        description="Convert a model into a thinkfast save_pretrained folder (config.json, model.safetensors, "
+        "tokenizer) that sample, bench, sft and transformers' Auto classes read: Cartesia's Llamba checkpoints "
+        "(cartesia-ai/Llamba-1B, -3B, -8B), MambaInLlama's Mamba-2 students and hybrids, Llama / Mistral / Qwen2 / "
+        "Qwen3 checkpoints (as all-attention teachers) and .gguf files; a local folder or a hub id.",
+    )
+    p.add_argument("source", help="checkpoint folder, .gguf file or hub id")
+    p.add_argument("--out", required=True, help="folder to write (a new or empty one, or a thinkfast model folder to replace)")
+    p.add_argument("--tokenizer", help="where the tokenizer comes from when the checkpoint has none beside its weights "
+                   "(Llamba's hub repos do not: give its teacher's, e.g. meta-llama/Llama-3.2-1B-Instruct)")
+    p.add_argument("--dtype", default="keep", help="keep (the checkpoint's), float32, bfloat16, float16")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from ..models.teacher import load_thinkfast
+    from ..utils import atomic_dir, check_out_path, parse_dtype
+
+    out = Path(args.out)
+    check_out_path(out)
+    if out.is_dir() and any(out.iterdir()) and _model_type(out) != "thinkfast":
+        raise ConfigError(f"--out {out} holds other files (not a thinkfast model folder), which writing here would "
+                          "replace; choose a new --out or empty it")
+    dtype = None if args.dtype == "keep" else parse_dtype(args.dtype)
+    no_hf_progress_bars()
+    model, tok = load_thinkfast(args.source, dtype=dtype, where="convert")
+    if args.tokenizer:
+        tok = _tokenizer(args.tokenizer)
+    if tok is None:
+        raise CheckpointError(f"convert {args.source}: no tokenizer beside the weights; pass --tokenizer with its "
+                              f"teacher's (a folder or hub id){_teacher_hint(args.source)}")
+    stops = [i for i in ([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else []) if i is not None]
+    if getattr(model.config, "eos_token_id", None) is None and stops:
+        model.config.eos_token_id = stops[0]
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    with torch.no_grad(), atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    cfg = model.model_config
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{out}: thinkfast {model.config.role}, {params / 1e6:.1f}M parameters, {cfg.n_layers} layers "
+          f"(attention at {cfg.attn_layers or 'none'}), {next(model.parameters()).dtype}")
+    return 0
+
+
+def _model_type(folder: Path):
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    from ..models.teacher import checkpoint_source
+
+    path = Path(spec)
+    extra = {} if path.is_dir() else checkpoint_source(spec, "--tokenizer")[1]
+    try:
+        return AutoTokenizer.from_pretrained(spec, **extra)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"--tokenizer {spec}: no tokenizer could be read there ({first})") from None
+
+
+def _teacher_hint(source: str) -> str:
+    """MambaInLlama's config.json names the teacher it was distilled from."""
+    name = _name_or_path(Path(source))
+    return f" (its config.json names {name})" if name else ""
+
+
+def _name_or_path(folder: Path):
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,365 @@
+"""Published Mamba-2 students in their own checkpoint formats, converted to thinkfast models.
+
+- Cartesia's Llamba (cartesia-ai/Llamba-1B, -3B, -8B: Llama-3.x distilled by MOHAWK): a config.json with `ssm_cfg`
+  and `mlp_cfg`, weights under `backbone.`, every mixer a DiscreteMamba2 (in_proj rows x | B | C | z | A_log, a
+  conv without activation, a = exp(-softplus(A_log)), input not scaled, y * silu(z + z_bias)).
+- MambaInLlama's Mamba-2 students and hybrids (Wang et al., 2024): the teacher's Llama config.json plus a
+  mamba_config.json, Mamba layers under `model.layers.N.mamba.` (in_proj rows z | x | B | C | dt, as thinkfast's),
+  attention layers as in Llama, a gated RMSNorm over each head.
+
+Both map onto thinkfast's Mamba-2 mixer without approximation: rows are reordered, B and C given per group of
+heads are repeated for each head of the group (the conv is depthwise, so repeated channels stay equal), and
+Llamba's z bias becomes the z rows' part of an in_proj bias.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from .config import ModelConfig
+from .teacher import _first_line
+
+log = logging.getLogger("thinkfast")
+
+LLAMBA = "llamba"
+MAMBA_IN_LLAMA = "mambainllama"
+FORMAT_NAMES = {LLAMBA: "Cartesia Llamba", MAMBA_IN_LLAMA: "MambaInLlama"}
+# a pure Mamba model has no positions of its own: this only bounds what the engine allocates for
+NO_POSITION_LIMIT = 131072
+
+
+# ---------------------------------------------------------------------------------------------- finding them
+
+
+def published_format(folder: Path) -> str | None:
+    """LLAMBA, MAMBA_IN_LLAMA or None for a checkpoint folder, from its config files alone."""
+    if (folder / "mamba_config.json").is_file():
+        return MAMBA_IN_LLAMA
+    raw = _json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    return LLAMBA if _is_llamba_config(raw) else None
+
+
+def _is_llamba_config(raw: dict) -> bool:
+    return isinstance(raw.get("ssm_cfg"), dict) and "d_model" in raw and "n_layer" in raw
+
+
+def _json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e}); re-download the checkpoint") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: a JSON object was expected; re-download the checkpoint")
+    return raw
+
+
+def fetch_published(spec: str, where: str, extra: dict) -> Path | None:
+    """The local snapshot of a hub id when it names a published student (its weights downloaded, or read from the
+    local cache offline: `extra` is `hub_kwargs`'s); None for anything else, which then loads as a teacher would."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        raw = _json(Path(hf_hub_download(spec, "config.json", **extra)))
+    except CheckpointError:
+        raise
+    except Exception:  # no such repo or file: the teacher loader says so in its own words
+        return None
+    if not _is_llamba_config(raw):
+        try:
+            hf_hub_download(spec, "mamba_config.json", **extra)
+        except Exception:
+            return None
+    try:
+        folder = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"], **extra))
+        if not list(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(spec, allow_patterns=["*.json", "pytorch_model*.bin"], **extra))
+    except Exception as e:
+        raise CheckpointError(f"{where} {spec}: could not download its weights ({_first_line(e)}); check the "
+                              "connection, or download the model while online") from None
+    return folder
+
+
+def read_weights(folder: Path, where: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder: safetensors (all shards), else PyTorch .bin files read with
+    weights_only=True (tensors only: no code runs)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not files and not bins:
+        raise CheckpointError(f"{where} {folder}: no *.safetensors or pytorch_model*.bin weights; re-download the checkpoint")
+    out: dict[str, torch.Tensor] = {}
+    for f in files or bins:
+        try:
+            part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{where} {f}: weights could not be read ({_first_line(e)}); re-download them") from None
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{where} {f}: not a state dict of tensors; re-download the checkpoint")
+        out.update(part)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- converting
+
+
+class _Weights:
+    """A checkpoint's tensors, taken by name; a missing one or a wrong shape is one line naming it."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], where: str):
+        self.tensors, self.where, self.used = tensors, where, set()
+
+    def __call__(self, name: str, shape: tuple | None = None) -> torch.Tensor:
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.where}: weight {name} is missing; the checkpoint is incomplete or of another "
+                                  "format (re-download it)")
+        t = self.tensors[name]
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{self.where}: weight {name} has shape {tuple(t.shape)} where its config implies "
+                                  f"{tuple(shape)}; config and weights do not belong together")
+        self.used.add(name)
+        return t
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def left_over(self) -> list[str]:
+        return sorted(set(self.tensors) - self.used)
+
+
+def _per_head(t: torch.Tensor, groups: int, heads: int) -> torch.Tensor:
+    """Rows (or conv channels) given per group of heads -> per head: each group's block repeated for its heads."""
+    return t.unflatten(0, (groups, -1)).repeat_interleave(heads // groups, dim=0).flatten(0, 1)
+
+
+def _setting(cfg: dict, key: str, default, where: str, allowed) -> object:
+    value = cfg.get(key, default)
+    if value not in allowed:
+        raise ConfigError(f"{where}: {key}={value!r} is not supported (thinkfast's Mamba-2 mixer has {allowed[0]!r})")
+    return value
+
+
+def convert_llamba(folder: Path, tensors: dict[str, torch.Tensor], where: str):
+    """A Cartesia Llamba checkpoint -> ThinkfastForCausalLM (role llamba, discrete SSM)."""
+    from .hf import ThinkfastConfig, ThinkfastForCausalLM
+
+    raw = _json(folder / "config.json")
+    ssm, mlp = dict(raw.get("ssm_cfg") or {}), dict(raw.get("mlp_cfg") or {})
+    _setting(ssm, "activation", "identity", where, ("identity",))
+    _setting(ssm, "bias", False, where, (False,))
+    _setting(ssm, "conv_bias", True, where, (True,))
+    _setting(mlp, "bias", False, where, (False,))
+    _setting(mlp, "act_fn", "silu", where, ("silu",))
+    _setting(raw, "lm_head_bias", False, where, (False,))
+    d, n_layers = int(raw["d_model"]), int(raw["n_layer"])
+    n_v, n_qk = int(ssm.get("n_v_heads", 32)), int(ssm.get("n_qk_heads", 32))
+    N, d_conv = int(ssm.get("d_state", 64)), int(ssm.get("d_conv", 4))
+    d_inner = int(ssm.get("expand", 1)) * d
+    if d_inner % n_v or n_v % n_qk:
+        raise ConfigError(f"{where}: n_v_heads={n_v} must divide the inner width {d_inner} and be a multiple of "
+                          f"n_qk_heads={n_qk}")
+    P = d_inner // n_v
+    w = _Weights(tensors, where)
+    vocab = w("backbone.embedding.weight").shape[0]
+    eps = float(raw.get("norm_epsilon", 1e-5))
+    if eps != 1e-5:  # Llamba's blocks hard-code 1e-5; thinkfast has one epsilon for every norm
+        log.warning("%s: norm_epsilon=%s for the final norm, 1e-5 in the blocks: thinkfast uses %s for both", where, eps, eps)
+    tied = bool(raw.get("tie_embeddings", False))
+    cfg = ModelConfig(
+        vocab_size=vocab, d_model=d, n_layers=n_layers, n_heads=n_v, n_kv_heads=n_v, head_dim=P,
+        d_mlp=int(mlp.get("intermediate_size", 14336)), rms_norm_eps=eps, max_position_embeddings=NO_POSITION_LIMIT,
+        tie_embeddings=tied, attn_layers=[], ssm_param="discrete", d_state=N, ssm_kv_heads=n_v, d_conv=d_conv,
+        ssm_norm=False, qkv_bias=True,  # the in_proj bias carries z_bias
+    )
+    model = ThinkfastForCausalLM(ThinkfastConfig.from_model_config(cfg, **_token_ids(raw)))
+    sd = {"embed.weight": w("backbone.embedding.weight", (vocab, d)), "norm.weight": w("backbone.final_layernorm.weight", (d,))}
+    if not tied:
+        sd["lm_head.weight"] = w("lm_head.weight", (vocab, d))
+    conv_dim = d_inner + 2 * n_qk * N
+    for i in range(n_layers):
+        src, dst = f"backbone.layers.{i}.", f"layers.{i}."
+        W = w(src + "mixer.in_proj.weight", (2 * d_inner + 2 * n_qk * N + n_v, d))
+        x, B, C, z, A_log = torch.split(W, [d_inner, n_qk * N, n_qk * N, d_inner, n_v])
+        conv_w = w(src + "mixer.conv1d.weight", (conv_dim, 1, d_conv))
+        conv_b = w(src + "mixer.conv1d.bias", (conv_dim,))
+        per_head = [lambda t: t, lambda t: _per_head(t, n_qk, n_v), lambda t: _per_head(t, n_qk, n_v)]
+        conv_parts = [f(t) for f, t in zip(per_head, torch.split(conv_w, [d_inner, n_qk * N, n_qk * N]))]
+        bias_parts = [f(t) for f, t in zip(per_head, torch.split(conv_b, [d_inner, n_qk * N, n_qk * N]))]
+        zb = w(src + "mixer.z_bias", (d_inner,))
+        sd |= {
+            dst + "mixer.in_proj.weight": torch.cat([z, x, _per_head(B, n_qk, n_v), _per_head(C, n_qk, n_v), A_log]),
+            # only z has a bias; the SSM's decay is exp(-softplus(A_log)): dt_bias stays 0
+            dst + "mixer.in_proj.bias": torch.cat([zb, zb.new_zeros(d_inner + 2 * n_v * N + n_v)]),
+            dst + "mixer.conv1d.weight": torch.cat(conv_parts),
+            dst + "mixer.conv1d.bias": torch.cat(bias_parts),
+            dst + "mixer.dt_bias": torch.zeros(n_v, dtype=W.dtype),
+            dst + "mixer.D": w(src + "mixer.D", (n_v,)),
+            dst + "mixer.out_proj.weight": w(src + "mixer.out_proj.weight", (d, d_inner)),
+            dst + "input_norm.weight": w(src + "input_layernorm.weight", (d,)),
+            dst + "mlp_norm.weight": w(src + "post_attention_layernorm.weight", (d,)),
+        }
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            sd[dst + f"mlp.{proj}.weight"] = w(src + f"mlp.{proj}.weight")
+    return _filled(model, sd, w, where)
+
+
+def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: str):
+    """A MambaInLlama Mamba-2 checkpoint (pure or hybrid) -> ThinkfastForCausalLM (mamba2 SSM, per-head norm)."""
+    from transformers import AutoConfig
+
+    from .hf import ThinkfastConfig, ThinkfastForCausalLM
+    from .teacher import model_config_from_hf
+
+    mcfg = _json(folder / "mamba_config.json")
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise CheckpointError(f"{where} {folder}/config.json: not a readable Llama config ({_first_line(e)})") from None
+    base = model_config_from_hf(hf_cfg, where=where)
+    w = _Weights(tensors, where)
+    mamba_layers = sorted({int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.") and ".mamba." in k})
+    if any(w.has(f"model.layers.{i}.mamba.x_proj.weight") for i in mamba_layers):
+        raise ConfigError(f"{where}: a Mamba-1 MambaInLlama checkpoint (x_proj / dt_proj weights); thinkfast's mixer is "
+                          "Mamba-2: use a Mamba2InLlama checkpoint")
+    if not mamba_layers:
+        raise CheckpointError(f"{where}: mamba_config.json but no model.layers.N.mamba.* weights; re-download the checkpoint")
+    ssm = dict(mcfg.get("ssm_cfg") or {})
+    _setting(ssm, "bias", False, where, (False,))
+    _setting(ssm, "conv_bias", True, where, (True,))
+    _setting(ssm, "rmsnorm", True, where, (True,))
+    _setting(ssm, "norm_before_gate", False, where, (False,))
+    _setting(ssm, "D_has_hdim", False, where, (False,))
+    _setting(ssm, "dt_limit", [0.0, float("inf")], where, ([0.0, float("inf")], (0.0, float("inf"))))
+    _setting(mcfg, "hidden_act", "silu", where, ("silu",))
+    d = base.d_model
+    N, H, d_conv = int(ssm.get("d_state", 128)), int(ssm.get("ngroups", 1)), int(ssm.get("d_conv", 4))
+    d_inner = int(mcfg.get("d_inner") or int(ssm.get("expand", 2)) * d)
+    d_xb = int(mcfg.get("d_xb", d))
+    if d_inner != H * N or d_xb % N:
+        raise ConfigError(f"{where}: d_inner={d_inner}, d_xb={d_xb}, ngroups={H}, d_state={N} do not make whole "
+                          "heads (MambaInLlama's Mamba-2 has ngroups heads of d_state each)")
+    if (H, N) != (base.n_heads, base.hd):
+        raise ConfigError(f"{where}: {H} Mamba heads of {N}, against the attention's {base.n_heads} of {base.hd}; "
+                          "thinkfast's Mamba and attention layers share one head count and size")
+    if base.rms_norm_eps != 1e-5:  # MambaInLlama's gated norm hard-codes 1e-5; thinkfast has one epsilon
+        log.warning("%s: rms_norm_eps=%s; the Mamba layers' gated norm used 1e-5 and now uses %s", where,
+                    base.rms_norm_eps, base.rms_norm_eps)
+    Hx = d_xb // N
+    repeat_first = bool(ssm.get("repeat_kv_before_conv", False))
+    n_layers = base.n_layers
+    attn = [i for i in range(n_layers) if i not in set(mamba_layers)]
+    listed = mcfg.get("attn_layers")
+    if listed is not None and sorted(int(i) for i in listed) != attn:
+        raise ConfigError(f"{where}: mamba_config.json lists attention at {sorted(listed)}, the weights have it at "
+                          f"{attn}; config and weights do not belong together")
+    cfg = base.replace(
+        attn_layers=attn, ssm_param="mamba2", d_state=N, ssm_kv_heads=H if repeat_first else Hx, d_conv=d_conv,
+        ssm_norm=True, ssm_norm_group=N, d_mlp=int(mcfg.get("intermediate_size", base.d_mlp)),
+    )
+    raw = _json(folder / "config.json")
+    model = ThinkfastForCausalLM(ThinkfastConfig.from_model_config(cfg, **_token_ids(raw)))
+    sd = {"embed.weight": w("model.embed_tokens.weight"), "norm.weight": w("model.norm.weight", (d,))}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = w("lm_head.weight")
+    for i in range(n_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        sd[dst + "input_norm.weight"] = w(src + "input_layernorm.weight", (d,))
+        sd[dst + "mlp_norm.weight"] = w(src + "post_attention_layernorm.weight", (d,))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            sd[dst + f"mlp.{proj}.weight"] = w(src + f"mlp.{proj}.weight")
+        if i in attn:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                sd[dst + f"mixer.{name}.weight"] = w(src + f"self_attn.{name}.weight")
+                if cfg.qkv_bias and name != "o_proj":
+                    sd[dst + f"mixer.{name}.bias"] = w(src + f"self_attn.{name}.bias")
+            for name in ("q_norm", "k_norm") if cfg.qk_norm else ():
+                sd[dst + f"mixer.{name}.weight"] = w(src + f"self_attn.{name}.weight")
+            continue
+        m = src + "mamba."
+        W = w(m + "in_proj.weight", (2 * d_inner + 2 * d_xb + H, d))
+        if repeat_first:  # x and B were repeated per head before the conv: repeat their rows here instead
+            z, x, B, C, dt = torch.split(W, [d_inner, d_xb, d_xb, d_inner, H])
+            W = torch.cat([z, _per_head(x, Hx, H), _per_head(B, Hx, H), C, dt])
+        conv_dim = (3 * d_inner) if repeat_first else (d_inner + 2 * d_xb)
+        sd |= {
+            dst + "mixer.in_proj.weight": W,
+            dst + "mixer.conv1d.weight": w(m + "conv1d.weight", (conv_dim, 1, d_conv)),
+            dst + "mixer.conv1d.bias": w(m + "conv1d.bias", (conv_dim,)),
+            dst + "mixer.dt_bias": w(m + "dt_bias", (H,)),
+            dst + "mixer.A_log": w(m + "A_log", (H,)),
+            dst + "mixer.D": w(m + "D", (H,)),
+            dst + "mixer.norm.weight": w(m + "norm.weight", (d_inner,)),
+            dst + "mixer.out_proj.weight": w(m + "out_proj.weight", (d, d_inner)),
+        }
+        if cfg.qkv_bias:  # a Qwen2 teacher's Mamba layers have no in_proj bias in this format
+            sd[dst + "mixer.in_proj.bias"] = torch.zeros(W.shape[0], dtype=W.dtype)
+    return _filled(model, sd, w, where)
+
+
+def _token_ids(raw: dict) -> dict:
+    return {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
+
+
+def _filled(model, sd: dict[str, torch.Tensor], w: _Weights, where: str):
+    own = model.lm.state_dict()
+    missing = sorted(set(own) - set(sd))
+    if missing:  # a converter bug rather than a bad checkpoint, but say which
+        raise CheckpointError(f"{where}: no weight for {missing[:3]} after conversion")
+    for name, t in sd.items():
+        if tuple(own[name].shape) != tuple(t.shape):
+            raise CheckpointError(f"{where}: {name} converts to shape {tuple(t.shape)}, the model expects "
+                                  f"{tuple(own[name].shape)}; config and weights do not belong together")
+    model.to(sd["embed.weight"].dtype)
+    with torch.no_grad():
+        for name, t in sd.items():
+            own[name].copy_(t)
+    ignored = [k for k in w.left_over() if "rotary_emb" not in k]
+    if ignored:
+        log.warning("%s: %d checkpoint tensors have no place in the model and were ignored (%s ...)", where,
+                    len(ignored), ", ".join(ignored[:3]))
+    return model.eval()
+
+
+def published_shape(folder: Path, kind: str, where: str) -> tuple[str, int]:
+    """(role, positions it holds) of a published student, from its configs alone (no weights read)."""
+    if kind == LLAMBA:
+        return "llamba", NO_POSITION_LIMIT
+    from transformers import AutoConfig
+
+    from .teacher import model_config_from_hf
+
+    attn = _json(folder / "mamba_config.json").get("attn_layers") or []
+    try:
+        base = model_config_from_hf(AutoConfig.from_pretrained(str(folder)), where=where)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{where} {folder}/config.json: not a readable Llama config ({_first_line(e)})") from None
+    role = "llamba" if not attn else "teacher" if len(attn) >= base.n_layers else "hybrid"
+    return role, base.max_position_embeddings
+
+
+def load_published(folder: Path, kind: str, where: str, dtype: torch.dtype | None = None):
+    """(ThinkfastForCausalLM, tokenizer or None) from a published student's folder."""
+    tensors = read_weights(folder, where)
+    convert = convert_llamba if kind == LLAMBA else convert_mambainllama
+    model = convert(folder, tensors, f"{where} {folder}" if where else str(folder))
+    if dtype is not None:
+        model.to(dtype)
+    return model, _tokenizer_beside(folder)
+
+
+def _tokenizer_beside(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception:
+        return None
