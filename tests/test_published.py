@@ -168,8 +168,11 @@ def test_llamba_settings_thinkfast_cannot_reproduce_are_refused_in_one_line(tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_a_missing_or_misshapen_weight_is_named(tmp_path):
+def test_a_missing_or_misshapen_weight_is_named_and_a_stray_one_warned_about(tmp_path, caplog):
     w = write_llamba(tmp_path / "llamba")
+    save_file({**w, "backbone.extra.weight": torch.zeros(3)}, str(tmp_path / "llamba" / "model.safetensors"))
+    load_thinkfast(tmp_path / "llamba")
+    assert "1 checkpoint tensors have no place in the model and were ignored (backbone.extra.weight" in caplog.text
     del w["backbone.layers.1.mixer.D"]
     save_file(w, str(tmp_path / "llamba" / "model.safetensors"))
     with pytest.raises(ThinkfastError, match=r"weight backbone\.layers\.1\.mixer\.D is missing"):
@@ -237,13 +240,13 @@ class ReferenceMambaLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, seed=0):
+def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, seed=0, tie=False):
     """A LlamaForCausalLM with Mamba2 layers in place of some decoder layers, saved as MambaInLlama saves it
     (the Llama config.json, mamba_config.json, one state dict); returns the reference model."""
     from conftest import tiny_llama
 
     torch.manual_seed(seed)
-    model = tiny_llama(vocab=264, hidden=64, layers=3, heads=4, kv_heads=2, tie=False, seed=seed)
+    model = tiny_llama(vocab=264, hidden=64, layers=3, heads=4, kv_heads=2, tie=tie, seed=seed)
     model.config.rms_norm_eps = 1e-5  # Llama-3's; MambaInLlama's gated norm has 1e-5 whatever the config says
     for layer in model.model.layers:
         layer.input_layernorm.variance_epsilon = layer.post_attention_layernorm.variance_epsilon = 1e-5
@@ -261,16 +264,19 @@ def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, se
     (folder / "mamba_config.json").write_text(json.dumps({
         "d_model": 64, "ssm_cfg": ssm_cfg, "rms_norm_eps": 1e-5, "vocab_size": 264, "d_inner": 64, "d_xb": n_kv * hd,
         "intermediate_size": model.config.intermediate_size, "hidden_act": "silu", "n_layer": 3, "attn_layers": attn}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    # a tied head saved as its own tensor, as a training script's plain state_dict holds it
+    save_file({k: v.clone() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     return model.eval()
 
 
-@pytest.mark.parametrize("mamba_layers, repeat_first", [((0, 2), False), ((0, 1, 2), False), ((1,), True)])
-def test_a_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, mamba_layers, repeat_first):
-    ref = write_mambainllama(tmp_path / "mil", mamba_layers, repeat_first)
+@pytest.mark.parametrize("mamba_layers, repeat_first, tie", [((0, 2), False, False), ((0, 1, 2), False, True),
+                                                             ((1,), True, False)])
+def test_a_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, caplog, mamba_layers, repeat_first, tie):
+    ref = write_mambainllama(tmp_path / "mil", mamba_layers, repeat_first, tie=tie)
     model, _ = load_thinkfast(tmp_path / "mil")
     cfg = model.model_config
     assert cfg.attn_layers == [i for i in range(3) if i not in mamba_layers] and cfg.ssm_norm_group == 16
+    assert cfg.tie_embeddings == tie and "were ignored" not in caplog.text
     ids = torch.randint(0, 264, (2, 19))
     with torch.no_grad():
         expected = ref(ids, use_cache=False).logits

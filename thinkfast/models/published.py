@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from .config import ModelConfig
-from .teacher import _first_line
+from .teacher import _first_line, model_config_from_hf
 
 log = logging.getLogger("thinkfast")
 
@@ -213,7 +213,6 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
     from transformers import AutoConfig
 
     from .hf import ThinkfastConfig, ThinkfastForCausalLM
-    from .teacher import model_config_from_hf
 
     mcfg = _json(folder / "mamba_config.json")
     try:
@@ -266,6 +265,8 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
     sd = {"embed.weight": w("model.embed_tokens.weight"), "norm.weight": w("model.norm.weight", (d,))}
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = w("lm_head.weight")
+    elif w.has("lm_head.weight"):  # a tied head saved anyway: transformers ties it to the embedding, so do we
+        w("lm_head.weight")
     for i in range(n_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         sd[dst + "input_norm.weight"] = w(src + "input_layernorm.weight", (d,))
@@ -330,8 +331,6 @@ def published_shape(folder: Path, kind: str, where: str) -> tuple[str, int]:
     if kind == LLAMBA:
         return "llamba", NO_POSITION_LIMIT
     from transformers import AutoConfig
-
-    from .teacher import model_config_from_hf
 
     attn = _json(folder / "mamba_config.json").get("attn_layers") or []
     try:
