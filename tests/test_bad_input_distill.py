@@ -208,11 +208,13 @@ def offline(tmp_path, monkeypatch):
 
 def test_a_student_kind_typo_names_the_kinds(files, tmp_path, capsys, offline):
     _fails(capsys, _distill(files, tmp_path / "a", "--student", "mamba", "--stages", "kd", "--tokens", "128"),
-           "--student mamba: use llamba, hybrid, or a saved thinkfast student folder")
+           "--student mamba: use llamba, hybrid, or a saved student (a thinkfast folder, or a published Llamba or "
+           "MambaInLlama one)")
     recipe = tmp_path / "r.toml"
     recipe.write_text('student = "lamba"\n')
     _fails(capsys, _distill(files, tmp_path / "b", "--recipe", str(recipe), "--stages", "kd", "--tokens", "128"),
-           f"recipe {recipe}: student lamba: use llamba, hybrid, or a saved thinkfast student folder (did you mean llamba?)")
+           f"recipe {recipe}: student lamba: use llamba, hybrid, or a saved student (a thinkfast folder, or a published "
+           "Llamba or MambaInLlama one) (did you mean llamba?)")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -67,7 +67,8 @@ def add_parsers(sub) -> None:
         "stage, train_log.jsonl, and finally a save_pretrained folder in --out.",
     )
     d.add_argument("--teacher", help="teacher: HF Llama-family checkpoint folder (Llama, Mistral, Qwen2, Qwen3), .gguf file, hub id, or thinkfast all-attention folder")
-    d.add_argument("--student", help="llamba | hybrid, or a saved thinkfast student folder to keep training (default llamba)")
+    d.add_argument("--student", help="llamba | hybrid, or a saved student to keep training: a thinkfast folder, or a published "
+                   "Llamba or MambaInLlama one (folder or hub id) (default llamba)")
     d.add_argument("--attn-layers", dest="attn_layers", metavar="I,J", help="hybrid: layers that keep attention (default: a quarter, spread)")
     d.add_argument("--ssm-param", dest="ssm_param", choices=["discrete", "mamba2"], help="SSM parameterisation (default: discrete for llamba, mamba2 for hybrid)")
     d.add_argument("--d-conv", dest="d_conv", metavar="N", help="a new student's causal conv width (default 4)")
@@ -94,7 +95,7 @@ def add_parsers(sub) -> None:
         description="Cross entropy on worked solutions, prompt tokens masked. Writes checkpoints, "
         "train_log.jsonl and a save_pretrained folder in --out.",
     )
-    s.add_argument("--model", help="model to fine-tune: a thinkfast folder (student or teacher) or an HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3) / .gguf / hub id")
+    s.add_argument("--model", help="model to fine-tune: a thinkfast folder (student or teacher), a published Llamba or MambaInLlama student, or an HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3) / .gguf / hub id")
     _add_common(s)
     s.set_defaults(func=run_sft)
 
@@ -174,7 +175,8 @@ def _not_a_student(label: str, spec: str) -> ConfigError:
 
     near = difflib.get_close_matches(spec.lower(), ["llamba", "hybrid"], n=1)
     hint = f" (did you mean {near[0]}?)" if near else ""
-    return ConfigError(f"{label} {spec}: use llamba, hybrid, or a saved thinkfast student folder{hint}")
+    return ConfigError(f"{label} {spec}: use llamba, hybrid, or a saved student (a thinkfast folder, or a published Llamba "
+                       f"or MambaInLlama one){hint}")
 
 
 def _check_new_student(args, plan, teacher) -> None:

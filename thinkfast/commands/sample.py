@@ -23,7 +23,7 @@ def add_parsers(sub) -> None:
         "each rank samples a slice of the problems and rank 0 merges the results into --out.",
     )
     p.add_argument("--model", dest="models", action=_InOrder, const="model", required=True, metavar="PATH",
-                   help="thinkfast checkpoint folder (teacher, llamba or hybrid), HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3), .gguf file or hub id; "
+                   help="thinkfast checkpoint folder (teacher, llamba or hybrid), published Llamba or MambaInLlama student, HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3), .gguf file or hub id; "
                    "repeat it to sample several models taking turns (their seconds per sample then share the machine's "
                    "drifts) into --out DIR/<name>.jsonl")
     p.add_argument("--data", required=True, help="data spec, e.g. gsm8k:../shared/data/gsm8k_test.jsonl?limit=100")
@@ -78,7 +78,7 @@ def add_parsers(sub) -> None:
                    "with --model it only supplies the default --configs")
     b.add_argument("--model", dest="checkpoints", action=_InOrder, const="model", default=None, metavar="PATH",
                    help="time this checkpoint instead of the preset's random models (repeatable): a thinkfast checkpoint "
-                   "folder (teacher, llamba or hybrid), HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3), .gguf file or hub id, loaded as `thinkfast sample` does")
+                   "folder (teacher, llamba or hybrid), published Llamba or MambaInLlama student, HF Llama-family folder (Llama, Mistral, Qwen2, Qwen3), .gguf file or hub id, loaded as `thinkfast sample` does")
     b.add_argument("--name", dest="checkpoints", action=_InOrder, const="name", metavar="NAME",
                    help="row name of the --model just before it (default: the folder's name)")
     b.add_argument("--no-hf", action="store_true", help="no HF generate() rows (by default the preset's teacher and every teacher-role --model get one)")

@@ -146,7 +146,7 @@ def _setting(cfg: dict, key: str, default, where: str, allowed) -> object:
 
 def convert_llamba(folder: Path, tensors: dict[str, torch.Tensor], where: str):
     """A Cartesia Llamba checkpoint -> ThinkfastForCausalLM (role llamba, discrete SSM)."""
-    from .hf import ThinkfastConfig, ThinkfastForCausalLM
+    from .hf import ThinkfastConfig
 
     raw = _json(folder / "config.json")
     ssm, mlp = dict(raw.get("ssm_cfg") or {}), dict(raw.get("mlp_cfg") or {})
@@ -176,7 +176,7 @@ def convert_llamba(folder: Path, tensors: dict[str, torch.Tensor], where: str):
         tie_embeddings=tied, attn_layers=[], ssm_param="discrete", d_state=N, ssm_kv_heads=n_v, d_conv=d_conv,
         ssm_norm=False, qkv_bias=True,  # the in_proj bias carries z_bias
     )
-    model = ThinkfastForCausalLM(ThinkfastConfig.from_model_config(cfg, **_token_ids(raw)))
+    model = _empty_model(ThinkfastConfig.from_model_config(cfg, **_token_ids(raw)))
     sd = {"embed.weight": w("backbone.embedding.weight", (vocab, d)), "norm.weight": w("backbone.final_layernorm.weight", (d,))}
     if not tied:
         sd["lm_head.weight"] = w("lm_head.weight", (vocab, d))
@@ -212,7 +212,7 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
     """A MambaInLlama Mamba-2 checkpoint (pure or hybrid) -> ThinkfastForCausalLM (mamba2 SSM, per-head norm)."""
     from transformers import AutoConfig
 
-    from .hf import ThinkfastConfig, ThinkfastForCausalLM
+    from .hf import ThinkfastConfig
 
     mcfg = _json(folder / "mamba_config.json")
     try:
@@ -261,7 +261,7 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
         ssm_norm=True, ssm_norm_group=N, d_mlp=int(mcfg.get("intermediate_size", base.d_mlp)),
     )
     raw = _json(folder / "config.json")
-    model = ThinkfastForCausalLM(ThinkfastConfig.from_model_config(cfg, **_token_ids(raw)))
+    model = _empty_model(ThinkfastConfig.from_model_config(cfg, **_token_ids(raw)))
     sd = {"embed.weight": w("model.embed_tokens.weight"), "norm.weight": w("model.norm.weight", (d,))}
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = w("lm_head.weight")
@@ -306,6 +306,15 @@ def _token_ids(raw: dict) -> dict:
     return {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
 
 
+def _empty_model(config):
+    """The model on the meta device: no weights of its own to initialise, each one is the checkpoint's (an 8B
+    student would otherwise be built, initialised and copied into, beside the checkpoint)."""
+    from .hf import ThinkfastForCausalLM
+
+    with torch.device("meta"):
+        return ThinkfastForCausalLM(config)
+
+
 def _filled(model, sd: dict[str, torch.Tensor], w: _Weights, where: str):
     own = model.lm.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -315,10 +324,10 @@ def _filled(model, sd: dict[str, torch.Tensor], w: _Weights, where: str):
         if tuple(own[name].shape) != tuple(t.shape):
             raise CheckpointError(f"{where}: {name} converts to shape {tuple(t.shape)}, the model expects "
                                   f"{tuple(own[name].shape)}; config and weights do not belong together")
-    model.to(sd["embed.weight"].dtype)
-    with torch.no_grad():
-        for name, t in sd.items():
-            own[name].copy_(t)
+    dtype = sd["embed.weight"].dtype
+    # the checkpoint's tensors become the parameters (Mamba checkpoints often keep A_log, D, dt_bias in fp32 beside
+    # bf16 weights: one dtype for all, the embedding's)
+    model.lm.load_state_dict({k: t.to(dtype) for k, t in sd.items()}, strict=True, assign=True)
     ignored = [k for k in w.left_over() if "rotary_emb" not in k]
     if ignored:
         log.warning("%s: %d checkpoint tensors have no place in the model and were ignored (%s ...)", where,
