@@ -108,6 +108,23 @@ def test_student_shape_from_flags_and_recipe(files, tmp_path):
     assert mixer.conv1d.weight.shape[-1] == 9 and mixer.N == 16
 
 
+def test_a_new_students_gated_norm_groups_from_the_flag(files, tmp_path, capsys):
+    from thinkfast.models import ThinkfastForCausalLM
+
+    out = tmp_path / "grouped"
+    assert main(_args(files, out, "--student", "hybrid", "--attn-layers", "1", "--stages", "kd", "--tokens", "128",
+                      "--ssm-norm-group", "8")) == 0
+    model = ThinkfastForCausalLM.from_pretrained(out)
+    assert model.model_config.ssm_norm_group == 8 and model.lm.layers[0].mixer.norm.group == 8
+    _fails(capsys, _args(files, tmp_path / "d", "--stages", "kd", "--tokens", "128", "--ssm-norm-group", "8"),
+           "--ssm-norm-group 8: only the mamba2 parameterisation has a gated RMSNorm")
+    _fails(capsys, _args(files, tmp_path / "e", "--student", "hybrid", "--stages", "kd", "--tokens", "128",
+                         "--ssm-norm-group", "5"), "--ssm-norm-group 5: must divide the Mamba mixer's width 32")
+    _fails(capsys, _args(files, tmp_path / "f", "--student", str(out), "--stages", "kd", "--tokens", "128",
+                         "--ssm-norm-group", "16"), "drop --ssm-norm-group 16 (it has ssm_norm_group 8)")
+    assert not any((tmp_path / x).exists() for x in "def")
+
+
 def _fails(capsys, argv, match, after=None):
     """Exit 2 with one error line (`after`: the one line expected before it, from a stage that started)."""
     capsys.readouterr()

@@ -351,6 +351,10 @@ def test_convert_keeps_or_changes_the_dtype(tmp_path):
 
 def test_convert_refuses_without_a_tokenizer_and_never_overwrites_other_files(tmp_path, capsys):
     write_llamba(tmp_path / "llamba")
+    assert main(["sample", "--model", str(tmp_path / "llamba"), "--data", "rg:chain_sum?size=2",
+                 "--out", str(tmp_path / "s.jsonl"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"thinkfast convert {tmp_path / 'llamba'} --tokenizer TEACHER --out DIR" in err, err
     assert main(["convert", str(tmp_path / "llamba"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no tokenizer beside the weights; pass --tokenizer" in err, err

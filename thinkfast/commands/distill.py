@@ -76,6 +76,9 @@ def add_parsers(sub) -> None:
                    help="a new student's SSM state size per head (default: the teacher's head size; larger keeps K and Q in the first dimensions)")
     d.add_argument("--ssm-kv-heads", dest="ssm_kv_heads", metavar="N",
                    help="a new student's heads of x and B: the teacher's KV heads (default) or its query heads")
+    d.add_argument("--ssm-norm-group", dest="ssm_norm_group", metavar="N",
+                   help="a new mamba2 student's gated RMSNorm normalises groups of N features (default: the whole width; "
+                   "the head size normalises each head, as MambaInLlama's checkpoints do)")
     d.add_argument("--stages", metavar="S,S", help="comma list from matrix,hidden,kd,sft (e.g. matrix,hidden,kd)")
     d.add_argument("--layers", metavar="I,J", help="matrix/hidden: train only these Mamba layers")
     d.add_argument("--train-mlp", dest="train_mlp", action="store_const", const=True, help="hidden: MLPs train too")
@@ -102,7 +105,7 @@ def add_parsers(sub) -> None:
 
 FLAG_KEYS = ["data", "data_weights", "eval_data", "group_by_length", "tokens", "tokenizer", "instruction", "chat",
              "chat_template_kwargs", "pack", "train_prompt", "freeze",
-             "chunk_tokens", "teacher", "student", "attn_layers", "ssm_param", "d_conv", "d_state", "ssm_kv_heads", "stages", "layers", "train_mlp", "loss",
+             "chunk_tokens", "teacher", "student", "attn_layers", "ssm_param", "d_conv", "d_state", "ssm_kv_heads", "ssm_norm_group", "stages", "layers", "train_mlp", "loss",
              "ce_weight", "temperature", "positions", "teacher_dtype", "fsdp_teacher", "model"] + [k for _, k, _, _ in TRAIN_FLAGS]
 
 
@@ -186,6 +189,15 @@ def _check_new_student(args, plan, teacher) -> None:
     if kv is not None and kv not in (tc.n_kv_heads, tc.n_heads):
         raise ConfigError(f"{_source(args, plan, 'ssm_kv_heads')} {kv}: a new student's ssm_kv_heads is the teacher's "
                           f"KV heads ({tc.n_kv_heads}) or its query heads ({tc.n_heads}); pass one of them")
+    group = plan.ssm_norm_group
+    if group is not None:
+        label = _source(args, plan, "ssm_norm_group")
+        if (plan.ssm_param or ("discrete" if plan.student == "llamba" else "mamba2")) != "mamba2":
+            raise ConfigError(f"{label} {group}: only the mamba2 parameterisation has a gated RMSNorm; drop it or pass "
+                              "--ssm-param mamba2")
+        if (tc.n_heads * tc.hd) % group:
+            raise ConfigError(f"{label} {group}: must divide the Mamba mixer's width {tc.n_heads * tc.hd} "
+                              f"(the head size {tc.hd} normalises each head)")
     if plan.d_state is not None and plan.d_state < tc.hd:
         raise ConfigError(f"{_source(args, plan, 'd_state')} {plan.d_state}: d_state is below the teacher's head size "
                           f"{tc.hd}; B and C could not hold K and Q (use {tc.hd} or more)")
@@ -197,7 +209,8 @@ def _check_saved_student(args, plan, label: str, cfg) -> None:
     from ..distill.recipes import SHAPE_KEYS
 
     have = {"ssm_param": cfg.ssm_param, "attn_layers": list(cfg.attn_layers), "d_conv": cfg.d_conv,
-            "d_state": cfg.n_state, "ssm_kv_heads": cfg.n_xb_heads}
+            "d_state": cfg.n_state, "ssm_kv_heads": cfg.n_xb_heads,
+            "ssm_norm_group": cfg.ssm_norm_group or cfg.n_heads * cfg.hd}
     drop = []
     for key in ("ssm_param", "attn_layers", *SHAPE_KEYS):
         asked = getattr(plan, key)

@@ -9,7 +9,8 @@ A stage's value comes from, in order: the command-line flag, the stage's table, 
     attn_layers = [3, 8]                             # hybrid: attention kept here
     d_conv = 4                                       # the student's Mamba mixers: conv width, state size per
     d_state = 64                                     # head (default the teacher's head size), heads of x and B
-    ssm_kv_heads = 8                                 # (default the teacher's KV heads)
+    ssm_kv_heads = 8                                 # (default the teacher's KV heads), gated-norm group
+    ssm_norm_group = 64                              # (mamba2; default the whole width, MambaInLlama's: head size)
     stages = ["matrix", "hidden", "kd"]
     data = ["gsm8k:../shared/data/gsm8k_train.jsonl"]
     data_weights = [1.0]
@@ -45,7 +46,7 @@ TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 STAGE_KEYS = {"layers", "train_mlp", "loss", "ce_weight", "temperature", "positions", "freeze", "chunk_tokens"}
 DATA_KEYS = {"data", "data_weights", "instruction", "chat", "chat_template_kwargs", "pack", "train_prompt", "group_by_length"}
 VALUE_TABLES = ("chat_template_kwargs",)  # keys whose value is a TOML table, not a stage
-SHAPE_KEYS = ("d_state", "d_conv", "ssm_kv_heads")  # a new student's Mamba mixers (`from_teacher`)
+SHAPE_KEYS = ("d_state", "d_conv", "ssm_kv_heads", "ssm_norm_group")  # a new student's Mamba mixers (`from_teacher`)
 RUN_KEYS = {"teacher", "model", "student", "attn_layers", "ssm_param", "stages", "tokenizer", "fsdp_teacher",
             "teacher_dtype", "description", "eval_data", *SHAPE_KEYS}
 TOP_KEYS = RUN_KEYS | TRAIN_KEYS | STAGE_KEYS | DATA_KEYS
@@ -152,6 +153,7 @@ class Plan:
     d_state: int | None = None
     d_conv: int | None = None
     ssm_kv_heads: int | None = None
+    ssm_norm_group: int | None = None
     tokenizer: str | None = None
     fsdp_teacher: bool = False
     teacher_dtype: str = "float32"

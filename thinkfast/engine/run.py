@@ -39,7 +39,9 @@ def load_for_sampling(spec: str, device=None, dtype: torch.dtype = torch.float32
 
     model, tok = load_thinkfast(spec, dtype=dtype, device=device, where="--model")
     if tok is None:
-        raise CheckpointError(f"--model {spec}: no tokenizer found beside the weights; save one there (tokenizer.save_pretrained)")
+        raise CheckpointError(f"--model {spec}: no tokenizer found beside the weights; save one there "
+                              f"(tokenizer.save_pretrained), or write the model with its teacher's: thinkfast convert {spec} "
+                              "--tokenizer TEACHER --out DIR")
     return model, tok, default_model_name(spec)
 
 

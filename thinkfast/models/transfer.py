@@ -62,6 +62,7 @@ def from_teacher(
     seed: int = 0,
     d_state: int | None = None,
     share_weights: bool = False,
+    ssm_norm_group: int | None = None,
 ) -> ThinkfastForCausalLM:
     """Build a student from a teacher (HF Llama model, thinkfast all-attention model, or a path/hub id/GGUF).
 
@@ -74,6 +75,8 @@ def from_teacher(
     `share_weights` (kind="teacher" only): the model takes the teacher's tensors as they are instead of copies, so
     a converted multi-GB checkpoint does not exist twice in memory; for a model that is only run (sampling, a
     frozen distillation teacher), since training it would change the original too.
+    `ssm_norm_group`: the mamba2 mixers' gated RMSNorm normalises groups of that many features (default the whole
+    width; the head size normalises each head, as MambaInLlama's checkpoints do).
     """
     if kind not in KINDS:
         raise ConfigError(f"student kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -96,7 +99,10 @@ def from_teacher(
     if d_state is not None and d_state != tcfg.hd and tcfg.qk_norm and kind != "teacher":
         raise ConfigError(f"d_state={d_state}: this teacher normalises q and k over its head size ({tcfg.hd}); a student "
                           "normalising B and C the same way needs d_state equal to it (drop --d-state)")
-    scfg = tcfg.replace(attn_layers=layers, ssm_param=ssm_param, ssm_kv_heads=ssm_kv_heads, d_conv=d_conv, d_state=d_state)
+    if ssm_norm_group is not None and ssm_param != "mamba2":
+        raise ConfigError(f"ssm_norm_group={ssm_norm_group}: only ssm_param='mamba2' has a gated RMSNorm")
+    scfg = tcfg.replace(attn_layers=layers, ssm_param=ssm_param, ssm_kv_heads=ssm_kv_heads, d_conv=d_conv, d_state=d_state,
+                        ssm_norm_group=ssm_norm_group)
 
     torch.manual_seed(seed)
     hf_cfg = ThinkfastConfig.from_model_config(scfg, **{k: v for k, v in extras.items() if v is not None})
