@@ -365,7 +365,7 @@ def test_convert_refuses_without_a_tokenizer_and_never_overwrites_other_files(tm
     assert "holds other files" in capsys.readouterr().err and (other / "notes.txt").read_text() == "keep me"
 
 
-def test_a_cached_hub_llamba_loads_offline(tmp_path, monkeypatch):
+def test_cached_hub_students_load_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     import thinkfast.models.teacher as teacher
@@ -373,14 +373,22 @@ def test_a_cached_hub_llamba_loads_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(teacher, "hub_reachable", lambda: False)
     cache = tmp_path / "hf-cache"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    w = write_llamba(cache / "models--org--llamba" / "snapshots" / "abc")
-    (cache / "models--org--llamba" / "refs").mkdir()
-    (cache / "models--org--llamba" / "refs" / "main").write_text("abc")
-    model, _ = load_thinkfast("org/llamba")
+
+    def snapshot(name):
+        (cache / f"models--org--{name}" / "refs").mkdir(parents=True)
+        (cache / f"models--org--{name}" / "refs" / "main").write_text("abc")
+        return cache / f"models--org--{name}" / "snapshots" / "abc"
+
+    w = write_llamba(snapshot("llamba"))
+    ref = write_mambainllama(snapshot("mil"), (0, 2))
     ids = torch.randint(0, 264, (1, 8))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, llamba_reference(LLAMBA_CFG, w, ids), atol=2e-4, rtol=1e-4)
-    shutil.rmtree(cache / "models--org--llamba")
+        llamba, _ = load_thinkfast("org/llamba")
+        torch.testing.assert_close(llamba(ids).logits, llamba_reference(LLAMBA_CFG, w, ids), atol=2e-4, rtol=1e-4)
+        hybrid, _ = load_thinkfast("org/mil")  # its config.json is a Llama one: mamba_config.json tells them apart
+        assert hybrid.config.role == "hybrid"
+        torch.testing.assert_close(hybrid(ids).logits, ref(ids, use_cache=False).logits, atol=2e-4, rtol=1e-4)
+    shutil.rmtree(cache)
 
 
 def test_bench_times_published_students_with_their_roles(tmp_path):
