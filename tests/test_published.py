@@ -159,6 +159,8 @@ def test_a_converted_llamba_decodes_step_by_step_as_its_forward(tmp_path):
     ({"ssm_cfg": {**LLAMBA_CFG["ssm_cfg"], "bias": True}}, "bias=True is not supported"),
     ({"ssm_cfg": {**LLAMBA_CFG["ssm_cfg"], "n_qk_heads": 3}}, "n_v_heads=4 must divide"),
     ({"lm_head_bias": True}, "lm_head_bias=True is not supported"),
+    ({"n_layer": "2"}, "n_layer='2' must be a whole number of at least 1"),
+    ({"mlp_cfg": {"intermediate_size": 0}}, "intermediate_size=0 must be a whole number of at least 1"),
 ])
 def test_llamba_settings_thinkfast_cannot_reproduce_are_refused_in_one_line(tmp_path, capsys, change, needle):
     write_llamba(tmp_path / "llamba")
@@ -298,6 +300,21 @@ def test_a_converted_mambainllama_hybrid_decodes_step_by_step_as_its_forward(tmp
     ids = torch.randint(0, 264, (2, 6))
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
     assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"attn_layers": [2]}, "mamba_config.json lists attention at [2], the weights have it at [1]"),
+    ({"ssm_cfg": {"expand": 1, "ngroups": 2, "d_state": 32}}, "2 Mamba heads of 32, against the attention's 4 of 16"),
+    ({"ssm_cfg": {"expand": 1, "ngroups": 4, "d_state": 16, "D_has_hdim": True}}, "D_has_hdim=True is not supported"),
+    ({"ssm_cfg": {"expand": 1, "ngroups": 4, "d_state": 16, "norm_before_gate": True}}, "norm_before_gate=True"),
+])
+def test_mambainllama_settings_thinkfast_cannot_reproduce_are_refused_in_one_line(tmp_path, capsys, change, needle):
+    write_mambainllama(tmp_path / "mil", (0, 2))
+    cfg = json.loads((tmp_path / "mil" / "mamba_config.json").read_text())
+    (tmp_path / "mil" / "mamba_config.json").write_text(json.dumps({**cfg, **change}))
+    assert main(["convert", str(tmp_path / "mil"), "--out", str(tmp_path / "out"), "--tokenizer", str(ASSET)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
 
 
 def test_a_mamba1_mambainllama_checkpoint_is_refused_in_one_line(tmp_path):

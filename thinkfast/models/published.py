@@ -28,7 +28,6 @@ log = logging.getLogger("thinkfast")
 
 LLAMBA = "llamba"
 MAMBA_IN_LLAMA = "mambainllama"
-FORMAT_NAMES = {LLAMBA: "Cartesia Llamba", MAMBA_IN_LLAMA: "MambaInLlama"}
 # a pure Mamba model has no positions of its own: this only bounds what the engine allocates for
 NO_POSITION_LIMIT = 131072
 
@@ -140,7 +139,16 @@ def _per_head(t: torch.Tensor, groups: int, heads: int) -> torch.Tensor:
 def _setting(cfg: dict, key: str, default, where: str, allowed) -> object:
     value = cfg.get(key, default)
     if value not in allowed:
-        raise ConfigError(f"{where}: {key}={value!r} is not supported (thinkfast's Mamba-2 mixer has {allowed[0]!r})")
+        raise ConfigError(f"{where}: {key}={value!r} is not supported (thinkfast computes only {allowed[0]!r})")
+    return value
+
+
+def _size(cfg: dict, key: str, default, where: str) -> int:
+    """A positive whole-number setting of a published config, or one line naming it."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: {key}={value!r} must be a whole number of at least 1; the config is damaged "
+                          "(re-download it)")
     return value
 
 
@@ -156,10 +164,10 @@ def convert_llamba(folder: Path, tensors: dict[str, torch.Tensor], where: str):
     _setting(mlp, "bias", False, where, (False,))
     _setting(mlp, "act_fn", "silu", where, ("silu",))
     _setting(raw, "lm_head_bias", False, where, (False,))
-    d, n_layers = int(raw["d_model"]), int(raw["n_layer"])
-    n_v, n_qk = int(ssm.get("n_v_heads", 32)), int(ssm.get("n_qk_heads", 32))
-    N, d_conv = int(ssm.get("d_state", 64)), int(ssm.get("d_conv", 4))
-    d_inner = int(ssm.get("expand", 1)) * d
+    d, n_layers = _size(raw, "d_model", None, where), _size(raw, "n_layer", None, where)
+    n_v, n_qk = _size(ssm, "n_v_heads", 32, where), _size(ssm, "n_qk_heads", 32, where)
+    N, d_conv = _size(ssm, "d_state", 64, where), _size(ssm, "d_conv", 4, where)
+    d_inner = _size(ssm, "expand", 1, where) * d
     if d_inner % n_v or n_v % n_qk:
         raise ConfigError(f"{where}: n_v_heads={n_v} must divide the inner width {d_inner} and be a multiple of "
                           f"n_qk_heads={n_qk}")
@@ -172,7 +180,7 @@ def convert_llamba(folder: Path, tensors: dict[str, torch.Tensor], where: str):
     tied = bool(raw.get("tie_embeddings", False))
     cfg = ModelConfig(
         vocab_size=vocab, d_model=d, n_layers=n_layers, n_heads=n_v, n_kv_heads=n_v, head_dim=P,
-        d_mlp=int(mlp.get("intermediate_size", 14336)), rms_norm_eps=eps, max_position_embeddings=NO_POSITION_LIMIT,
+        d_mlp=_size(mlp, "intermediate_size", 14336, where), rms_norm_eps=eps, max_position_embeddings=NO_POSITION_LIMIT,
         tie_embeddings=tied, attn_layers=[], ssm_param="discrete", d_state=N, ssm_kv_heads=n_v, d_conv=d_conv,
         ssm_norm=False, qkv_bias=True,  # the in_proj bias carries z_bias
     )
@@ -221,7 +229,8 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
         raise CheckpointError(f"{where} {folder}/config.json: not a readable Llama config ({_first_line(e)})") from None
     base = model_config_from_hf(hf_cfg, where=where)
     w = _Weights(tensors, where)
-    mamba_layers = sorted({int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.") and ".mamba." in k})
+    mamba_layers = sorted({int(k.split(".")[2]) for k in tensors
+                           if k.startswith("model.layers.") and ".mamba." in k and k.split(".")[2].isdigit()})
     if any(w.has(f"model.layers.{i}.mamba.x_proj.weight") for i in mamba_layers):
         raise ConfigError(f"{where}: a Mamba-1 MambaInLlama checkpoint (x_proj / dt_proj weights); thinkfast's mixer is "
                           "Mamba-2: use a Mamba2InLlama checkpoint")
@@ -236,9 +245,9 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
     _setting(ssm, "dt_limit", [0.0, float("inf")], where, ([0.0, float("inf")], (0.0, float("inf"))))
     _setting(mcfg, "hidden_act", "silu", where, ("silu",))
     d = base.d_model
-    N, H, d_conv = int(ssm.get("d_state", 128)), int(ssm.get("ngroups", 1)), int(ssm.get("d_conv", 4))
-    d_inner = int(mcfg.get("d_inner") or int(ssm.get("expand", 2)) * d)
-    d_xb = int(mcfg.get("d_xb", d))
+    N, H, d_conv = _size(ssm, "d_state", 128, where), _size(ssm, "ngroups", 1, where), _size(ssm, "d_conv", 4, where)
+    d_inner = _size(mcfg, "d_inner", None, where) if mcfg.get("d_inner") is not None else _size(ssm, "expand", 2, where) * d
+    d_xb = _size(mcfg, "d_xb", d, where)
     if d_inner != H * N or d_xb % N:
         raise ConfigError(f"{where}: d_inner={d_inner}, d_xb={d_xb}, ngroups={H}, d_state={N} do not make whole "
                           "heads (MambaInLlama's Mamba-2 has ngroups heads of d_state each)")
@@ -253,12 +262,13 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
     n_layers = base.n_layers
     attn = [i for i in range(n_layers) if i not in set(mamba_layers)]
     listed = mcfg.get("attn_layers")
-    if listed is not None and sorted(int(i) for i in listed) != attn:
+    if listed is not None and (not isinstance(listed, list) or not all(isinstance(i, int) for i in listed)
+                               or sorted(listed) != attn):
         raise ConfigError(f"{where}: mamba_config.json lists attention at {sorted(listed)}, the weights have it at "
                           f"{attn}; config and weights do not belong together")
     cfg = base.replace(
         attn_layers=attn, ssm_param="mamba2", d_state=N, ssm_kv_heads=H if repeat_first else Hx, d_conv=d_conv,
-        ssm_norm=True, ssm_norm_group=N, d_mlp=int(mcfg.get("intermediate_size", base.d_mlp)),
+        ssm_norm=True, ssm_norm_group=N, d_mlp=_size(mcfg, "intermediate_size", base.d_mlp, where),
     )
     raw = _json(folder / "config.json")
     model = _empty_model(ThinkfastConfig.from_model_config(cfg, **_token_ids(raw)))
@@ -342,6 +352,8 @@ def published_shape(folder: Path, kind: str, where: str) -> tuple[str, int]:
     from transformers import AutoConfig
 
     attn = _json(folder / "mamba_config.json").get("attn_layers") or []
+    if not isinstance(attn, list):
+        raise ConfigError(f"{where} {folder}/mamba_config.json: attn_layers={attn!r} must be a list of layer indices")
     try:
         base = model_config_from_hf(AutoConfig.from_pretrained(str(folder)), where=where)
     except ConfigError:
