@@ -231,6 +231,54 @@ class ReferenceMamba2(nn.Module):
         return self.out_proj(g.reshape(b, T, self.d_inner) * self.norm.weight)
 
 
+class ReferenceMamba1(nn.Module):
+    """MambaInLlama's Mamba-1 layer (`mamba/`, as M1 has it) from its published math: x = in_proj_x (KV-head shape),
+    z, B = B_proj (KV-head shape), C = C_proj, dt = dt_proj(dt_proj_down(u)) with dt_proj's bias added again by
+    the scan (delta = softplus(dt + bias)); x repeated per head before or after a SiLU conv over x alone;
+    per channel c: h = exp(delta_c A_c) h + delta_c x_c B; y = h C + D x; y * silu(z); out_proj."""
+
+    def __init__(self, d_model, d_xb, d_inner, d_state, dt_rank, repeat_kv_before_conv=True):
+        super().__init__()
+        self.d_xb, self.d_inner, self.N, self.repeat_first = d_xb, d_inner, d_state, repeat_kv_before_conv
+        self.in_proj_x = nn.Linear(d_model, d_xb, bias=False)
+        self.in_proj_z = nn.Linear(d_model, d_inner, bias=False)
+        self.B_proj = nn.Linear(d_model, d_xb, bias=False)
+        self.C_proj = nn.Linear(d_model, d_inner, bias=False)
+        self.dt_proj_down = nn.Linear(d_model, dt_rank, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        conv = d_inner if repeat_kv_before_conv else d_xb
+        self.conv1d = nn.Conv1d(conv, conv, 4, groups=conv, padding=3)
+        self.A_log = nn.Parameter(torch.log(torch.empty(d_inner, d_state).uniform_(0.5, 4)))
+        self.D = nn.Parameter(torch.randn(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        with torch.no_grad():
+            self.dt_proj.bias.normal_(-2, 0.5)
+
+    def _repeat(self, t):  # (b, T, d_xb) -> (b, T, d_inner): each block of d_state repeated for its heads
+        b, T, _ = t.shape
+        return t.view(b, T, -1, self.N).repeat_interleave(self.d_inner // self.d_xb, dim=2).reshape(b, T, self.d_inner)
+
+    def forward(self, u):
+        b, T, _ = u.shape
+        x, z = self.in_proj_x(u), self.in_proj_z(u)
+        B = self._repeat(self.B_proj(u)).view(b, T, -1, self.N)
+        C = self.C_proj(u).view(b, T, -1, self.N)
+        delta = F.softplus(self.dt_proj(self.dt_proj_down(u)) + self.dt_proj.bias)
+        if self.repeat_first:
+            x = F.silu(_causal_conv(self._repeat(x), self.conv1d.weight, self.conv1d.bias))
+        else:
+            x = self._repeat(F.silu(_causal_conv(x, self.conv1d.weight, self.conv1d.bias)))
+        A = -torch.exp(self.A_log)  # (d_inner, N)
+        head = torch.arange(self.d_inner) // self.N
+        h = u.new_zeros(b, self.d_inner, self.N)
+        ys = []
+        for t in range(T):
+            h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * x[:, t])[..., None] * B[:, t, head]
+            ys.append((h * C[:, t, head]).sum(-1))
+        y = (torch.stack(ys, 1) + self.D * x) * F.silu(z)
+        return self.out_proj(y)
+
+
 class ReferenceMambaLayer(nn.Module):
     """MambaDecoderLayer: pre-norm Mamba2 and MLP, in place of a LlamaDecoderLayer."""
 
@@ -244,7 +292,7 @@ class ReferenceMambaLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, seed=0, tie=False):
+def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, seed=0, tie=False, mamba1=False):
     """A LlamaForCausalLM with Mamba2 layers in place of some decoder layers, saved as MambaInLlama saves it
     (the Llama config.json, mamba_config.json, one state dict); returns the reference model."""
     from conftest import tiny_llama
@@ -257,14 +305,22 @@ def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, se
     model.model.norm.variance_epsilon = 1e-5
     hd, n_kv = 16, 2
     for i in mamba_layers:
-        mamba = ReferenceMamba2(64, n_kv * hd, 64, hd, repeat_kv_before_conv=repeat_first)
+        if mamba1:
+            mamba = ReferenceMamba1(64, n_kv * hd, 64, hd, dt_rank=4, repeat_kv_before_conv=repeat_first)
+        else:
+            mamba = ReferenceMamba2(64, n_kv * hd, 64, hd, repeat_kv_before_conv=repeat_first)
         with torch.no_grad():
-            mamba.in_proj.weight.normal_(0, 0.15)
+            for name, p in mamba.named_parameters():
+                if name.endswith("proj.weight") or name.endswith("_proj_x.weight") or name.endswith("_proj_z.weight"):
+                    p.normal_(0, 0.15)
         model.model.layers[i] = ReferenceMambaLayer(model.model.layers[i], mamba)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     attn = [i for i in range(3) if i not in mamba_layers]
-    ssm_cfg = {"expand": 1, "ngroups": 4, "d_state": hd, **({"repeat_kv_before_conv": True} if repeat_first else {})}
+    if mamba1:  # MambaInLlama's Mamba-1 repeats x before its conv unless told otherwise
+        ssm_cfg = {"expand": 1, "d_state": hd, "dt_rank": 4, **({} if repeat_first else {"repeat_kv_before_conv": False})}
+    else:
+        ssm_cfg = {"expand": 1, "ngroups": 4, "d_state": hd, **({"repeat_kv_before_conv": True} if repeat_first else {})}
     (folder / "mamba_config.json").write_text(json.dumps({
         "d_model": 64, "ssm_cfg": ssm_cfg, "rms_norm_eps": 1e-5, "vocab_size": 264, "d_inner": 64, "d_xb": n_kv * hd,
         "intermediate_size": model.config.intermediate_size, "hidden_act": "silu", "n_layer": 3, "attn_layers": attn}))
@@ -292,6 +348,53 @@ def test_a_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, caplog,
         assert (model(ids).logits - expected).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("mamba_layers, repeat_first", [((0, 2), True), ((0, 1, 2), False)])
+def test_a_mamba1_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, mamba_layers, repeat_first):
+    ref = write_mambainllama(tmp_path / "mil", mamba_layers, repeat_first, mamba1=True)
+    model, _ = load_thinkfast(tmp_path / "mil")
+    cfg = model.model_config
+    assert (cfg.ssm_param, cfg.dt_rank, cfg.ssm_kv_heads) == ("mamba1", 4, 4 if repeat_first else 2)
+    ids = torch.randint(0, 264, (2, 17))
+    with torch.no_grad():
+        expected = ref(ids, use_cache=False).logits
+        torch.testing.assert_close(model(ids).logits, expected, atol=2e-4, rtol=1e-4)
+        # MambaInLlama's doubled dt bias matters: with it once, other logits
+        for i in mamba_layers:
+            model.lm.layers[i].mixer.dt_proj.bias /= 2
+        assert (model(ids).logits - expected).abs().max() > 1e-2
+
+
+def test_a_converted_mamba1_hybrid_decodes_as_its_forward_in_generate_and_the_engine(tmp_path):
+    from thinkfast.engine.engine import Engine
+    from thinkfast.engine.sampling import SamplingParams
+
+    write_mambainllama(tmp_path / "mil", (0, 2), mamba1=True)
+    model, _ = load_thinkfast(tmp_path / "mil")
+    ids = torch.randint(0, 264, (2, 6))
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
+    recomputed = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(model.generate(ids, **kw), recomputed)
+    # a left-padded row decodes as the same prompt alone
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:1]], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], dim=1)
+    out = model.generate(padded, **{**kw, "attention_mask": mask})
+    assert torch.equal(out[:, 3:], recomputed[:1])
+    # the engine (3 slots for 4 samples: rows refilled) greedy = generate()
+    eng = Engine(model, None, max_len=32, batch_size=3, stop_ids=[])
+    done = list(eng.generate([(str(i), ids[i].tolist()) for i in range(2)], n=2,
+                             params=SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)))
+    assert len(done) == 4
+    for c in done:
+        assert list(c.tokens) == recomputed[int(c.problem_id), 6:].tolist()
+
+
+def test_the_matrix_stage_refuses_mamba1_layers_in_one_line(tmp_path):
+    write_mambainllama(tmp_path / "mil", (0, 2), mamba1=True)
+    model, _ = load_thinkfast(tmp_path / "mil")
+    with pytest.raises(ThinkfastError, match="a Mamba-1 layer has a decay per channel and state dimension"):
+        model.lm.layers[0].mixer.matrix(torch.zeros(1, 3, 64))
+
+
 def test_a_converted_mambainllama_hybrid_decodes_step_by_step_as_its_forward(tmp_path):
     import thinkfast  # noqa: F401
 
@@ -317,14 +420,14 @@ def test_mambainllama_settings_thinkfast_cannot_reproduce_are_refused_in_one_lin
     assert err.count("\n") == 1 and needle in err, err
 
 
-def test_a_mamba1_mambainllama_checkpoint_is_refused_in_one_line(tmp_path):
+def test_mamba_ssm_style_mamba1_layers_are_refused_in_one_line(tmp_path):
     write_mambainllama(tmp_path / "mil", (0,))
     from safetensors.torch import load_file
 
     w = load_file(str(tmp_path / "mil" / "model.safetensors"))
     w["model.layers.0.mamba.x_proj.weight"] = torch.zeros(4, 4)
     save_file(w, str(tmp_path / "mil" / "model.safetensors"))
-    with pytest.raises(ThinkfastError, match="a Mamba-1 MambaInLlama checkpoint"):
+    with pytest.raises(ThinkfastError, match=r"Mamba layers with x_proj \(mamba_ssm's own Mamba-1 layout\)"):
         load_thinkfast(tmp_path / "mil")
 
 
@@ -420,12 +523,13 @@ def test_bench_times_published_students_with_their_roles(tmp_path):
         ("mil", "hybrid", "thinkfast", 8), ("mil-hf", "hybrid", "hf", 8)]
 
 
-def test_distill_keeps_training_a_published_hybrid_from_its_teacher(tmp_path):
+@pytest.mark.parametrize("mamba1", [False, True])
+def test_distill_keeps_training_a_published_hybrid_from_its_teacher(tmp_path, capsys, mamba1):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conftest import tiny_llama
 
-    ref = write_mambainllama(tmp_path / "mil", (0, 2), seed=4)
+    ref = write_mambainllama(tmp_path / "mil", (0, 2), seed=4, mamba1=mamba1)
     teacher = tiny_llama(vocab=264, hidden=64, layers=3, heads=4, kv_heads=2, tie=False, seed=4)  # the same start
     teacher.save_pretrained(tmp_path / "teacher")
     AutoTokenizer.from_pretrained(ASSET).save_pretrained(tmp_path / "teacher")
@@ -435,7 +539,24 @@ def test_distill_keeps_training_a_published_hybrid_from_its_teacher(tmp_path):
                  "--instruction", "none", "--no-progress", "--out", str(out)]) == 0
     trained = AutoModelForCausalLM.from_pretrained(out)
     cfg = trained.model_config
-    assert (cfg.attn_layers, cfg.ssm_norm_group, cfg.ssm_param) == ([1], 16, "mamba2")
+    assert (cfg.attn_layers, cfg.ssm_param) == ([1], "mamba1" if mamba1 else "mamba2")
+    assert cfg.ssm_norm_group == (None if mamba1 else 16)
     ids = torch.randint(0, 260, (1, 12))
     with torch.no_grad():  # trained: no longer the published weights
         assert (trained(ids).logits - ref(ids, use_cache=False).logits).abs().max() > 1e-3
+    if mamba1:  # MOHAWK's matrix stage has no per-head matrix to compare for a Mamba-1 layer: one line
+        capsys.readouterr()
+        assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "mil"), "--stages",
+                     "matrix", "--tokens", "128", "--seq-len", "64", "--batch-size", "2", "--data", "rg:chain_sum?size=8",
+                     "--instruction", "none", "--no-progress", "--out", str(tmp_path / "run2")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Mamba-1 layers, and MOHAWK's matrix stage compares one mixing matrix" in err, err
+        assert not (tmp_path / "run2").exists()
+
+
+def test_new_students_are_not_mamba1():
+    from conftest import tiny_llama
+    from thinkfast.models import from_teacher
+
+    with pytest.raises(ThinkfastError, match="ssm_param='mamba1' comes only with converted checkpoints"):
+        from_teacher(tiny_llama(), kind="hybrid", ssm_param="mamba1")

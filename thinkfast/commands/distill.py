@@ -266,6 +266,10 @@ def run_distill(args) -> int:
         if not isinstance(student, ThinkfastForCausalLM) or student.config.role == "teacher":
             raise _not_a_student(s_label, plan.student)
         _check_saved_student(args, plan, s_label, student.model_config)
+        if student.model_config.ssm_param == "mamba1" and any(st.kind == "matrix" for st in plan.stages):
+            raise ConfigError(f"{s_label} {plan.student}: Mamba-1 layers, and MOHAWK's matrix stage compares one mixing "
+                              "matrix per head (Mamba-1 decays per channel and state dimension); use the hidden, kd or "
+                              "sft stages")
     student.float()
     distill(teacher, student, plan.data, plan.stages, tokenizer=tokenizer, out_dir=out, resume=args.resume,
             progress=progress, fsdp_teacher=plan.fsdp_teacher, eval_data=plan.eval_data)

@@ -364,8 +364,9 @@ def _truncate_log(log_path: Path, stage: str, step: int) -> None:
 def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float):
     decay, no_decay = [], []
     for name, p in named:
-        # matrices decay; vectors (norms, biases, dt_bias, A_log, D) and conv kernels do not
-        (decay if p.ndim >= 2 and "conv1d" not in name else no_decay).append(p)
+        # matrices decay; vectors (norms, biases, dt_bias, A_log, D), conv kernels and Mamba-1's (channel, state)
+        # A_log do not
+        (decay if p.ndim >= 2 and "conv1d" not in name and not name.endswith("A_log") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

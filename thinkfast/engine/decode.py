@@ -22,7 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..models.mixers import KVCache, SSMCache
+from ..models.mixers import KVCache, Mamba1Mixer, SSMCache
 from ..models.model import ModelState, ThinkfastLM
 
 log = logging.getLogger(__name__)
@@ -185,9 +185,11 @@ class DecodeStep:
             if m.q_proj.bias is not None:  # Qwen2's
                 self.qkv_bias[i] = torch.cat([m.q_proj.bias, m.k_proj.bias, m.v_proj.bias]).detach()
         self.neg_A, self.conv_w, self.D = {}, {}, {}
+        # Mamba-1 layers (converted checkpoints) run the module's own step
+        self.mamba1_layers = {i for i, layer in enumerate(lm.layers) if isinstance(layer.mixer, Mamba1Mixer)}
         for i, layer in enumerate(lm.layers):
             m = layer.mixer
-            if not layer.is_attention:
+            if not layer.is_attention and i not in self.mamba1_layers:
                 self.conv_w[i] = m.conv1d.weight.detach()[:, 0, :].t().contiguous()  # (d_conv, conv_dim)
                 self.D[i] = m.D.detach().to(lm.embed.weight.dtype).view(1, m.Hx, m.H // m.Hx, 1)
                 if not m.discrete:
@@ -236,6 +238,8 @@ class DecodeStep:
             x = rms_norm(layer.input_norm, h)
             if layer.is_attention:
                 y = self._attention(i, layer.mixer, x, cos, sin, blocks, bias, write_idx, cache)
+            elif i in self.mamba1_layers:  # the first n slots' state (views: the step updates them in place)
+                y = layer.mixer.step(x, None, positions, SSMCache(cache.conv[:n], cache.ssm[:n]))
             else:
                 y = self._mamba(i, layer.mixer, x, cache)
             h = h + y

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from ..utils import wrong_field_type
 
-SSM_PARAMS = ("discrete", "mamba2")
+SSM_PARAMS = ("discrete", "mamba2", "mamba1")
 @dataclass
 class ModelConfig:
     vocab_size: int = 256
@@ -28,7 +28,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3); a Mamba mixer then normalises C and B
     attn_layers: list[int] = field(default_factory=list)  # indices of layers that keep softmax attention
     # Mamba-2 mixer
-    ssm_param: str = "mamba2"  # "discrete" (Llamba) or "mamba2" (MambaInLlama)
+    # "discrete" (Llamba) or "mamba2" (MambaInLlama): Mamba-2 mixers; "mamba1": Mamba-1's selective SSM (a decay per
+    # channel and state dimension), as MambaInLlama's first students and M1 have it (converted checkpoints only)
+    ssm_param: str = "mamba2"
     d_state: int | None = None  # default head_dim, so B and C can take W_K and W_Q
     ssm_kv_heads: int | None = None  # heads of x and B before per-block expansion; default n_kv_heads
     d_conv: int = 4
@@ -37,6 +39,7 @@ class ModelConfig:
     # normalise each head on its own (group = the head size)
     ssm_norm_group: int | None = None
     chunk_size: int = 64
+    dt_rank: int | None = None  # mamba1: the low-rank dt projection's width (default ceil(d_model / 16))
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -63,6 +66,16 @@ class ModelConfig:
     @property
     def n_xb_heads(self) -> int:
         return self.ssm_kv_heads if self.ssm_kv_heads is not None else self.n_kv_heads
+
+    @property
+    def n_dt_rank(self) -> int:
+        return self.dt_rank if self.dt_rank is not None else -(-self.d_model // 16)
+
+    @property
+    def ssm_conv_dim(self) -> int:
+        """Channels of a Mamba layer's causal conv: x, B and C for Mamba-2; x alone for Mamba-1."""
+        x = self.n_xb_heads * self.hd
+        return x if self.ssm_param == "mamba1" else x + self.n_xb_heads * self.n_state + self.n_heads * self.n_state
 
     @property
     def use_ssm_norm(self) -> bool:

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.utils import ModelOutput
 
 from .config import ModelConfig
-from .mixers import MLP, Attention, KVCache, Mamba2Mixer, RMSNorm, Rotary
+from .mixers import MLP, Attention, KVCache, Mamba1Mixer, Mamba2Mixer, RMSNorm, Rotary
 from .model import Block, ModelState, ThinkfastLM
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -68,7 +68,7 @@ class ModelStep:
 
 
 # the modules a thinkfast model is built of: a step that reads their weights directly computes what they would
-PLAIN_MODULES = (ThinkfastLM, Block, Attention, Mamba2Mixer, MLP, RMSNorm, Rotary, nn.Embedding, nn.Linear, nn.Conv1d,
+PLAIN_MODULES = (ThinkfastLM, Block, Attention, Mamba1Mixer, Mamba2Mixer, MLP, RMSNorm, Rotary, nn.Embedding, nn.Linear, nn.Conv1d,
                  nn.ModuleList)
 
 
@@ -179,7 +179,7 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
                 module.weight.fill_(1.0)
             elif isinstance(module, nn.Conv1d):
                 module.reset_parameters()
-            elif isinstance(module, Mamba2Mixer):
+            elif isinstance(module, (Mamba1Mixer, Mamba2Mixer)):
                 module.reset_ssm_parameters()
             for p, value in kept:
                 p.copy_(value)

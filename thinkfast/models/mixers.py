@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+from ..ops.selective import selective_scan, selective_step
 from ..ops.ssd import ssd_matrix, ssd_scan, ssd_step
 from .config import ModelConfig
 
@@ -362,6 +364,104 @@ class Mamba2Mixer(nn.Module):
     def allocate_cache(self, batch, max_len, device, dtype, ssm_dtype=None) -> SSMCache:
         """The SSM state is fp32 unless `ssm_dtype` says otherwise (a bf16 state halves the bytes each decode step
         reads and writes; the update still runs in fp32 and rounds once per step)."""
+        return SSMCache(
+            torch.zeros(batch, self.conv_dim, self.cfg.d_conv - 1, device=device, dtype=dtype),
+            torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=ssm_dtype or torch.float32),
+        )
+
+
+# ---------------------------------------------------------------- Mamba-1 (selective SSM) mixer
+
+
+class Mamba1Mixer(nn.Module):
+    """Mamba-1's selective SSM in the grouped-query shape MambaInLlama gave it (its first students, and M1).
+
+    in_proj -> [z (H*P) | x (Hx*P) | B (Hx*N) | C (H*N) | dt_low (R)]; causal depthwise conv + SiLU over x alone;
+    x and B expanded per head block to H heads of P = N channels; dt = softplus(dt_proj(dt_low)) per channel;
+    h[c, n] = exp(dt[c] A[c, n]) h[c, n] + dt[c] x[c] B[n] (A = -exp(A_log), one per channel and state dimension);
+    y = h C + D x, gated by silu(z); out_proj. The same (B, H, P, N) state and (B, conv_dim, d_conv - 1) conv state
+    as the Mamba-2 mixer, so caches, engine slots and `generate()` treat both alike.
+    """
+
+    discrete = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.H, self.P, self.N, self.Hx = cfg.n_heads, cfg.hd, cfg.n_state, cfg.n_xb_heads
+        self.R = cfg.n_dt_rank
+        self.d_inner = self.H * self.P
+        self.d_x, self.d_b, self.d_c = self.Hx * self.P, self.Hx * self.N, self.H * self.N
+        self.conv_dim = self.d_x
+        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.d_x + self.d_b + self.d_c + self.R, bias=False)
+        self.dt_proj = nn.Linear(self.R, self.d_inner)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, padding=cfg.d_conv - 1)
+        self.A_log = nn.Parameter(torch.zeros(self.d_inner, self.N))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+        self.norm = None
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """Mamba-1's init: A = 1..N per channel (S4D-real), dt = softplus(bias) log-uniform in [1e-3, 0.1]."""
+        self.A_log.copy_(torch.log(torch.arange(1, self.N + 1, dtype=torch.float32)).expand(self.d_inner, -1))
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_proj.bias.copy_(inverse_softplus(dt))
+        self.D.fill_(1.0)
+
+    def _split(self, u):
+        return torch.split(self.in_proj(u), [self.d_inner, self.d_x, self.d_b, self.d_c, self.R], dim=-1)
+
+    def _heads(self, xs, B, C, dt_low):
+        """Post-conv x and the projections -> x, dt (…, H, P), B, C (…, H, N)."""
+        lead = xs.shape[:-1]
+        g = self.H // self.Hx
+        x = xs.reshape(*lead, self.Hx, self.P).repeat_interleave(g, dim=-2)
+        B = B.reshape(*lead, self.Hx, self.N).repeat_interleave(g, dim=-2)
+        C = C.reshape(*lead, self.H, self.N)
+        dt = F.softplus(self.dt_proj(dt_low).float()).reshape(*lead, self.H, self.P)
+        return x, dt, B, C
+
+    def _A(self):
+        return -torch.exp(self.A_log.float()).view(self.H, self.P, self.N)
+
+    def forward(self, x, rope=None, attention_mask=None, cache: SSMCache | None = None):
+        Bsz, T, _ = x.shape
+        z, xs, B, C, dt_low = self._split(x)
+        if attention_mask is not None:
+            xs = xs * attention_mask[..., None].to(xs.dtype)
+        if cache is not None and self.cfg.d_conv > 1:
+            k = self.cfg.d_conv - 1
+            tail = xs[:, -k:].transpose(1, 2)
+            cache.conv.zero_()
+            cache.conv[..., k - tail.shape[-1]:] = tail.to(cache.conv.dtype)
+        xs = F.silu(self.conv1d(xs.transpose(1, 2))[..., :T].transpose(1, 2))
+        xh, dt, B, C = self._heads(xs, B, C, dt_low)
+        if attention_mask is not None:  # pads: dt = 0, so no decay and no input: the state skips them
+            dt = dt * attention_mask[..., None, None].to(dt.dtype)
+        y, final = selective_scan(xh, dt, self._A(), B, C)
+        if cache is not None:
+            cache.ssm.copy_(final)
+        y = (y + self.D.float().view(self.H, self.P) * xh.float()).to(x.dtype)
+        return self.out_proj(y.reshape(Bsz, T, self.d_inner) * F.silu(z))
+
+    def step(self, x, rope, positions, cache: SSMCache, kv_len=None):
+        """x (B, D) -> (B, D); updates the conv and SSM state in place."""
+        z, xs, B, C, dt_low = self._split(x)
+        window = torch.cat([cache.conv, xs.unsqueeze(-1).to(cache.conv.dtype)], dim=-1)  # (B, conv_dim, d_conv)
+        cache.conv.copy_(window[..., 1:])
+        xs = F.silu(((window * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias).to(x.dtype))
+        xh, dt, B, C = self._heads(xs, B, C, dt_low)
+        y = selective_step(cache.ssm, xh, dt, self._A(), B, C)
+        y = (y + self.D.float().view(self.H, self.P) * xh.float()).to(x.dtype)
+        return self.out_proj(y.reshape(x.shape[0], self.d_inner) * F.silu(z))
+
+    def matrix(self, x, rope=None, attention_mask=None):
+        raise ConfigError("MOHAWK's matrix stage compares one mixing matrix per head; a Mamba-1 layer has a decay per "
+                          "channel and state dimension: train it with the hidden, kd or sft stages")
+
+    def allocate_cache(self, batch, max_len, device, dtype, ssm_dtype=None) -> SSMCache:
         return SSMCache(
             torch.zeros(batch, self.conv_dim, self.cfg.d_conv - 1, device=device, dtype=dtype),
             torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=ssm_dtype or torch.float32),

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .mixers import MLP, Attention, KVCache, Mamba2Mixer, RMSNorm, Rotary, SSMCache
+from .mixers import MLP, Attention, KVCache, Mamba1Mixer, Mamba2Mixer, RMSNorm, Rotary, SSMCache
 
 
 class Block(nn.Module):
@@ -21,7 +21,10 @@ class Block(nn.Module):
         super().__init__()
         self.is_attention = cfg.is_attention(layer)
         self.input_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.mixer = Attention(cfg) if self.is_attention else Mamba2Mixer(cfg)
+        if self.is_attention:
+            self.mixer = Attention(cfg)
+        else:
+            self.mixer = Mamba1Mixer(cfg) if cfg.ssm_param == "mamba1" else Mamba2Mixer(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_mlp)
 
@@ -143,7 +146,10 @@ class ThinkfastLM(nn.Module):
                 nn.init.normal_(m.weight, std=std)
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
-            elif isinstance(m, Mamba2Mixer):
+            elif isinstance(m, (Mamba1Mixer, Mamba2Mixer)):
                 nn.init.normal_(m.in_proj.weight, std=std)
                 m.conv1d.reset_parameters()
+                m.reset_ssm_parameters()
+        for m in self.modules():  # after its dt_proj, a Linear the loop reached later and zeroed the bias of
+            if isinstance(m, Mamba1Mixer):
                 m.reset_ssm_parameters()

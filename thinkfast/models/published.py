@@ -217,7 +217,8 @@ def convert_llamba(folder: Path, tensors: dict[str, torch.Tensor], where: str):
 
 
 def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: str):
-    """A MambaInLlama Mamba-2 checkpoint (pure or hybrid) -> ThinkfastForCausalLM (mamba2 SSM, per-head norm)."""
+    """A MambaInLlama checkpoint (pure or hybrid) -> ThinkfastForCausalLM: Mamba-2 layers (`mamba2/`: the mamba2
+    SSM with a per-head norm) or Mamba-1 layers (`mamba/`, as M1 has them: the mamba1 SSM)."""
     from transformers import AutoConfig
 
     from .hf import ThinkfastConfig
@@ -231,34 +232,30 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
     w = _Weights(tensors, where)
     mamba_layers = sorted({int(k.split(".")[2]) for k in tensors
                            if k.startswith("model.layers.") and ".mamba." in k and k.split(".")[2].isdigit()})
-    if any(w.has(f"model.layers.{i}.mamba.x_proj.weight") for i in mamba_layers):
-        raise ConfigError(f"{where}: a Mamba-1 MambaInLlama checkpoint (x_proj / dt_proj weights); thinkfast's mixer is "
-                          "Mamba-2: use a Mamba2InLlama checkpoint")
     if not mamba_layers:
         raise CheckpointError(f"{where}: mamba_config.json but no model.layers.N.mamba.* weights; re-download the checkpoint")
+    first = f"model.layers.{mamba_layers[0]}.mamba."
+    if w.has(first + "x_proj.weight"):
+        raise ConfigError(f"{where}: Mamba layers with x_proj (mamba_ssm's own Mamba-1 layout), which thinkfast does not "
+                          "read; MambaInLlama's Mamba-1 (in_proj_x, B_proj, C_proj) and Mamba-2 layers it does")
+    mamba1 = w.has(first + "in_proj_x.weight")
     ssm = dict(mcfg.get("ssm_cfg") or {})
-    _setting(ssm, "bias", False, where, (False,))
-    _setting(ssm, "conv_bias", True, where, (True,))
-    _setting(ssm, "rmsnorm", True, where, (True,))
-    _setting(ssm, "norm_before_gate", False, where, (False,))
-    _setting(ssm, "D_has_hdim", False, where, (False,))
-    _setting(ssm, "dt_limit", [0.0, float("inf")], where, ([0.0, float("inf")], (0.0, float("inf"))))
     _setting(mcfg, "hidden_act", "silu", where, ("silu",))
+    _setting(ssm, "conv_bias", True, where, (True,))
     d = base.d_model
-    N, H, d_conv = _size(ssm, "d_state", 128, where), _size(ssm, "ngroups", 1, where), _size(ssm, "d_conv", 4, where)
+    N, d_conv = _size(ssm, "d_state", 16 if mamba1 else 128, where), _size(ssm, "d_conv", 4, where)
     d_inner = _size(mcfg, "d_inner", None, where) if mcfg.get("d_inner") is not None else _size(ssm, "expand", 2, where) * d
     d_xb = _size(mcfg, "d_xb", d, where)
+    H = d_inner // N if mamba1 else _size(ssm, "ngroups", 1, where)
     if d_inner != H * N or d_xb % N:
-        raise ConfigError(f"{where}: d_inner={d_inner}, d_xb={d_xb}, ngroups={H}, d_state={N} do not make whole "
-                          "heads (MambaInLlama's Mamba-2 has ngroups heads of d_state each)")
+        raise ConfigError(f"{where}: d_inner={d_inner}, d_xb={d_xb}, d_state={N}" + ("" if mamba1 else f", ngroups={H}")
+                          + " do not make whole heads of d_state channels")
     if (H, N) != (base.n_heads, base.hd):
         raise ConfigError(f"{where}: {H} Mamba heads of {N}, against the attention's {base.n_heads} of {base.hd}; "
                           "thinkfast's Mamba and attention layers share one head count and size")
-    if base.rms_norm_eps != 1e-5:  # MambaInLlama's gated norm hard-codes 1e-5; thinkfast has one epsilon
-        log.warning("%s: rms_norm_eps=%s; the Mamba layers' gated norm used 1e-5 and now uses %s", where,
-                    base.rms_norm_eps, base.rms_norm_eps)
     Hx = d_xb // N
-    repeat_first = bool(ssm.get("repeat_kv_before_conv", False))
+    # x (and B) repeated per head before the conv: their rows are repeated here instead, and the conv is as saved
+    repeat_first = bool(ssm.get("repeat_kv_before_conv", mamba1))  # MambaInLlama's defaults: True for Mamba-1
     n_layers = base.n_layers
     attn = [i for i in range(n_layers) if i not in set(mamba_layers)]
     listed = mcfg.get("attn_layers")
@@ -266,17 +263,30 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
                                or sorted(listed) != attn):
         raise ConfigError(f"{where}: mamba_config.json lists attention at {sorted(listed)}, the weights have it at "
                           f"{attn}; config and weights do not belong together")
-    cfg = base.replace(
-        attn_layers=attn, ssm_param="mamba2", d_state=N, ssm_kv_heads=H if repeat_first else Hx, d_conv=d_conv,
-        ssm_norm=True, ssm_norm_group=N, d_mlp=_size(mcfg, "intermediate_size", base.d_mlp, where),
-    )
-    raw = _json(folder / "config.json")
-    model = _empty_model(ThinkfastConfig.from_model_config(cfg, **_token_ids(raw)))
+    shape = dict(attn_layers=attn, d_state=N, ssm_kv_heads=H if repeat_first else Hx, d_conv=d_conv,
+                 d_mlp=_size(mcfg, "intermediate_size", base.d_mlp, where))
+    if mamba1:
+        for key in ("proj_x_bias", "proj_z_bias", "out_proj_bias"):
+            _setting(ssm, key, False, where, (False,))
+        rank = w(first + "dt_proj_down.weight").shape[0]
+        cfg = base.replace(ssm_param="mamba1", dt_rank=rank, **shape)
+        layer = _mil_mamba1_layer
+    else:
+        for key, default in (("bias", False), ("rmsnorm", True), ("norm_before_gate", False), ("D_has_hdim", False)):
+            _setting(ssm, key, default, where, (default,))
+        _setting(ssm, "dt_limit", [0.0, float("inf")], where, ([0.0, float("inf")], (0.0, float("inf"))))
+        if base.rms_norm_eps != 1e-5:  # MambaInLlama's gated norm hard-codes 1e-5; thinkfast has one epsilon
+            log.warning("%s: rms_norm_eps=%s; the Mamba layers' gated norm used 1e-5 and now uses %s", where,
+                        base.rms_norm_eps, base.rms_norm_eps)
+        cfg = base.replace(ssm_param="mamba2", ssm_norm=True, ssm_norm_group=N, **shape)
+        layer = _mil_mamba2_layer
+    model = _empty_model(ThinkfastConfig.from_model_config(cfg, **_token_ids(_json(folder / "config.json"))))
     sd = {"embed.weight": w("model.embed_tokens.weight"), "norm.weight": w("model.norm.weight", (d,))}
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = w("lm_head.weight")
     elif w.has("lm_head.weight"):  # a tied head saved anyway: transformers ties it to the embedding, so do we
         w("lm_head.weight")
+    sizes = dict(d=d, d_inner=d_inner, d_xb=d_xb, H=H, Hx=Hx, N=N, d_conv=d_conv, repeat_first=repeat_first)
     for i in range(n_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         sd[dst + "input_norm.weight"] = w(src + "input_layernorm.weight", (d,))
@@ -291,25 +301,49 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
             for name in ("q_norm", "k_norm") if cfg.qk_norm else ():
                 sd[dst + f"mixer.{name}.weight"] = w(src + f"self_attn.{name}.weight")
             continue
-        m = src + "mamba."
-        W = w(m + "in_proj.weight", (2 * d_inner + 2 * d_xb + H, d))
-        if repeat_first:  # x and B were repeated per head before the conv: repeat their rows here instead
-            z, x, B, C, dt = torch.split(W, [d_inner, d_xb, d_xb, d_inner, H])
-            W = torch.cat([z, _per_head(x, Hx, H), _per_head(B, Hx, H), C, dt])
-        conv_dim = (3 * d_inner) if repeat_first else (d_inner + 2 * d_xb)
-        sd |= {
-            dst + "mixer.in_proj.weight": W,
-            dst + "mixer.conv1d.weight": w(m + "conv1d.weight", (conv_dim, 1, d_conv)),
-            dst + "mixer.conv1d.bias": w(m + "conv1d.bias", (conv_dim,)),
-            dst + "mixer.dt_bias": w(m + "dt_bias", (H,)),
-            dst + "mixer.A_log": w(m + "A_log", (H,)),
-            dst + "mixer.D": w(m + "D", (H,)),
-            dst + "mixer.norm.weight": w(m + "norm.weight", (d_inner,)),
-            dst + "mixer.out_proj.weight": w(m + "out_proj.weight", (d, d_inner)),
-        }
-        if cfg.qkv_bias:  # a Qwen2 teacher's Mamba layers have no in_proj bias in this format
-            sd[dst + "mixer.in_proj.bias"] = torch.zeros(W.shape[0], dtype=W.dtype)
+        sd |= {dst + "mixer." + k: t for k, t in layer(w, src + "mamba.", **sizes).items()}
+        if cfg.qkv_bias and cfg.ssm_param == "mamba2":  # a Qwen2 teacher's Mamba-2 layers: no in_proj bias here
+            sd[dst + "mixer.in_proj.bias"] = torch.zeros_like(sd[dst + "mixer.in_proj.weight"][:, 0])
     return _filled(model, sd, w, where)
+
+
+def _mil_mamba2_layer(w: _Weights, m: str, d, d_inner, d_xb, H, Hx, N, d_conv, repeat_first) -> dict:
+    W = w(m + "in_proj.weight", (2 * d_inner + 2 * d_xb + H, d))
+    if repeat_first:
+        z, x, B, C, dt = torch.split(W, [d_inner, d_xb, d_xb, d_inner, H])
+        W = torch.cat([z, _per_head(x, Hx, H), _per_head(B, Hx, H), C, dt])
+    conv_dim = (3 * d_inner) if repeat_first else (d_inner + 2 * d_xb)
+    return {
+        "in_proj.weight": W,
+        "conv1d.weight": w(m + "conv1d.weight", (conv_dim, 1, d_conv)),
+        "conv1d.bias": w(m + "conv1d.bias", (conv_dim,)),
+        "dt_bias": w(m + "dt_bias", (H,)),
+        "A_log": w(m + "A_log", (H,)),
+        "D": w(m + "D", (H,)),
+        "norm.weight": w(m + "norm.weight", (d_inner,)),
+        "out_proj.weight": w(m + "out_proj.weight", (d, d_inner)),
+    }
+
+
+def _mil_mamba1_layer(w: _Weights, m: str, d, d_inner, d_xb, H, Hx, N, d_conv, repeat_first) -> dict:
+    x, B = w(m + "in_proj_x.weight", (d_xb, d)), w(m + "B_proj.weight", (d_xb, d))
+    if repeat_first:
+        x, B = _per_head(x, Hx, H), _per_head(B, Hx, H)
+    down = w(m + "dt_proj_down.weight")
+    conv_dim = d_inner if repeat_first else d_xb
+    return {
+        "in_proj.weight": torch.cat([w(m + "in_proj_z.weight", (d_inner, d)), x, B, w(m + "C_proj.weight", (d_inner, d)),
+                                     down]),
+        "dt_proj.weight": w(m + "dt_proj.weight", (d_inner, down.shape[0])),
+        # MambaInLlama's Mamba-1 adds dt_proj's bias twice: once in dt_proj, again as the scan's delta_bias (in its
+        # training forward and in its decode step alike), so the function it learned has twice the bias
+        "dt_proj.bias": 2 * w(m + "dt_proj.bias", (d_inner,)),
+        "conv1d.weight": w(m + "conv1d.weight", (conv_dim, 1, d_conv)),
+        "conv1d.bias": w(m + "conv1d.bias", (conv_dim,)),
+        "A_log": w(m + "A_log", (d_inner, N)),
+        "D": w(m + "D", (d_inner,)),
+        "out_proj.weight": w(m + "out_proj.weight", (d, d_inner)),
+    }
 
 
 def _token_ids(raw: dict) -> dict:

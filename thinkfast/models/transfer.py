@@ -99,6 +99,9 @@ def from_teacher(
     if d_state is not None and d_state != tcfg.hd and tcfg.qk_norm and kind != "teacher":
         raise ConfigError(f"d_state={d_state}: this teacher normalises q and k over its head size ({tcfg.hd}); a student "
                           "normalising B and C the same way needs d_state equal to it (drop --d-state)")
+    if ssm_param == "mamba1" and kind != "teacher":  # its scan runs token by token: fine to run, slow to train
+        raise ConfigError("ssm_param='mamba1' comes only with converted checkpoints (MambaInLlama's Mamba-1, M1); a new "
+                          "student is discrete or mamba2")
     if ssm_norm_group is not None and ssm_param != "mamba2":
         raise ConfigError(f"ssm_norm_group={ssm_norm_group}: only ssm_param='mamba2' has a gated RMSNorm")
     scfg = tcfg.replace(attn_layers=layers, ssm_param=ssm_param, ssm_kv_heads=ssm_kv_heads, d_conv=d_conv, d_state=d_state,
