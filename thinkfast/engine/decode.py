@@ -209,7 +209,10 @@ class DecodeStep:
         weights = [*self.qkv_weight.values(), self.lm.head_weight]
         for layer in self.lm.layers:
             m = layer.mixer
-            weights += [m.o_proj.weight] if layer.is_attention else [m.in_proj.weight, m.out_proj.weight]
+            if layer.is_attention:
+                weights.append(m.o_proj.weight)
+            elif not isinstance(m, Mamba1Mixer):  # Mamba-1 runs its own step, with its modules' products
+                weights += [m.in_proj.weight, m.out_proj.weight]
             weights += [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight]
         return weights
 

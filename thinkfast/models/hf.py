@@ -180,6 +180,8 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
             elif isinstance(module, nn.Conv1d):
                 module.reset_parameters()
             elif isinstance(module, (Mamba1Mixer, Mamba2Mixer)):
+                if isinstance(module, Mamba1Mixer) and getattr(module.dt_proj.bias, "_is_hf_initialized", False):
+                    kept.append((module.dt_proj.bias, module.dt_proj.bias.detach().clone()))  # set by the reset too
                 module.reset_ssm_parameters()
             for p, value in kept:
                 p.copy_(value)
