@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.mixers import KVCache, Mamba1Mixer, SSMCache
+from ..ops.selective import selective_step
 from ..models.model import ModelState, ThinkfastLM
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,12 @@ class DecodeStep:
             if m.q_proj.bias is not None:  # Qwen2's
                 self.qkv_bias[i] = torch.cat([m.q_proj.bias, m.k_proj.bias, m.v_proj.bias]).detach()
         self.neg_A, self.conv_w, self.D = {}, {}, {}
-        # Mamba-1 layers (converted checkpoints) run the module's own step
         self.mamba1_layers = {i for i, layer in enumerate(lm.layers) if isinstance(layer.mixer, Mamba1Mixer)}
+        for i in self.mamba1_layers:  # converted checkpoints' Mamba-1 layers
+            m = lm.layers[i].mixer
+            self.conv_w[i] = m.conv1d.weight.detach()[:, 0, :].t().contiguous()
+            self.neg_A[i] = m._A().detach()
+            self.D[i] = m.D.detach().float().view(m.H, m.P)
         for i, layer in enumerate(lm.layers):
             m = layer.mixer
             if not layer.is_attention and i not in self.mamba1_layers:
@@ -209,10 +214,7 @@ class DecodeStep:
         weights = [*self.qkv_weight.values(), self.lm.head_weight]
         for layer in self.lm.layers:
             m = layer.mixer
-            if layer.is_attention:
-                weights.append(m.o_proj.weight)
-            elif not isinstance(m, Mamba1Mixer):  # Mamba-1 runs its own step, with its modules' products
-                weights += [m.in_proj.weight, m.out_proj.weight]
+            weights += [m.o_proj.weight] if layer.is_attention else [m.in_proj.weight, m.out_proj.weight]
             weights += [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight]
         return weights
 
@@ -241,8 +243,8 @@ class DecodeStep:
             x = rms_norm(layer.input_norm, h)
             if layer.is_attention:
                 y = self._attention(i, layer.mixer, x, cos, sin, blocks, bias, write_idx, cache)
-            elif i in self.mamba1_layers:  # the first n slots' state (views: the step updates them in place)
-                y = layer.mixer.step(x, None, positions, SSMCache(cache.conv[:n], cache.ssm[:n]))
+            elif i in self.mamba1_layers:
+                y = self._mamba1(i, layer.mixer, x, cache)
             else:
                 y = self._mamba(i, layer.mixer, x, cache)
             h = h + y
@@ -311,6 +313,20 @@ class DecodeStep:
         y = self.ssm_update(hT, x_in, Bs, Cs, a.view(n, Hx, g)).to(x.dtype)  # (n, Hx, g, P)
         y = torch.addcmul(y, self.D[i], xs)  # + D x (unscaled x)
         return m._gate_out(y.reshape(n, m.d_inner), z, self.linear)
+
+
+    def _mamba1(self, i, m, x, cache: SSMCache):
+        """Mamba-1's step (`Mamba1Mixer.step`) on the first n slots, its products through `self.linear`."""
+        n = x.shape[0]
+        z, xs, B, C, dt_low = torch.split(self.linear(x, m.in_proj.weight), [m.d_inner, m.d_x, m.d_b, m.d_c, m.R], dim=-1)
+        convT = cache.conv[:n].transpose(1, 2)  # (n, d_conv - 1, conv_dim)
+        window = torch.cat([convT, xs.unsqueeze(1).to(convT.dtype)], dim=1)
+        convT.copy_(window[:, 1:])
+        xs = F.silu(((window * self.conv_w[i]).sum(1) + m.conv1d.bias).to(x.dtype))
+        xh, dt, B, C = m._heads(xs, B, C, dt_low)
+        y = selective_step(cache.ssm[:n], xh, dt, self.neg_A[i], B, C)
+        y = (y + self.D[i] * xh.float()).to(x.dtype)
+        return self.linear(y.reshape(n, m.d_inner) * F.silu(z), m.out_proj.weight)
 
 
 class CudaGraphStep:
