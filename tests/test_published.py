@@ -292,13 +292,16 @@ class ReferenceMambaLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, seed=0, tie=False, mamba1=False):
-    """A LlamaForCausalLM with Mamba2 layers in place of some decoder layers, saved as MambaInLlama saves it
-    (the Llama config.json, mamba_config.json, one state dict); returns the reference model."""
+def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, seed=0, tie=False, mamba1=False,
+                       m1=False):
+    """A LlamaForCausalLM with Mamba layers in place of some decoder layers, saved as MambaInLlama saves it (the
+    Llama config.json, mamba_config.json, one state dict); returns the reference model. `m1`: M1's layout, the
+    Mamba-1 projections fused into one in_proj and attention as mamba_ssm MHA modules (q | k | v in one in_proj),
+    whose rotary embedding has no Llama-3 scaling: the reference runs plain RoPE, the saved config keeps the scaling."""
     from conftest import tiny_llama
 
     torch.manual_seed(seed)
-    model = tiny_llama(vocab=264, hidden=64, layers=3, heads=4, kv_heads=2, tie=tie, seed=seed)
+    model = tiny_llama(vocab=264, hidden=64, layers=3, heads=4, kv_heads=2, tie=tie, seed=seed, rope_scaling=not m1)
     model.config.rms_norm_eps = 1e-5  # Llama-3's; MambaInLlama's gated norm has 1e-5 whatever the config says
     for layer in model.model.layers:
         layer.input_layernorm.variance_epsilon = layer.post_attention_layernorm.variance_epsilon = 1e-5
@@ -315,7 +318,12 @@ def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, se
                     p.normal_(0, 0.15)
         model.model.layers[i] = ReferenceMambaLayer(model.model.layers[i], mamba)
     folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
+    if m1:
+        saved = tiny_llama(vocab=264, hidden=64, layers=3, heads=4, kv_heads=2, tie=tie).config
+        saved.rms_norm_eps = 1e-5
+        saved.save_pretrained(folder)
+    else:
+        model.config.save_pretrained(folder)
     attn = [i for i in range(3) if i not in mamba_layers]
     if mamba1:  # MambaInLlama's Mamba-1 repeats x before its conv unless told otherwise
         ssm_cfg = {"expand": 1, "d_state": hd, "dt_rank": 4, **({} if repeat_first else {"repeat_kv_before_conv": False})}
@@ -325,7 +333,17 @@ def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, se
         "d_model": 64, "ssm_cfg": ssm_cfg, "rms_norm_eps": 1e-5, "vocab_size": 264, "d_inner": 64, "d_xb": n_kv * hd,
         "intermediate_size": model.config.intermediate_size, "hidden_act": "silu", "n_layer": 3, "attn_layers": attn}))
     # a tied head saved as its own tensor, as a training script's plain state_dict holds it
-    save_file({k: v.clone() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    if m1:
+        for i in range(3):
+            p = f"model.layers.{i}."
+            if i in attn:
+                sd[p + "mha.in_proj.weight"] = torch.cat([sd.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+                sd[p + "mha.out_proj.weight"] = sd.pop(p + "self_attn.o_proj.weight")
+            else:
+                parts = ["in_proj_z", "in_proj_x", "B_proj", "C_proj", "dt_proj_down"]
+                sd[p + "mamba.in_proj.weight"] = torch.cat([sd.pop(p + f"mamba.{n}.weight") for n in parts])
+    save_file(sd, str(folder / "model.safetensors"))
     return model.eval()
 
 
@@ -362,6 +380,26 @@ def test_a_mamba1_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, 
         for i in mamba_layers:
             model.lm.layers[i].mixer.dt_proj.bias /= 2
         assert (model(ids).logits - expected).abs().max() > 1e-2
+
+
+def test_an_m1_checkpoint_converts_to_the_same_logits(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="thinkfast")
+    ref = write_mambainllama(tmp_path / "m1", (0, 2), repeat_first=True, mamba1=True, m1=True)
+    assert json.loads((tmp_path / "m1" / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    model, _ = load_thinkfast(tmp_path / "m1")
+    assert model.model_config.rope_params is None and "use plain RoPE" in caplog.text
+    ids = torch.randint(0, 264, (2, 40))
+    with torch.no_grad():
+        expected = ref(ids, use_cache=False).logits
+        torch.testing.assert_close(model(ids).logits, expected, atol=2e-4, rtol=1e-4)
+        # the config's Llama-3 scaling would be another model
+        scaled = model.model_config.replace(rope_params=json.loads((tmp_path / "m1" / "config.json").read_text())
+                                            ["rope_parameters"])
+        from thinkfast.models.mixers import Rotary
+
+        scaled.rope_params.pop("rope_theta")
+        model.lm.rotary = Rotary(scaled)
+        assert (model(ids).logits - expected).abs().max() > 1e-3
 
 
 def test_a_converted_mamba1_hybrid_decodes_as_its_forward_in_generate_and_the_engine(tmp_path):

@@ -238,7 +238,9 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
     if w.has(first + "x_proj.weight"):
         raise ConfigError(f"{where}: Mamba layers with x_proj (mamba_ssm's own Mamba-1 layout), which thinkfast does not "
                           "read; MambaInLlama's Mamba-1 (in_proj_x, B_proj, C_proj) and Mamba-2 layers it does")
-    mamba1 = w.has(first + "in_proj_x.weight")
+    # Mamba-1 layers: MambaInLlama's own (in_proj_x, in_proj_z, B_proj, C_proj, dt_proj_down) or M1's, with those
+    # five fused into one in_proj; both have a dt_proj and an A_log per channel and state dimension
+    mamba1 = w.has(first + "dt_proj.weight")
     ssm = dict(mcfg.get("ssm_cfg") or {})
     _setting(mcfg, "hidden_act", "silu", where, ("silu",))
     _setting(ssm, "conv_bias", True, where, (True,))
@@ -265,10 +267,17 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
                           f"{attn}; config and weights do not belong together")
     shape = dict(attn_layers=attn, d_state=N, ssm_kv_heads=H if repeat_first else Hx, d_conv=d_conv,
                  d_mlp=_size(mcfg, "intermediate_size", base.d_mlp, where))
+    # M1's attention layers are mamba_ssm MHA modules (fused qkv in_proj) whose rotary embedding has no Llama-3
+    # scaling: the model was trained with plain RoPE at the config's theta, so that is what it gets here
+    fused_attn = any(w.has(f"model.layers.{i}.mha.in_proj.weight") for i in attn)
+    if fused_attn and base.rope_params is not None:
+        log.warning("%s: attention layers in M1's layout (mha.in_proj) use plain RoPE; the config's %s scaling is "
+                    "left out, as M1 computes it", where, base.rope_params.get("rope_type", "rope"))
+        base = base.replace(rope_params=None)
     if mamba1:
         for key in ("proj_x_bias", "proj_z_bias", "out_proj_bias"):
             _setting(ssm, key, False, where, (False,))
-        rank = w(first + "dt_proj_down.weight").shape[0]
+        rank = w(first + "dt_proj.weight").shape[1]
         cfg = base.replace(ssm_param="mamba1", dt_rank=rank, **shape)
         layer = _mil_mamba1_layer
     else:
@@ -293,6 +302,12 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
         sd[dst + "mlp_norm.weight"] = w(src + "post_attention_layernorm.weight", (d,))
         for proj in ("gate_proj", "up_proj", "down_proj"):
             sd[dst + f"mlp.{proj}.weight"] = w(src + f"mlp.{proj}.weight")
+        if i in attn and w.has(src + "mha.in_proj.weight"):  # M1's MHA: q | k | v rows in one in_proj
+            q, k, v = torch.split(w(src + "mha.in_proj.weight", ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.hd, d)),
+                                  [cfg.n_heads * cfg.hd, cfg.n_kv_heads * cfg.hd, cfg.n_kv_heads * cfg.hd])
+            sd |= {dst + "mixer.q_proj.weight": q, dst + "mixer.k_proj.weight": k, dst + "mixer.v_proj.weight": v,
+                   dst + "mixer.o_proj.weight": w(src + "mha.out_proj.weight", (d, cfg.n_heads * cfg.hd))}
+            continue
         if i in attn:
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 sd[dst + f"mixer.{name}.weight"] = w(src + f"self_attn.{name}.weight")
@@ -326,15 +341,18 @@ def _mil_mamba2_layer(w: _Weights, m: str, d, d_inner, d_xb, H, Hx, N, d_conv, r
 
 
 def _mil_mamba1_layer(w: _Weights, m: str, d, d_inner, d_xb, H, Hx, N, d_conv, repeat_first) -> dict:
-    x, B = w(m + "in_proj_x.weight", (d_xb, d)), w(m + "B_proj.weight", (d_xb, d))
+    R = w(m + "dt_proj.weight").shape[1]
+    if w.has(m + "in_proj.weight"):  # M1: z | x | B | C | dt_low in one projection
+        z, x, B, C, down = torch.split(w(m + "in_proj.weight", (2 * d_inner + 2 * d_xb + R, d)), [d_inner, d_xb, d_xb, d_inner, R])
+    else:
+        z, x, B = w(m + "in_proj_z.weight", (d_inner, d)), w(m + "in_proj_x.weight", (d_xb, d)), w(m + "B_proj.weight", (d_xb, d))
+        C, down = w(m + "C_proj.weight", (d_inner, d)), w(m + "dt_proj_down.weight", (R, d))
     if repeat_first:
         x, B = _per_head(x, Hx, H), _per_head(B, Hx, H)
-    down = w(m + "dt_proj_down.weight")
     conv_dim = d_inner if repeat_first else d_xb
     return {
-        "in_proj.weight": torch.cat([w(m + "in_proj_z.weight", (d_inner, d)), x, B, w(m + "C_proj.weight", (d_inner, d)),
-                                     down]),
-        "dt_proj.weight": w(m + "dt_proj.weight", (d_inner, down.shape[0])),
+        "in_proj.weight": torch.cat([z, x, B, C, down]),
+        "dt_proj.weight": w(m + "dt_proj.weight", (d_inner, R)),
         # MambaInLlama's Mamba-1 adds dt_proj's bias twice: once in dt_proj, again as the scan's delta_bias (in its
         # training forward and in its decode step alike), so the function it learned has twice the bias
         "dt_proj.bias": 2 * w(m + "dt_proj.bias", (d_inner,)),
