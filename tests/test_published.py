@@ -293,7 +293,7 @@ class ReferenceMambaLayer(nn.Module):
 
 
 def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, seed=0, tie=False, mamba1=False,
-                       m1=False):
+                       m1=False, d_state=16):
     """A LlamaForCausalLM with Mamba layers in place of some decoder layers, saved as MambaInLlama saves it (the
     Llama config.json, mamba_config.json, one state dict); returns the reference model. `m1`: M1's layout, the
     Mamba-1 projections fused into one in_proj and attention as mamba_ssm MHA modules (q | k | v in one in_proj),
@@ -309,9 +309,9 @@ def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, se
     hd, n_kv = 16, 2
     for i in mamba_layers:
         if mamba1:
-            mamba = ReferenceMamba1(64, n_kv * hd, 64, hd, dt_rank=4, repeat_kv_before_conv=repeat_first)
+            mamba = ReferenceMamba1(64, n_kv * hd, 64, d_state, dt_rank=4, repeat_kv_before_conv=repeat_first)
         else:
-            mamba = ReferenceMamba2(64, n_kv * hd, 64, hd, repeat_kv_before_conv=repeat_first)
+            mamba = ReferenceMamba2(64, n_kv * hd, 64, d_state, repeat_kv_before_conv=repeat_first)
         with torch.no_grad():
             for name, p in mamba.named_parameters():
                 if name.endswith("proj.weight") or name.endswith("_proj_x.weight") or name.endswith("_proj_z.weight"):
@@ -326,9 +326,11 @@ def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, se
         model.config.save_pretrained(folder)
     attn = [i for i in range(3) if i not in mamba_layers]
     if mamba1:  # MambaInLlama's Mamba-1 repeats x before its conv unless told otherwise
-        ssm_cfg = {"expand": 1, "d_state": hd, "dt_rank": 4, **({} if repeat_first else {"repeat_kv_before_conv": False})}
+        ssm_cfg = {"expand": 1, "d_state": d_state, "dt_rank": 4,
+                   **({} if repeat_first else {"repeat_kv_before_conv": False})}
     else:
-        ssm_cfg = {"expand": 1, "ngroups": 4, "d_state": hd, **({"repeat_kv_before_conv": True} if repeat_first else {})}
+        ssm_cfg = {"expand": 1, "ngroups": 64 // d_state, "d_state": d_state,
+                   **({"repeat_kv_before_conv": True} if repeat_first else {})}
     (folder / "mamba_config.json").write_text(json.dumps({
         "d_model": 64, "ssm_cfg": ssm_cfg, "rms_norm_eps": 1e-5, "vocab_size": 264, "d_inner": 64, "d_xb": n_kv * hd,
         "intermediate_size": model.config.intermediate_size, "hidden_act": "silu", "n_layer": 3, "attn_layers": attn}))
@@ -347,14 +349,17 @@ def write_mambainllama(folder: Path, mamba_layers=(0, 2), repeat_first=False, se
     return model.eval()
 
 
-@pytest.mark.parametrize("mamba_layers, repeat_first, tie", [((0, 2), False, False), ((0, 1, 2), False, True),
-                                                             ((1,), True, False)])
-def test_a_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, caplog, mamba_layers, repeat_first, tie):
+@pytest.mark.parametrize("mamba_layers, repeat_first, tie, d_state", [
+    ((0, 2), False, False, 16), ((0, 1, 2), False, True, 16), ((1,), True, False, 16),
+    ((0, 2), False, False, 8),  # 8 Mamba heads of 8 beside 4 attention heads of 16
+])
+def test_a_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, caplog, mamba_layers, repeat_first, tie, d_state):
     caplog.set_level(logging.WARNING, logger="thinkfast")
-    ref = write_mambainllama(tmp_path / "mil", mamba_layers, repeat_first, tie=tie)
+    ref = write_mambainllama(tmp_path / "mil", mamba_layers, repeat_first, tie=tie, d_state=d_state)
     model, _ = load_thinkfast(tmp_path / "mil")
     cfg = model.model_config
-    assert cfg.attn_layers == [i for i in range(3) if i not in mamba_layers] and cfg.ssm_norm_group == 16
+    assert cfg.attn_layers == [i for i in range(3) if i not in mamba_layers] and cfg.ssm_norm_group == d_state
+    assert (cfg.n_ssm_heads, cfg.ssm_hd, cfg.n_heads, cfg.hd) == (64 // d_state, d_state, 4, 16)
     assert cfg.tie_embeddings == tie and "were ignored" not in caplog.text
     ids = torch.randint(0, 264, (2, 19))
     with torch.no_grad():
@@ -366,12 +371,16 @@ def test_a_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, caplog,
         assert (model(ids).logits - expected).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("mamba_layers, repeat_first", [((0, 2), True), ((0, 1, 2), False)])
-def test_a_mamba1_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, mamba_layers, repeat_first):
-    ref = write_mambainllama(tmp_path / "mil", mamba_layers, repeat_first, mamba1=True)
+@pytest.mark.parametrize("mamba_layers, repeat_first, d_state", [((0, 2), True, 16), ((0, 1, 2), False, 16),
+                                                                 ((0, 2), True, 4)])
+def test_a_mamba1_mambainllama_checkpoint_converts_to_the_same_logits(tmp_path, mamba_layers, repeat_first, d_state):
+    # MambaInLlama's own Mamba-1 students keep d_state 16 whatever the attention's head size: heads of 16 channels
+    ref = write_mambainllama(tmp_path / "mil", mamba_layers, repeat_first, mamba1=True, d_state=d_state)
     model, _ = load_thinkfast(tmp_path / "mil")
     cfg = model.model_config
-    assert (cfg.ssm_param, cfg.dt_rank, cfg.ssm_kv_heads) == ("mamba1", 4, 4 if repeat_first else 2)
+    heads, kv_heads = 64 // d_state, 32 // d_state
+    assert (cfg.ssm_param, cfg.dt_rank, cfg.n_ssm_heads, cfg.ssm_hd) == ("mamba1", 4, heads, d_state)
+    assert cfg.ssm_kv_heads == (heads if repeat_first else kv_heads)
     ids = torch.randint(0, 264, (2, 17))
     with torch.no_grad():
         expected = ref(ids, use_cache=False).logits
@@ -406,7 +415,7 @@ def test_a_converted_mamba1_hybrid_decodes_as_its_forward_in_generate_and_the_en
     from thinkfast.engine.engine import Engine
     from thinkfast.engine.sampling import SamplingParams
 
-    write_mambainllama(tmp_path / "mil", (0, 2), mamba1=True)
+    write_mambainllama(tmp_path / "mil", (0, 2), mamba1=True, d_state=4)  # 16 Mamba heads of 4 channels
     model, _ = load_thinkfast(tmp_path / "mil")
     ids = torch.randint(0, 264, (2, 6))
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
@@ -436,7 +445,7 @@ def test_the_matrix_stage_refuses_mamba1_layers_in_one_line(tmp_path):
 def test_a_converted_mambainllama_hybrid_decodes_step_by_step_as_its_forward(tmp_path):
     import thinkfast  # noqa: F401
 
-    write_mambainllama(tmp_path / "mil", (0, 2))
+    write_mambainllama(tmp_path / "mil", (0, 2), d_state=8)  # 8 Mamba-2 heads of 8 beside 4 attention heads of 16
     model, _ = load_thinkfast(tmp_path / "mil")
     ids = torch.randint(0, 264, (2, 6))
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
@@ -445,7 +454,8 @@ def test_a_converted_mambainllama_hybrid_decodes_step_by_step_as_its_forward(tmp
 
 @pytest.mark.parametrize("change, needle", [
     ({"attn_layers": [2]}, "mamba_config.json lists attention at [2], the weights have it at [1]"),
-    ({"ssm_cfg": {"expand": 1, "ngroups": 2, "d_state": 32}}, "2 Mamba heads of 32, against the attention's 4 of 16"),
+    ({"ssm_cfg": {"expand": 1, "ngroups": 3, "d_state": 32}}, "ngroups=3 do not make whole heads"),
+    ({"ssm_cfg": {"expand": 1, "ngroups": 2, "d_state": 32}}, "config and weights do not belong together"),
     ({"ssm_cfg": {"expand": 1, "ngroups": 4, "d_state": 16, "D_has_hdim": True}}, "D_has_hdim=True is not supported"),
     ({"ssm_cfg": {"expand": 1, "ngroups": 4, "d_state": 16, "norm_before_gate": True}}, "norm_before_gate=True"),
 ])

@@ -169,7 +169,7 @@ def slot_bytes(cfg, max_len: int, dtype: torch.dtype, ssm_dtype: torch.dtype = t
         if cfg.is_attention(i):
             total += 2 * cfg.n_kv_heads * max_len * cfg.hd * es
         else:
-            total += cfg.ssm_conv_dim * (cfg.d_conv - 1) * es + cfg.n_heads * cfg.hd * cfg.n_state * ssm_es
+            total += cfg.ssm_conv_dim * (cfg.d_conv - 1) * es + cfg.n_ssm_heads * cfg.ssm_hd * cfg.n_state * ssm_es
     return total
 
 

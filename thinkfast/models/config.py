@@ -33,6 +33,10 @@ class ModelConfig:
     ssm_param: str = "mamba2"
     d_state: int | None = None  # default head_dim, so B and C can take W_K and W_Q
     ssm_kv_heads: int | None = None  # heads of x and B before per-block expansion; default n_kv_heads
+    # the Mamba mixers' heads and head size, default the attention's (n_heads, head_dim); converted Mamba-1
+    # checkpoints have other ones (MambaInLlama's: heads of d_state = 16 channels)
+    ssm_heads: int | None = None
+    ssm_head_dim: int | None = None
     d_conv: int = 4
     ssm_norm: bool | None = None  # gated RMSNorm; default on for mamba2, off for discrete
     # the gated RMSNorm's group size: default all of the mixer's width at once; MambaInLlama's checkpoints
@@ -64,6 +68,14 @@ class ModelConfig:
         return self.d_state if self.d_state is not None else self.hd
 
     @property
+    def n_ssm_heads(self) -> int:
+        return self.ssm_heads if self.ssm_heads is not None else self.n_heads
+
+    @property
+    def ssm_hd(self) -> int:
+        return self.ssm_head_dim if self.ssm_head_dim is not None else self.hd
+
+    @property
     def n_xb_heads(self) -> int:
         return self.ssm_kv_heads if self.ssm_kv_heads is not None else self.n_kv_heads
 
@@ -74,8 +86,8 @@ class ModelConfig:
     @property
     def ssm_conv_dim(self) -> int:
         """Channels of a Mamba layer's causal conv: x, B and C for Mamba-2; x alone for Mamba-1."""
-        x = self.n_xb_heads * self.hd
-        return x if self.ssm_param == "mamba1" else x + self.n_xb_heads * self.n_state + self.n_heads * self.n_state
+        x = self.n_xb_heads * self.ssm_hd
+        return x if self.ssm_param == "mamba1" else x + self.n_xb_heads * self.n_state + self.n_ssm_heads * self.n_state
 
     @property
     def use_ssm_norm(self) -> bool:
@@ -102,9 +114,10 @@ class ModelConfig:
                 f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
                 "grouped-query attention needs whole groups"
             )
-        if self.n_heads % self.n_xb_heads:
+        if self.n_ssm_heads % self.n_xb_heads:
             raise ConfigError(
-                f"model config: n_heads={self.n_heads} is not a multiple of ssm_kv_heads={self.n_xb_heads}"
+                f"model config: the Mamba mixers' {self.n_ssm_heads} heads are not a multiple of "
+                f"ssm_kv_heads={self.n_xb_heads}"
             )
         bad = [i for i in self.attn_layers if not 0 <= i < self.n_layers]
         if bad:
@@ -112,10 +125,10 @@ class ModelConfig:
                 f"model config: attn_layers {bad} out of range for a {self.n_layers}-layer model; "
                 f"use indices 0..{self.n_layers - 1}"
             )
-        width = self.n_heads * self.hd
+        width = self.n_ssm_heads * self.ssm_hd
         if self.ssm_norm_group is not None and (self.ssm_norm_group <= 0 or width % self.ssm_norm_group):
             raise ConfigError(f"model config: ssm_norm_group={self.ssm_norm_group} must divide the Mamba mixer's "
-                              f"width n_heads x head_dim = {width}")
+                              f"width heads x head size = {width}")
         if self.ssm_param not in SSM_PARAMS:
             raise ConfigError(f"model config: ssm_param={self.ssm_param!r}; use one of {', '.join(SSM_PARAMS)}")
 

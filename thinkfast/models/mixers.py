@@ -244,7 +244,7 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.H, self.P, self.N, self.Hx = cfg.n_heads, cfg.hd, cfg.n_state, cfg.n_xb_heads
+        self.H, self.P, self.N, self.Hx = cfg.n_ssm_heads, cfg.ssm_hd, cfg.n_state, cfg.n_xb_heads
         self.d_inner = self.H * self.P
         self.d_x = self.Hx * self.P
         self.d_b = self.Hx * self.N
@@ -388,7 +388,7 @@ class Mamba1Mixer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.H, self.P, self.N, self.Hx = cfg.n_heads, cfg.hd, cfg.n_state, cfg.n_xb_heads
+        self.H, self.P, self.N, self.Hx = cfg.n_ssm_heads, cfg.ssm_hd, cfg.n_state, cfg.n_xb_heads
         self.R = cfg.n_dt_rank
         self.d_inner = self.H * self.P
         self.d_x, self.d_b, self.d_c = self.Hx * self.P, self.Hx * self.N, self.H * self.N

@@ -249,12 +249,9 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
     d_inner = _size(mcfg, "d_inner", None, where) if mcfg.get("d_inner") is not None else _size(ssm, "expand", 2, where) * d
     d_xb = _size(mcfg, "d_xb", d, where)
     H = d_inner // N if mamba1 else _size(ssm, "ngroups", 1, where)
-    if d_inner != H * N or d_xb % N:
+    if d_inner != H * N or d_xb % N or H % (d_xb // N):
         raise ConfigError(f"{where}: d_inner={d_inner}, d_xb={d_xb}, d_state={N}" + ("" if mamba1 else f", ngroups={H}")
-                          + " do not make whole heads of d_state channels")
-    if (H, N) != (base.n_heads, base.hd):
-        raise ConfigError(f"{where}: {H} Mamba heads of {N}, against the attention's {base.n_heads} of {base.hd}; "
-                          "thinkfast's Mamba and attention layers share one head count and size")
+                          + " do not make whole heads of d_state channels in whole groups")
     Hx = d_xb // N
     # x (and B) repeated per head before the conv: their rows are repeated here instead, and the conv is as saved
     repeat_first = bool(ssm.get("repeat_kv_before_conv", mamba1))  # MambaInLlama's defaults: True for Mamba-1
@@ -265,7 +262,9 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
                                or sorted(listed) != attn):
         raise ConfigError(f"{where}: mamba_config.json lists attention at {sorted(listed)}, the weights have it at "
                           f"{attn}; config and weights do not belong together")
-    shape = dict(attn_layers=attn, d_state=N, ssm_kv_heads=H if repeat_first else Hx, d_conv=d_conv,
+    # MambaInLlama's Mamba heads are d_state channels each (its Mamba-1 default d_state is 16, whatever the attention's
+    # head size)
+    shape = dict(attn_layers=attn, d_state=N, ssm_heads=H, ssm_head_dim=N, ssm_kv_heads=H if repeat_first else Hx, d_conv=d_conv,
                  d_mlp=_size(mcfg, "intermediate_size", base.d_mlp, where))
     # M1's attention layers are mamba_ssm MHA modules (fused qkv in_proj) whose rotary embedding has no Llama-3
     # scaling: the model was trained with plain RoPE at the config's theta, so that is what it gets here
