@@ -264,8 +264,8 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
                           f"{attn}; config and weights do not belong together")
     # MambaInLlama's Mamba heads are d_state channels each (its Mamba-1 default d_state is 16, whatever the attention's
     # head size)
-    shape = dict(attn_layers=attn, d_state=N, ssm_heads=H, ssm_head_dim=N, ssm_kv_heads=H if repeat_first else Hx, d_conv=d_conv,
-                 d_mlp=_size(mcfg, "intermediate_size", base.d_mlp, where))
+    shape = dict(attn_layers=attn, d_state=N, ssm_heads=H, ssm_head_dim=N, ssm_kv_heads=H if repeat_first else Hx,
+                 d_conv=d_conv, d_mlp=_size(mcfg, "intermediate_size", base.d_mlp, where))
     # M1's attention layers are mamba_ssm MHA modules (fused qkv in_proj) whose rotary embedding has no Llama-3
     # scaling: the model was trained with plain RoPE at the config's theta, so that is what it gets here
     fused_attn = any(w.has(f"model.layers.{i}.mha.in_proj.weight") for i in attn)
