@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models.mixers import KVCache, Mamba1Mixer, SSMCache
-from ..ops.selective import selective_step
 from ..models.model import ModelState, ThinkfastLM
+from ..ops.selective import selective_step
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,6 @@ class DecodeStep:
         y = self.ssm_update(hT, x_in, Bs, Cs, a.view(n, Hx, g)).to(x.dtype)  # (n, Hx, g, P)
         y = torch.addcmul(y, self.D[i], xs)  # + D x (unscaled x)
         return m._gate_out(y.reshape(n, m.d_inner), z, self.linear)
-
 
     def _mamba1(self, i, m, x, cache: SSMCache):
         """Mamba-1's step (`Mamba1Mixer.step`) on the first n slots, its products through `self.linear`."""

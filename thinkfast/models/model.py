@@ -150,6 +150,6 @@ class ThinkfastLM(nn.Module):
                 nn.init.normal_(m.in_proj.weight, std=std)
                 m.conv1d.reset_parameters()
                 m.reset_ssm_parameters()
-        for m in self.modules():  # after its dt_proj, a Linear the loop reached later and zeroed the bias of
+        for m in self.modules():  # again: the loop reached each Mamba-1 mixer's dt_proj (a Linear) after it, zeroing its bias
             if isinstance(m, Mamba1Mixer):
                 m.reset_ssm_parameters()
