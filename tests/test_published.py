@@ -608,3 +608,15 @@ def test_new_students_are_not_mamba1():
 
     with pytest.raises(ThinkfastError, match="ssm_param='mamba1' comes only with converted checkpoints"):
         from_teacher(tiny_llama(), kind="hybrid", ssm_param="mamba1")
+
+
+def test_convert_rewrites_a_thinkfast_folder_with_the_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert main(["convert", str(ASSET), "--out", str(tmp_path / "copy")]) == 0
+    ids = torch.randint(0, 260, (1, 12))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(ASSET)(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "copy")(ids).logits
+    assert torch.equal(a, b)
+    assert (tmp_path / "copy" / "tokenizer.json").is_file()
