@@ -383,8 +383,6 @@ class Mamba1Mixer(nn.Module):
     as the Mamba-2 mixer, so caches, engine slots and `generate()` treat both alike.
     """
 
-    discrete = False
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
