@@ -620,3 +620,25 @@ def test_convert_rewrites_a_thinkfast_folder_with_the_same_logits(tmp_path):
         b = AutoModelForCausalLM.from_pretrained(tmp_path / "copy")(ids).logits
     assert torch.equal(a, b)
     assert (tmp_path / "copy" / "tokenizer.json").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mamba1", [False, True])
+def test_converted_hybrids_decode_on_a_gpu_with_cuda_graphs(tmp_path, mamba1):
+    """The engine's CUDA-graph step over converted Mamba-2 and Mamba-1 hybrids (fp32, Mamba heads unlike the
+    attention's) gives the greedy tokens of recomputing the whole sequence."""
+    from thinkfast.engine.engine import Engine
+    from thinkfast.engine.sampling import SamplingParams
+
+    write_mambainllama(tmp_path / "mil", (0, 2), mamba1=mamba1, d_state=4 if mamba1 else 8)
+    model, _ = load_thinkfast(tmp_path / "mil", device="cuda")
+    ids = torch.randint(0, 264, (2, 6), device="cuda")
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
+    recomputed = model.generate(ids, use_cache=False, **kw)
+    eng = Engine(model, None, max_len=32, batch_size=4, stop_ids=[], cuda_graphs=True)
+    done = list(eng.generate([(str(i), ids[i].tolist()) for i in range(2)], n=1,
+                             params=SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)))
+    assert len(done) == 2
+    for c in done:
+        assert list(c.tokens) == recomputed[int(c.problem_id), 6:].tolist()
