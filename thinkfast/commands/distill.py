@@ -210,7 +210,7 @@ def _check_saved_student(args, plan, label: str, cfg) -> None:
 
     have = {"ssm_param": cfg.ssm_param, "attn_layers": list(cfg.attn_layers), "d_conv": cfg.d_conv,
             "d_state": cfg.n_state, "ssm_kv_heads": cfg.n_xb_heads,
-            "ssm_norm_group": cfg.ssm_norm_group or cfg.n_heads * cfg.hd}
+            "ssm_norm_group": cfg.ssm_norm_group or cfg.n_ssm_heads * cfg.ssm_hd}
     drop = []
     for key in ("ssm_param", "attn_layers", *SHAPE_KEYS):
         asked = getattr(plan, key)
