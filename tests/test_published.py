@@ -1,4 +1,5 @@
-"""Published Mamba-2 students in their own formats (Cartesia's Llamba, MambaInLlama) load as thinkfast models.
+"""Published students in their own formats (Cartesia's Llamba; MambaInLlama's Mamba-2 and Mamba-1 hybrids; M1's
+layout) load as thinkfast models.
 
 No published checkpoint can be downloaded here: each test writes a small random checkpoint in the published layout
 (key names, row order, configs) and holds the converted model to a reference forward written here from the

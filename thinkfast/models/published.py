@@ -1,4 +1,4 @@
-"""Published Mamba-2 students in their own checkpoint formats, converted to thinkfast models.
+"""Published Mamba students in their own checkpoint formats, converted to thinkfast models.
 
 - Cartesia's Llamba (cartesia-ai/Llamba-1B, -3B, -8B: Llama-3.x distilled by MOHAWK): a config.json with `ssm_cfg`
   and `mlp_cfg`, weights under `backbone.`, every mixer a DiscreteMamba2 (in_proj rows x | B | C | z | A_log, a
@@ -6,10 +6,13 @@
 - MambaInLlama's Mamba-2 students and hybrids (Wang et al., 2024): the teacher's Llama config.json plus a
   mamba_config.json, Mamba layers under `model.layers.N.mamba.` (in_proj rows z | x | B | C | dt, as thinkfast's),
   attention layers as in Llama, a gated RMSNorm over each head.
+- MambaInLlama's Mamba-1 students and hybrids (in_proj_x, in_proj_z, B_proj, C_proj, dt_proj_down, dt_proj, A_log
+  per channel and state dimension) and M1's (those five fused into one in_proj; attention as mamba_ssm MHA modules
+  with plain RoPE): thinkfast's Mamba-1 mixer (`ssm_param="mamba1"`).
 
-Both map onto thinkfast's Mamba-2 mixer without approximation: rows are reordered, B and C given per group of
-heads are repeated for each head of the group (the conv is depthwise, so repeated channels stay equal), and
-Llamba's z bias becomes the z rows' part of an in_proj bias.
+Each maps onto a thinkfast mixer without approximation: rows are reordered, B and C given per group of heads are
+repeated for each head of the group (the conv is depthwise, so repeated channels stay equal), Llamba's z bias
+becomes the z rows' part of an in_proj bias, and the Mamba-1 dt bias that MambaInLlama adds twice is doubled.
 """
 
 from __future__ import annotations
