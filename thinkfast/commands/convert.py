@@ -47,9 +47,9 @@ def cmd_convert(args) -> int:
     if tok is None:
         raise CheckpointError(f"convert {args.source}: no tokenizer beside the weights; pass --tokenizer with its "
                               f"teacher's (a folder or hub id){_teacher_hint(args.source)}")
-    stops = [i for i in ([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else []) if i is not None]
-    if getattr(model.config, "eos_token_id", None) is None and stops:
-        model.config.eos_token_id = stops[0]
+    # a stop token for checkpoints whose config names none (Llamba's): the tokenizer's
+    if getattr(model.config, "eos_token_id", None) is None and isinstance(tok.eos_token_id, int):
+        model.config.eos_token_id = tok.eos_token_id
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     with torch.no_grad(), atomic_dir(out) as tmp:
