@@ -104,6 +104,9 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_mlp", "d_conv", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model config: {name}={getattr(self, name)} must be positive")
+        for name in ("ssm_heads", "ssm_head_dim", "dt_rank", "d_state", "ssm_kv_heads"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name}={getattr(self, name)} must be positive (or left out)")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model config: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
