@@ -33,6 +33,7 @@ def cmd_convert(args) -> int:
 
     from ..models.teacher import load_thinkfast
     from ..utils import atomic_dir, check_out_path, parse_dtype
+    from .distill import _load_tokenizer
 
     out = Path(args.out)
     check_out_path(out)
@@ -42,8 +43,7 @@ def cmd_convert(args) -> int:
     dtype = None if args.dtype == "keep" else parse_dtype(args.dtype)
     no_hf_progress_bars()
     model, tok = load_thinkfast(args.source, dtype=dtype, where="convert")
-    if args.tokenizer:
-        tok = _tokenizer(args.tokenizer)
+    tok = _load_tokenizer(args.tokenizer, tok)  # --tokenizer wins over one beside the weights
     if tok is None:
         raise CheckpointError(f"convert {args.source}: no tokenizer beside the weights; pass --tokenizer with its "
                               f"teacher's (a folder or hub id){_teacher_hint(args.source)}")
@@ -67,20 +67,6 @@ def _model_type(folder: Path):
         return json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _tokenizer(spec: str):
-    from transformers import AutoTokenizer
-
-    from ..models.teacher import checkpoint_source
-
-    path = Path(spec)
-    extra = {} if path.is_dir() else checkpoint_source(spec, "--tokenizer")[1]
-    try:
-        return AutoTokenizer.from_pretrained(spec, **extra)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"--tokenizer {spec}: no tokenizer could be read there ({first})") from None
 
 
 def _teacher_hint(source: str) -> str:
