@@ -51,7 +51,7 @@ def test_greedy_engine_equals_full_forward_argmax(kind, ssm_param):
     lm = _lm(kind, ssm_param)
     prompts = _prompts([13, 13, 4, 7, 21, 9, 13])
     # 5 slots for 14 samples of mixed prompt lengths: refills, packing, rows at different positions, and
-    # prompts of one length prefilled in one batch
+    # neighbouring prompts (4 and 7 tokens, 9 and 13) prefilled in one left-padded batch
     eng = Engine(lm, batch_size=5)
     out = list(eng.generate(prompts, n=2, params=SamplingParams(temperature=0, max_new_tokens=16)))
     assert sorted((c.problem_id, c.sample_idx) for c in out) == sorted((p, j) for p, _ in prompts for j in range(2))
@@ -128,6 +128,66 @@ def test_fork_copies_the_prefilled_state_exactly():
             if t.dim() == 4 and t.shape[2] == 32:  # KV cache: the prompt's positions
                 t, r = t[:, :, :10], r[:, :, :10]
             assert torch.equal(t[0], r[0]) and torch.equal(t[2], r[0])
+
+
+def _mamba1_hybrid():
+    from thinkfast.models.config import ModelConfig
+    from thinkfast.models.model import ThinkfastLM
+
+    torch.manual_seed(0)
+    lm = ThinkfastLM(ModelConfig(vocab_size=101, d_model=64, n_layers=3, n_heads=8, n_kv_heads=2, attn_layers=[1],
+                                 ssm_param="mamba1", ssm_heads=16, ssm_head_dim=4, d_state=4, d_mlp=128))
+    lm.init_weights()
+    return lm.eval()
+
+
+@pytest.mark.parametrize("kind", ["teacher", "llamba", "hybrid", "mamba1"])
+@torch.no_grad()
+def test_a_left_padded_prefill_row_equals_the_prompt_prefilled_alone(kind):
+    """Prompts of different lengths share a prefill: each row's logits, Mamba states and (past its pads) KV
+    entries are the prompt's own, so the forks decode as if it had been prefilled alone."""
+    lm = _mamba1_hybrid() if kind == "mamba1" else _lm(kind, dict(KINDS).get(kind))
+    eng = Engine(lm, batch_size=2, max_len=64)
+    prompts = [ids for _, ids in _prompts([11, 3, 8], seed=4)]
+    state, logits = eng._prefill(prompts)
+    for g, ids in enumerate(prompts):
+        alone, ref = eng._prefill([ids])
+        torch.testing.assert_close(logits[g], ref[0], rtol=0, atol=2e-5)
+        mine = lm.allocate_state(1, len(ids))
+        mine.copy_rows_(torch.tensor([0]), state, torch.tensor([g]), len(ids), offset=11 - len(ids))
+        for a, b in zip(mine.caches, alone.caches):
+            for t, r in zip(vars(a).values(), vars(b).values()):
+                torch.testing.assert_close(t, r, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind,ssm_param", [("teacher", None), ("hybrid", "mamba2")])
+def test_one_sample_prompts_are_prefilled_many_at_a_time_and_sample_as_alone(kind, ssm_param, monkeypatch):
+    """n = 1 over many prompts (an evaluation run): prompts queue shortest first and are prefilled in left-padded
+    batches ahead of the free rows (not one per finished sample), and every sample equals its own run alone."""
+    lm = _lm(kind, ssm_param)
+    prompts = _prompts([17, 5, 9, 16, 6, 12, 18, 8, 15, 5, 10, 19], seed=7)
+    batches = []
+    prefill = Engine._prefill
+
+    def recorded(self, group):
+        batches.append(sorted(len(p) for p in group))
+        return prefill(self, group)
+
+    monkeypatch.setattr(Engine, "_prefill", recorded)
+    params = SamplingParams(temperature=1.0, top_k=30, max_new_tokens=14)
+    engine = Engine(lm, batch_size=3, stop_ids={7, 19, 33})
+    together = {c.problem_id: c.tokens for c in engine.generate(prompts, 1, params, seed=3)}
+    assert engine.stats.prompts == 12 and engine.stats.prefill_batches == len(batches) < 12
+    assert [b[0] for b in batches] == sorted(b[0] for b in batches), "prompts run shortest first"
+    assert any(len(set(b)) > 1 for b in batches), "the test needs a batch of prompts of different lengths"
+    assert all(sum(b) >= 0.75 * len(b) * b[-1] for b in batches), "pads stay under a quarter of a batch"
+    batches.clear()
+    alone = {}
+    for pid, ids in prompts:
+        (c,) = Engine(lm, batch_size=1, stop_ids={7, 19, 33}).generate([(pid, ids)], 1, params, seed=3)
+        alone[pid] = c.tokens
+    assert together == alone
+    assert len({len(t) for t in together.values()}) > 1, "the test needs samples ending at different lengths"
 
 
 def test_teacher_kv_path_reproduces_hf_greedy_generate():

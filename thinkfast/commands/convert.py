@@ -13,11 +13,11 @@ from . import no_hf_progress_bars
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "convert",
-        help="write a published student (Cartesia Llamba, MambaInLlama Mamba-2) or a Llama-family model as a "
+        help="write a published student (Cartesia Llamba, MambaInLlama, M1) or a Llama-family model as a "
         "thinkfast folder",
         description="Convert a model into a thinkfast save_pretrained folder (config.json, model.safetensors, "
         "tokenizer) that sample, bench, sft and transformers' Auto classes read: Cartesia's Llamba checkpoints "
-        "(cartesia-ai/Llamba-1B, -3B, -8B), MambaInLlama's Mamba-2 students and hybrids, Llama / Mistral / Qwen2 / "
+        "(cartesia-ai/Llamba-1B, -3B, -8B), MambaInLlama's Mamba-2 and Mamba-1 students and hybrids, M1, Llama / Mistral / Qwen2 / "
         "Qwen3 checkpoints (as all-attention teachers) and .gguf files; a local folder or a hub id.",
     )
     p.add_argument("source", help="checkpoint folder, .gguf file or hub id")

@@ -7,8 +7,8 @@
 How it works:
   - static per-slot state (KV cache for attention layers, conv + SSM state for Mamba layers), allocated once
     for `batch_size` slots; the decode loop allocates no state;
-  - each prompt is prefilled once (prompts of one length queued together share a batch) and its state forked
-    into the slots of its N samples;
+  - each prompt is prefilled once and its state forked into the slots of its N samples; prompts run shortest
+    first, and neighbours in that queue share a left-padded prefill batch (`_Run._prefill_for`);
   - continuous batching: a finished sample's slot takes the next pending (problem, sample) at once; when
     nothing is pending, live samples are packed into the leading rows so the step runs on live rows only;
   - the step (`decode.DecodeStep`) attends over the positions in use only, in blocks of rows kept ordered by
@@ -21,6 +21,7 @@ How it works:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -88,8 +89,9 @@ class _Request:
 
 @dataclass
 class _Prefill:
-    state: ModelState  # the prompt's state (row `row`), exactly the prompt's length
+    state: ModelState  # the prefilled group's state: row `row` is this prompt, left-padded by `pad` positions
     row: int
+    pad: int
     logits: torch.Tensor  # (V,) next-token logits after the prompt
     share: float  # prefill seconds charged to each fork
     left: int  # forks not yet placed
@@ -227,6 +229,9 @@ class Engine:
         self.limit = int(self.cfg.max_position_embeddings)
         self.stop_ids = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
         on_gpu = self.device.type == "cuda"
+        # padded prompt tokens prefilled in one batch: bounds the prefill's transient memory; on a CPU, batches
+        # past ~2k tokens ran slower per token (benchmarks/mixed_prefill.md)
+        self.prefill_tokens = 4096 if on_gpu else 1024
         self.use_compile = on_gpu if compile == "auto" else bool(compile)
         self.use_graphs = on_gpu if cuda_graphs == "auto" else bool(cuda_graphs) and on_gpu
         if row_group is not None and row_group < 1:
@@ -323,11 +328,20 @@ class Engine:
     # ------------------------------------------------------------------ pieces of the loop
 
     def _prefill(self, prompts: list[list[int]]) -> tuple[ModelState, torch.Tensor]:
-        """Prefill prompts of one length together: (state with a row per prompt, (G, V) next-token logits)."""
-        G, T = len(prompts), len(prompts[0])
+        """Prefill prompts together, shorter ones left-padded to the longest: (state with a row per prompt,
+        (G, V) next-token logits). Pads are masked: attention never reads them, Mamba layers skip them (no
+        input, no decay), and positions count from each prompt's first token; a row's KV entries sit after
+        its pads, which `copy_rows_(offset=pad)` skips."""
+        G, T = len(prompts), max(len(p) for p in prompts)
         pre = self.lm.allocate_state(G, T, self.device, self.dtype)
-        x = torch.tensor(prompts, dtype=torch.long, device=self.device)
-        out = self.lm(x, state=pre, compute_logits=False)
+        x = torch.zeros(G, T, dtype=torch.long)
+        mask = torch.zeros(G, T, dtype=torch.long)
+        for g, p in enumerate(prompts):
+            x[g, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[g, T - len(p):] = 1
+        padded = bool((mask == 0).any())
+        out = self.lm(x.to(self.device), attention_mask=mask.to(self.device) if padded else None, state=pre,
+                      compute_logits=False)
         return pre, self.lm.logits(out.last_hidden[:, -1]).float()
 
     def _text(self, tokens: list[int], finish: str) -> str | None:
@@ -438,7 +452,9 @@ class _Run:
         B, dev = engine.batch_size, engine.device
         for r in requests:
             r.queue = deque(r.todo)
-        self.pending = deque(requests)  # requests with samples not yet placed, in order
+        # shortest prompts first, so that prompts of like lengths are neighbours and share prefills with few pads
+        # (each sample's tokens depend only on its seed, not on when it runs)
+        self.pending = deque(sorted(requests, key=lambda r: len(r.prompt)))  # requests with samples not yet placed
         self.prefills: dict[int, _Prefill] = {}
         self.slots: list[_Slot | None] = [None] * B
         self.uniforms = torch.zeros(B, params.max_new_tokens, dtype=torch.float64, device=dev)
@@ -475,19 +491,26 @@ class _Run:
 
     # -------------------------------------------------------------- slots
 
-    MAX_PREFILL_TOKENS = 4096  # prompts prefilled together: bounds the prefill's transient memory
+    MAX_PAD_FRACTION = 0.25  # a prompt of another length joins a prefill while pads stay under this share of it
 
     def _prefill_for(self, req: _Request, budget: int) -> _Prefill:
-        """The prompt's prefill; prompts of the same length queued right behind it, whose samples fit in the
-        `budget` free rows too, are prefilled in the same batch."""
+        """The prompt's prefill. The prompts queued right behind it join the same batch while the batch keeps
+        under the engine's `prefill_tokens` and MAX_PAD_FRACTION and their samples fit in the `budget` free rows, or in
+        one batch of rows: those not placed now keep their prefilled state until rows free up, so that a
+        queue of one-sample prompts is prefilled many at a time, not one per finished sample."""
         if id(req) not in self.prefills:
             group, forks = [req], len(req.queue)
-            for other in list(self.pending)[1:]:
-                if ((len(group) + 1) * len(req.prompt) > self.MAX_PREFILL_TOKENS or len(other.prompt) != len(req.prompt)
-                        or forks + len(other.queue) > budget):
+            longest = real = len(req.prompt)
+            ahead = max(budget, self.e.batch_size)
+            for other in itertools.islice(self.pending, 1, None):
+                n = len(other.prompt)
+                padded = (len(group) + 1) * max(longest, n)
+                if (padded > self.e.prefill_tokens or padded - real - n > self.MAX_PAD_FRACTION * padded
+                        or forks + len(other.queue) > ahead):
                     break
                 group.append(other)
                 forks += len(other.queue)
+                longest, real = max(longest, n), real + n
             self.orphan += self.lap()
             state, logits = self.e._prefill([r.prompt for r in group])
             if logits.is_cuda:  # the kernels were only launched: their time belongs to this prefill
@@ -498,7 +521,7 @@ class _Run:
             st.prompts += len(group)
             st.prefill_batches += 1
             for g, r in enumerate(group):
-                self.prefills[id(r)] = _Prefill(state, g, logits[g], dt / forks, len(r.queue))
+                self.prefills[id(r)] = _Prefill(state, g, longest - len(r.prompt), logits[g], dt / forks, len(r.queue))
         return self.prefills[id(req)]
 
     def place(self, free: list[int]) -> list[Completion]:
@@ -523,7 +546,8 @@ class _Run:
             rows = [r for r, _ in take]
             rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
             T = len(req.prompt)
-            e.state.copy_rows_(rows_t, pre.state, torch.full((len(rows),), pre.row, dtype=torch.long, device=dev), T)
+            e.state.copy_rows_(rows_t, pre.state, torch.full((len(rows),), pre.row, dtype=torch.long, device=dev), T,
+                               offset=pre.pad)
             limit = min(params.max_new_tokens, e.max_len - T)
             new = []
             for r, j in take:

@@ -121,10 +121,13 @@ class KVCache:
     k: torch.Tensor  # (B, n_kv, S, hd)
     v: torch.Tensor
 
-    def copy_rows_(self, dst: torch.Tensor, src: "KVCache", src_rows: torch.Tensor, length: int | None = None):
+    def copy_rows_(self, dst: torch.Tensor, src: "KVCache", src_rows: torch.Tensor, length: int | None = None,
+                   offset: int = 0):
+        """Positions [:length] of rows `dst` take positions [offset:offset + length] of `src_rows` (offset: a
+        left-padded prefill's pads)."""
         n = self.k.shape[2] if length is None else length
-        self.k[dst, :, :n] = src.k[src_rows, :, :n]
-        self.v[dst, :, :n] = src.v[src_rows, :, :n]
+        self.k[dst, :, :n] = src.k[src_rows, :, offset:offset + n]
+        self.v[dst, :, :n] = src.v[src_rows, :, offset:offset + n]
 
 
 @dataclass
@@ -132,7 +135,8 @@ class SSMCache:
     conv: torch.Tensor  # (B, conv_dim, d_conv - 1): the last inputs of the causal conv
     ssm: torch.Tensor  # (B, H, P, N), fp32 unless allocated otherwise
 
-    def copy_rows_(self, dst: torch.Tensor, src: "SSMCache", src_rows: torch.Tensor, length: int | None = None):
+    def copy_rows_(self, dst: torch.Tensor, src: "SSMCache", src_rows: torch.Tensor, length: int | None = None,
+                   offset: int = 0):
         self.conv[dst] = src.conv[src_rows]
         self.ssm[dst] = src.ssm[src_rows].to(self.ssm.dtype)  # a prefill's fp32 state into a bf16 engine state
 

@@ -49,10 +49,11 @@ class ModelState:
         c = self.caches[0]
         return (c.k if isinstance(c, KVCache) else c.ssm).shape[0]
 
-    def copy_rows_(self, dst_rows, src: "ModelState", src_rows, length: int | None = None):
-        """Fork: rows `dst_rows` of this state take rows `src_rows` of `src` (KV positions [:length] only)."""
+    def copy_rows_(self, dst_rows, src: "ModelState", src_rows, length: int | None = None, offset: int = 0):
+        """Fork: rows `dst_rows` of this state take rows `src_rows` of `src` (KV positions [:length] only, read
+        from `offset` on: a left-padded prefill's row starts after its pads)."""
         for mine, theirs in zip(self.caches, src.caches):
-            mine.copy_rows_(dst_rows, theirs, src_rows, length)
+            mine.copy_rows_(dst_rows, theirs, src_rows, length, offset)
 
     def nbytes(self) -> int:
         total = 0
