@@ -25,6 +25,7 @@ COMMAND_MODULES = {
     "thinkfast.commands.convert": ["convert"],
     "thinkfast.commands.sample": ["sample", "bench"],
     "thinkfast.commands.evaluate": ["score", "train-rm", "report"],
+    "thinkfast.commands.harness": ["lm-eval"],
 }
 
 
@@ -50,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's, options included
+        args = argparse.Namespace(command="lm-eval", lm_eval_args=argv[1:],
+                                  func=importlib.import_module("thinkfast.commands.harness").cmd_lm_eval)
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -495,9 +495,9 @@ class _Run:
 
     def _prefill_for(self, req: _Request, budget: int) -> _Prefill:
         """The prompt's prefill. The prompts queued right behind it join the same batch while the batch keeps
-        under the engine's `prefill_tokens` and MAX_PAD_FRACTION and their samples fit in the `budget` free rows, or in
-        one batch of rows: those not placed now keep their prefilled state until rows free up, so that a
-        queue of one-sample prompts is prefilled many at a time, not one per finished sample."""
+        under the engine's `prefill_tokens` and MAX_PAD_FRACTION and their samples fit in the `budget` free
+        rows, or in one batch of rows: those not placed now keep their prefilled state until rows free up, so
+        that a queue of one-sample prompts is prefilled many at a time, not one per finished sample."""
         if id(req) not in self.prefills:
             group, forks = [req], len(req.queue)
             longest = real = len(req.prompt)
