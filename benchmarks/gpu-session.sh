@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of one session lent a device, prepared to run as one command of about 8 minutes on an
+# The GPU checks of one session lent a device, prepared to run as one command of about 9 minutes on an
 # H100/H200 (torch, transformers, triton and pytest preinstalled there; nothing else needed):
 #   1. the fast paths against their references (CUDA-graph decode step, compiled SSM update, fla prefill kernel),
 #      and several models sampling in turns on the GPU (the CPU tests of `sample_interleaved`, run there on cuda);
@@ -20,8 +20,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT_DIR/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
 
-timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_decode.py tests/test_ssd.py \
-    tests/test_models_llama_family.py tests/test_hf_generate.py tests/test_published.py 2>&1 \
+timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_decode.py tests/test_ssd.py \
+    tests/test_models_llama_family.py tests/test_hf_generate.py tests/test_published.py tests/test_engine_sampling.py 2>&1 \
     | tee "$OUT_DIR/gpu-tests.log"
 # several models taking turns on one GPU (sample_interleaved picks cuda by itself: bf16, CUDA graphs per engine)
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_engine_interleaved.py 2>&1 \

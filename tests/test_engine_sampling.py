@@ -190,6 +190,20 @@ def test_one_sample_prompts_are_prefilled_many_at_a_time_and_sample_as_alone(kin
     assert len({len(t) for t in together.values()}) > 1, "the test needs samples ending at different lengths"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind,ssm_param", KINDS)
+def test_left_padded_prefills_under_cuda_graphs_decode_as_each_prompt_alone(kind, ssm_param):
+    lm = _lm(kind, ssm_param).cuda()
+    prompts = _prompts([17, 5, 9, 16, 6, 12, 18, 8, 15, 5, 10, 19], seed=7)
+    params = SamplingParams(temperature=0, max_new_tokens=14)
+    engine = Engine(lm, batch_size=4, device="cuda", stop_ids=[])
+    assert engine.use_graphs
+    out = list(engine.generate(prompts, 1, params))
+    assert engine.stats.prefill_batches < len(prompts)
+    _assert_greedy_matches(lm.cpu(), out, prompts, 14)
+
+
 def test_teacher_kv_path_reproduces_hf_greedy_generate():
     hf = tiny_llama()
     prompts = _prompts([6, 15, 9], seed=3)

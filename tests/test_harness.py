@@ -52,6 +52,18 @@ def test_generate_until_on_the_engine_equals_lm_evals_hf_model(teacher_lm):
     assert sum(p.answer in t.split("####")[-1] for t, p in zip(full, problems)) >= 3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generate_until_on_the_gpu_engine_equals_lm_evals_hf_model_there():
+    """On a GPU the engine replays CUDA graphs; HFLM runs generate() eagerly: the same answers (fp32)."""
+    lm = ThinkfastHarnessLM(pretrained=str(embedded_teacher_dir()), slots=4, batch_size=4, device="cuda")
+    assert lm.engine.use_graphs
+    contexts, _ = _contexts(lm.tokenizer)
+    hf = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4)
+    gen = {"until": ["<|im_end|>"], "do_sample": False, "max_gen_toks": 400}
+    assert lm.generate_until(_requests(contexts, gen)) == hf.generate_until(_requests(contexts, gen))
+
+
 def test_sampled_generate_until_is_reproducible_and_follows_the_seed(teacher_lm):
     contexts, _ = _contexts(teacher_lm.tokenizer, n=5, seed=951000)
     gen = {"do_sample": True, "temperature": 2.5, "max_gen_toks": 60}  # hot: the teacher is sure of its sums
