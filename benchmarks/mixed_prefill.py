@@ -91,7 +91,13 @@ def main() -> None:
             same = sum(m["tokens"][p] == ref[p] for p in ref)
             lines.append(f"| `{r['code']}` | {r['round']} | {name} | {m['seconds']:.1f} | {m['prefill_seconds']:.1f} | "
                          f"{m['prefill_batches']} | {m['gen_tokens']} | {same} / {len(ref)} |")
-    Path(args.out + ".json").write_text(json.dumps(runs, indent=1) + "\n")
+    for r in runs:  # the tokens were for the comparison above; the record keeps the counts
+        for name, m in r["models"].items():
+            ref = first["models"][name]["tokens"]
+            m["same_as_first_run"] = sum(m["tokens"][p] == ref[p] for p in ref)
+    Path(args.out + ".json").write_text(json.dumps(
+        [dict(r, models={n: {k: v for k, v in m.items() if k != "tokens"} for n, m in r["models"].items()}) for r in runs],
+        indent=1) + "\n")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
 
 

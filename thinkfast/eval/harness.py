@@ -102,7 +102,9 @@ class ThinkfastHarnessLM(HFLM):
                     tokens = tokens[len(tokens) - tokens[::-1].index(think_end):]
                 text = self.tok_decode(tokens)
                 if isinstance(think_end, str):
-                    text = text.split(think_end)[-1].lstrip()
+                    text = text.split(think_end)[-1]
+                if think_end is not None:  # as HFLM: the answer after the thinking, without its leading space
+                    text = text.lstrip()
                 for s in params.stop:  # the engine stops at the first stop string; the answer ends before it
                     text = text.split(s)[0]
                 texts[i] = text
