@@ -84,16 +84,19 @@ class ThinkfastHarnessLM(HFLM):
             gen_kwargs = req.args[1]
             key = json.dumps(gen_kwargs, sort_keys=True, default=str)
             groups.setdefault(key, (gen_kwargs, []))[1].append(i)
+        runs = []  # every setting checked before any answer is generated
+        for gen_kwargs, members in groups.values():
+            params = sampling_params(gen_kwargs, self.max_gen_toks)
+            if self.max_length - params.max_new_tokens < 1:
+                raise ConfigError(f"max_gen_toks={params.max_new_tokens} leaves no room for a prompt in the model's "
+                                  f"{self.max_length} positions; lower it or raise max_length")
+            runs.append((params, members))
         texts: list[str | None] = [None] * len(requests)
         think_end = getattr(self, "think_end_token", None)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                    desc="Running generate_until requests (thinkfast engine)")
-        for gen_kwargs, members in groups.values():
-            params = sampling_params(gen_kwargs, self.max_gen_toks)
+        for params, members in runs:
             room = self.max_length - params.max_new_tokens
-            if room < 1:
-                raise ConfigError(f"max_gen_toks={params.max_new_tokens} leaves no room for a prompt in the model's "
-                                  f"{self.max_length} positions; lower it or raise max_length")
             prompts = [(str(i), self.tok_encode(requests[i].args[0])[-room:]) for i in members]
             for c in self.engine.generate(prompts, n=1, params=params, seed=self.seed):
                 i = int(c.problem_id)
