@@ -12,11 +12,11 @@ from thinkfast.cli import main
 from thinkfast.data.sources import load_problems
 from thinkfast.embedded import embedded_teacher_dir, sums_spec
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a test dependency: pip install -e '.[test]'")
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
+# lm-eval is in the test extra (pip install -e '.[test]'): its absence fails here rather than skipping the feature
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
 
-from thinkfast.eval.harness import ThinkfastHarnessLM, sampling_params  # noqa: E402
+from thinkfast.eval.harness import ThinkfastHarnessLM, sampling_params
 
 
 def _contexts(tok, n=6, seed=950000):
