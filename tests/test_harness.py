@@ -7,15 +7,13 @@ import sys
 
 import pytest
 import torch
-
-from thinkfast.cli import main
-from thinkfast.data.sources import load_problems
-from thinkfast.embedded import embedded_teacher_dir, sums_spec
-
 # lm-eval is in the test extra (pip install -e '.[test]'): its absence fails here rather than skipping the feature
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
+from thinkfast.cli import main
+from thinkfast.data.sources import load_problems
+from thinkfast.embedded import embedded_teacher_dir, sums_spec
 from thinkfast.eval.harness import ThinkfastHarnessLM, sampling_params
 
 
