@@ -493,20 +493,19 @@ class _Run:
 
     MAX_PAD_FRACTION = 0.25  # a prompt of another length joins a prefill while pads stay under this share of it
 
-    def _prefill_for(self, req: _Request, budget: int) -> _Prefill:
+    def _prefill_for(self, req: _Request) -> _Prefill:
         """The prompt's prefill. The prompts queued right behind it join the same batch while the batch keeps
-        under the engine's `prefill_tokens` and MAX_PAD_FRACTION and their samples fit in the `budget` free
-        rows, or in one batch of rows: those not placed now keep their prefilled state until rows free up, so
-        that a queue of one-sample prompts is prefilled many at a time, not one per finished sample."""
+        under the engine's `prefill_tokens` and MAX_PAD_FRACTION and their samples fit in one batch of rows:
+        those not placed now keep their prefilled state until rows free up, so that a queue of one-sample
+        prompts is prefilled many at a time, not one per finished sample."""
         if id(req) not in self.prefills:
             group, forks = [req], len(req.queue)
             longest = real = len(req.prompt)
-            ahead = max(budget, self.e.batch_size)
             for other in itertools.islice(self.pending, 1, None):
                 n = len(other.prompt)
                 padded = (len(group) + 1) * max(longest, n)
                 if (padded > self.e.prefill_tokens or padded - real - n > self.MAX_PAD_FRACTION * padded
-                        or forks + len(other.queue) > ahead):
+                        or forks + len(other.queue) > self.e.batch_size):
                     break
                 group.append(other)
                 forks += len(other.queue)
@@ -534,7 +533,7 @@ class _Run:
         free = deque(sorted(free))
         while free and self.pending:
             req = self.pending[0]
-            pre = self._prefill_for(req, len(free))
+            pre = self._prefill_for(req)
             take = []
             while free and req.queue:
                 take.append((free.popleft(), req.queue.popleft()))
