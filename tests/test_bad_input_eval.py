@@ -220,13 +220,13 @@ def test_report_checks_its_dataset_against_the_samples(tmp_path, capsys):
     assert main(["report", str(samples), "--out", str(rep), "--dataset", f"math:{other}"]) == 2
     _one_line_error(capsys, "holds none of the samples' 2 problems", "'chain_sum:3:0'", "'test/algebra/1.json'")
     assert not rep.exists()
-    # the spec they were drawn from, and one that holds some of them (a note says how many it lacks)
+    # one that holds only some of them is refused too, before anything is written; the spec they were drawn from works
+    part = RG.replace("size=4", "size=1")
+    assert main(["report", str(samples), "--out", str(rep), "--dataset", part, "--no-plots"]) == 2
+    _one_line_error(capsys, "lacks 1 of the samples' 2 problems", "'chain_sum:3:1'")
+    assert not rep.exists()
     assert main(["report", str(samples), "--out", str(rep), "--dataset", RG, "--no-plots"]) == 0
     assert json.loads((rep / "metrics.json").read_text())["dataset"] == RG
-    part = RG.replace("size=4", "size=1")
-    assert main(["report", str(samples), "--out", str(rep), "--dataset", part, "--no-plots"]) == 0
-    notes = json.loads((rep / "metrics.json").read_text())["notes"]
-    assert any("1 problem(s) of the samples are not in the dataset" in n for n in notes), notes
 
 
 def test_report_refuses_a_folder_it_did_not_write_and_rewrites_its_own(tmp_path, capsys):

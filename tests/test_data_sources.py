@@ -156,6 +156,17 @@ def test_bad_rows_name_file_and_line(tmp_path):
         load_problems(f"jsonl:{path}")
     with pytest.raises(DataError, match="kind="):
         load_problems(f"jsonl:{path}?kind=algebra")
+    # a question that is a whole chat (a list) or an id that is null: refused, not written as a Python repr / 'None'
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"}], "answer": "2", "id": None}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'messages' is a list, not text.*messages.0.content"):
+        load_problems(f"jsonl:{path}?question=messages")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'id' is null, not text"):
+        load_problems(f"jsonl:{path}?question=messages.0.content&id=id")
+    (p,) = load_problems(f"jsonl:{path}?question=messages.0.content")
+    assert (p.id, p.question) == ("bad:0", "1+1?")
+    # options after '&' instead of '?': the missing file's line says where they go
+    with pytest.raises(DataError, match=r"does not exist; options follow a '\?' \(bad.jsonl\?limit=1\)"):
+        load_problems(f"jsonl:{path}&limit=1")
 
 
 def test_parse_spec_keeps_plus_signs():

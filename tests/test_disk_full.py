@@ -150,4 +150,6 @@ def test_demo_refuses_a_disk_too_small_before_any_step(tmp_path, capsys, monkeyp
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and "its disk has 10 MiB free, and the demo writes about" in lines[0], err
     assert "free some space or choose another --out" in lines[0]
-    assert sorted(p.name for p in out.iterdir()) == ["demo.json"]  # no step ran
+    assert not out.exists()  # no step ran, and no record of a run that a re-run with other flags would be refused for
+    assert main(["demo", "--no-progress", "--out", str(out)]) == 2  # not --quick: other settings
+    assert "its disk has 10 MiB free" in capsys.readouterr().err

@@ -49,6 +49,13 @@ def pool():
     # SmolLM2 on MATH-500: the answer in a display block under the phrase (it was read as no answer)
     ("So the final answer is:\n\n$$\nx = 5\n$$", "math", "x = 5"),
     ("The answer is:\n\\[\n\\frac{14}{3}\n\\]\nDone.", "math", "\\frac{14}{3}"),
+    # the phrase's own sentence, not what a later one says; a decimal point is no sentence's end
+    ("so the answer is 3. Then later 7", "math", "3"),
+    ("the answer is 3.5 exactly", "math", "3.5 exactly"),
+    # the text after the *last* marker, to the next run of four or more `#`
+    ("x #### 17 y #### 18", "gsm8k", "18"),
+    ("#### 42 #####", "gsm8k", "42"),
+    ("#### Final Answer: 42", "number", "42"),
 ])
 def test_extract_answer(text, kind, expected):
     assert extract_answer(text, kind) == expected
@@ -76,6 +83,9 @@ def test_extract_answer(text, kind, expected):
     ("#### 9010 + 11 = 101", "101", True),  # the result after the last `=`, not the sum
     ("#### Final Answer\nThe total is $42.", "42", True),  # a markdown heading: the number under it
     ("#### Final Answer\nThe total is $42.", "4", False),
+    ("#### The final answer is 42", "42", True),
+    ("#### €1,000", "1000", True),  # any currency sign, as `$`
+    ("#### £12.50", "12.5", True),
 ])
 def test_number_grading(pred, gold, ok):
     assert grade(pred, gold, "gsm8k") is ok

@@ -9,7 +9,7 @@ import pytest
 
 from thinkfast.errors import ThinkfastError
 from thinkfast.eval.metrics import (
-    ProblemSamples, _balanced_orders, bootstrap_ci, dataset_curves, ks_for, majority_vote, pass_at_k, problem_curves,
+    ProblemSamples, _balanced_orders, bootstrap_ci, dataset_curves, effective_correct, ks_for, majority_vote, pass_at_k, problem_curves,
 )
 
 
@@ -142,10 +142,11 @@ def test_dataset_curves_means_and_cis():
 @pytest.mark.parametrize("n,subsets", [(32, 256), (5, 12), (7, 7), (40, 16)])
 def test_subset_orders_are_permutations_whose_leaders_are_dealt_evenly(n, subsets):
     orders = _balanced_orders(n, subsets, np.random.default_rng(0))
-    assert orders.shape == ((-(-subsets // n) * n if n <= subsets else subsets), n)
+    # at least `subsets` orders, a multiple of n: with fewer subsets asked than samples, n of them (one led by each)
+    assert orders.shape == (max(1, -(-subsets // n)) * n, n) and orders.shape[0] >= subsets
     assert all(sorted(row) == list(range(n)) for row in orders.tolist())  # each row orders all n samples
     leads = np.bincount(orders[:, 0], minlength=n)
-    assert (leads.min() == leads.max()) if n <= subsets else (leads.max() == 1)
+    assert leads.min() == leads.max()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -157,8 +158,21 @@ def test_maj_and_bon_at_1_equal_pass_at_1_exactly(seed):
         n = rng.choice([4, 32, 48])
         answers = [rng.choice(["1", "2", "3", None]) for _ in range(n)]
         problems[f"p{p}"] = ProblemSamples(answers, [a == "1" for a in answers], [rng.random() for _ in range(n)])
-    for n_subsets in (256, 64):
+    for n_subsets in (256, 64, 16, 1):  # fewer subsets than samples too (a report asked for 16 read maj@1 0.575 beside 0.568)
         means = {name: v["mean"][0] for name, v in dataset_curves(problems, [1], n_subsets=n_subsets, n_boot=10).items()}
         assert means["maj_at_k"] == pytest.approx(means["pass_at_k"], abs=1e-12)
         assert means["bon_at_k"] == pytest.approx(means["pass_at_k"], abs=1e-12)
         assert means["weighted_bon_at_k"] == pytest.approx(means["pass_at_k"], abs=1e-12)
+
+
+def test_an_ungraded_sample_counts_as_its_answer_graded_elsewhere_in_every_metric():
+    # a grader that hung on one sample: its answer, graded on another sample, decides it for pass@k as for the votes
+    answers = ["5", "5", "7", "9", None, "5"]
+    graded = [True, None, False, None, False, None]
+    ps = ProblemSamples(answers, graded, [0.1, 0.9, 0.2, 0.8, 0.3, 0.4])
+    assert effective_correct(ps).tolist() == [True, True, False, False, False, True]  # "9" was never graded: wrong
+    curves = problem_curves(ps, [1, 2], n_subsets=60)
+    assert curves["pass_at_k"][0] == pytest.approx(3 / 6)
+    assert curves["maj_at_k"][0] == pytest.approx(curves["pass_at_k"][0])
+    assert curves["bon_at_k"][0] == pytest.approx(curves["pass_at_k"][0])
+    assert curves["pass_at_k"][1] == pytest.approx(pass_at_k(6, 3, 2))

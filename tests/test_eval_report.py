@@ -213,3 +213,58 @@ def test_grouping_errors_are_one_line(runs, tmp_path, capsys):
     assert cli(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--no-plots", "--dataset", spec, "--by", "level",
                 "--subsets", "8", "--bootstrap", "10"]) == 0
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["by_group"]["field"] == "level"
+
+
+def test_ks_without_1_and_max_k_name_their_columns(runs, tmp_path, capsys):
+    # the Models table once read pass@1 whatever k were chosen (a KeyError without k=1, a pass@n column holding pass@4)
+    assert cli(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--no-plots", "--ks", "2,4"]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "| pass@2 | pass@4 | maj@4 | BoN@4 | wBoN@4 |" in text and "| pass@1 |" not in text
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert f"| {m['models']['teacher']['pass_at_k']['2']:.3f} | {m['models']['teacher']['pass_at_k']['4']:.3f} |" in text
+    assert cli(["report", *map(str, runs), "--out", str(tmp_path / "r"), "--no-plots", "--max-k", "4"]) == 0
+    assert "| pass@1 | pass@4 | maj@4 |" in (tmp_path / "r" / "report.md").read_text()
+    # models with different k: each cell says its k
+    make_samples(tmp_path / "c.jsonl", "c", "hybrid", 0.5, 0.2, n=4)
+    assert cli(["report", str(runs[0]), str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "r2"), "--no-plots"]) == 0
+    text = (tmp_path / "r2" / "report.md").read_text()
+    assert "| pass@1 | pass@(largest k) | maj@(largest k) |" in text and "(k=8)" in text and "(k=4)" in text
+
+
+def test_ungraded_samples_are_refused_when_none_is_graded_and_noted_otherwise(tmp_path, capsys):
+    rows = make_samples(tmp_path / "a.jsonl", "a", "teacher", 0.5, 0.2, rewards=False)
+    for r in rows:
+        r["correct"] = None
+    (tmp_path / "u.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["report", str(tmp_path / "u.jsonl"), "--out", str(tmp_path / "r"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 96 samples is graded" in err and "thinkfast score" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+    # some ungraded: reported, said on the console, and counted as their answers' grades (maj@1 = pass@1 still)
+    rows = make_samples(tmp_path / "a.jsonl", "a", "teacher", 0.5, 0.2, rewards=False)
+    for r in rows[::2]:
+        r["correct"] = None
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["report", str(tmp_path / "h.jsonl"), "--out", str(tmp_path / "r"), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "note: a: 48 ungraded sample(s)" in out
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())["models"]["a"]
+    assert m["ungraded"] == 48 and m["maj_at_k"]["1"] == pytest.approx(m["pass_at_k"]["1"])
+    full = build_report([tmp_path / "a.jsonl"], tmp_path / "full", plots=False)["models"]["a"]
+    # an ungraded right answer counts where another sample of its problem has it graded, not elsewhere
+    by_problem = {}
+    for r in rows:
+        by_problem.setdefault(r["problem_id"], []).append(r)
+    expected = np.mean([r["correct"] is True or (r["correct"] is None and any(o["correct"] and o["answer"] == r["answer"] for o in rs))
+                        for rs in by_problem.values() for r in rs])
+    assert m["pass_at_k"]["1"] == pytest.approx(expected) and m["accuracy"] == pytest.approx(expected)
+    assert np.mean([r["correct"] is True for r in rows]) < expected < full["pass_at_k"]["1"]
+
+
+def test_a_report_rewritten_without_plots_drops_the_old_ones(runs, tmp_path):
+    out = tmp_path / "r"
+    first = build_report(runs, out, n_boot=20)
+    assert first["plots"] and all((out / p).exists() for p in first["plots"])
+    (out / "mine.png").write_bytes(b"not ours")
+    build_report(runs[:1], out, n_boot=20, plots=False)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "mine.png", "report.md"]

@@ -165,11 +165,10 @@ class Demo:
             return state
         if self.out.exists() and any(self.out.iterdir()):
             raise CheckpointError(f"{self.out} is not empty and holds no demo run; choose a new --out")
-        state = {"fingerprint": self.s.fingerprint(), "settings": dataclasses.asdict(self.s), "done": [],
-                 "wall_seconds": 0.0, "step_seconds": {}}
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.state_path, state)
-        return state
+        # a new run's record is written by its first step (`run`), after the disk check: a refused run leaves
+        # nothing behind that a re-run with other flags would be refused for
+        return {"fingerprint": self.s.fingerprint(), "settings": dataclasses.asdict(self.s), "done": [],
+                "wall_seconds": 0.0, "step_seconds": {}}
 
     def _finish_step(self, step: str, seconds: float, **extra) -> None:
         self.state["done"].append(step)
@@ -189,6 +188,9 @@ class Demo:
         steps = self.steps = STEPS[: STEPS.index(until) + 1] if until is not None else STEPS
         if any(step not in self.state["done"] for step in steps):
             self.check_disk_space()
+        if not self.state_path.is_file():
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.state_path, self.state)
         done_before = set(self.state["done"])
         for i, step in enumerate(steps, 1):
             if step in self.state["done"]:

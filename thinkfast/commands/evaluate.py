@@ -159,5 +159,7 @@ def cmd_report(args) -> int:
         k0, n = str(e["ks"][0]), str(e["ks"][-1])
         print(f"{name}: pass@{k0} {e['pass_at_k'][k0]:.3f}  pass@{n} {e['pass_at_k'][n]:.3f}  maj@{n} {e['maj_at_k'][n]:.3f}  "
               f"{e['seconds_per_sample']:.3g} s/sample")
+    for note in metrics["notes"]:  # what was left out or counted specially: in report.md too, but easy to miss there
+        print(f"note: {note}")
     print(f"report written to {args.out}/report.md")
     return 0

@@ -146,7 +146,9 @@ def _data_file(s: DataSpec) -> Path:
     if path.is_dir():
         raise DataError(f"data spec {s.text!r}: {path} is a folder, not a file; give the path of a file in it")
     if not path.is_file():
-        raise DataError(f"data spec {s.text!r}: file {path} does not exist")
+        hint = (f"; options follow a '?' ({path.name.split('&')[0]}?{path.name.split('&', 1)[1]})"
+                if "&" in path.name and "=" in path.name and "?" not in s.text else "")
+        raise DataError(f"data spec {s.text!r}: file {path} does not exist{hint}")
     return path
 
 
@@ -189,6 +191,17 @@ def _field(row: dict, name: str, s: DataSpec, n: int):
         raise DataError(f"{s.target}:{n}: no field {name!r} (fields: {sorted(row)}); map fields with ?question=...&answer=... "
                         "(a dotted path such as generations.0 or messages.1.content reads into lists and records)")
     return value
+
+
+def _text_field(row: dict, name: str, s: DataSpec, n: int) -> str:
+    """A question, gold answer or id: plain text or a number; a list or record (a whole chat) or null is refused
+    rather than written into prompts as its Python repr."""
+    value = _field(row, name, s, n)
+    if value is None or isinstance(value, (list, dict, bool)):
+        what = "null" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"{s.target}:{n}: field {name!r} is {what}, not text; map a text field with ?question=...&answer=..."
+                        "&id=... (a dotted path such as messages.0.content reads into lists and records)")
+    return str(value)
 
 
 def _solution_field(row: dict, name: str | None, s: DataSpec, n: int) -> str | None:
@@ -240,13 +253,12 @@ def _jsonl(s: DataSpec) -> list[Problem]:
     stem = Path(s.target).stem
     out = []
     for n, row in enumerate(_read_jsonl(s), 1):
-        pid = _lookup(row, idf) if idf else _MISSING
-        pid = f"{stem}:{n - 1}" if pid is _MISSING else str(pid)
+        pid = _text_field(row, idf, s, n) if idf else f"{stem}:{n - 1}"
         solution = _solution_field(row, sol, s, n)
         # the row's other plain fields (a difficulty level, a topic) stay with the problem: reports group by them
         used = {part for name in (q, a, sol, idf) if name for part in (name, name.split(".")[0])}
         meta = {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))}
-        out.append(Problem(pid, str(_field(row, q, s, n)), str(_field(row, a, s, n)), kind, solution, meta))
+        out.append(Problem(pid, _text_field(row, q, s, n), _text_field(row, a, s, n), kind, solution, meta))
     return out
 
 
@@ -381,10 +393,10 @@ def _hf(s: DataSpec) -> list[Problem]:
     out = []
     for i in range(offset, end):  # ids keep the row's index in the split, as a sliced file's do
         row = rows[i]
-        answer = str(_field(row, a, s, i + 1))
+        answer = _text_field(row, a, s, i + 1)
         gold = gsm8k_final_answer(answer) if kind == "gsm8k" else answer
         solution = CALCULATOR_MARK.sub("", answer) if kind == "gsm8k" else _solution_field(row, sol, s, i + 1)
-        out.append(Problem(f"{ds_id}:{split}:{i}", str(_field(row, q, s, i + 1)), gold, kind, solution))
+        out.append(Problem(f"{ds_id}:{split}:{i}", _text_field(row, q, s, i + 1), gold, kind, solution))
     return out
 
 

@@ -210,7 +210,8 @@ class _SamplingJob:
         if problems is None:
             problems = load_problems(data_spec)
         if not problems:
-            raise ConfigError(f"data spec {data_spec!r} names no problems; check offset=/limit=")
+            keys = "offset=/limit=" + ("/max_chars=" if "max_chars=" in data_spec else "")
+            raise ConfigError(f"data spec {data_spec!r} names no problems; check {keys}")
         ids = [p.id for p in problems]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)

@@ -1,14 +1,15 @@
 """Grading: pull the final answer out of a completion and decide whether it equals the gold answer.
 
 Kinds:
-  gsm8k, number  the final answer is the last `\\boxed{}`, else the text after the last `####` (exactly four: a
-                 `#####` rule is not a marker; `#### 9 + 2 = 11` answers 11; after a `####` line without a number,
-                 such as a `#### Final answer` heading, the last number below it), else the last number.
-                 Thousands separators, `$`, `%`, units and a leading `x =` are stripped; `18.00 == 18 == 36/2`;
+  gsm8k, number  the final answer is the last `\\boxed{}`, else the text after the last `####` up to the next run
+                 of four or more `#` (exactly four: a `#####` rule is not a marker; `#### 9 + 2 = 11` answers 11; a
+                 leading "Final answer:" is dropped; after a `####` line without a number, such as a `#### Final
+                 answer` heading, the last number below it), else the last number.
+                 Thousands separators, currency signs, `%`, units and a leading `x =` are stripped; `18.00 == 18 == 36/2`;
                  strict equality, no partial credit. A gold answer that is not a number (reasoning-gym tasks with
                  word answers) is compared as text, ignoring case and surrounding spaces.
   math           the last `\\boxed{}`, else the text after the last `####`, else what follows the last "the (final)
-                 answer is" (a `$$ ... $$` or `\\[ ... \\]` block when one opens right after it), else the last
+                 answer is" to the end of its sentence (a `$$ ... $$` or `\\[ ... \\]` block when one opens right after it), else the last
                  number; equivalence is decided by math-verify with the gold
                  wrapped in `$...$`, in a pool of worker processes with a hard timeout per item. A hung or crashed
                  worker is killed and replaced and its item is *ungraded* (correct=None, with the reason), never
@@ -61,7 +62,10 @@ def check_kind(kind: str) -> str:
 
 BOX_COMMANDS = ("\\boxed", "\\fbox")
 SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>|</s>|<eos>|<end_of_turn>")  # <|im_end|>, <|eot_id|>, ...
-HASH_ANSWER = re.compile(r"(?<!#)####(?!#)[ \t]*([^\n]*)")  # GSM8K's marker, not part of a longer run of #
+# GSM8K's marker, not part of a longer run of #; its answer runs to the line's end or the next run of four or more
+# `#` (`x #### 17 y #### 18` answers 18, `#### 42 #####` answers 42)
+HASH_ANSWER = re.compile(r"(?<!#)####(?!#)[ \t]*((?:(?!####)[^\n])*)")
+ANSWER_LABEL = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)  # `#### Final answer: 42`
 FINAL_PHRASE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
 DISPLAY_MATH = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]", re.DOTALL)  # $$ ... $$ or \[ ... \], across lines
 # a number as people write it: sign, thousands separators, decimals, an optional /denominator
@@ -113,7 +117,7 @@ def extract_answer(text: str, kind: str) -> str | None:
         return boxed
     marks = list(HASH_ANSWER.finditer(text))
     if marks:
-        answer, after = marks[-1].group(1).strip(), text[marks[-1].end():]
+        answer, after = ANSWER_LABEL.sub("", marks[-1].group(1).strip()), text[marks[-1].end():]
         if kind == "math":
             if answer:
                 return answer
@@ -131,6 +135,8 @@ def extract_answer(text: str, kind: str) -> str | None:
             phrase = phrases[-1]
             block = DISPLAY_MATH.match(text, phrase.start(1))  # "The final answer is:" then a display block
             said = (block.group(1) or block.group(2)) if block else phrase.group(1)
+            if not block:  # "the answer is 3. Then ..." : the sentence the phrase opens, not what comes after it
+                said = re.split(r"\.\s", said, maxsplit=1)[0]
             said = said.strip().rstrip(".").strip("$ ").rstrip(".").strip()
             if said:
                 return said
@@ -147,7 +153,8 @@ MAX_DIGITS = 64  # longer "numbers" are not answers; refusing them keeps Fractio
 
 
 def _strip_decorations(s: str) -> str:
-    s = s.replace("−", "-").replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    s = s.replace("−", "-").replace("\\$", "").replace("\\%", "")
+    s = re.sub(r"[$%€£¥₹]|\\(?:euro|pounds|yen)\b", "", s)
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r" \1 ", s)
     s = re.sub(r"\^\{?\\circ\}?|°|\\circ", "", s)
     s = re.sub(r"\\[!,;: ]|~|\\left|\\right|\\displaystyle", "", s)

@@ -10,7 +10,9 @@ first k. A subset is the first k entries of a random order of the samples; the o
 that their first places are dealt out evenly (each sample leads equally many), so maj@1 and BoN@1 equal pass@1
 exactly (where equal answers are graded alike) instead of within sampling noise. "The answer seen first in the
 subset" (the tie-break) is itself random. An unparseable answer (None) never votes; a subset with no answer at all
-is wrong. Ungraded samples (correct is None) count as wrong; reports show how many there were.
+is wrong. An ungraded sample (correct is None: its grader hung or crashed) takes the grade of an equal answer graded
+among the problem's samples, in every metric alike (so maj@1 stays pass@1), and else counts as wrong; reports show
+how many there were.
 """
 
 from __future__ import annotations
@@ -102,6 +104,18 @@ def _encode(ps: ProblemSamples):
     return np.array(ids, dtype=np.int64), np.array([bool(c) for c in ans_correct], dtype=bool)
 
 
+def _effective_correct(graded: list, ids: np.ndarray, ans_correct: np.ndarray) -> np.ndarray:
+    """Per sample: its grade, or for an ungraded one its answer's grade (as the votes count it), else wrong."""
+    return np.array([c is True if c is not None else bool(i >= 0 and ans_correct[i]) for c, i in zip(graded, ids)],
+                    dtype=bool)
+
+
+def effective_correct(ps: ProblemSamples) -> np.ndarray:
+    """`ps`'s samples as every metric counts them right or wrong (see the module docstring on ungraded ones)."""
+    ids, ans_correct = _encode(ps)
+    return _effective_correct(ps.correct, ids, ans_correct)
+
+
 def _vote(ids_sub: np.ndarray, weights_sub: np.ndarray, n_answers: int) -> np.ndarray:
     """Winning answer id per row of (M, k) subsets; -1 where no sample in the row has an answer."""
     M, k = ids_sub.shape
@@ -128,14 +142,20 @@ def _voted_correct(win: np.ndarray, ans_correct: np.ndarray) -> np.ndarray:
     return (win >= 0) & ans_correct[np.maximum(win, 0)]
 
 
+def subsets_used(n: int, n_subsets: int) -> int:
+    """Subsets per k actually drawn for n samples: n_subsets rounded up to a multiple of n (at least n), so that
+    every sample leads equally many."""
+    return max(1, -(-n_subsets // n)) * n
+
+
 def _balanced_orders(n: int, n_subsets: int, rng: np.random.Generator) -> np.ndarray:
-    """(M, n) independent random sample orders whose k-prefixes are the subsets, M = n_subsets rounded up to a
-    multiple of n, with the first place dealt out evenly: each sample leads M / n orders (which sample leads which
-    order is itself shuffled, so each order is still uniformly random). Size-1 subsets are then exact, and the
-    larger ones as independent as plain random orders. With more samples than subsets, n_subsets distinct leaders."""
-    M = -(-n_subsets // n) * n if n <= n_subsets else n_subsets
+    """(M, n) independent random sample orders whose k-prefixes are the subsets, M = `subsets_used(n, n_subsets)`,
+    with the first place dealt out evenly: each sample leads M / n orders (which sample leads which order is itself
+    shuffled, so each order is still uniformly random). Size-1 subsets are then exact, and the larger ones as
+    independent as plain random orders."""
+    M = subsets_used(n, n_subsets)
     orders = rng.permuted(np.broadcast_to(np.arange(n), (M, n)), axis=1)
-    leaders = rng.permutation(np.resize(np.arange(n), M) if n <= n_subsets else np.arange(n))[:M]
+    leaders = rng.permutation(np.resize(np.arange(n), M))
     rows = np.arange(M)
     at = np.argmax(orders == leaders[:, None], axis=1)  # where each order holds its leader
     orders[rows, at] = orders[:, 0]  # the displaced first entry takes the leader's place
@@ -151,10 +171,10 @@ def problem_curves(ps: ProblemSamples, ks: list[int], n_subsets: int = DEFAULT_S
     problems are in the report.
     """
     n = len(ps.answers)
-    correct = np.array([c is True for c in ps.correct], dtype=bool)
+    ids, ans_correct = _encode(ps)
+    correct = _effective_correct(ps.correct, ids, ans_correct)
     c = int(correct.sum())
     out = {"pass_at_k": np.array([pass_at_k(n, c, k) for k in ks])}
-    ids, ans_correct = _encode(ps)
     orders = _balanced_orders(n, n_subsets, np.random.default_rng([seed, zlib.crc32(key.encode())]))
     M = orders.shape[0]
     ones = np.ones(n)

@@ -19,7 +19,7 @@ from ..errors import DataError
 from ..utils import atomic_write_json, atomic_write_text
 from .budget import ModelTiming, best_within, check_hardware, model_timing, pareto_front
 from .grading import canonical_answer, extract_answer
-from .metrics import DEFAULT_SUBSETS, METRICS, ProblemSamples, dataset_curves, ks_for
+from .metrics import DEFAULT_SUBSETS, METRICS, ProblemSamples, dataset_curves, effective_correct, ks_for, subsets_used
 from .samples import Sample, SampleSet, read_samples
 
 LABELS = {"pass_at_k": "coverage (pass@k)", "maj_at_k": "majority vote (maj@k)", "bon_at_k": "Best-of-N (BoN@k)",
@@ -98,8 +98,17 @@ def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | N
         if use_ks[0] < 1:
             raise DataError(f"k={use_ks[0]}: k must be at least 1")
         chosen = {p: problems[p][:n] for p in pids}
-        curves = dataset_curves({p: _problem_samples(s, model) for p, s in chosen.items()}, use_ks, n_subsets, seed, n_boot)
         used = [s for lst in chosen.values() for s in lst]
+        ungraded = sum(s.correct is None for s in used)
+        if ungraded == len(used):
+            raise DataError(f"model {model!r}: none of its {len(used)} samples is graded (e.g. {used[0].where}; sampled with "
+                            "--no-grade?); run `thinkfast score` on its samples file before reporting")
+        if ungraded:
+            notes.append(f"{model}: {ungraded} ungraded sample(s) (a grader that hung or crashed, or not graded yet; "
+                         "`thinkfast score` grades them): each counts as an equal answer graded among its problem's "
+                         "samples, else as wrong")
+        per_problem = {p: _problem_samples(s, model) for p, s in chosen.items()}
+        curves = dataset_curves(per_problem, use_ks, n_subsets, seed, n_boot)
         timing = model_timing(used)
         roles = [r for r in dict.fromkeys(s.role for s in used) if r]
         entry: dict = {
@@ -107,6 +116,7 @@ def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | N
             "n_problems": len(pids),
             "n_samples_per_problem": n,
             "ks": use_ks,
+            "subsets": subsets_used(n, n_subsets),  # per k and problem: at least n_subsets, a multiple of n
         }
         for name in METRICS:
             if name in curves:
@@ -121,9 +131,10 @@ def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | N
             tokens_per_second=timing.tokens_per_second,
             mean_gen_tokens=timing.mean_gen_tokens,
             hardware=timing.hardware[0] if len(timing.hardware) == 1 else timing.hardware,
-            ungraded=sum(s.correct is None for s in used),
+            ungraded=ungraded,
             no_answer=sum(_answer(s) is None for s in used),
-            accuracy=float(np.mean([s.correct is True for s in used])),  # mean over all samples (= pass@1)
+            # mean over all samples, counted as the metrics count them (= pass@1)
+            accuracy=float(np.mean(np.concatenate([effective_correct(ps) for ps in per_problem.values()]))),
         )
         models[model] = entry
         if groups is not None:
@@ -379,15 +390,28 @@ def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
         out += [summary_notes] if isinstance(summary_notes, str) else [f"- {s}" for s in summary_notes]
         out += [""]
 
+    # the smallest and largest k of each model (1 and n unless --ks or --max-k chose others), named in the header
+    # when every model has the same, else in each cell
+    lows, highs = {e["ks"][0] for e in models.values()}, {e["ks"][-1] for e in models.values()}
+    low = f"@{next(iter(lows))}" if len(lows) == 1 else "@(smallest k)"
+    high = f"@{next(iter(highs))}" if len(highs) == 1 else "@(largest k)"
     out += ["## Models", "",
-            "| model | role | problems | n | s / sample | tokens / s | gen tokens | pass@1 | pass@n | maj@n | BoN@n | wBoN@n | ungraded | no answer |",
+            f"| model | role | problems | n | s / sample | tokens / s | gen tokens | pass{low} | pass{high} | maj{high} | BoN{high} | "
+            f"wBoN{high} | ungraded | no answer |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, e in models.items():
-        last = str(e["ks"][-1])
-        cell = lambda name, k: _fmt(e[name][k]) if e[name] is not None else "–"  # noqa: E731
+        first, last = str(e["ks"][0]), str(e["ks"][-1])
+
+        def cell(name, k, shared):
+            if e[name] is None:
+                return "–"
+            return _fmt(e[name][k]) + ("" if shared else f" (k={k})")
+
+        hi = len(highs) == 1
         out.append(f"| {m} | {e['role'] or '–'} | {e['n_problems']} | {e['n_samples_per_problem']} | {_fmt(e['seconds_per_sample'], 3)} | "
-                   f"{_fmt(e['tokens_per_second'], 1)} | {_fmt(e['mean_gen_tokens'], 1)} | {cell('pass_at_k', '1')} | {cell('pass_at_k', last)} | "
-                   f"{cell('maj_at_k', last)} | {cell('bon_at_k', last)} | {cell('weighted_bon_at_k', last)} | {e['ungraded']} | {e['no_answer']} |")
+                   f"{_fmt(e['tokens_per_second'], 1)} | {_fmt(e['mean_gen_tokens'], 1)} | {cell('pass_at_k', first, len(lows) == 1)} | "
+                   f"{cell('pass_at_k', last, hi)} | {cell('maj_at_k', last, hi)} | {cell('bon_at_k', last, hi)} | "
+                   f"{cell('weighted_bon_at_k', last, hi)} | {e['ungraded']} | {e['no_answer']} |")
     out.append("")
 
     if metrics.get("by_group"):
@@ -432,16 +456,17 @@ def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
             f"{metrics['settings']['n_subsets']} random size-k subsets of each problem's n samples (seed {metrics['settings']['seed']}; "
             "the subsets' first samples are dealt out evenly, so maj@1 and BoN@1 equal pass@1); "
             "ties go to the answer seen first in the subset; a completion without a final answer never votes; "
-            "ungraded samples count as wrong. Confidence intervals: percentile bootstrap over problems "
+            "an ungraded sample counts as an equal answer graded among its problem's samples, else as wrong. "
+            "Confidence intervals: percentile bootstrap over problems "
             f"({metrics['settings']['bootstrap']} resamples).", ""]
     if metrics["notes"]:
         out += ["## Notes", ""] + [f"- {n}" for n in metrics["notes"]] + [""]
     return "\n".join(out)
 
 
-def _problems_outside(sset: SampleSet, problems, dataset: str) -> int:
-    """How many of the samples' problems the dataset lacks; none in it at all is refused (another data spec:
-    the report would name the wrong dataset, and group every problem under `(none)`)."""
+def _check_dataset_holds(sset: SampleSet, problems, dataset: str) -> None:
+    """The dataset must hold every problem of the samples: it is recorded as their data, and grouped by (another
+    spec, or a slice of it, would name the wrong data and put the problems it lacks in the group `(none)`)."""
     ids = {p.id for p in problems}
     if not ids:
         raise DataError(f"--dataset {dataset!r} names no problems; check offset=/limit=, or pass the data spec the samples were drawn from")
@@ -450,7 +475,9 @@ def _problems_outside(sset: SampleSet, problems, dataset: str) -> int:
     if len(outside) == len(sampled):
         raise DataError(f"--dataset {dataset!r} holds none of the samples' {len(sampled)} problems (samples: "
                         f"{sampled[0]!r}..., dataset: {problems[0].id!r}...); pass the data spec the samples were drawn from")
-    return len(outside)
+    if outside:
+        raise DataError(f"--dataset {dataset!r} lacks {len(outside)} of the samples' {len(sampled)} problems (e.g. "
+                        f"{outside[0]!r}); pass the data spec the samples were drawn from (a larger limit= or size=?)")
 
 
 def is_report_folder(path) -> bool:
@@ -472,6 +499,17 @@ def is_report_folder(path) -> bool:
     return isinstance(metrics, dict) and "samples_files" in metrics and "models" in metrics
 
 
+def _plots_written_before(out: Path) -> set[str]:
+    """The plots an earlier report in `out` wrote (its metrics.json lists them): only those are ours to remove."""
+    import json
+
+    try:
+        listed = json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("plots") or []
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return set()
+    return {p for p in listed if isinstance(p, str) and p.endswith(".png") and Path(p).name == p}
+
+
 def build_report(samples_paths, out_dir, dataset: str | None = None, wall_seconds: float | None = None,
                  summary_notes: str | list[str] | None = None, *, ks: list[int] | None = None, max_k: int | None = None,
                  n_subsets: int = DEFAULT_SUBSETS, n_boot: int = 1000, seed: int = 0, allow_mixed_hardware: bool = False,
@@ -481,12 +519,12 @@ def build_report(samples_paths, out_dir, dataset: str | None = None, wall_second
     `group_by`: a field of the problems in `dataset` (a data spec) to break accuracy down by."""
     paths = [Path(p) for p in ([samples_paths] if isinstance(samples_paths, (str, Path)) else samples_paths)]
     sset = read_samples(paths, skip_bad_lines)
-    problems, outside = None, 0
+    problems = None
     if dataset is not None:  # recorded in the report and grouped by: it must be the data the samples came from
         from ..data import load_problems
 
         problems = load_problems(dataset)
-        outside = _problems_outside(sset, problems, dataset)
+        _check_dataset_holds(sset, problems, dataset)
     else:
         specs = list(dict.fromkeys(s.record.get("dataset") for s in sset.samples if s.record.get("dataset")))
         dataset = specs[0] if len(specs) == 1 else (", ".join(specs) if specs else None)
@@ -496,14 +534,15 @@ def build_report(samples_paths, out_dir, dataset: str | None = None, wall_second
             raise DataError(f"grouping by {group_by!r} needs the problems' data spec: pass it with --dataset SPEC")
         groups = ProblemGroups.from_spec(dataset, group_by, problems)
     computed = compute_metrics(sset, ks, max_k, n_subsets, n_boot, seed, allow_mixed_hardware, common_problems, groups)
-    if outside:
-        computed["notes"].append(f"{outside} problem(s) of the samples are not in the dataset {dataset!r}")
     metrics = {"wall_seconds": wall_seconds, "dataset": dataset, **computed, "samples_files": [str(p) for p in paths]}
     if summary_notes:
         metrics["summary"] = summary_notes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _plots_written_before(out)
     written = write_plots(metrics, out, title or dataset or "samples") if plots else []
+    for stale in sorted(earlier - set(written)):  # an earlier report's plots here would show other data beside this one
+        (out / stale).unlink(missing_ok=True)
     metrics["plots"] = written
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "report.md", _markdown(metrics, written, summary_notes))
