@@ -80,13 +80,13 @@ def test_demo_refuses_a_teacher_that_is_not_a_model_before_recording_it(tmp_path
 
 
 def _argparse_refuses(capsys, argv, needle):
-    """argparse type errors: usage, then one `error:` line; exit 2 before any work."""
+    """argparse type errors: one `error:` line (no usage block); exit 2 before any work."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert needle in err.strip().splitlines()[-1], err
-    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert f"thinkfast {argv[0]}: error:" in err and "(see thinkfast" in err
 
 
 def test_numeric_flags_of_report_score_and_train_rm_refuse_nonsense(tmp_path, capsys):

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from thinkfast.data import load_problems, parse_spec
+from thinkfast.data.sources import empty_spec_hint
 from thinkfast.errors import DataError
 from thinkfast.eval.grading import grade, parse_number
 
@@ -164,6 +165,17 @@ def test_bad_rows_name_file_and_line(tmp_path):
         load_problems(f"jsonl:{path}?question=messages.0.content&id=id")
     (p,) = load_problems(f"jsonl:{path}?question=messages.0.content")
     assert (p.id, p.question) == ("bad:0", "1+1?")
+    path.write_text(json.dumps({"question": " ", "answer": "2"}) + "\n")
+    with pytest.raises(DataError, match=r"field 'question' is empty, not text"):
+        load_problems(f"jsonl:{path}")
+    # a GSM8K file read as MATH: the hint names the scheme that reads it, not keys math: does not take
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "1+1?", "answer": "so\n#### 2"}) + "\n")
+    with pytest.raises(DataError, match=r"no field 'problem'.*is this a math file\? Read others as jsonl:"):
+        load_problems(f"math:{gsm}")
+    with pytest.raises(DataError, match=r"limit= is given twice"):
+        load_problems(f"gsm8k:{gsm}?limit=2&limit=3")
+    assert empty_spec_hint(f"gsm8k:{gsm}?offset=5") == "check offset=" and empty_spec_hint(f"gsm8k:{gsm}") == "is its file empty?"
     # options after '&' instead of '?': the missing file's line says where they go
     with pytest.raises(DataError, match=r"does not exist; options follow a '\?' \(bad.jsonl\?limit=1\)"):
         load_problems(f"jsonl:{path}&limit=1")

@@ -63,6 +63,8 @@ def test_bad_bench_arguments(capsys):
     assert "use one of tiny, llama-1b" in capsys.readouterr().err
     assert main(["bench", "--configs", "64x80"]) == 2
     assert "BATCHxPROMPTxGEN" in capsys.readouterr().err
+    assert main(["bench", "--configs", ""]) == 2  # an empty one ran the preset's defaults (minutes)
+    assert "--configs '' names no configuration" in capsys.readouterr().err
     assert main(["bench", "--preset", "llama-1b", "--device", "cpu"]) == 2
     assert "sized for a GPU" in capsys.readouterr().err
 

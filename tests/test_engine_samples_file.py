@@ -94,6 +94,20 @@ def test_another_configuration_is_refused_and_the_file_left_untouched(setup, tmp
     assert out.read_bytes() == before
 
 
+def test_something_else_written_after_our_last_line_is_named_as_such(setup, tmp_path, capsys):
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out)) == 0
+    with open(out, "a") as f:
+        f.write("xyz")  # not a torn record: another program's bytes, no newline
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(_args(root, spec, out)) == 2
+    err = capsys.readouterr().err
+    assert "its unfinished last line is not a samples record, while the lines before it are" in err and err.count("\n") == 1
+    assert out.read_bytes() == before
+
+
 def test_another_precision_is_another_configuration(setup, tmp_path, capsys):
     """bf16 draws other samples than fp32 from the same seeds: a resume in another precision is refused, while
     another batch size (per-sample seeds: the same samples) resumes."""
@@ -463,7 +477,7 @@ def test_a_file_of_an_older_version_is_refused_in_one_line(setup, tmp_path, caps
     assert main(_args(root, spec, out)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not record which settings" in err
-    assert "finish it with the thinkfast version that wrote it" in err
+    assert "its first line, which records them, was removed, or an older thinkfast wrote it" in err
     assert ("config 0123456789ab" if old == "hash" else "config none") in err
     assert out.read_bytes() == before
 

@@ -162,6 +162,21 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
                "tf_sums", "--include_path", str(task_dir), "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("thinkfast lm-eval: error: pretrained") and "nowhere" in err[-1]
+    # model_args checked before the model loads (a typo used to run with the default; a bad number, a traceback),
+    # and lm-eval's own refusals (an unknown task) in one line too
+    teacher = str(embedded_teacher_dir())
+    for model_args, says in [(f"pretrained={teacher},slots=abc", "model_args slots=abc: expected a whole number"),
+                             (f"pretrained={teacher},slots=0", "model_args slots=0: use at least 1"),
+                             (f"pretrained={teacher},slot=8", "model_args slot=8: not an argument of --model thinkfast (did you mean 'slots'?)"),
+                             ("dtype=float32", "--model thinkfast needs --model_args pretrained=PATH")]:
+        rc = main(["lm-eval", "--model", "thinkfast", "--model_args", model_args, "--tasks", "tf_sums", "--include_path",
+                   str(task_dir), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"thinkfast lm-eval: error: {says}" in err and "Traceback" not in err, err
+    rc = main(["lm-eval", "--model", "thinkfast", "--model_args", f"pretrained={teacher}", "--tasks", "no_such_task",
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "thinkfast lm-eval: error: Tasks not found: no_such_task" in err and "Traceback" not in err
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     assert main(["lm-eval", "--tasks", "x"]) == 2
     assert "pip install 'thinkfast[lm-eval]'" in capsys.readouterr().err

@@ -29,10 +29,18 @@ COMMAND_MODULES = {
 }
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's refusals in one line, as every other refusal (argparse prints its whole usage block first);
+    subcommand parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="thinkfast",
         description="Distil Transformer reasoners into fast Mamba-2 students and measure inference scaling under a fixed time budget.",
     )

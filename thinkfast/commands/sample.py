@@ -236,8 +236,10 @@ def _check_gold_answers(spec: str, problems) -> None:
 
 
 def _parse_configs(text: str | None):
-    if not text:
+    if text is None:
         return None
+    if not text.strip(","):  # an empty --configs (an unset shell variable) would run the preset's long defaults
+        raise ConfigError(f"--configs {text!r} names no configuration: write BATCHxPROMPTxGEN, e.g. 64x80x1024, or leave it out")
     out = []
     for part in text.split(","):
         try:

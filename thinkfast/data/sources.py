@@ -88,7 +88,10 @@ def parse_spec(spec: str) -> DataSpec:
     params = {}
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
-        params[unquote(key)] = unquote(value)  # not unquote_plus: '+' is an operator in rg specs, not a space
+        key = unquote(key)
+        if key in params:  # limit=2&limit=3: which one was meant?
+            raise DataError(f"data spec {spec!r}: {key}= is given twice; keep one")
+        params[key] = unquote(value)  # not unquote_plus: '+' is an operator in rg specs, not a space
     if scheme in SCHEME_KEYS:
         _refuse_unknown_keys(spec, params, SCHEME_KEYS[scheme], f"{scheme} specs")
     return DataSpec(scheme, target, params, spec)
@@ -102,6 +105,16 @@ def _refuse_unknown_keys(spec: str, params: dict, accepted, what: str) -> None:
         close = difflib.get_close_matches(unknown[0], accepted, n=1, cutoff=0.7)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DataError(f"data spec {spec!r}: unknown key {unknown[0]!r}{hint}; {what} take {', '.join(accepted)}")
+
+
+def empty_spec_hint(spec: str) -> str:
+    """What to check when a spec names no problems: the keys that select fewer, else the data itself."""
+    try:
+        params = parse_spec(spec).params
+    except DataError:
+        params = {}
+    keys = [f"{k}=" for k in ("offset", "limit", "max_chars", "size") if k in params]
+    return f"check {', '.join(keys)}" if keys else "is its file empty?"
 
 
 def check_spec(spec: str) -> DataSpec:
@@ -188,17 +201,22 @@ def _lookup(row, path: str):
 def _field(row: dict, name: str, s: DataSpec, n: int):
     value = _lookup(row, name)
     if value is _MISSING:
+        if s.scheme in ("gsm8k", "math"):  # fixed fields: another file's need the jsonl scheme (or the other one)
+            raise DataError(f"{s.target}:{n}: no field {name!r} (fields: {sorted(row)}); is this a {s.scheme} file? Read "
+                            f"others as jsonl:{s.target}?question=...&answer=...")
         raise DataError(f"{s.target}:{n}: no field {name!r} (fields: {sorted(row)}); map fields with ?question=...&answer=... "
                         "(a dotted path such as generations.0 or messages.1.content reads into lists and records)")
     return value
 
 
-def _text_field(row: dict, name: str, s: DataSpec, n: int) -> str:
+def _text_field(row: dict, name: str, s: DataSpec, n: int, allow_empty: bool = False) -> str:
     """A question, gold answer or id: plain text or a number; a list or record (a whole chat) or null is refused
-    rather than written into prompts as its Python repr."""
+    rather than written into prompts as its Python repr, and so is empty text unless `allow_empty` (an answer:
+    distillation data may have worked solutions only)."""
     value = _field(row, name, s, n)
-    if value is None or isinstance(value, (list, dict, bool)):
-        what = "null" if value is None else f"a {type(value).__name__}"
+    empty = isinstance(value, str) and not value.strip() and not allow_empty
+    if value is None or isinstance(value, (list, dict, bool)) or empty:
+        what = "null" if value is None else "empty" if isinstance(value, str) else f"a {type(value).__name__}"
         raise DataError(f"{s.target}:{n}: field {name!r} is {what}, not text; map a text field with ?question=...&answer=..."
                         "&id=... (a dotted path such as messages.0.content reads into lists and records)")
     return str(value)
@@ -258,7 +276,7 @@ def _jsonl(s: DataSpec) -> list[Problem]:
         # the row's other plain fields (a difficulty level, a topic) stay with the problem: reports group by them
         used = {part for name in (q, a, sol, idf) if name for part in (name, name.split(".")[0])}
         meta = {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))}
-        out.append(Problem(pid, _text_field(row, q, s, n), _text_field(row, a, s, n), kind, solution, meta))
+        out.append(Problem(pid, _text_field(row, q, s, n), _text_field(row, a, s, n, allow_empty=True), kind, solution, meta))
     return out
 
 
@@ -393,7 +411,7 @@ def _hf(s: DataSpec) -> list[Problem]:
     out = []
     for i in range(offset, end):  # ids keep the row's index in the split, as a sliced file's do
         row = rows[i]
-        answer = _text_field(row, a, s, i + 1)
+        answer = _text_field(row, a, s, i + 1, allow_empty=True)
         gold = gsm8k_final_answer(answer) if kind == "gsm8k" else answer
         solution = CALCULATOR_MARK.sub("", answer) if kind == "gsm8k" else _solution_field(row, sol, s, i + 1)
         out.append(Problem(f"{ds_id}:{split}:{i}", _text_field(row, q, s, i + 1), gold, kind, solution))

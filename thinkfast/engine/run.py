@@ -19,6 +19,7 @@ import torch
 
 from ..data import Problem, load_problems
 from ..data.prompts import PromptStyle, render_prompt
+from ..data.sources import empty_spec_hint
 from ..errors import CheckpointError, ConfigError, ThinkfastError
 from ..utils import check_device, parse_dtype
 from .engine import Engine, EngineStats, model_role, parse_ssm_state_dtype
@@ -210,8 +211,7 @@ class _SamplingJob:
         if problems is None:
             problems = load_problems(data_spec)
         if not problems:
-            keys = "offset=/limit=" + ("/max_chars=" if "max_chars=" in data_spec else "")
-            raise ConfigError(f"data spec {data_spec!r} names no problems; check {keys}")
+            raise ConfigError(f"data spec {data_spec!r} names no problems; {empty_spec_hint(data_spec)}")
         ids = [p.id for p in problems]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)

@@ -99,9 +99,9 @@ def _refusal(path: Path, theirs, config: str, sampling: dict, lines: list[bytes]
     if recorded is None:  # written before files recorded their settings (or its first line was removed)
         return DataError(
             f"{path} was written with another sampling configuration (config {theirs or 'none'}, this run {config}) "
-            "and does not record which settings those were (an older thinkfast wrote it; its files do not resume "
-            "since the configuration hashes the problems themselves); finish it with the thinkfast version that "
-            "wrote it, or pass another --out or move the file away"
+            "and does not record which settings those were (its first line, which records them, was removed, or an "
+            "older thinkfast wrote it: its files do not resume since the configuration hashes the problems "
+            "themselves); re-run with the settings that wrote it, or pass another --out or move the file away"
         )
     what = explain_difference(sampling, recorded) or f"config {theirs}, this run {config}"
     return DataError(
@@ -129,6 +129,10 @@ def _read_lines(path: Path, sampling: dict, config: str, repair: bool) -> set[tu
         cut = data.rfind(b"\n") + 1  # a crash mid-write: the unfinished last line holds no complete sample
         tail, marker = data[cut:], b'{"problem_id"'
         if not (tail.startswith(marker) or marker.startswith(tail)):  # a cut can fall inside the first key too
+            if any(_is_record(raw) for raw in data[:cut].split(b"\n")):  # ours, with something written after it
+                raise DataError(f"{path}: its unfinished last line is not a samples record, while the lines before it "
+                                "are (something else wrote to the file); fix or delete that line, then re-run the same "
+                                "command to continue")
             raise DataError(f"{path}: last line is not a samples-file record; it was not written by `thinkfast sample`: pass another --out or move it away")
     lines = data[:cut].split(b"\n")
     for n, raw in enumerate(lines, 1):

@@ -49,6 +49,35 @@ def sampling_params(gen_kwargs: dict, default_max_gen_toks: int) -> SamplingPara
                           max_new_tokens=int(max_new), stop=[s for s in until if s])
 
 
+OWN_ARGS = ("pretrained", "dtype", "device", "slots", "seed", "ssm_state_dtype", "trust_remote_code")
+
+
+def _refuse_unknown_args(kwargs: dict) -> None:
+    """model_args neither thinkfast nor HFLM takes: HFLM would pass them on to a model thinkfast has already
+    loaded, so a typo (slot=8) would run silently with the default."""
+    import difflib
+    import inspect
+
+    known = set(OWN_ARGS) | {n for n in inspect.signature(HFLM.__init__).parameters if n not in ("self", "kwargs")}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.7)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"model_args {unknown[0]}={kwargs[unknown[0]]}: not an argument of --model thinkfast{hint}; it takes "
+                          f"{', '.join(OWN_ARGS)} and lm-eval's hf model arguments (batch_size, max_length, think_end_token ...)")
+
+
+def _int_arg(name: str, value, minimum: int) -> int:
+    # lm-eval hands over 8 as an int, anything it could not read as one (abc, 8.5) as it is
+    whole = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().lstrip("-").isdigit()
+    if not whole:
+        raise ConfigError(f"model_args {name}={value}: expected a whole number")
+    number = int(value)
+    if number < minimum:
+        raise ConfigError(f"model_args {name}={value}: use at least {minimum}")
+    return number
+
+
 @register_model("thinkfast")
 class ThinkfastHarnessLM(HFLM):
     """lm-eval's HFLM over a thinkfast model, with generate_until on the engine.
@@ -59,8 +88,13 @@ class ThinkfastHarnessLM(HFLM):
     go to HFLM, whose batch_size is for the loglikelihood passes.
     """
 
-    def __init__(self, pretrained, dtype: str = "float32", device: str | None = None, slots: int = 64, seed: int = 0,
+    def __init__(self, pretrained=None, dtype: str = "float32", device: str | None = None, slots: int = 64, seed: int = 0,
                  ssm_state_dtype: str | None = None, trust_remote_code: bool = False, **kwargs):
+        if pretrained is None:
+            raise ConfigError("--model thinkfast needs --model_args pretrained=PATH (a thinkfast folder, published student, "
+                              "Llama-family folder, .gguf file or hub id)")
+        _refuse_unknown_args(kwargs)
+        slots, seed = _int_arg("slots", slots, 1), _int_arg("seed", seed, 0)
         if isinstance(pretrained, str):
             if str(dtype) not in DTYPES:
                 raise ConfigError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
@@ -75,8 +109,8 @@ class ThinkfastHarnessLM(HFLM):
             model = pretrained
         kwargs.setdefault("backend", "causal")  # thinkfast's config is not in transformers' causal-LM name list
         super().__init__(pretrained=model, **kwargs)
-        self.engine = Engine(model, self.tokenizer, batch_size=int(slots), ssm_state_dtype=ssm_state_dtype)
-        self.seed = int(seed)
+        self.engine = Engine(model, self.tokenizer, batch_size=slots, ssm_state_dtype=ssm_state_dtype)
+        self.seed = seed
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         groups: dict[str, tuple[dict, list[int]]] = {}  # one engine run per generation setting
@@ -128,4 +162,17 @@ def run_cli(argv: list[str]) -> int:
     except ThinkfastError as e:
         print(f"thinkfast lm-eval: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # lm-eval's own word for bad input (an unknown task, no --tasks): one line too
+        if not _raised_in_lm_eval(e):
+            raise
+        print(f"thinkfast lm-eval: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+              file=sys.stderr)
+        return 2
     return 0
+
+
+def _raised_in_lm_eval(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("lm_eval")

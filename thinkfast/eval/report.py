@@ -469,7 +469,9 @@ def _check_dataset_holds(sset: SampleSet, problems, dataset: str) -> None:
     spec, or a slice of it, would name the wrong data and put the problems it lacks in the group `(none)`)."""
     ids = {p.id for p in problems}
     if not ids:
-        raise DataError(f"--dataset {dataset!r} names no problems; check offset=/limit=, or pass the data spec the samples were drawn from")
+        from ..data.sources import empty_spec_hint
+
+        raise DataError(f"--dataset {dataset!r} names no problems ({empty_spec_hint(dataset)}); pass the data spec the samples were drawn from")
     sampled = list(dict.fromkeys(s.problem_id for s in sset.samples))
     outside = [pid for pid in sampled if pid not in ids]
     if len(outside) == len(sampled):

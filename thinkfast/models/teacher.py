@@ -4,6 +4,7 @@ teacher)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -207,7 +208,8 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, tr
                     raise ConfigError(f"{role} {spec}: a thinkfast {model.config.role} student, not an all-attention teacher")
                 return _placed(model, device), _load_tokenizer(folder, hub)
             model_config_from_hf(hf_cfg, where=str(spec))
-        model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
+        with _gguf_bar_as_hf_bars() if gguf else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
     except (ConfigError, CheckpointError):
         raise
     except OSError as e:
@@ -216,6 +218,23 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, tr
         raise CheckpointError(f"{role} {spec}: weights could not be read ({_first_line(e)}); re-download or re-save them") from None
     model_config_from_hf(model.config, where=str(spec))
     return _placed(model.eval(), device), _load_tokenizer(folder, extra)
+
+
+def _gguf_bar_as_hf_bars():
+    """transformers' GGUF reader draws a tqdm bar of its own, which `disable_progress_bar()` (the CLI's --quiet and
+    thinkfast's own bars) does not reach: off while transformers' bars are off."""
+    from unittest import mock
+
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another transformers layout: its bar stays
+        return contextlib.nullcontext()
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        return contextlib.nullcontext()
+    return mock.patch.object(gguf_utils, "tqdm", functools.partial(bar, disable=True))
 
 
 def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype | None = torch.float32, device=None, where: str = "--model",
