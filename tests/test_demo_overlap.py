@@ -128,6 +128,8 @@ def test_llamba_process_reports_one_json_line_instead_of_raising(tmp_path, capsy
         results["damaged"] = demo_module.llamba_tail_main([str(tmp_path), "1"])  # no demo.json
         said = capsys.readouterr().out.splitlines()
         d = demo_module.Demo(tmp_path / "run", demo_module.DemoSettings.quick_settings(), log=lambda msg: None)
+        d.out.mkdir()
+        d.state_path.write_text(json.dumps(d.state))  # as a run's first step records it
         results["no teacher"] = demo_module.llamba_tail_main([str(d.out), "1"])  # an error of no thinkfast class
         said += capsys.readouterr().out.splitlines()
     finally:
