@@ -88,6 +88,9 @@ def test_sft_refuses_the_distill_settings_of_its_recipe(files, tmp_path, capsys)
         _fails(capsys, _sft(files, tmp_path / "o", "--tokens", "128", "--recipe", str(recipe)),
                f"recipe {recipe}: {key}", "sft and train-teacher train one model as it is")
         assert not (tmp_path / "o").exists()
+    recipe.write_text('stages = ["sft"]\n[kd]\nlr = 1.0\n')  # another stage's table was ignored without a word
+    _fails(capsys, _sft(files, tmp_path / "o", "--tokens", "128", "--recipe", str(recipe)),
+           f"recipe {recipe}: [kd] sets a stage that sft and train-teacher do not run; remove it")
     # what sft does use: training, data and stage settings it applies (freeze, chunk_tokens)
     recipe.write_text('stages = ["sft"]\nseq_len = 64\n[sft]\nfreeze = ["embed"]\nchunk_tokens = 16\n')
     assert main(_sft(files, tmp_path / "ok", "--tokens", "128", "--recipe", str(recipe))) == 0
@@ -215,7 +218,10 @@ def test_a_student_kind_typo_names_the_kinds(files, tmp_path, capsys, offline):
     _fails(capsys, _distill(files, tmp_path / "b", "--recipe", str(recipe), "--stages", "kd", "--tokens", "128"),
            f"recipe {recipe}: student lamba: use llamba, hybrid, or a saved student (a thinkfast folder, or a published "
            "Llamba or MambaInLlama one) (did you mean llamba?)")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # a teacher's folder as the student: said so, not "use a saved student" (it is one, of the teacher role)
+    _fails(capsys, _distill(files, tmp_path / "c", "--student", str(files / "teacher"), "--stages", "kd", "--tokens", "128"),
+           f"--student {files / 'teacher'}: an all-attention model (a teacher), not a student; pass it as --teacher")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_load_errors_name_the_flag_or_recipe_key(files, tmp_path, capsys, offline):

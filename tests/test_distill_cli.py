@@ -146,6 +146,12 @@ def test_bad_input_one_line_and_checkpoints_untouched(files, good_run, tmp_path,
     _fails(capsys, _args(files, good_run, "--stages", "matrix,kd", "--tokens", "256,384", "--seq-len", "32", "--resume"),
            "other settings")
     _fails(capsys, _args(files, good_run, "--stages", "matrix,kd", "--tokens", "256,384"), "already holds a run")
+    # sft into a distill run's folder: named as another command's run (it said "pass --resume", which could not work)
+    sft = ["sft", "--model", str(files / "teacher"), "--data", f"jsonl:{files}/chain.jsonl?solution=solution", "--tokens",
+           "128", "--no-progress", "--out", str(good_run)]
+    for extra in ([], ["--resume"]):
+        _fails(capsys, sft + extra, f"{good_run} holds a `thinkfast distill` run, not a `thinkfast sft` one; choose a new --out")
+    assert folder_bytes_by_file(good_run) == before
     # mismatched teacher / student
     student = tmp_path / "student"
     from thinkfast.models import ThinkfastForCausalLM, from_teacher
@@ -215,8 +221,28 @@ def test_sft_whose_prompts_fill_every_row_is_refused_before_training(files, tmp_
     # at 16 tokens every row is prompt: SFT would report loss 0 over steps that train nothing
     out = tmp_path / "run"
     _fails(capsys, _args(files, out, "--stages", "sft", "--tokens", "128", "--seq-len", "16"),
-           "no example has a solution token within seq_len 16")
+           "has a solution token within seq_len 16 (the prompts fill the rows); raise --seq-len")
     assert not (out / "run.json").exists()  # nothing written: the corrected command starts without --resume
+
+
+def test_sft_leaves_out_rows_whose_prompt_fills_them(files, tmp_path, capsys, caplog):
+    # half the questions fill a 40-token row: those rows trained nothing and logged a loss of 0 (steps with only
+    # them did); they are left out, said once, and every step trains a solution
+    data = tmp_path / "mixed.jsonl"
+    rows = [{"question": f"What is 1+{i}?" if i % 2 else "What is " + "1+" * 30 + f"{i}?", "answer": str(i + 1),
+             "solution": f"1+{i}={i + 1}. #### {i + 1}"} for i in range(20)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", str(files / "teacher"), "--data", f"jsonl:{data}?solution=solution", "--seq-len", "40",
+            "--batch-size", "2", "--instruction", "none", "--no-progress", "--out", str(out), "--stages", "sft",
+            "--tokens", "400", "--no-pack", "--log-every", "1"]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    said = [r.getMessage() for r in caplog.records if "hold no solution token" in r.getMessage()]
+    assert said == ["sft: 10 of 20 rows hold no solution token within seq_len 40 (their prompts fill them); they are "
+                    "left out (raise --seq-len to train them)"], said
+    losses = [r["loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses and min(losses) > 0
 
 
 def test_shipped_recipes_parse():

@@ -89,6 +89,26 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path, tok):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng.pt"])
+def test_a_cut_optimizer_or_rng_state_is_named_as_damaged(tmp_path, tok, name):
+    # a cut rng.pt was reported as "optimizer state unreadable", its cause cut mid-sentence
+    out = tmp_path / "run"
+
+    def die(step, record):
+        if record.get("stage") == "kd" and step == 3:
+            raise KeyboardInterrupt
+
+    stages = [StageConfig("kd", _tc(4, ckpt_every=2))]
+    with pytest.raises(KeyboardInterrupt):
+        distill(_teacher(tok), "llamba", DATA, stages, tokenizer=tok, out_dir=out, progress=False, callback=die)
+    state = out / "stages" / "01-kd" / "ckpt" / name
+    state.write_bytes(state.read_bytes()[:300])
+    with pytest.raises(CheckpointError) as e:
+        distill(_teacher(tok), "llamba", DATA, stages, tokenizer=tok, out_dir=out, progress=False, resume=True)
+    assert str(e.value).startswith(f"{state}: damaged or incomplete (") and "\n" not in str(e.value)
+    assert f"delete {state.parent} and resume to run this stage again" in str(e.value)
+
+
 def test_existing_run_is_never_overwritten(tmp_path, tok):
     out = tmp_path / "run"
     distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(2))], tokenizer=tok, out_dir=out, progress=False)
@@ -219,3 +239,25 @@ def test_one_example_rows_spend_the_budget_in_real_tokens(tmp_path, tok):
     result = train(SFTTask(_teacher(tok)), data, cfg, progress=False)
     assert result.steps == int(2000 // (2 * data.row_tokens)) > cfg.total_steps
     assert abs(result.tokens - 2000) < 2 * data.row_tokens
+
+
+@pytest.mark.parametrize("kw,says", [(dict(batch_size=1.5), "batch_size=1.5 must be a whole number"),
+                                     (dict(batch_size=2.0), "batch_size=2.0 must be a whole number"),
+                                     (dict(seq_len=True), "seq_len=True must be a whole number"),
+                                     (dict(batch_size=2, micro_batch_size=3), "micro_batch_size=3 is larger than batch_size=2")])
+def test_python_training_settings_are_checked_before_anything_is_written(tmp_path, tok, kw, says):
+    from thinkfast.distill.stages import sft
+
+    cfg = TrainConfig(**{"tokens": 256, "seq_len": 64, **kw})
+    with pytest.raises(ConfigError, match=says):
+        sft(_teacher(tok), DATA, cfg, tokenizer=tok, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # the corrected call starts afresh, no --resume needed
+
+
+def test_an_out_dir_that_is_a_file_is_one_clear_error(tmp_path, tok):
+    from thinkfast.distill.stages import sft
+
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        sft(_teacher(tok), DATA, _tc(1), tokenizer=tok, out_dir=tmp_path / "f", progress=False)
+    assert (tmp_path / "f").read_text() == "mine"

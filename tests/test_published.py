@@ -532,6 +532,25 @@ def test_convert_refuses_without_a_tokenizer_and_never_overwrites_other_files(tm
     (other / "notes.txt").write_text("keep me")
     assert main(["convert", str(tmp_path / "llamba"), "--out", str(other), "--tokenizer", str(ASSET)]) == 2
     assert "holds other files" in capsys.readouterr().err and (other / "notes.txt").read_text() == "keep me"
+    # a thinkfast model folder that is also a training run's (checkpoints, logs): the swap would delete them
+    run = tmp_path / "run"
+    assert main(["convert", str(tmp_path / "llamba"), "--out", str(run), "--tokenizer", str(ASSET)]) == 0
+    (run / "run.json").write_text("{}")
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["convert", str(tmp_path / "llamba"), "--out", str(run), "--tokenizer", str(ASSET), "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds 'run.json' beside its model" in err and sorted(p.name for p in run.iterdir()) == before
+    (run / "run.json").unlink()  # a plain model folder is replaced
+    assert main(["convert", str(tmp_path / "llamba"), "--out", str(run), "--tokenizer", str(ASSET), "--dtype", "bfloat16"]) == 0
+    # a tokenizer with ids past the model's vocabulary (another model's) fails at convert time, not mid-sampling
+    from transformers import AutoTokenizer
+
+    big = AutoTokenizer.from_pretrained(ASSET)
+    big.add_tokens([f"<extra_{i}>" for i in range(400)])
+    big.save_pretrained(tmp_path / "big-tok")
+    assert main(["convert", str(tmp_path / "llamba"), "--out", str(tmp_path / "c2"), "--tokenizer", str(tmp_path / "big-tok")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "but the model's vocabulary" in err and not (tmp_path / "c2").exists()
 
 
 def test_cached_hub_students_load_offline(tmp_path, monkeypatch):

@@ -245,13 +245,21 @@ def check_out_path(path, flag: str = "--out", folder: bool = True, marker: str |
         raise ConfigError(f"{flag} {p}: cannot write in {parent}; choose a writable place")
 
 
-def check_run_out(out, resume: bool) -> None:
+def check_run_out(out, resume: bool, command: str | None = None) -> None:
     """Cheap checks of a training run's --out before any model loads (distill, sft, train-teacher): --resume
-    needs a run there (run.json), a new run must not land on one. The library checks again, with the settings."""
+    needs a run there (run.json), a new run must not land on one, nor a `command` run on another command's. The
+    library checks again, with the settings."""
     from .errors import CheckpointError
 
     out = Path(out)
     check_out_path(out)
+    if command is not None and (out / "run.json").is_file():
+        try:
+            theirs = json.loads((out / "run.json").read_text()).get("command")
+        except (OSError, ValueError, AttributeError):
+            theirs = None  # a damaged run.json: the library's check names it
+        if theirs and theirs != command:
+            raise CheckpointError(f"{out} holds a `thinkfast {theirs}` run, not a `thinkfast {command}` one; choose a new --out")
     if resume and not out.exists():
         raise CheckpointError(f"--resume: nothing to resume at {out} (no such folder); drop --resume to start a run there")
     if resume and not (out / "run.json").is_file():

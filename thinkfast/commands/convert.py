@@ -4,6 +4,7 @@ teacher, a thinkfast folder) into a thinkfast save_pretrained folder with its to
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
@@ -24,7 +25,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="folder to write (a new or empty one, or a thinkfast model folder to replace)")
     p.add_argument("--tokenizer", help="where the tokenizer comes from when the checkpoint has none beside its weights "
                    "(Llamba's hub repos do not: give its teacher's, e.g. meta-llama/Llama-3.2-1B-Instruct)")
-    p.add_argument("--dtype", default="keep", help="keep (the checkpoint's), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                   help="keep (the checkpoint's, the default), float32, bfloat16, float16")
     p.set_defaults(func=cmd_convert)
 
 
@@ -40,6 +42,10 @@ def cmd_convert(args) -> int:
     if out.is_dir() and any(out.iterdir()) and _model_type(out) != "thinkfast":
         raise ConfigError(f"--out {out} holds other files (not a thinkfast model folder), which writing here would "
                           "replace; choose a new --out or empty it")
+    extra = sorted(p.name for p in out.iterdir() if not MODEL_FILE.fullmatch(p.name)) if out.is_dir() else []
+    if extra:  # a distill / sft run's folder holds its model beside checkpoints and logs, which the swap would delete
+        raise ConfigError(f"--out {out} holds {extra[0]!r} beside its model (a training run's folder?), which replacing "
+                          "the folder would delete; choose a new --out")
     dtype = None if args.dtype == "keep" else parse_dtype(args.dtype)
     no_hf_progress_bars()
     model, tok = load_thinkfast(args.source, dtype=dtype, where="convert")
@@ -47,6 +53,10 @@ def cmd_convert(args) -> int:
     if tok is None:
         raise CheckpointError(f"convert {args.source}: no tokenizer beside the weights; pass --tokenizer with its "
                               f"teacher's (a folder or hub id){_teacher_hint(args.source)}")
+    vocab = model.model_config.vocab_size
+    if len(tok) > vocab:  # its ids past the embedding would fail at the first such token, long after converting
+        raise ConfigError(f"convert {args.source}: the tokenizer has {len(tok):,} tokens but the model's vocabulary "
+                          f"{vocab:,}; pass the tokenizer it was trained with{_teacher_hint(args.source)}")
     # a stop token for checkpoints whose config names none (Llamba's): the tokenizer's
     if getattr(model.config, "eos_token_id", None) is None and isinstance(tok.eos_token_id, int):
         model.config.eos_token_id = tok.eos_token_id
@@ -60,6 +70,12 @@ def cmd_convert(args) -> int:
     print(f"{out}: thinkfast {model.config.role}, {params / 1e6:.1f}M parameters, {cfg.n_layers} layers "
           f"(attention at {cfg.attn_layers or 'none'}), {next(model.parameters()).dtype}")
     return 0
+
+
+# what save_pretrained writes for a model and its tokenizer: a folder of only these is a model folder to replace
+MODEL_FILE = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab)\.json"
+                        r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|chat_template\.(jinja|json)"
+                        r"|merges\.txt|tokenizer\.model")
 
 
 def _model_type(folder: Path):

@@ -243,7 +243,7 @@ def run_distill(args) -> int:
     if not plan.teacher:
         raise ConfigError("no teacher: pass --teacher (an HF folder, .gguf file or hub id) or set teacher in the recipe")
     out = Path(args.out)
-    _check_out(out, args.resume)
+    _check_out(out, args.resume, "distill")
     t_label = _source(args, plan, "teacher")
     teacher, tokenizer = _load_thinkfast_or_teacher(plan.teacher, _dtype(plan.teacher_dtype), t_label)
     if isinstance(teacher, ThinkfastForCausalLM) and teacher.config.role != "teacher":
@@ -264,7 +264,8 @@ def run_distill(args) -> int:
             raise _not_a_student(s_label, plan.student)
         student, _ = _load_thinkfast_or_teacher(plan.student, _dtype(plan.teacher_dtype), s_label)
         if not isinstance(student, ThinkfastForCausalLM) or student.config.role == "teacher":
-            raise _not_a_student(s_label, plan.student)
+            raise ConfigError(f"{s_label} {plan.student}: an all-attention model (a teacher), not a student; pass it as "
+                              "--teacher with --student llamba or hybrid, or give a saved Llamba or hybrid folder")
         _check_saved_student(args, plan, s_label, student.model_config)
         if student.model_config.ssm_param == "mamba1" and any(st.kind == "matrix" for st in plan.stages):
             raise ConfigError(f"{s_label} {plan.student}: Mamba-1 layers, and MOHAWK's matrix stage compares one mixing "
@@ -288,7 +289,7 @@ def run_sft(args) -> int:
     if len(plan.stages) != 1 or plan.stages[0].kind != "sft":
         raise ConfigError("thinkfast sft runs the sft stage only; use thinkfast distill --stages ... for others")
     out = Path(args.out)
-    _check_out(out, args.resume)
+    _check_out(out, args.resume, "sft")
     m_label = _source(args, plan, "model")
     model, tokenizer = _load_thinkfast_or_teacher(plan.model, _dtype("float32"), m_label)
     use_declared_instruction(plan, model)
@@ -302,11 +303,11 @@ def run_sft(args) -> int:
     return 0
 
 
-def _check_out(out: Path, resume: bool) -> None:
+def _check_out(out: Path, resume: bool, command: str) -> None:
     """Cheap checks before any model is loaded (the library checks again, with the run's settings)."""
     from ..utils import check_run_out
 
-    check_run_out(out, resume)
+    check_run_out(out, resume, command)
 
 
 def _report(out: Path) -> None:

@@ -323,6 +323,10 @@ def _check_sft_recipe(stages, src, recipe: dict, tables: dict, where: str) -> No
     if stages != ["sft"]:
         raise ConfigError(f"{src} = {stages}: sft and train-teacher run the sft stage alone; set stages = [\"sft\"] "
                           "(thinkfast distill runs the other stages)")
+    other_tables = [k for k in tables if k != "sft"]
+    if other_tables:  # its settings would be silently ignored
+        raise ConfigError(f"{where}: [{other_tables[0]}] sets a stage that sft and train-teacher do not run; remove it "
+                          "(thinkfast distill runs the other stages)")
     unused = [k for k in DISTILL_ONLY_KEYS if k in recipe or k in tables.get("sft", {})]
     if unused:
         raise ConfigError(f"{where}: {', '.join(unused)} {'is a setting' if len(unused) == 1 else 'are settings'} of "

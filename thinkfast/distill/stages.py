@@ -387,11 +387,9 @@ class _DataSource:
                 warn_cut_examples(rows, ", ".join(labels))
             else:
                 warn_cut_examples(rows, "held-out, " + ", ".join(labels), lost="not evaluated")
-        for stage in stages:  # prompts that fill every row leave SFT no target: refuse rather than train on nothing
-            mix = self.built[id(stage)]
-            if stage.kind == "sft" and not any(bool((rows.targets != IGNORE).any()) for rows in mix.sources):
-                raise ConfigError(f"{stage.label}: no example has a solution token within seq_len {stage.train.seq_len} "
-                                  "(the prompts fill the rows); raise --seq-len")
+        for stage in stages:  # rows whose prompt fills them leave SFT no target: left out, never trained as loss 0
+            if stage.kind == "sft":
+                self.built[id(stage)] = _rows_with_targets(self.built[id(stage)], stage, "held-out" if not self.per_stage else "")
 
     def for_stage(self, stage: StageConfig, warn: bool = True) -> DataMix:
         if id(stage) in self.built:
@@ -406,6 +404,27 @@ class _DataSource:
     def describe(self, stage: StageConfig):
         cfg = self._config(stage)
         return {"mix": cfg.summary()} if isinstance(cfg, DataMix) else _data_fingerprint(cfg)
+
+
+def _rows_with_targets(mix: DataMix, stage: StageConfig, what: str = "") -> DataMix:
+    """`mix` without the rows that hold no solution token within seq_len (a prompt that fills its row, a cut
+    example): an SFT step on them logs a loss of 0 and trains nothing. A source left with none is refused."""
+    sources, left_out, total = [], 0, 0
+    label = f"{stage.label} ({what})" if what else stage.label
+    for rows in mix.sources:
+        keep = (rows.targets != IGNORE).any(1)
+        if not bool(keep.any()):
+            raise ConfigError(f"{label}: no example{f' of {rows.name}' if rows.name else ''} has a solution token within "
+                              f"seq_len {rows.seq_len} (the prompts fill the rows); raise --seq-len")
+        left_out, total = left_out + int((~keep).sum()), total + len(rows)
+        sources.append(rows if bool(keep.all()) else
+                       PackedRows(rows.input_ids[keep], rows.targets[keep], rows.real[keep], rows.n_examples,
+                                  rows.n_truncated, rows.name, rows.packed))
+    if not left_out:
+        return mix
+    log.warning("%s: %s of %s rows hold no solution token within seq_len %d (their prompts fill them); they are left "
+                "out (raise --seq-len to train them)", label, f"{left_out:,}", f"{total:,}", mix.seq_len)
+    return DataMix(sources, mix.weights.tolist(), seed=mix.seed, group=mix.group)
 
 
 def _held_out(eval_data, tokenizer, stages: list[StageConfig]) -> _DataSource | None:
@@ -449,12 +468,17 @@ def warn_if_disk_short(out_dir: Path, model: nn.Module, n_stages: int) -> None:
 
 
 def _check_out_dir(out_dir: Path, run: dict, resume: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():  # the CLI checks --out first; from Python this was a bare OSError
+        raise ConfigError(f"{out_dir} is a file, not a folder; give out_dir a new or empty folder")
     marker = out_dir / "run.json"
     if marker.is_file():
         try:
             saved = json.loads(marker.read_text())
         except json.JSONDecodeError:
             raise CheckpointError(f"{marker} is damaged; choose a new --out") from None
+        theirs, ours = (saved.get("command") if isinstance(saved, dict) else None), run.get("command")
+        if theirs and ours and theirs != ours:  # another command's run: --resume could never continue it
+            raise CheckpointError(f"{out_dir} holds a `thinkfast {theirs}` run, not a `thinkfast {ours}` one; choose a new --out")
         if not resume:
             raise CheckpointError(f"{out_dir} already holds a run; pass --resume to continue it, or choose a new --out")
         if saved != run:

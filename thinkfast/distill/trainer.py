@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -69,6 +70,11 @@ class TrainConfig:
     device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
 
     def validate(self, where: str = "train") -> None:
+        for name in ("tokens", "batch_size", "micro_batch_size", "seq_len", "log_every", "ckpt_every", "eval_every",
+                     "eval_rows", "seed"):  # from Python, 1.5 rows failed later, oddly, and 2.0 as a TypeError
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ConfigError(f"{where}: {name}={value!r} must be a whole number")
         if self.tokens <= 0:
             raise ConfigError(f"{where}: token budget {self.tokens} must be positive (e.g. --tokens 2M)")
         for name in ("batch_size", "seq_len", "log_every", "eval_rows"):
@@ -76,6 +82,9 @@ class TrainConfig:
                 raise ConfigError(f"{where}: {name}={getattr(self, name)} must be positive")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ConfigError(f"{where}: micro_batch_size={self.micro_batch_size} must be positive")
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ConfigError(f"{where}: micro_batch_size={self.micro_batch_size} is larger than batch_size="
+                              f"{self.batch_size}; lower it, or leave it out to run each process's whole share at once")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"{where}: lr={self.lr} must be a positive number")
         if self.schedule not in SCHEDULES:
@@ -491,11 +500,14 @@ def train(
     step, tokens = 0, 0
     if state is not None:
         load_model_weights(task.model, ckpt_dir)
-        try:
-            optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location=device, weights_only=True))
-            _set_rng_state(torch.load(ckpt_dir / "rng.pt", weights_only=True))
-        except (OSError, RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{ckpt_dir}: optimizer state unreadable ({str(e).splitlines()[0][:200]}); remove the folder to restart") from None
+        for name, restore in (("optimizer.pt", lambda f: optimizer.load_state_dict(torch.load(f, map_location=device, weights_only=True))),
+                              ("rng.pt", lambda f: _set_rng_state(torch.load(f, weights_only=True)))):
+            try:
+                restore(ckpt_dir / name)
+            except (OSError, RuntimeError, ValueError, KeyError) as e:
+                why = " ".join(str(e).split())[:200]  # torch's messages run over several lines
+                raise CheckpointError(f"{ckpt_dir / name}: damaged or incomplete ({why}); delete {ckpt_dir} and resume to "
+                                      "run this stage again, or choose a new --out") from None
         data.load_state_dict(state["data"])
         step, tokens = int(state["step"]), int(state["tokens"])
     if log_path is not None and info.main:
