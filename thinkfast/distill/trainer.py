@@ -500,13 +500,13 @@ def train(
     step, tokens = 0, 0
     if state is not None:
         load_model_weights(task.model, ckpt_dir)
-        for name, restore in (("optimizer.pt", lambda f: optimizer.load_state_dict(torch.load(f, map_location=device, weights_only=True))),
+        for file, restore in (("optimizer.pt", lambda f: optimizer.load_state_dict(torch.load(f, map_location=device, weights_only=True))),
                               ("rng.pt", lambda f: _set_rng_state(torch.load(f, weights_only=True)))):
             try:
-                restore(ckpt_dir / name)
+                restore(ckpt_dir / file)
             except (OSError, RuntimeError, ValueError, KeyError) as e:
                 why = " ".join(str(e).split())[:200]  # torch's messages run over several lines
-                raise CheckpointError(f"{ckpt_dir / name}: damaged or incomplete ({why}); delete {ckpt_dir} and resume to "
+                raise CheckpointError(f"{ckpt_dir / file}: damaged or incomplete ({why}); delete {ckpt_dir} and resume to "
                                       "run this stage again, or choose a new --out") from None
         data.load_state_dict(state["data"])
         step, tokens = int(state["step"]), int(state["tokens"])
