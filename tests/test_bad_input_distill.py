@@ -222,6 +222,9 @@ def test_a_student_kind_typo_names_the_kinds(files, tmp_path, capsys, offline):
     _fails(capsys, _distill(files, tmp_path / "c", "--student", str(files / "teacher"), "--stages", "kd", "--tokens", "128"),
            f"--student {files / 'teacher'}: an all-attention model (a teacher), not a student; pass it as --teacher")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    # --freeze on a run whose stages never read it (accepted without a word before)
+    _fails(capsys, _distill(files, tmp_path / "d", "--stages", "matrix", "--tokens", "128", "--freeze", "mlp"),
+           "--freeze: frozen groups apply to kd and sft stages, and this run has neither")
 
 
 def test_load_errors_name_the_flag_or_recipe_key(files, tmp_path, capsys, offline):

@@ -242,6 +242,9 @@ def run_distill(args) -> int:
     plan = _plan(args, "distill")
     if not plan.teacher:
         raise ConfigError("no teacher: pass --teacher (an HF folder, .gguf file or hub id) or set teacher in the recipe")
+    if any(s.freeze for s in plan.stages) and not any(s.kind in ("kd", "sft") for s in plan.stages):
+        raise ConfigError(f"{_source(args, plan, 'freeze')}: frozen groups apply to kd and sft stages, and this run has "
+                          "neither (matrix and hidden stages train the Mamba mixers they align); drop it")
     out = Path(args.out)
     _check_out(out, args.resume, "distill")
     t_label = _source(args, plan, "teacher")

@@ -56,8 +56,10 @@ def default_model_name(spec: str) -> str:
 
 
 def encode_prompt(tokenizer, text: str, templated: bool) -> list[int]:
-    """A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's defaults."""
-    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    """A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's defaults.
+    Not verbose: a prompt past the tokenizer's model_max_length is refused by the run itself, in one line, and
+    transformers' own warning about it would come first."""
+    return list(tokenizer(text, add_special_tokens=not templated, verbose=False)["input_ids"])
 
 
 def hardware_string(device, threads: bool = True) -> str:
