@@ -98,10 +98,13 @@ def test_hf_spec_maps_fields_and_names_missing_columns(monkeypatch):
     import sys
     import types
 
+    import thinkfast.models.teacher as teacher
+
     calls = []
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda ds_id, config, split: calls.append((ds_id, config, split)) or _FakeDataset(R1_ROWS)
     monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(teacher, "hub_reachable", lambda: True)
     probs = load_problems("hf:open-r1/OpenR1-Math-220k:default:train?solution=generations.0&limit=1")
     assert calls == [("open-r1/OpenR1-Math-220k", "default", "train")]
     assert [(p.id, p.question, p.answer, p.kind, p.solution) for p in probs] == [
@@ -116,6 +119,31 @@ def test_hf_spec_maps_fields_and_names_missing_columns(monkeypatch):
                                             "generations, messages, level\\)") as e:
             load_problems(spec)
         assert "\n" not in str(e.value)
+
+
+def test_hf_spec_offline_reads_the_cache_or_fails_at_once(monkeypatch, tmp_path):
+    # offline, load_dataset retried a dead connection for ~30 s before failing on a dataset it did not have
+    import sys
+    import types
+
+    import datasets.naming
+
+    import thinkfast.models.teacher as teacher
+
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda ds_id, config, split: calls.append(ds_id) or _FakeDataset(R1_ROWS)
+    fake.config = types.SimpleNamespace(HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    fake.naming = datasets.naming  # the real cache-folder naming
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setitem(sys.modules, "datasets.naming", datasets.naming)
+    monkeypatch.setattr(teacher, "hub_reachable", lambda: False)
+    with pytest.raises(DataError, match=r"the Hugging Face hub cannot be reached and open-r1/OpenR1-Math-220k is not in the "
+                                        r"local datasets cache"):
+        load_problems("hf:open-r1/OpenR1-Math-220k:default:train")
+    assert calls == []
+    (tmp_path / "cache" / "open-r1___open_r1-math-220k").mkdir(parents=True)  # as datasets names its cache folder
+    assert len(load_problems("hf:open-r1/OpenR1-Math-220k:default:train")) == 2 and calls == ["open-r1/OpenR1-Math-220k"]
 
 
 def test_jsonl_keeps_its_other_plain_fields_for_reports(tmp_path):

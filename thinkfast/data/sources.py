@@ -19,6 +19,7 @@ Every spec also takes `offset=N` and `limit=N` to select a slice of problems. An
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,6 +383,27 @@ def _reasoning_gym(s: DataSpec) -> list[Problem]:
     return out
 
 
+def _refuse_uncached_offline(s: DataSpec, ds_id: str, datasets) -> None:
+    """Offline, a dataset that is not in the local cache fails at once: `load_dataset` retries a dead connection
+    for ~30 s first (a cached one still loads, from the cache)."""
+    from ..models.teacher import hub_reachable
+
+    if Path(ds_id).exists() or hub_reachable():
+        return
+    cache = Path(os.path.expanduser(str(datasets.config.HF_DATASETS_CACHE)))
+    *namespace, name = ds_id.split("/")
+    try:  # where datasets keeps a hub dataset: its name in snake_case
+        from datasets.naming import camelcase_to_snakecase
+
+        name = camelcase_to_snakecase(name)
+    except ImportError:
+        pass
+    if (cache / "___".join([*namespace, name])).is_dir():
+        return
+    raise DataError(f"data spec {s.text!r}: the Hugging Face hub cannot be reached and {ds_id} is not in the local "
+                    f"datasets cache ({cache}); load it once where the network is up, or save it as a jsonl: file")
+
+
 def _hf(s: DataSpec) -> list[Problem]:
     parts = re.split(r":(?![^\[]*\])", s.target)  # not the ':' of a split's own slice, train[:1000]
     if len(parts) not in (2, 3):
@@ -392,6 +414,7 @@ def _hf(s: DataSpec) -> list[Problem]:
         import datasets
     except ImportError:
         raise DataError(f"data spec {s.text!r}: needs the `datasets` package and network access (pip install datasets)") from None
+    _refuse_uncached_offline(s, ds_id, datasets)
     try:
         rows = datasets.load_dataset(ds_id, config, split=split)
     except Exception as e:
