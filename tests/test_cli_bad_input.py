@@ -89,6 +89,17 @@ def _argparse_refuses(capsys, argv, needle):
     assert f"thinkfast {argv[0]}: error:" in err and "(see thinkfast" in err
 
 
+def test_a_value_starting_with_a_dash_is_shown_how_to_pass(tmp_path, capsys):
+    """argparse reads `-1,2` as an option and says the flag got no value: the line says to write `--flag=-1,2`."""
+    distill = ["distill", "--teacher", str(tmp_path), "--data", "gsm8k:x", "--out", str(tmp_path / "run")]
+    _argparse_refuses(capsys, distill + ["--data-weights", "-1,2"], "goes after '=': --data-weights=-1,2")
+    _argparse_refuses(capsys, ["sample", "--model", "m", "--stop", "-x"], "--stop=-x")
+    with pytest.raises(SystemExit):  # no value at all: no hint about dashes
+        main(distill + ["--data-weights"])
+    assert "goes after '='" not in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_numeric_flags_of_report_score_and_train_rm_refuse_nonsense(tmp_path, capsys):
     samples = _write(tmp_path / "s.jsonl", [_record("p1", j) for j in range(2)])
     before = samples.read_bytes()

@@ -300,6 +300,38 @@ def test_interrupted_run_says_how_to_continue(monkeypatch, capsys, tmp_path):
     assert "as it is to continue" in capsys.readouterr().err
 
 
+def test_ctrl_c_while_starting_is_one_line(monkeypatch, capsys, tmp_path):
+    """Ctrl-C while torch and the command modules load: one line and exit 130, as later; a library import of
+    thinkfast (not the `thinkfast` command) gets its KeyboardInterrupt as usual."""
+    import subprocess
+    import sys
+
+    import thinkfast.cli as cli
+
+    def slow_imports():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", slow_imports)
+    assert main(["sample", "--help"]) == 130
+    assert capsys.readouterr().err == "thinkfast: interrupted while starting; nothing was done\n"
+    script = tmp_path / "interrupt_import.py"  # Ctrl-C inside `import thinkfast`, as the console script does it
+    script.write_text(
+        "import sys\n"
+        "class Stop:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'thinkfast.models':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Stop())\n"
+        "sys.argv = [sys.argv[1]]\n"
+        "import thinkfast\n"
+    )
+    for argv0, code, last_line in (("/venv/bin/thinkfast", 130, "thinkfast: interrupted while starting; nothing was done"),
+                                   ("my_script.py", 1, "KeyboardInterrupt")):
+        done = subprocess.run([sys.executable, str(script), argv0], capture_output=True, text=True, timeout=120)
+        assert done.stderr.strip().splitlines()[-1] == last_line, done.stderr
+        assert done.returncode in ((code,) if code == 130 else (1, -2, 130)), done.returncode  # Python's own exit on Ctrl-C varies
+
+
 def test_group_by_length_is_checked_where_the_rows_are_built():
     # every stage builds one-example rows of its own: a run-wide group_by_length with the default packing is fine
     plan = make_plan({"stages": ["hidden", "sft"], "tokens": 64, "group_by_length": True,

@@ -1,6 +1,7 @@
 """`thinkfast sample`: the samples file, resume after a crash, config refusal, grading callback, sharding, bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,6 +320,28 @@ def test_an_out_that_cannot_be_a_samples_file_is_refused_first(setup, tmp_path, 
     assert (tmp_path / "file").read_text() == "x"
 
 
+
+def test_a_place_that_only_looks_writable_is_refused_first(setup, tmp_path, capsys, monkeypatch):
+    """Permission bits say yes to root everywhere (/proc, a full disk): the check makes and removes a folder there."""
+    import errno
+    import tempfile
+
+    root, spec = setup
+    if Path("/proc/self").is_dir():
+        assert main(_args(root, spec, Path("/proc/thinkfast-x.jsonl"))) == 2
+        err = capsys.readouterr().err
+        assert "cannot write in /proc" in err and err.count("\n") == 1
+
+    def full(**kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", full)
+    assert main(_args(root, spec, tmp_path / "s.jsonl")) == 2
+    err = capsys.readouterr().err
+    assert "no space left on its disk; free some space or choose another --out" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- the configuration identifies the data by content
 
 
@@ -480,6 +503,26 @@ def test_a_file_of_an_older_version_is_refused_in_one_line(setup, tmp_path, caps
     assert "its first line, which records them, was removed, or an older thinkfast wrote it" in err
     assert ("config 0123456789ab" if old == "hash" else "config none") in err
     assert out.read_bytes() == before
+
+
+def test_a_file_whose_first_line_was_removed_records_its_settings_again(setup, tmp_path, capsys):
+    """The resumed run writes the removed sample again, with the settings on it, so that a run with other
+    settings is told which one differs (not "does not record which settings")."""
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out)) == 0
+    whole = _content(out)
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[1:]))
+    assert main(_args(root, spec, out)) == 0
+    assert _content(out) == whole
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sum("sampling" in r for r in lines) == 1 and "sampling" in lines[-1]
+    assert main(_args(root, spec, out)) == 0  # nothing left to do: nothing appended
+    assert len(out.read_text().splitlines()) == len(lines)
+    capsys.readouterr()
+    assert main(_with(_args(root, spec, out), "--seed", "8")) == 2
+    err = capsys.readouterr().err
+    assert "seed 8 here, 7 in the file" in err and err.count("\n") == 1
 
 
 def test_a_damaged_line_in_a_samples_file_is_named_as_such(setup, tmp_path, capsys):

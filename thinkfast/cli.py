@@ -11,6 +11,7 @@ import errno
 import importlib
 import logging
 import os
+import re
 import sys
 
 from .errors import ThinkfastError
@@ -33,8 +34,21 @@ class OneLineErrors(argparse.ArgumentParser):
     """argparse's refusals in one line, as every other refusal (argparse prints its whole usage block first);
     subcommand parsers are made of the same class."""
 
+    argv: list[str] = []  # the command line being parsed, for hints that quote it
+
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._dash_value_hint(message)} (see {self.prog} --help)\n")
+
+    def _dash_value_hint(self, message: str) -> str:
+        """argparse takes a value such as `-1,2` for an option and then says the option got no value."""
+        missing = re.fullmatch(r"argument (--[\w-]+)(?:/[^:]*)?: expected one argument", message)
+        if not missing:
+            return ""
+        option = missing.group(1)
+        given = [self.argv[i + 1] for i, a in enumerate(self.argv[:-1]) if a == option]
+        if given and given[-1].startswith("-") and not given[-1].startswith("--"):
+            return f"; a value that starts with '-' goes after '=': {option}={given[-1]}"
+        return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,13 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's, options included
-        args = argparse.Namespace(command="lm-eval", lm_eval_args=argv[1:],
-                                  func=importlib.import_module("thinkfast.commands.harness").cmd_lm_eval)
-    else:
-        args = parser.parse_args(argv)
+    OneLineErrors.argv = argv
+    try:  # the command modules import the engine and the data sources first
+        parser = build_parser()
+        if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's, options included
+            args = argparse.Namespace(command="lm-eval", lm_eval_args=argv[1:],
+                                      func=importlib.import_module("thinkfast.commands.harness").cmd_lm_eval)
+        else:
+            args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("thinkfast: interrupted while starting; nothing was done", file=sys.stderr)
+        return 130
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -243,6 +243,12 @@ def check_out_path(path, flag: str = "--out", folder: bool = True, marker: str |
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {p}: cannot write in {parent}; choose a writable place")
+    try:  # os.access says yes to root everywhere, /proc and full or odd file systems included: try it
+        os.rmdir(tempfile.mkdtemp(prefix=".thinkfast-probe-", dir=parent))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConfigError(f"{flag} {p}: no space left on its disk; free some space or choose another {flag}") from None
+        raise ConfigError(f"{flag} {p}: cannot write in {parent} ({e.strerror}); choose a writable place") from None
 
 
 def check_run_out(out, resume: bool, command: str | None = None) -> None:

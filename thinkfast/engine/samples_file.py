@@ -2,7 +2,8 @@
 
 Every line carries `config`, a short hash of the sampling configuration (model weights, problems, n, sampling
 parameters, prompt style, base seed, precision); the first line of each file also carries that configuration
-itself under `sampling`, so that a refusal can name the settings that differ. Re-running the same command reads
+itself under `sampling`, so that a refusal can name the settings that differ (a file whose first line was
+removed records them again on its next line). Re-running the same command reads
 the file, skips the (problem_id, sample_idx) pairs already there and writes exactly the missing ones; a file
 written under another configuration is refused and left untouched. A crash can leave only a torn last line (no
 newline): it is not a sample, and is cut off before appending.
@@ -183,6 +184,12 @@ class SamplesWriter:
         self.path = self.out if world_size == 1 else part_path(self.out, rank)
         if self.out.exists() and self.out.is_dir():
             raise DataError(f"--out {self.out} is a folder; give a .jsonl file path")
+        self._settings_missing: bool | None = None  # known at the first append
+
+    def _records_settings(self) -> bool:
+        marker = json.dumps(SAMPLING_KEY).encode() + b":"  # a key: inside a completion string its quotes are escaped
+        lines = [ln for ln in self.path.read_bytes().split(b"\n") if marker in ln]
+        return _recorded_sampling(lines, self.config) is not None
 
     def done(self) -> set[tuple[str, int]]:
         """Pairs already written: in OUT and in every part file (checked against this config)."""
@@ -195,8 +202,11 @@ class SamplesWriter:
         if not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if _is_empty(self.path):  # a new file (done() cut any torn first line): its first line records the config
+        if self._settings_missing is None:  # a new file (done() cut any torn first line), or one whose first line was removed
+            self._settings_missing = _is_empty(self.path) or not self._records_settings()
+        if self._settings_missing:  # the next line records the configuration, so a later refusal can name it
             records = [{**records[0], SAMPLING_KEY: self.sampling}, *records[1:]]
+            self._settings_missing = False
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text)
