@@ -88,7 +88,9 @@ def test_students_learn_on_the_prompts_their_teacher_declares(files, tmp_path):
                      "--out", str(out), *extra]) == 0
         run = json.loads((out / "run.json").read_text())
         runs[name] = [run["data"]["instruction"]] + [s["data"]["instruction"] for s in run["stages"] if s.get("data")]
-        assert json.loads((out / "config.json").read_text())["prompt_style"] == {"instruction": "none"}
+        # the student declares the prompts it was trained on: sampled as trained
+        declared = {"declared": "none", "flag": "Go."}[name]
+        assert json.loads((out / "config.json").read_text())["prompt_style"] == {"instruction": declared}
     assert runs == {"declared": ["none", "none"], "flag": ["Go.", "Go."]}
     plan = make_plan({"stages": ["sft"], "tokens": 64}, {})
     assert plan.data.instruction is None  # resolved against the teacher once it is loaded

@@ -116,3 +116,45 @@ def test_sft_task_counts_completion_tokens_only(setup):
     batch = build_data(data, tok, 64).next_batch(4)
     task = SFTTask(random_model(teacher.model_config, seed=2))
     assert task.count(batch) == int((batch["targets"] != -100).sum()) < int(batch["real"].sum())
+
+
+def test_python_runs_train_on_the_prompts_the_teacher_declares(setup, tmp_path):
+    """A DataConfig without an instruction takes the one the teacher (or the model sft trains) declares, as the
+    CLI does; a student trained on other prompts declares those, so `thinkfast sample` prompts it as trained."""
+    import copy
+    import json
+
+    from thinkfast.models import ThinkfastForCausalLM
+
+    tok, teacher, data = setup
+    declaring = copy.deepcopy(teacher)
+    declaring.config.prompt_style = {"instruction": "none"}
+    specs = DataConfig(specs=data.specs, chat=False)
+    assert specs.instruction is None
+    student = distill(declaring, "llamba", specs, [StageConfig("kd", train=_tc(1))], tokenizer=tok,
+                      out_dir=tmp_path / "a", progress=False)
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["data"]["instruction"] == "none"
+    assert student.config.prompt_style == {"instruction": "none"}
+    hashed = DataConfig(specs=data.specs, chat=False, instruction="hash")
+    distill(declaring, "llamba", hashed, [StageConfig("kd", train=_tc(1))], tokenizer=tok, out_dir=tmp_path / "b",
+            progress=False)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["prompt_style"] == {"instruction": "hash"}
+    tuned = sft(random_model(teacher.model_config, seed=3, tokenizer=tok), specs, _tc(1, T=256), tokenizer=tok,
+                out_dir=tmp_path / "c", progress=False)  # declares nothing: auto, and nothing to declare
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["data"]["instruction"] == "auto"
+    assert getattr(ThinkfastForCausalLM.from_pretrained(tmp_path / "c").config, "prompt_style", None) is None
+    assert tuned.config.to_dict().get("prompt_style") is None
+
+
+@pytest.mark.parametrize("kind", ["matrix", "hidden"])
+def test_a_student_in_another_precision_than_its_teacher_aligns(setup, kind):
+    """fp32 teacher, bf16 student (and the reverse): the student's layers read the teacher's hidden states in
+    their own precision (a dtype error from inside torch before)."""
+    tok, teacher, data = setup
+    for t_dtype, s_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        student = from_teacher(teacher, kind="llamba").to(s_dtype)
+        records = []
+        distill(random_model(teacher.model_config, seed=0, tokenizer=tok).to(t_dtype), student, data,
+                [StageConfig(kind, train=_tc(1))], tokenizer=tok, progress=records.append)
+        assert records and all(torch.isfinite(torch.tensor(r["step_loss"])) for r in records if "step_loss" in r)
+        assert student.lm.embed.weight.dtype == s_dtype

@@ -136,7 +136,33 @@ def test_refusals_come_before_any_model_loads(pair, tmp_path, monkeypatch):
         sample_interleaved(jobs, _common(spec), turn_seconds=0, progress=False)
     with pytest.raises(ConfigError, match="--n 0"):
         sample_interleaved(jobs, _common(spec, n=0), progress=False)
+    with pytest.raises(ConfigError, match="one setting for all the models"):
+        sample_interleaved([{**jobs[0], "progress": False}, jobs[1]], _common(spec), progress=False)
     assert not loaded and not list(tmp_path.iterdir())
+
+
+def test_progress_among_the_common_arguments_is_taken(pair, tmp_path):
+    """The docstring says common takes sample_to_file's arguments: progress is one of them."""
+    root, spec = pair
+    summaries = sample_interleaved(_jobs(root, tmp_path), _common(spec, progress=False), turn_seconds=1e-6)
+    assert [s.written for s in summaries] == [15, 15]
+
+
+def test_sample_to_file_prompts_as_the_checkpoint_declares(pair, tmp_path, monkeypatch):
+    """As `thinkfast sample`: without a style, the instruction in the checkpoint's prompt_style (else auto)."""
+    import shutil
+
+    root, spec = pair
+    declared = tmp_path / "declared"
+    shutil.copytree(root / "hybrid", declared)
+    cfg = json.loads((declared / "config.json").read_text())
+    (declared / "config.json").write_text(json.dumps({**cfg, "prompt_style": {"instruction": "none"}}))
+    rendered = []
+    real = run_mod.render_prompt
+    monkeypatch.setattr(run_mod, "render_prompt", lambda p, tok, style: rendered.append(style.instruction) or real(p, tok, style))
+    sample_to_file(str(declared), spec, tmp_path / "a.jsonl", 1, PARAMS, progress=False)
+    sample_to_file(str(root / "hybrid"), spec, tmp_path / "b.jsonl", 1, PARAMS, progress=False)
+    assert rendered == ["none"] * 5 + ["auto"] * 5
 
 
 def _cli(root, spec, out, *models):

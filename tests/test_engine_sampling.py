@@ -260,6 +260,12 @@ class _TinyTok:
         return "".join("abcd"[i % 4] for i in ids if i < 256)
 
 
+def test_one_stop_string_is_one_string_not_its_characters():
+    assert SamplingParams(stop="\n\n").stop == ["\n\n"] and SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(max_new_tokens=12.0).max_new_tokens == 12  # whole floats (from JSON) are whole numbers
+    assert type(SamplingParams(temperature=1).temperature) is float
+
+
 def test_stop_strings_eos_and_length():
     lm = from_teacher(tiny_llama(vocab=257), kind="teacher").lm
     eng = Engine(lm, _TinyTok(), batch_size=3)
@@ -293,9 +299,13 @@ def test_bad_input_is_one_clear_error(monkeypatch):
         list(eng.generate([("a", [1, 2]), ("a", [3])], 1, params))
     with pytest.raises(ThinkfastError, match="need a tokenizer"):
         list(eng.generate([("a", [1, 2])], 1, SamplingParams(stop=["\n\n"])))
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(min_p=1.0), dict(max_new_tokens=0), dict(stop=[""])):
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(min_p=1.0), dict(max_new_tokens=0), dict(stop=[""]),
+                dict(max_new_tokens=10.5), dict(top_k=2.5), dict(temperature="1.0"), dict(stop=[1]), dict(max_new_tokens=float("inf"))):
         with pytest.raises(ThinkfastError):
             SamplingParams(**bad)
+    for text in (["Calculate 9 + 3."], [("a", "text")]):  # text, not token ids
+        with pytest.raises(ThinkfastError, match=r"give \(problem_id, token_ids\) pairs"):
+            list(eng.generate(text, 1, params))
     # a batch that does not fit: the message says so and suggests one that does
     monkeypatch.setattr(engine_mod, "available_memory", lambda device: 10 * 2**20)
     with pytest.raises(ThinkfastError, match=r"batch size 100000 needs .* use --batch-size \d+") as e:

@@ -208,3 +208,20 @@ def test_math500_reference_solutions_all(pool):
     failures, accepted = _math500_check(rows, pool)
     assert failures == [], failures
     assert len(accepted) <= 5 and all(a == b for a, b in accepted), accepted
+
+
+def test_gold_answers_in_dataset_form_and_bad_arguments():
+    """A GSM8K row's whole answer field (or a boxed gold) is read as its final answer; wrong types and timeouts
+    are one clear error naming the argument, not a TypeError from a regex."""
+    row = _rows("gsm8k_test.jsonl")[0]
+    gold = row["answer"].split("####")[-1].strip()
+    assert grade(f"#### {gold}", row["answer"], "gsm8k") and grade(row["answer"], row["answer"], "gsm8k")
+    assert not grade(f"#### {gold}1", row["answer"], "gsm8k")
+    assert grade("\\boxed{18}", "\\boxed{18}", "gsm8k") and grade(18, "18", "number") and grade("#### 18", 18, "gsm8k")
+    for call, needle in ((lambda: grade(["#### 1"], ["1"], "gsm8k"), "prediction of type list"),
+                         (lambda: grade("1", "", "number"), "^missing gold answer"),
+                         (lambda: grade("1", "1", "number", timeout=-1), "timeout=-1"),
+                         (lambda: grade("1", "1", "math", timeout=float("nan")), "timeout=nan"),
+                         (lambda: grade_many("12", "12", ["number"] * 2), "takes lists")):
+        with pytest.raises(ThinkfastError, match=needle):
+            call()

@@ -49,6 +49,11 @@ def test_majority_vote_rules():
     assert majority_vote([None, None]) is None
     assert majority_vote(["a", "b", "b"], weights=[0.9, 0.4, 0.4]) == "a"
     assert majority_vote(["a", "b"], weights=[0.5, 0.5]) == "a"
+    assert majority_vote(iter(["a", "b", "b"])) == "b"
+    for weights, needle in (([1], "1 weights for 3 answers"), ([1, 2, 3, 4], "4 weights"), ({}, "0 weights"),
+                            ([1, math.nan, 1], "NaN or infinite")):
+        with pytest.raises(ThinkfastError, match=needle):
+            majority_vote(["a", "a", "b"], weights)
 
 
 def test_ks_for():

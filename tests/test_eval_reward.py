@@ -123,6 +123,33 @@ def test_orm_refuses_one_class(backbone_dir):
         OutcomeRewardModel(model, tok, ORMConfig(features="hidden"))
 
 
+def test_orm_python_api_refuses_what_it_would_get_wrong(backbone_dir, tmp_path):
+    """Strings scored one character at a time, lists of other lengths truncated, None labels taken as wrong, a
+    model folder replaced by the reward model: each refused in one line."""
+    model, tok = load_backbone(backbone_dir)
+    with pytest.raises(DataError, match="label None"):
+        train_orm([None] * 3, ["a", "b", "c"], [True, False, None], ["p", "q", "r"], model, tok)
+    with pytest.raises(ConfigError, match="2 labels"):
+        train_orm([None] * 3, ["a", "b", "c"], [True, False], ["p", "q", "r"], model, tok)
+    rm = OutcomeRewardModel(model, tok, ORMConfig(features="pooled"))
+    with pytest.raises(ConfigError, match="takes lists"):
+        rm.score("What is 1 + 2?", "#### 3")
+    with pytest.raises(ConfigError, match="2 questions for 1 completions"):
+        rm.score(["a", "b"], ["#### 3"])
+    assert rm.score([None, "q"], ["#### 3", "#### 4"]).shape == (2,)
+    target = tmp_path / "a_model"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ConfigError, match="holds other files"):
+        rm.save(target)
+    from thinkfast.eval.scoring import train_reward_model
+    with pytest.raises(ConfigError, match="holds other files"):
+        train_reward_model([tmp_path / "none.jsonl"], str(backbone_dir), target)  # refused before the samples are read
+    assert (target / "model.safetensors").read_bytes() == b"weights"
+    rm.save(tmp_path / "rm")
+    rm.save(tmp_path / "rm")  # a reward model's own folder is replaced
+
+
 def test_orm_encoding_keeps_question_head_and_completion_tail(backbone_dir):
     model, tok = load_backbone(backbone_dir)
     rm = OutcomeRewardModel(model, tok, ORMConfig(max_len=64, question_tokens=20, features="pooled"))

@@ -53,7 +53,8 @@ class DataConfig:
     specs: list = field(default_factory=list)
     weights: list[float] | None = None  # relative, one per spec; default equal
     pack: bool = True
-    instruction: str | None = "auto"  # PromptStyle instruction: auto | boxed | hash | none | literal text (None: auto)
+    instruction: str | None = None  # PromptStyle instruction: auto | boxed | hash | none | literal text (None: what
+    # the teacher, or the model `sft` trains, declares in its config's prompt_style, else auto)
     chat: bool = True  # use the tokenizer's chat template when it has one
     template_kwargs: dict | None = None  # variables for the chat template (Qwen3: {"enable_thinking": false})
     train_prompt: bool = False  # also train next-token targets on prompt tokens (CE); KD stages choose separately

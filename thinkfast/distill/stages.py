@@ -19,6 +19,7 @@ models; the CLI (`thinkfast distill`, `thinkfast sft`) is glue over them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -257,16 +258,17 @@ class AlignTask(_Task):
             hs, rope = layer_inputs(t_lm, ids, max(self.layers) + 1)
         total = None
         parts = {}
+        s_dtype = s_lm.embed.weight.dtype  # a student in another precision than its teacher reads its inputs in its own
         for i in self.layers:
             h_in = hs[i]
             if self.kind == "matrix":
                 with torch.no_grad(), gathered(t_lm.layers[i]):
                     A = t_lm.layers[i].mixer.matrix(t_lm.layers[i].input_norm(h_in), rope)  # (B, H, T, T)
-                    u = s_lm.layers[i].input_norm(h_in)  # the norm is frozen here: no graph needed
+                    u = s_lm.layers[i].input_norm(h_in.to(s_dtype))  # the norm is frozen here: no graph needed
                 M = s_lm.layers[i].mixer.matrix(u, rope)
                 l = matrix_loss(A, M, mask, reduction="sum")
             else:
-                out = s_lm.layers[i](h_in, rope)
+                out = s_lm.layers[i](h_in.to(s_dtype), rope)
                 l = hidden_loss(hs[i + 1], out, mask, reduction="sum")
             parts[f"layer{i}"] = l.detach()
             total = l if total is None else total + l
@@ -342,6 +344,20 @@ def make_task(stage: StageConfig, teacher, student):
 # ---------------------------------------------------------------- running stages
 
 
+def declared_prompt_instruction(model) -> str | None:
+    """The prompt instruction a model's config declares (`prompt_style`), as `thinkfast sample` reads it."""
+    style = getattr(getattr(model, "config", None), "prompt_style", None)
+    return style.get("instruction") if isinstance(style, dict) else None
+
+
+def _declare_trained_instruction(model, source: "_DataSource", stages: list[StageConfig], declared: str | None) -> None:
+    """A model trained on other prompts than it declares says so in its config, so that `thinkfast sample` prompts
+    it as it was trained (the last stage's prompts: SFT's, where it has one)."""
+    cfg = source._config(stages[-1])
+    if isinstance(cfg, DataConfig) and cfg.instruction != (declared or "auto"):
+        model.config.prompt_style = {**(getattr(model.config, "prompt_style", None) or {}), "instruction": cfg.instruction}
+
+
 def _as_data_config(data) -> DataConfig | DataMix:
     if isinstance(data, (DataConfig, DataMix)):
         return data
@@ -360,7 +376,8 @@ class _DataSource:
     """Packs data per stage (each stage may use its own row length), tokenising each spec once.
     `per_stage=False` (held-out data) ignores the stages' own data and packs the same data for every stage."""
 
-    def __init__(self, data, tokenizer, per_stage: bool = True, cache: dict | None = None):
+    def __init__(self, data, tokenizer, per_stage: bool = True, cache: dict | None = None, declared: str | None = None):
+        self.declared = declared or "auto"  # the instruction of a DataConfig that sets none
         self.default = _as_data_config(data)
         self.tokenizer = tokenizer
         self.per_stage = per_stage
@@ -368,7 +385,10 @@ class _DataSource:
         self.built: dict[int, DataMix] = {}
 
     def _config(self, stage: StageConfig):
-        return (stage.data if self.per_stage else None) or self.default
+        cfg = (stage.data if self.per_stage else None) or self.default
+        if isinstance(cfg, DataConfig) and cfg.instruction is None:  # the prompts the model was trained on
+            cfg = dataclasses.replace(cfg, instruction=self.declared)
+        return cfg
 
     def prepare(self, stages: list[StageConfig]) -> None:
         """Read, tokenise and pack every stage's data up front: a bad spec fails before anything is written.
@@ -427,11 +447,11 @@ def _rows_with_targets(mix: DataMix, stage: StageConfig, what: str = "") -> Data
     return DataMix(sources, mix.weights.tolist(), seed=mix.seed, group=mix.group)
 
 
-def _held_out(eval_data, tokenizer, stages: list[StageConfig]) -> _DataSource | None:
+def _held_out(eval_data, tokenizer, stages: list[StageConfig], declared: str | None = None) -> _DataSource | None:
     """Held-out data packed for every stage up front, so a bad spec fails before anything is written."""
     if eval_data is None:
         return None
-    held_out = _DataSource(eval_data, tokenizer, per_stage=False)
+    held_out = _DataSource(eval_data, tokenizer, per_stage=False, declared=declared)
     held_out.prepare(stages)
     return held_out
 
@@ -618,7 +638,8 @@ def distill(
     labels = [s.label for s in stages]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"stages {labels}: give repeated kinds distinct names (StageConfig(name=...)); logs and checkpoints are keyed by name")
-    source = _DataSource(data, tokenizer, cache=examples_cache)
+    declared = declared_prompt_instruction(t_model)  # a DataConfig without an instruction: the teacher's prompts
+    source = _DataSource(data, tokenizer, cache=examples_cache, declared=declared)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:  # the run's record needs only the data's description, not the data
         run = json.loads(json.dumps({
@@ -630,7 +651,7 @@ def distill(
         }))
         _check_out_dir(out, run, resume)  # before the data is read and tokenised (minutes for a large set)
     source.prepare(stages)
-    held_out = _held_out(eval_data, tokenizer, stages)
+    held_out = _held_out(eval_data, tokenizer, stages, declared)
     if out is not None:
         _prepare_out(out, run, resume)
         warn_if_disk_short(out, student, len(stages))
@@ -638,6 +659,7 @@ def distill(
         shard_teacher(t_model, pick_device(stages[0].train, dist_info()))
     results = run_stages(t_model, student, source, stages, out, resume, progress, callback, held_out, stop_after)
     student.eval()
+    _declare_trained_instruction(student, source, stages, declared)
     if out is not None and dist_info().main and len(results) == len(stages):
         save_final(student, out, tokenizer)
     return student
@@ -666,19 +688,21 @@ def sft(
         model = from_teacher(model, kind="teacher")
     stage = StageConfig("sft", train=train_cfg or TrainConfig(), freeze=list(freeze), chunk_tokens=chunk_tokens, name=name)
     stage.validate(model.model_config)
-    source = _DataSource(data, tokenizer)
+    declared = declared_prompt_instruction(model)
+    source = _DataSource(data, tokenizer, declared=declared)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         run = json.loads(json.dumps({"command": "sft", "model": _model_fingerprint(model),
                                      "stages": [stage.fingerprint()], "data": source.describe(stage)}))
         _check_out_dir(out, run, resume)  # before the data is read and tokenised (train-teacher: 150k examples)
     source.prepare([stage])
-    held_out = _held_out(eval_data, tokenizer, [stage])
+    held_out = _held_out(eval_data, tokenizer, [stage], declared)
     if out is not None:
         _prepare_out(out, run, resume)
         warn_if_disk_short(out, model, 1)
     run_stages(None, model, source, [stage], out, resume, progress, callback, held_out)
     model.eval()
+    _declare_trained_instruction(model, source, [stage], declared)
     if out is not None and dist_info().main:
         save_final(model, out, tokenizer)
     return model

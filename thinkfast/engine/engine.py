@@ -399,7 +399,11 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer to read the text; give the engine one or drop the stop strings")
         requests, seen = [], set()
-        for pid, ids in prompts:
+        for item in prompts:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2) or isinstance(item[1], str):
+                raise ConfigError(f"prompt {str(item)[:60]!r}: give (problem_id, token_ids) pairs; encode the text with "
+                                  "the model's tokenizer first")
+            pid, ids = item
             if str(pid) in seen:
                 raise ConfigError(f"problem id {pid!r} occurs twice; samples are keyed by (problem id, sample index)")
             seen.add(str(pid))

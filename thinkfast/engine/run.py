@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..data import Problem, load_problems
-from ..data.prompts import PromptStyle, render_prompt
+from ..data.prompts import PromptStyle, declared_instruction, render_prompt
 from ..data.sources import empty_spec_hint
 from ..errors import CheckpointError, ConfigError, ThinkfastError
 from ..utils import check_device, parse_dtype
@@ -200,7 +200,8 @@ class _SamplingJob:
             raise ConfigError(f"--n {n}: ask for at least 1 sample per problem")
         if batch_size < 1:
             raise ConfigError(f"--batch-size {batch_size}: use at least 1")
-        self.style = style or PromptStyle()
+        # as `thinkfast sample`: the prompts the checkpoint declares it was trained on, else the auto instruction
+        self.style = style or PromptStyle(instruction=declared_instruction(model_spec) or "auto")
         self.rank, self.world, local_rank = dist_env()
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -339,7 +340,9 @@ def sample_to_file(
 
     With torchrun each rank takes every world_size-th problem, writes its own part file, and rank 0 merges the
     parts into `out` once all ranks are done. ssm_state_dtype: the Mamba layers' SSM state in the engine
-    (None or "float32", "bfloat16", "float16"; see `Engine`).
+    (None or "float32", "bfloat16", "float16"; see `Engine`). style: by default, as `thinkfast sample`, the prompt
+    instruction the checkpoint declares (`prompt_style` in its config.json), else "auto". grade_fn: None leaves
+    `correct` null; `thinkfast.eval.grading.grade_many` grades as `thinkfast sample` does.
     """
     job = _SamplingJob(model_spec, data_spec, out, n, params, seed, batch_size, device, dtype, style, grade_fn, name,
                        compile, problems, ssm_state_dtype)
@@ -362,6 +365,12 @@ def sample_interleaved(jobs: list[dict], common: dict, turn_seconds: float = 1.0
     """
     if not turn_seconds > 0:
         raise ConfigError(f"turn_seconds={turn_seconds}: use a positive number of seconds")
+    common = dict(common)
+    if "progress" in common:  # one bar per model either way: sample_to_file's flag, given with the rest
+        progress = common.pop("progress")
+    per_job = [k for job in jobs for k in job if k == "progress"]
+    if per_job:
+        raise ConfigError("progress is one setting for all the models here: pass sample_interleaved(..., progress=...)")
     if common.get("problems") is None and "data_spec" in common and not any("data_spec" in job for job in jobs):
         common = {**common, "problems": load_problems(common["data_spec"])}  # read (or generated) once for all
     runs = [_SamplingJob(**{**common, **job}) for job in jobs]

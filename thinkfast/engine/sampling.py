@@ -28,7 +28,21 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     def __post_init__(self):
-        self.stop = [s for s in (self.stop or [])]
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ConfigError(f"stop={self.stop!r}: give a string or a list of strings")
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name}={value!r}: give a number")
+            setattr(self, name, float(value))
+        for name in ("top_k", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+                raise ConfigError(f"{name}={value!r}: give a whole number")
+            setattr(self, name, int(value))
         self.validate()
 
     @property

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import re
 import select
@@ -252,12 +253,22 @@ def grade_number(prediction: str, gold: str, kind: str = "number") -> GradeResul
 def grade_many(predictions: list[str], golds: list[str], kinds: list[str], timeout: float = DEFAULT_TIMEOUT,
                pool: "MathGraderPool | None" = None) -> list[GradeResult]:
     """Grade a batch. math items go to the worker pool (started on first use, reused after); the rest run here."""
+    if isinstance(predictions, str) or isinstance(golds, str):
+        raise ThinkfastError("grade_many takes lists (one prediction, gold and kind per item); grade() takes one of each")
+    predictions, golds, kinds = list(predictions), list(golds), list(kinds)
     if not len(predictions) == len(golds) == len(kinds):
         raise ThinkfastError(f"grade_many: {len(predictions)} predictions, {len(golds)} golds, {len(kinds)} kinds; pass one of each per item")
-    for i, (gold, kind) in enumerate(zip(golds, kinds)):
+    _check_timeout(timeout)
+    for i, (pred, gold, kind) in enumerate(zip(predictions, golds, kinds)):
         check_kind(kind)
         if _missing_gold(gold):
             raise ThinkfastError(f"item {i}: missing gold answer; every problem needs one to be graded")
+        if pred is not None and not isinstance(pred, (str, int, float)):
+            raise ThinkfastError(f"item {i}: prediction of type {type(pred).__name__}; give the completion's text")
+        if not isinstance(gold, (str, int, float)):
+            raise ThinkfastError(f"item {i}: gold answer of type {type(gold).__name__}; give the answer's text or number")
+    predictions = [None if p is None else str(p) for p in predictions]
+    golds = [gold_answer(str(g), k) for g, k in zip(golds, kinds)]
     results: list[GradeResult | None] = [None] * len(predictions)
     math_items: list[int] = []
     for i, (pred, gold, kind) in enumerate(zip(predictions, golds, kinds)):
@@ -282,7 +293,25 @@ def grade_many(predictions: list[str], golds: list[str], kinds: list[str], timeo
 
 def grade(prediction: str, gold: str, kind: str, timeout: float = DEFAULT_TIMEOUT) -> bool | None:
     """True / False; None when the math grader could not decide in time (falsy, but not a verdict)."""
-    return grade_many([prediction], [gold], [kind], timeout)[0].correct
+    if _missing_gold(gold):
+        raise ThinkfastError("missing gold answer; a prediction is graded against one")
+    try:
+        return grade_many([prediction], [gold], [kind], timeout)[0].correct
+    except ThinkfastError as e:
+        raise ThinkfastError(str(e).removeprefix("item 0: ")) from None
+
+
+def gold_answer(gold: str, kind: str) -> str:
+    """A gold answer given as a dataset keeps it (GSM8K's whole solution ending `#### 72`, `\\boxed{18}`): its final
+    answer, as a completion's would be read. A plain answer is returned as it is."""
+    if kind != "math" and ("####" in gold or "\\boxed" in gold):
+        return extract_answer(gold, kind) or gold
+    return gold
+
+
+def _check_timeout(timeout) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (math.isfinite(timeout) and timeout > 0):
+        raise ThinkfastError(f"timeout={timeout!r}: give a positive number of seconds")
 
 
 # --------------------------------------------------------------------------------------------- worker pool

@@ -53,11 +53,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def majority_vote(answers, weights=None):
     """The answer with the most votes (or the largest summed weight); ties go to the answer seen first.
     None never votes; None when nothing voted."""
+    answers = list(answers)
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(answers):
+            raise ThinkfastError(f"majority_vote: {len(weights)} weights for {len(answers)} answers; give one per answer")
+        if not all(math.isfinite(w) for w in weights):
+            raise ThinkfastError("majority_vote: a weight is NaN or infinite; weights must be finite numbers")
     totals: dict = {}
     for i, a in enumerate(answers):
         if a is None:
             continue
-        w = 1.0 if weights is None else float(weights[i])
+        w = 1.0 if weights is None else weights[i]
         totals[a] = totals.get(a, 0.0) + w  # dict order = first-seen order
     best, best_w = None, -math.inf
     for a, w in totals.items():

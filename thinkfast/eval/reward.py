@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, DataError, ThinkfastError
-from ..utils import atomic_dir, wrong_field_type
+from ..utils import atomic_dir, check_out_path, wrong_field_type
 
 ORM_CONFIG = "reward_config.json"
 HEAD_FILE = "head.safetensors"
@@ -106,6 +106,11 @@ class Encoded:
     ids: list[int]
     start: int  # index of the first completion token
     scored_from: int  # first token in the likelihood features (after start when the completion was cut)
+
+
+def check_reward_model_out(out_dir, flag: str = "out_dir") -> None:
+    """A reward model replaces its whole folder: only an empty one, a new one or an earlier reward model's."""
+    check_out_path(out_dir, flag, marker=ORM_CONFIG)
 
 
 class OutcomeRewardModel(nn.Module):
@@ -235,6 +240,7 @@ class OutcomeRewardModel(nn.Module):
 
     def score(self, questions: list[str | None], completions: list[str], batch_size: int = 16, progress=None) -> np.ndarray:
         """P(correct) for each (question, completion)."""
+        questions, completions = _paired_texts(questions, completions)
         return self.score_encoded([self.encode(q, c) for q, c in zip(questions, completions)], batch_size, progress)
 
     # ---- files
@@ -242,6 +248,7 @@ class OutcomeRewardModel(nn.Module):
     def save(self, out_dir) -> None:
         from safetensors.torch import save_file
 
+        check_reward_model_out(out_dir)
         with atomic_dir(out_dir) as tmp:
             self.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "backbone")
@@ -383,8 +390,23 @@ def _fit_head_steps(orm: OutcomeRewardModel, X: torch.Tensor, y: np.ndarray, tra
     return history
 
 
+def _paired_texts(questions, completions) -> tuple[list, list]:
+    """One question per completion (a single string is one text, not its characters)."""
+    if isinstance(questions, str) or isinstance(completions, str):
+        raise ConfigError("score() takes lists: questions=[...] and completions=[...], one question per completion")
+    questions, completions = list(questions), list(completions)
+    if len(questions) != len(completions):
+        raise ConfigError(f"{len(questions)} questions for {len(completions)} completions; give one question (or None) "
+                          "per completion")
+    return questions, completions
+
+
 def check_labels(labels) -> np.ndarray:
     """The labels as a bool array; refuses one-class data (cheap: callers check before loading a backbone)."""
+    labels = list(labels)
+    if any(not isinstance(x, (bool, np.bool_, int, np.integer)) or x not in (0, 1) for x in labels):
+        bad = next(x for x in labels if not isinstance(x, (bool, np.bool_, int, np.integer)) or x not in (0, 1))
+        raise DataError(f"label {bad!r}: labels are True (correct) or False (wrong); leave ungraded completions out")
     y = np.array(labels, dtype=bool)
     if y.all() or not y.any():
         raise DataError(f"all {len(y)} graded completions are {'correct' if y.all() else 'wrong'}; a verifier needs both kinds "
@@ -398,6 +420,9 @@ def train_orm(questions: list[str | None], completions: list[str], labels: list[
     cfg = cfg or ORMConfig()
     train = train or ORMTraining()
     y = check_labels(labels)
+    if not len(questions) == len(completions) == len(y) == len(problem_ids):
+        raise ConfigError(f"train_orm: {len(questions)} questions, {len(completions)} completions, {len(y)} labels and "
+                          f"{len(problem_ids)} problem ids; give one of each per completion")
     torch.manual_seed(train.seed)
     orm = OutcomeRewardModel(backbone, tokenizer, cfg).to(next(backbone.parameters()).device)
     for p in orm.backbone.parameters():
@@ -612,4 +637,5 @@ class ProcessRewardModel:
         return self.step_scores_many([question], [completion])[0]
 
     def score(self, questions: list[str], completions: list[str], batch_size: int = 4, progress=None) -> np.ndarray:
+        questions, completions = _paired_texts(questions, completions)
         return np.array([aggregate(s, self.aggregation) for s in self.step_scores_many(questions, completions, batch_size, progress)])

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import DataError, ThinkfastError
 from ..utils import atomic_write_text, progress_bar
 from .grading import DEFAULT_TIMEOUT, grade_many
-from .reward import (ORM_CONFIG, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, check_labels, load_backbone,
+from .reward import (ORM_CONFIG, check_reward_model_out, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, check_labels, load_backbone,
                      train_orm)
 from .samples import Sample, read_samples, read_samples_file
 
@@ -44,6 +44,7 @@ def questions_for(samples: list[Sample], questions: dict[str, str] | None) -> li
 def train_reward_model(samples_paths, backbone: str, out_dir, data=None, orm: ORMConfig | None = None,
                        training: ORMTraining | None = None, skip_bad_lines: bool = False, device=None, log=print) -> OutcomeRewardModel:
     """Train an ORM on the graded samples of the given files and save it to `out_dir` (written atomically)."""
+    check_reward_model_out(out_dir)  # before the samples are read and the backbone trains
     sset = read_samples(samples_paths, skip_bad_lines)
     graded = [s for s in sset.samples if s.correct is not None]
     if not graded:
