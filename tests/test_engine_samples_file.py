@@ -342,6 +342,43 @@ def test_a_place_that_only_looks_writable_is_refused_first(setup, tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
+
+def test_a_second_run_on_a_file_being_written_is_refused(setup, tmp_path, capsys):
+    """Two runs on one file would both draw the missing samples and append them twice: while one runs (holding
+    `<file>.lock`, here held by another process), the other is refused in one line and writes nothing. A lock file
+    left by a killed run holds nothing: the next run takes it, and removes it when done."""
+    import subprocess
+    import sys
+
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    lock = tmp_path / "s.jsonl.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242\\n'); print('held', flush=True); time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(_args(root, spec, out)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is being written by another run (process 4242" in err and "pass another --out" in err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.exists()  # what a killed run leaves
+    assert main(_args(root, spec, out)) == 0
+    assert len(out.read_text().splitlines()) == N_PROBLEMS * 3 and not lock.exists()
+    from thinkfast.engine.samples_file import SamplesWriter
+
+    writer = SamplesWriter(tmp_path / "new" / "deeper" / "s.jsonl", {"n": 1})
+    writer.lock()  # a run refused after taking its lock removes the folders it made for it
+    assert (tmp_path / "new" / "deeper" / "s.jsonl.lock").exists()
+    writer.release()
+    assert not (tmp_path / "new").exists()
+
+
 # ---------------------------------------------------------------- the configuration identifies the data by content
 
 

@@ -225,13 +225,18 @@ class _SamplingJob:
         self.writer = SamplesWriter(out, sample_config(model_spec, problems, n, params, seed, self.style, self.dtype,
                                                        self.ssm_dtype),
                                     self.rank, self.world)
-        done = self.writer.done()  # refuses a file of another configuration before any work
-        written_as = _written_name(out) if done else None
-        if written_as is not None:
-            if name is not None and name != written_as:
-                raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with --name {written_as} "
-                                  f"(or none), or write {name!r} to another --out")
-            name = written_as  # a moved checkpoint folder resumes under the name its samples already carry
+        self.writer.lock()  # before reading: a live run's half-written last line is not a crash's to cut
+        try:
+            done = self.writer.done()  # refuses a file of another configuration before any work
+            written_as = _written_name(out) if done else None
+            if written_as is not None:
+                if name is not None and name != written_as:
+                    raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with --name {written_as} "
+                                      f"(or none), or write {name!r} to another --out")
+                name = written_as  # a moved checkpoint folder resumes under the name its samples already carry
+        except BaseException:
+            self.writer.release()
+            raise
         self.name = name
         self.mine = problems[self.rank::self.world]
         todo = {p.id: [j for j in range(n) if (p.id, j) not in done] for p in self.mine}
@@ -346,10 +351,13 @@ def sample_to_file(
     """
     job = _SamplingJob(model_spec, data_spec, out, n, params, seed, batch_size, device, dtype, style, grade_fn, name,
                        compile, problems, ssm_state_dtype)
-    job.start(progress)
-    for _ in job.batches():
-        pass
-    return job.finish()
+    try:
+        job.start(progress)
+        for _ in job.batches():
+            pass
+        return job.finish()
+    finally:
+        job.writer.release()
 
 
 def sample_interleaved(jobs: list[dict], common: dict, turn_seconds: float = 1.0,
@@ -373,10 +381,20 @@ def sample_interleaved(jobs: list[dict], common: dict, turn_seconds: float = 1.0
         raise ConfigError("progress is one setting for all the models here: pass sample_interleaved(..., progress=...)")
     if common.get("problems") is None and "data_spec" in common and not any("data_spec" in job for job in jobs):
         common = {**common, "problems": load_problems(common["data_spec"])}  # read (or generated) once for all
-    runs = [_SamplingJob(**{**common, **job}) for job in jobs]
-    outs = [Path(r.out).resolve() for r in runs]
+    outs = [Path((common | job).get("out", "")).resolve() for job in jobs]
     if len(set(outs)) != len(outs):
         raise ConfigError("two models would write the same samples file; give each its own out")
+    runs: list[_SamplingJob] = []
+    try:
+        for job in jobs:
+            runs.append(_SamplingJob(**{**common, **job}))
+        return _take_turns(runs, turn_seconds, progress)
+    finally:
+        for r in runs:
+            r.writer.release()
+
+
+def _take_turns(runs: list["_SamplingJob"], turn_seconds: float, progress: bool) -> list[SampleSummary]:
     for i, r in enumerate(runs):
         r.start(progress, bar_position=i)
     turns = {i: r.batches(turn_seconds) for i, r in enumerate(runs)}
