@@ -65,7 +65,7 @@ def test_hidden_stage_loss_falls_and_mlps_train_only_when_asked(setup):
 
 def test_kd_is_zero_when_the_student_is_the_teacher(setup):
     tok, teacher, data = setup
-    same = from_teacher(teacher, "hybrid", attn_layers=[0, 1])  # every layer keeps attention
+    same = from_teacher(teacher, "teacher")  # every layer keeps attention
     batch = build_data(data, tok, 64).next_batch(4)
     for loss in ("forward_kl", "reverse_kl"):
         task = KDTask(teacher, same, loss)

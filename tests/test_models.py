@@ -17,7 +17,7 @@ from thinkfast.models.transfer import expand_kv_blocks
 @pytest.mark.parametrize("rope_scaling,tie", [(True, False), (False, True)])
 def test_all_attention_student_reproduces_hf_llama(rope_scaling, tie):
     teacher = tiny_llama(rope_scaling=rope_scaling, tie=tie)
-    student = from_teacher(teacher, kind="hybrid", attn_layers=[0, 1, 2])
+    student = from_teacher(teacher, kind="teacher")
     ids = torch.randint(0, 101, (2, 200))  # past original_max_position_embeddings=64: the scaled band matters
     with torch.no_grad():
         ref, out = teacher(ids).logits, student(ids).logits
@@ -240,6 +240,7 @@ def test_loading_keeps_every_loaded_weight_and_initialises_missing_ones(tmp_path
         (dict(n_heads=6, n_kv_heads=4, d_model=96), "n_kv_heads"),
         (dict(n_heads=5, d_model=128), "d_model"),
         (dict(attn_layers=[0, 9]), "out of range"),
+        (dict(attn_layers=[1, 1]), "lists layer(s) [1] more than once"),
         (dict(ssm_param="s4"), "ssm_param"),
     ],
 )
@@ -281,7 +282,7 @@ def test_real_smollm2_teacher_from_gguf():
     teacher, tok = load_teacher(gguf)
     question = json.loads(data.open().readline())["question"]
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt")["input_ids"]
-    student = from_teacher(teacher, kind="hybrid", attn_layers=list(range(teacher.config.num_hidden_layers)))
+    student = from_teacher(teacher, kind="teacher")
     assert student.config.role == "teacher" and student.config.n_kv_heads == 3
     with torch.no_grad():
         ref, out = teacher(ids).logits, student(ids).logits

@@ -122,6 +122,10 @@ class ModelConfig:
                 f"model config: the Mamba mixers' {self.n_ssm_heads} heads are not a multiple of "
                 f"ssm_kv_heads={self.n_xb_heads}"
             )
+        twice = sorted({i for i in self.attn_layers if self.attn_layers.count(i) > 1})
+        if twice:
+            raise ConfigError(f"model config: attn_layers {self.attn_layers} lists layer(s) {twice} more than once; "
+                              "give each layer once")
         bad = [i for i in self.attn_layers if not 0 <= i < self.n_layers]
         if bad:
             raise ConfigError(

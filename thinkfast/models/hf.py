@@ -17,23 +17,52 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..errors import ConfigError, ThinkfastError
 from .config import ModelConfig
 from .mixers import MLP, Attention, KVCache, Mamba1Mixer, Mamba2Mixer, RMSNorm, Rotary
 from .model import Block, ModelState, ThinkfastLM
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 
+# transformers' standard names for thinkfast's own fields: tools that read `config.hidden_size` or
+# `config.num_hidden_layers` get them, and config.json keeps thinkfast's names only
+HF_NAMES = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+            "num_key_value_heads": "n_kv_heads", "intermediate_size": "d_mlp", "tie_word_embeddings": "tie_embeddings"}
+
+
+class ModelInputError(ThinkfastError, ValueError):
+    """A bad argument to the model's forward() or generate(): a ValueError, as transformers' models raise, and a
+    ThinkfastError, so the CLI shows it as one line."""
+
+
+def _own_names(kwargs: dict) -> dict:
+    """Config kwargs with transformers' names (hidden_size=...) turned into thinkfast's (d_model=...)."""
+    for hf_name, own in HF_NAMES.items():
+        if hf_name not in kwargs:
+            continue
+        value = kwargs.pop(hf_name)
+        if own not in kwargs:
+            kwargs[own] = value
+        # thinkfast before HF_NAMES wrote `"tie_word_embeddings": false` beside its own `tie_embeddings`: that one wins
+        elif kwargs[own] != value and hf_name != "tie_word_embeddings":
+            raise ConfigError(f"model config: {hf_name}={value!r} and {own}={kwargs[own]!r} name the same setting "
+                              f"with different values; give only {own}")
+    return kwargs
+
 
 class ThinkfastConfig(PretrainedConfig):
     model_type = "thinkfast"
+    attribute_map = HF_NAMES  # read and written through; tying is ThinkfastLM's own (one shared parameter)
     keys_to_ignore_at_inference = ["past_key_values", "cache"]  # a Trainer's evaluation collects logits, not states
 
-    def __init__(self, tie_word_embeddings: bool = False, **kwargs):
+    def __init__(self, **kwargs):
+        kwargs = _own_names(kwargs)
         defaults = ModelConfig()
-        for name in MODEL_FIELDS:
-            setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
-        # tying is done by ThinkfastLM itself (one shared parameter); keep HF's own tying out of it
-        super().__init__(tie_word_embeddings=False, **kwargs)
+        values = {name: kwargs.pop(name, getattr(defaults, name)) for name in MODEL_FIELDS}
+        super().__init__(**kwargs)
+        # set after: some transformers versions set tie_word_embeddings (tie_embeddings, through the map) in __init__
+        for name, value in values.items():
+            setattr(self, name, value)
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs) -> "ThinkfastConfig":
@@ -136,6 +165,30 @@ class ThinkfastCausalLMOutput(ModelOutput):
     # the same state under both names: transformers' generate() reads `past_key_values` before 5.24, `cache` since
     past_key_values: ThinkfastCache | None = None
     cache: ThinkfastCache | None = None
+    # with output_hidden_states: the embeddings, then each block's output, the last one after the final norm (as
+    # transformers' Llama gives them)
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: None = None  # never any: see ThinkfastForCausalLM.forward's output_attentions
+
+
+def _check_2d(ids: torch.Tensor, name: str) -> None:
+    if ids.dim() != 2:
+        raise ModelInputError(f"thinkfast: {name} has shape {tuple(ids.shape)}; give a (batch, length) tensor "
+                              f"({name}[None] for one sequence)")
+
+
+def _compiling() -> bool:
+    """Inside torch.compile's tracing: no reading tensors back to check them."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def _describe(value) -> str:
+    if isinstance(value, nn.Embedding):
+        return f"nn.Embedding({value.num_embeddings}, {value.embedding_dim})"
+    if isinstance(value, nn.Linear):
+        return f"nn.Linear({value.in_features}, {value.out_features}, bias={value.bias is not None})"
+    return type(value).__name__
 
 
 def _left_padding_only(attention_mask: torch.Tensor) -> bool:
@@ -149,6 +202,7 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["Block"]
     main_input_name = "input_ids"
     _is_stateful = True  # its state cannot be cropped: transformers then refuses assisted decoding
+    supports_gradient_checkpointing = True  # per block: `Block` is transformers' GradientCheckpointingLayer
     generation_step = ModelStep  # generate()'s step (allocate + call); `import thinkfast` installs the engine's
     GENERATION_MIN_CAPACITY = 256  # KV slots a generation cache starts with (at least twice the prompt)
 
@@ -189,11 +243,56 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
     def init_weights(self):
         self.lm.init_weights(self.config.initializer_range)
 
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> nn.Embedding:
         return self.lm.embed
 
-    def set_input_embeddings(self, value):
+    def set_input_embeddings(self, value: nn.Embedding):
+        """A tied head is this embedding's weight, so it follows; both configs take its vocabulary size
+        (`resize_token_embeddings` sets the input embeddings, then the untied head)."""
+        weight = getattr(value, "weight", None)  # an adapter's wrapper (PEFT) has its embedding's weight too
+        if not (isinstance(value, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+                and weight.shape[1] == self.lm.cfg.d_model):
+            raise ConfigError(f"input embeddings: expected an nn.Embedding of width {self.lm.cfg.d_model} (d_model), "
+                              f"got {_describe(value)}")
         self.lm.embed = value
+        self._sync_vocab_size()
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        """The head; None when it is tied (`tie_embeddings`): then the input embedding's weight is the head, one
+        shared parameter, and resizing or replacing the input embeddings changes both."""
+        return self.lm.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear):
+        """A new head, as many rows as the input embeddings (resize those first); on a tied model it unties the
+        head (both configs say so, and save/load keeps it), unless it is the input embedding's own weight."""
+        d, vocab = self.lm.cfg.d_model, self.lm.embed.weight.shape[0]
+        if not isinstance(value, nn.Linear) or value.bias is not None or value.in_features != d:
+            raise ConfigError(f"output embeddings: expected an nn.Linear({d}, vocab, bias=False), got {_describe(value)}")
+        if value.out_features != vocab:
+            raise ConfigError(f"output embeddings: {value.out_features} rows, but the input embeddings have {vocab}; "
+                              "resize both with resize_token_embeddings()")
+        if self.lm.lm_head is None:
+            if value.weight is self.lm.embed.weight:
+                return  # already the head
+            self.lm.update_config(tie_embeddings=False)
+            self.config.tie_embeddings = False
+        self.lm.lm_head = value
+
+    def _sync_vocab_size(self):
+        vocab = self.lm.embed.weight.shape[0]
+        if self.lm.cfg.vocab_size != vocab:
+            self.lm.update_config(vocab_size=vocab)  # the engine and the cache read it
+        self.config.vocab_size = vocab
+
+    def generate(self, inputs=None, *args, **kwargs):
+        """transformers' generate(), after the checks that would otherwise fail inside it with an IndexError."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise ModelInputError("thinkfast: generate() takes input_ids, not inputs_embeds (its cache counts token "
+                                  "columns); pass the prompt's token ids")
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            _check_2d(ids, "input_ids")
+        return super().generate(inputs, *args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -207,7 +306,10 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids = input_ids[:, state.seen :]
         else:
             state = None
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache, "cache": state}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache, "cache": state}
+        # generate(output_attentions=True / output_hidden_states=True) reaches forward(), which answers for them
+        inputs.update({k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)})
+        return inputs
 
     def forward(
         self,
@@ -219,30 +321,83 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         cache=None,
         past_key_values=None,
         logits_to_keep: int = 0,
+        inputs_embeds=None,
+        output_hidden_states=None,
+        output_attentions=None,
+        return_dict=None,
         **kwargs,
     ):
+        """As transformers' causal LMs: `input_ids` (B, T) or `inputs_embeds` (B, T, D); `labels` give the loss;
+        `use_cache` / `cache` (or `past_key_values`) prefill and continue a `ThinkfastCache`; `output_hidden_states`
+        adds `hidden_states` (not while continuing a cache: its step keeps none); `return_dict=False` gives a tuple.
+        `output_attentions=True` is refused: Mamba layers have no attention weights, and attention runs fused."""
+        config = self.config
+        if output_attentions if output_attentions is not None else getattr(config, "output_attentions", False):
+            raise ModelInputError("thinkfast: output_attentions=True: there are no attention weights to return (Mamba "
+                                  "layers have none, and attention runs fused); a layer's token-mixing matrix is "
+                                  "model.lm.layers[i].mixer.matrix(hidden, rope)")
+        if output_hidden_states is None:
+            output_hidden_states = getattr(config, "output_hidden_states", False)
+        if return_dict is None:
+            return_dict = getattr(config, "return_dict", True)
+        self._check_inputs(input_ids, inputs_embeds)
         state = cache if isinstance(cache, ThinkfastCache) else past_key_values
+        hidden_states = None
         if isinstance(state, ThinkfastCache):
+            if inputs_embeds is not None:
+                raise ModelInputError("thinkfast: a cache is continued from token ids; pass input_ids, not inputs_embeds")
+            if output_hidden_states:
+                raise ModelInputError("thinkfast: output_hidden_states: a cache's decode step keeps no hidden states; "
+                                      "generate with use_cache=False, or run the model on the whole sequence")
             logits = self._decode_with_cache(input_ids, state, attention_mask)
-        elif use_cache and labels is None:
-            logits, state = self._prefill_with_cache(input_ids, attention_mask, logits_to_keep)
         else:
-            state = None
-            out = self.lm(input_ids, attention_mask=attention_mask, position_ids=position_ids, compute_logits=False)
+            if use_cache and labels is None:
+                out, state = self._prefill_with_cache(input_ids, inputs_embeds, attention_mask, bool(output_hidden_states))
+            else:
+                state = None
+                out = self.lm(input_ids, attention_mask=attention_mask, position_ids=position_ids, compute_logits=False,
+                              output_hidden_states=bool(output_hidden_states), inputs_embeds=inputs_embeds)
             hidden = out.last_hidden[:, -logits_to_keep:] if logits_to_keep else out.last_hidden
             logits = self.lm.logits(hidden)
+            if out.hidden_states is not None:  # transformers' convention: the last one after the final norm
+                hidden_states = (*out.hidden_states[:-1], out.last_hidden)
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(
                 shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return ThinkfastCausalLMOutput(loss=loss, logits=logits, past_key_values=state, cache=state)
+        if not return_dict:  # transformers' tuple: the fields that are set, in order (the cache once)
+            return tuple(v for v in (loss, logits, state, hidden_states) if v is not None)
+        return ThinkfastCausalLMOutput(loss=loss, logits=logits, past_key_values=state, cache=state,
+                                       hidden_states=hidden_states)
 
-    def _prefill_with_cache(self, input_ids, attention_mask, logits_to_keep):
-        Bsz, T = input_ids.shape
+    def _check_inputs(self, input_ids, inputs_embeds):
+        """One clear line where torch would fail deep inside (IndexError) or give a device-side assert (ids out of
+        the vocabulary: checked on CPU only, where reading them back costs nothing; on GPU it would sync every step)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ModelInputError("thinkfast: give exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
+        if inputs_embeds is not None:
+            d = self.lm.cfg.d_model
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d:
+                raise ModelInputError(f"thinkfast: inputs_embeds has shape {tuple(inputs_embeds.shape)}; give a (batch, "
+                                      f"length, {d}) tensor")
+            return
+        _check_2d(input_ids, "input_ids")
+        if input_ids.device.type == "cpu" and input_ids.numel() and not _compiling():
+            vocab = self.lm.embed.weight.shape[0]
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise ModelInputError(f"thinkfast: token id {low if low < 0 else high} is outside the model's vocabulary "
+                                      f"of {vocab}; tokenizer and model do not match (after adding tokens to the "
+                                      "tokenizer, call model.resize_token_embeddings(len(tokenizer)))")
+
+    def _prefill_with_cache(self, input_ids, inputs_embeds, attention_mask, output_hidden_states):
+        """The prompts' forward (LMOutput) and a new `ThinkfastCache` holding their state."""
+        x = input_ids if inputs_embeds is None else inputs_embeds
+        Bsz, T = x.shape[:2]
         if attention_mask is not None and not bool(attention_mask.all()) and not _left_padding_only(attention_mask):
-            raise ValueError(
+            raise ModelInputError(
                 "thinkfast: generating with a cache needs left-padded prompts (tokenizer.padding_side = 'left'); "
                 "this attention_mask has pads after a prompt's tokens"
             )
@@ -251,31 +406,31 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         if getattr(step, "reads_weights", False) and not plain_modules(self.lm):
             step = ModelStep  # an adapter or hook would be skipped by a step that reads the weights itself
         state = step.allocate(self.lm, Bsz, capacity)
-        out = self.lm(input_ids, attention_mask=attention_mask, state=state, compute_logits=False)
+        out = self.lm(input_ids, attention_mask=attention_mask, state=state, compute_logits=False,
+                      output_hidden_states=output_hidden_states, inputs_embeds=inputs_embeds)
         if attention_mask is None:
-            lengths = torch.full((Bsz,), T, dtype=torch.long, device=input_ids.device)
+            lengths = torch.full((Bsz,), T, dtype=torch.long, device=x.device)
         else:
             lengths = attention_mask.long().sum(-1)
             pads = T - lengths
             if bool(pads.any()):  # each row's real tokens move to slots [0, length): their positions
-                slots = (torch.arange(T, device=input_ids.device)[None, :] + pads[:, None]).clamp(max=T - 1)
+                slots = (torch.arange(T, device=x.device)[None, :] + pads[:, None]).clamp(max=T - 1)
                 for c in state.caches:
                     if isinstance(c, KVCache):
                         idx = slots[:, None, :, None].expand(-1, c.k.shape[1], -1, c.k.shape[3])
                         c.k[:, :, :T] = c.k[:, :, :T].gather(2, idx)
                         c.v[:, :, :T] = c.v[:, :, :T].gather(2, idx)
-        hidden = out.last_hidden[:, -logits_to_keep:] if logits_to_keep else out.last_hidden
-        return self.lm.logits(hidden), ThinkfastCache(state, lengths, T, lambda st: step(self.lm, st))
+        return out, ThinkfastCache(state, lengths, T, lambda st: step(self.lm, st))
 
     def _decode_with_cache(self, input_ids, state: ThinkfastCache, attention_mask=None):
         """The new columns one at a time, through the model's recurrent step."""
         new = input_ids.shape[1]
         if new == 0:
-            raise ValueError("thinkfast: no new tokens to feed a cache that has seen them all; pass the cache with "
-                             "a longer sequence, or none")
+            raise ModelInputError("thinkfast: no new tokens to feed a cache that has seen them all; pass the cache "
+                                  "with a longer sequence, or none")
         if attention_mask is not None and not bool(attention_mask[:, -new:].all()):
-            raise ValueError("thinkfast: tokens after a cache cannot be padded (each row's state has moved on); "
-                             "continue rows whose new text differs in length one at a time")
+            raise ModelInputError("thinkfast: tokens after a cache cannot be padded (each row's state has moved on); "
+                                  "continue rows whose new text differs in length one at a time")
         longest = int(state.lengths.max())  # one host sync per call, not per token
         state.reserve(longest + new)
         logits = []

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..ops.selective import selective_scan, selective_step
-from ..ops.ssd import ssd_matrix, ssd_scan, ssd_step
+from ..ops.ssd import autocast_off, ssd_matrix, ssd_scan, ssd_step
 from .config import ModelConfig
 
 
@@ -214,7 +214,7 @@ class Attention(nn.Module):
         """Softmax attention probabilities (B, H, T, T), computed eagerly."""
         q, k, _ = self._qkv(x, *rope)
         k = self._expand(k)
-        with torch.autocast(x.device.type, enabled=False):  # fp32 scores under a bf16 autocast too
+        with autocast_off(x.device.type):  # fp32 scores under a bf16 autocast too
             scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
         T = x.shape[1]
         if attention_mask is None:

@@ -15,8 +15,13 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .mixers import MLP, Attention, KVCache, Mamba1Mixer, Mamba2Mixer, RMSNorm, Rotary, SSMCache
 
+try:  # transformers' per-layer activation checkpointing: `gradient_checkpointing_enable()` switches it on per block
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # a transformers without it: blocks are plain modules, never checkpointed
+    GradientCheckpointingLayer = nn.Module
 
-class Block(nn.Module):
+
+class Block(GradientCheckpointingLayer):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.is_attention = cfg.is_attention(layer)
@@ -29,6 +34,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.d_model, cfg.d_mlp)
 
     def forward(self, h, rope, attention_mask=None, cache=None):
+        # called with positional arguments: with gradient checkpointing the block is recomputed from them in backward
         h = h + self.mixer(self.input_norm(h), rope, attention_mask, cache)
         return h + self.mlp(self.mlp_norm(h))
 
@@ -80,6 +86,14 @@ class ThinkfastLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
+    def update_config(self, **changes) -> None:
+        """A new config with `changes` for this model and every module that holds its config (the vocabulary size
+        after the embeddings are resized, untying the head), so no part of the model reads a stale one."""
+        old, new = self.cfg, self.cfg.replace(**changes)
+        for m in self.modules():
+            if getattr(m, "cfg", None) is old:
+                m.cfg = new
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -96,20 +110,23 @@ class ThinkfastLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         state: ModelState | None = None,
         output_hidden_states: bool = False,
         compute_logits: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> LMOutput:
-        """Whole sequences from position 0. With `state`, also fills it (prefill) for `step` to continue."""
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # nothing padded: take the fast causal path
+        """Whole sequences from position 0. With `state`, also fills it (prefill) for `step` to continue.
+        `inputs_embeds` (B, T, D) instead of `input_ids` (B, T): the embeddings are given, not looked up."""
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        # nothing padded: take the fast causal path (on meta, shapes only, the mask's values cannot be read)
+        if attention_mask is not None and attention_mask.device.type != "meta" and bool(attention_mask.all()):
+            attention_mask = None
         if position_ids is None:
-            position_ids = self.positions_for(input_ids, attention_mask)
+            position_ids = self.positions_for(h[..., 0], attention_mask)  # (B, T): only its shape and device are read
         rope = self.rotary(position_ids)
-        h = self.embed(input_ids)
         hidden = [h] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, attention_mask, None if state is None else state.caches[i])

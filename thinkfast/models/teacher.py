@@ -181,16 +181,53 @@ def checkpoint_source(spec: str, role: str = "teacher") -> tuple[str, dict]:
     return spec, hub_kwargs(spec, role)
 
 
+def check_load_dtype(dtype) -> torch.dtype | str | None:
+    """A loader's `dtype` checked before anything is read: None or 'auto' (the checkpoint's own), a floating-point
+    torch dtype, or a name (float32, bf16, ...: `parse_dtype`'s), returned as a torch dtype."""
+    from ..utils import parse_dtype
+
+    if dtype is None or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str):
+        return parse_dtype(dtype)  # a name it does not know: one line listing the ones it does
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"dtype={dtype!r}: give a torch dtype (torch.bfloat16) or a name (auto, float32, bf16, ...)")
+    if not dtype.is_floating_point:
+        raise ConfigError(f"dtype={dtype}: weights load in a floating-point dtype; use torch.float32, torch.bfloat16 or "
+                          "torch.float16 ('auto': the checkpoint's own)")
+    return dtype
+
+
+def check_load_device(device) -> torch.device | None:
+    """A loader's `device` checked before anything is read: cpu, an existing CUDA device, or meta (shapes only)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: no CUDA device here; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type not in ("cpu", "meta"):
+        raise ConfigError(f"device={device!r}: thinkfast runs on cpu or cuda; use one of those")
+    return dev
+
+
 def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device=None,
                  role: str = "teacher"):
     """Returns (model, tokenizer or None). The model is an HF Llama / Mistral / Qwen2 / Qwen3 model, or a
     ThinkfastForCausalLM for a thinkfast all-attention checkpoint. Weights load from safetensors; remote code
     only when asked. `role` names the model in error messages as the user gave it (teacher, --model, --student,
-    backbone ...)."""
+    backbone ...). `dtype`: a floating-point torch dtype, a name (bf16, ...) or 'auto' (the checkpoint's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .hf import ThinkfastForCausalLM
 
+    dtype, device = check_load_dtype(dtype), check_load_device(device)  # bad arguments: not a damaged checkpoint
     spec = str(spec)
     folder, extra = checkpoint_source(spec, role)
     gguf = "gguf_file" in extra
@@ -248,6 +285,9 @@ def load_thinkfast(spec: str | os.PathLike, dtype: torch.dtype | None = torch.fl
     from .published import load_published
     from .transfer import from_teacher
 
+    dtype, device = check_load_dtype(dtype), check_load_device(device)  # bad arguments: not a damaged checkpoint
+    if dtype == "auto":
+        dtype = None  # the same here: the checkpoint's own
     path = Path(spec)
     cfg_file = path / "config.json"
     published = published_source(str(spec), where)

@@ -7,19 +7,39 @@ conv, D = 0. Embeddings, norms, MLPs and head are copied.
 
 from __future__ import annotations
 
+import contextlib
+from numbers import Integral
+
 import torch
 
 from ..errors import ConfigError
 from .config import ModelConfig
 from .hf import ThinkfastConfig, ThinkfastForCausalLM
 from .mixers import Mamba2Mixer
+from .model import ThinkfastLM
 from .teacher import load_teacher, model_config_from_hf, state_dict_from_hf
 
 KINDS = ("llamba", "hybrid", "teacher")
 
 
+TEACHERS = ("an HF Llama-family model (LlamaForCausalLM, Qwen2ForCausalLM, ...), an all-attention thinkfast model "
+            "(ThinkfastForCausalLM), or a checkpoint folder, .gguf file or hub id")
+
+
+def check_teacher_object(teacher) -> None:
+    """A teacher is a model with an HF config (its weights are read through it): refuse anything else in one line,
+    where it would fail on a missing `.config`."""
+    if isinstance(teacher, ThinkfastLM):
+        raise ConfigError("teacher: a ThinkfastLM (model.lm); pass the ThinkfastForCausalLM that holds it")
+    if not isinstance(teacher, torch.nn.Module) or getattr(teacher, "config", None) is None:
+        what = "None" if teacher is None else type(teacher).__name__
+        hint = " (a state_dict: load it into its model first)" if isinstance(teacher, dict) else ""
+        raise ConfigError(f"teacher: got {what}{hint}; a teacher is {TEACHERS}")
+
+
 def teacher_parts(teacher) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """(all-attention ModelConfig, ThinkfastLM-named state dict, HF token/template attributes) of a teacher."""
+    check_teacher_object(teacher)
     if isinstance(teacher, ThinkfastForCausalLM):
         cfg = teacher.model_config
         if len(cfg.attn_layers) != cfg.n_layers:
@@ -65,11 +85,13 @@ def from_teacher(
     ssm_norm_group: int | None = None,
 ) -> ThinkfastForCausalLM:
     """Build a student from a teacher (HF Llama model, thinkfast all-attention model, or a path/hub id/GGUF).
+    A teacher on the meta device (accelerate's `init_empty_weights`) gives a student on the meta device.
 
-    kind: "llamba" (no attention; Llamba's discrete SSM by default), "hybrid" (attention at `attn_layers`,
-    default a quarter of the layers; Mamba-2 parameterisation by default) or "teacher" (all attention: the
-    teacher itself in thinkfast's model, for the engine). `ssm_kv_heads` defaults to the teacher's KV heads
-    (x and B expanded per head block at run time); set it to n_heads to expand the weights once here.
+    kind: "llamba" (no attention; Llamba's discrete SSM by default), "hybrid" (attention at `attn_layers`, a list
+    of layer indices that keeps some but not all layers, default a quarter of them; Mamba-2 parameterisation by
+    default) or "teacher" (all attention: the teacher itself in thinkfast's model, for the engine; no
+    `attn_layers`). `seed` seeds the parameters that do not come from the teacher. `ssm_kv_heads` defaults to the
+    teacher's KV heads (x and B expanded per head block at run time); set it to n_heads to expand the weights once here.
     `d_state` defaults to the teacher's head size; a larger state takes K and Q in its first head-size dimensions
     (the extra dimensions of C start at zero, so the student starts as the attention-initialised one).
     `share_weights` (kind="teacher" only): the model takes the teacher's tensors as they are instead of copies, so
@@ -80,18 +102,14 @@ def from_teacher(
     """
     if kind not in KINDS:
         raise ConfigError(f"student kind {kind!r}: use one of {', '.join(KINDS)}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed={seed!r}: give an integer")
+    attn_layers = _layer_list(attn_layers)
     if isinstance(teacher, (str, bytes)) or hasattr(teacher, "__fspath__"):
         teacher, _ = load_teacher(teacher)
     tcfg, sd, extras = teacher_parts(teacher)
     n = tcfg.n_layers
-    if kind == "llamba":
-        if attn_layers:
-            raise ConfigError("a llamba student has no attention layers; drop --attn-layers or use --student hybrid")
-        layers = []
-    elif kind == "teacher":
-        layers = list(range(n))
-    else:
-        layers = default_hybrid_layers(n) if attn_layers is None else list(attn_layers)
+    layers = _attention_layers(kind, attn_layers, n)
     if ssm_param is None:
         ssm_param = "discrete" if kind == "llamba" else "mamba2"
     if d_state is not None and d_state < tcfg.hd:
@@ -107,6 +125,7 @@ def from_teacher(
     scfg = tcfg.replace(attn_layers=layers, ssm_param=ssm_param, ssm_kv_heads=ssm_kv_heads, d_conv=d_conv, d_state=d_state,
                         ssm_norm_group=ssm_norm_group)
 
+    on_meta = _on_meta(sd)
     torch.manual_seed(seed)
     hf_cfg = ThinkfastConfig.from_model_config(scfg, **{k: v for k, v in extras.items() if v is not None})
     if share_weights:
@@ -118,7 +137,9 @@ def from_teacher(
         if missing or unexpected:
             raise ConfigError(f"teacher and thinkfast model differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model.eval()
-    student = ThinkfastForCausalLM(hf_cfg)
+    # a teacher without weights (meta: accelerate's init_empty_weights, shape inference) gives a student without any
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        student = ThinkfastForCausalLM(hf_cfg)
     ref = next(iter(sd.values()))
     student.to(ref.dtype)
     own = student.lm.state_dict()
@@ -143,6 +164,53 @@ def from_teacher(
                     student.lm.layers[i].mixer.c_norm.weight.copy_(sd[p + "q_norm.weight"])
                     student.lm.layers[i].mixer.b_norm.weight.copy_(sd[p + "k_norm.weight"])
     return student.eval()
+
+
+def _layer_list(attn_layers) -> list[int] | None:
+    """`attn_layers` as a list of ints, or None; anything else refused naming what to give."""
+    if attn_layers is None:
+        return None
+    if isinstance(attn_layers, (list, tuple, range)) and all(
+            isinstance(i, Integral) and not isinstance(i, bool) for i in attn_layers):
+        return [int(i) for i in attn_layers]
+    example = f"[{attn_layers}]" if isinstance(attn_layers, Integral) and not isinstance(attn_layers, bool) else "[3, 8]"
+    raise ConfigError(f"attn_layers={attn_layers!r}: give a list of layer indices, e.g. {example}")
+
+
+def _attention_layers(kind: str, attn_layers: list[int] | None, n: int) -> list[int]:
+    """The layers that keep attention for a student of `kind` from an `n`-layer teacher."""
+    if kind == "llamba":
+        if attn_layers:
+            raise ConfigError(f"attn_layers={attn_layers}: a llamba student has no attention layers; drop attn_layers "
+                              "(--attn-layers) or use kind='hybrid' (--student hybrid)")
+        return []
+    if kind == "teacher":
+        if attn_layers is not None and sorted(attn_layers) != list(range(n)):
+            raise ConfigError(f"attn_layers={attn_layers}: kind='teacher' keeps attention in every layer; drop "
+                              "attn_layers, or use kind='hybrid' to keep it in some")
+        return list(range(n))
+    if attn_layers is None:
+        return default_hybrid_layers(n)
+    twice = sorted({i for i in attn_layers if attn_layers.count(i) > 1})
+    if twice:
+        raise ConfigError(f"attn_layers={attn_layers} lists layer(s) {twice} more than once; give each layer once")
+    if not attn_layers:
+        raise ConfigError("attn_layers=[] keeps no attention layer, so this is no hybrid: use kind='llamba' "
+                          "(ssm_param='mamba2' for the hybrid's Mamba-2 parameterisation)")
+    if sorted(attn_layers) == list(range(n)):
+        raise ConfigError(f"attn_layers={attn_layers} keeps attention in all {n} layers: that is the teacher itself; "
+                          "use kind='teacher', or leave at least one layer to Mamba")
+    return sorted(attn_layers)
+
+
+def _on_meta(sd: dict[str, torch.Tensor]) -> bool:
+    """Whether the teacher's weights are all on the meta device (none loaded); refuses a teacher with only some
+    there (offloaded by accelerate), whose weights cannot be copied from here."""
+    meta = [name for name, t in sd.items() if t.device.type == "meta"]
+    if meta and len(meta) < len(sd):
+        raise ConfigError(f"teacher: {len(meta)} of its {len(sd)} tensors are on the meta device ({meta[0]}, ...: "
+                          "offloaded or not loaded); load the whole teacher onto one device (no device_map offloading)")
+    return bool(meta)
 
 
 def expand_kv_blocks(w: torch.Tensor, n_kv: int, n_heads: int) -> torch.Tensor:

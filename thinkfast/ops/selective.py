@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .ssd import autocast_off
+
 
 def selective_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    C: torch.Tensor) -> torch.Tensor:
@@ -29,7 +31,7 @@ def selective_scan(x, dt, A, B, C, initial_state=None):
     b, T, H, P = x.shape
     state = x.new_zeros(b, H, P, B.shape[-1], dtype=torch.float32) if initial_state is None else initial_state.float()
     ys = []
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         for t in range(T):
             dt_t = dt[:, t].float()
             state = torch.exp(dt_t[..., None] * A) * state + (dt_t * x[:, t].float())[..., None] * B[:, t].float()[:, :, None, :]

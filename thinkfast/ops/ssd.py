@@ -9,6 +9,7 @@ All three paths accumulate in fp32 whatever the input dtype; tests hold them equ
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -17,6 +18,13 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+
+def autocast_off(device_type: str):
+    """A block where autocast is off on `device_type`: these paths keep fp32 under a bf16 autocast. A device type
+    autocast does not know (meta: shape inference, accelerate's empty-weight init) has none to turn off."""
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
+    return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
 
 
 def segsum(log_a: torch.Tensor) -> torch.Tensor:
@@ -43,7 +51,7 @@ def ssd_chunked(
     return_final_state: bool = False,
 ):
     """Chunked SSD scan over any length. Returns y (b, T, H, P) in x's dtype [, final state (b, H, P, N) fp32]."""
-    with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would round the decays and carried states
+    with autocast_off(x.device.type):  # bf16 autocast would round the decays and carried states
         return _ssd_chunked(x, log_a, B, C, chunk_size, initial_state, return_final_state)
 
 
@@ -161,7 +169,7 @@ def ssd_matrix(log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.T
 
     y = M @ x reproduces ssd_chunked (before the D skip). Used by MOHAWK stage 1.
     """
-    with torch.autocast(log_a.device.type, enabled=False):  # fp32 under a bf16 autocast too (MOHAWK stage 1)
+    with autocast_off(log_a.device.type):  # fp32 under a bf16 autocast too (MOHAWK stage 1)
         A = log_a.float().permute(0, 2, 1)  # (b, H, T)
         scores = torch.einsum("bthn,bshn->bhts", C.float(), B.float())
         return scores * torch.exp(segsum(A))
