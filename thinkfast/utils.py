@@ -198,24 +198,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def check_device(name: str | None, flag: str = "--device") -> str | None:
+def check_device(name, flag: str = "--device", allow_meta: bool = False) -> str | None:
     """A --device value checked before any work: None stays None (each command's default), else cpu or an
-    existing CUDA device, as a string."""
+    existing CUDA device (or meta, for shapes only, where allowed), as a string. `flag` names it in the error: a
+    command's flag (`--device cuda:3: ...`) or a Python argument (`device='cuda:3': ...`)."""
     from .errors import ConfigError
 
     if name is None:
         return None
+    what = f"{flag} {name}" if flag.startswith("-") else f"{flag}={name!r}"
+    fix = (lambda d: f"{flag} {d}") if flag.startswith("-") else (lambda d: f"{flag}='{d}'")
     try:
         dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{flag} {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"{flag} {name}: thinkfast runs on cpu or cuda; use one of those")
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{what} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda") + (("meta",) if allow_meta else ()):
+        raise ConfigError(f"{what}: thinkfast runs on cpu or cuda; use one of those")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{flag} {name}: no CUDA device here; use {flag} cpu")
+            raise ConfigError(f"{what}: no CUDA device here; use {fix('cpu')}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+            raise ConfigError(f"{what}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
                               f"cuda:{torch.cuda.device_count() - 1}")
     return str(dev)
 

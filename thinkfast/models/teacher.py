@@ -200,21 +200,10 @@ def check_load_dtype(dtype) -> torch.dtype | str | None:
 
 def check_load_device(device) -> torch.device | None:
     """A loader's `device` checked before anything is read: cpu, an existing CUDA device, or meta (shapes only)."""
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"device={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r}: no CUDA device here; use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
-                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type not in ("cpu", "meta"):
-        raise ConfigError(f"device={device!r}: thinkfast runs on cpu or cuda; use one of those")
-    return dev
+    from ..utils import check_device
+
+    checked = check_device(device, "device", allow_meta=True)
+    return None if checked is None else torch.device(checked)
 
 
 def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device=None,
