@@ -123,3 +123,17 @@ def test_real_smollm2_chat_template():
     assert "<|im_start|>user\n" + GSM.question in prompt and prompt.endswith("<|im_start|>assistant\n")
     prompt_, completion = render_example(GSM, tok)
     assert prompt_ == prompt and completion.strip().endswith("<|im_end|>")
+
+
+def test_an_instruction_key_typo_is_refused_not_written_into_prompts():
+    """Any text is a literal instruction, so `boxd` would have been written into every prompt as it is."""
+    from thinkfast.data.prompts import PromptStyle
+    from thinkfast.errors import ConfigError
+
+    for typo, key in (("boxd", "boxed"), ("Boxed", "boxed"), ("hsh", "hash"), ("nonee", "none")):
+        with pytest.raises(ConfigError, match=f"did you mean '{key}'"):
+            PromptStyle(instruction=typo)
+    for fine in ("auto", "none", "Go.", "Think", "Answer briefly."):
+        assert PromptStyle(instruction=fine).instruction == fine
+    with pytest.raises(ConfigError, match="template_kwargs"):
+        PromptStyle(template_kwargs="x")

@@ -17,6 +17,15 @@ INSTRUCTIONS = {
 BOXED = re.compile(r"\\boxed\{")
 
 
+def _near_key(text: str) -> str | None:
+    import difflib
+
+    if text in INSTRUCTIONS or text == "auto" or not re.fullmatch(r"[A-Za-z_]+", text):
+        return None
+    close = difflib.get_close_matches(text.lower(), [*INSTRUCTIONS, "auto"], n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
 @dataclass
 class PromptStyle:
     instruction: str = "auto"  # auto (boxed for math, hash otherwise) | boxed | hash | none | any literal text
@@ -25,6 +34,17 @@ class PromptStyle:
     chat: bool = True  # use the tokenizer's chat template when it has one
     # extra variables for the chat template, as vLLM's `chat_template_kwargs` (Qwen3: {"enable_thinking": false})
     template_kwargs: dict | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.instruction, str):
+            raise ConfigError(f"instruction {self.instruction!r}: give auto, boxed, hash, none or the instruction's text")
+        if self.template_kwargs is not None and not isinstance(self.template_kwargs, dict):
+            raise ConfigError(f"template_kwargs {self.template_kwargs!r}: give a dict of chat-template variables, e.g. "
+                              "{'enable_thinking': False}")
+        near = _near_key(self.instruction)
+        if near:  # a one-word literal text one letter from a key is a typo, not an instruction
+            raise ConfigError(f"instruction {self.instruction!r}: did you mean {near!r}? (the keys are auto, boxed, "
+                              "hash and none; any other text is written into the prompt as it is)")
 
     def instruction_for(self, problem: Problem) -> str:
         key = self.instruction
