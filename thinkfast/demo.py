@@ -25,7 +25,7 @@ import torch
 
 from .embedded import PROMPT_STYLE, TEACHER_SPEC, embedded_teacher_dir, sums_spec
 from .errors import CheckpointError, ConfigError
-from .utils import atomic_dir, atomic_write_json, disk_space_line, folder_bytes
+from .utils import HeldLock, atomic_dir, atomic_write_json, clear_leftovers, disk_space_line, folder_bytes, is_leftover
 
 STEPS = ("data", "teacher", "llamba", "hybrid", "sample", "reward", "report")
 # the demo's peak disk use over its teacher's weights: copies of each model, every stage's checkpoint and the one
@@ -163,7 +163,7 @@ class Demo:
                     "or choose a new --out"
                 )
             return state
-        if self.out.exists() and any(self.out.iterdir()):
+        if self.out.exists() and any(not is_leftover(p) for p in self.out.iterdir()):  # a killed first write is none
             raise CheckpointError(f"{self.out} is not empty and holds no demo run; choose a new --out")
         # a new run's record is written by its first step (`run`), after the disk check: a refused run leaves
         # nothing behind that a re-run with other flags would be refused for
@@ -186,6 +186,13 @@ class Demo:
         if until is not None and until not in STEPS:
             raise ConfigError(f"demo: until={until!r} is not a step; use one of {', '.join(STEPS)}")
         steps = self.steps = STEPS[: STEPS.index(until) + 1] if until is not None else STEPS
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        # two demos on one --out would train, sample and log into the same files: the second is refused
+        with HeldLock(self.out.with_name(self.out.name + ".lock"), str(self.out), "let it finish, or choose another --out"):
+            return self._run_steps(steps)
+
+    def _run_steps(self, steps: list[str]) -> dict | None:
+        clear_leftovers(self.out, deep=True)  # what an earlier run's killed writes left (checkpoints, plots)
         if any(step not in self.state["done"] for step in steps):
             self.check_disk_space()
         if not self.state_path.is_file():

@@ -19,11 +19,13 @@ import torch
 def atomic_dir(final: str | os.PathLike):
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
 
-    A crash leaves `final` as it was (old contents or absent), never half-written. A failed save comes out as an
-    OSError naming `final` (`write_failure`).
+    A crash leaves `final` as it was (old contents or absent), never half-written: a kill between moving the old
+    one aside and moving the new one in leaves the old one as `.NAME.old-PID`, which `recover_replaced` puts back.
+    A failed save comes out as an OSError naming `final` (`write_failure`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_replaced(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
@@ -43,6 +45,105 @@ def atomic_dir(final: str | os.PathLike):
         if failure is not None and failure is not e:
             raise failure from e
         raise
+
+
+# the names atomic writes use beside their target (`.NAME.tmp-XXXX`, `.NAME.old-PID`, `.final.tmp-XXXX`): all a
+# killed write can leave behind
+LEFTOVER = re.compile(r"^\..+\.(tmp-[^/]*|old-\d+)$")
+
+
+def is_leftover(path: str | os.PathLike) -> bool:
+    return bool(LEFTOVER.match(Path(path).name))
+
+
+def recover_replaced(final: str | os.PathLike) -> bool:
+    """Put back the folder a killed `atomic_dir` had moved aside (`final` missing, `.NAME.old-PID` there): the
+    last good checkpoint, not a fresh start. True when it did."""
+    final = Path(final)
+    if final.exists() or not final.parent.is_dir():
+        return False
+    olds = sorted(final.parent.glob(f".{glob_escape(final.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    os.replace(olds[-1], final)
+    return True
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def clear_leftovers(folder: str | os.PathLike, deep: bool = False) -> int:
+    """Remove what killed atomic writes left in `folder` (and its subfolders with `deep`): temporary files and
+    folders (a whole checkpoint each), once a run holds the folder. Old copies are put back where their
+    target is missing. Returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in sorted(folder.rglob("*") if deep else folder.iterdir(), key=lambda p: len(p.parts), reverse=True):
+        if not is_leftover(path) or not os.path.lexists(path):
+            continue
+        old = re.match(r"^\.(.+)\.old-\d+$", path.name)
+        if old and recover_replaced(path.with_name(old.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+class HeldLock:
+    """An exclusive lock on `lock_path` (a file beside what it guards) while a run writes there; a second run is
+    refused at once. It dies with its process (flock), so a killed run leaves none held; the file is removed on
+    release. Not POSIX: no lock."""
+
+    def __init__(self, lock_path: str | os.PathLike, what: str, fix: str):
+        self.path, self.what, self.fix = Path(lock_path), what, fix
+        self.fd: int | None = None
+
+    def acquire(self) -> "HeldLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        from .errors import ConfigError
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 64).decode(errors="replace").strip()
+                os.close(fd)
+                raise ConfigError(f"{self.what} is being written by another run (process {holder or '?'}, holding "
+                                  f"{self.path.name}); {self.fix}") from None
+            try:  # the file we locked may have been removed by a run releasing it meanwhile: lock the one there now
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        self.path.unlink(missing_ok=True)  # while still held: a run that opens it next finds it gone and retries
+        os.close(fd)
+
+    def __enter__(self) -> "HeldLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 @contextlib.contextmanager

@@ -35,7 +35,8 @@ import torch.nn as nn
 from ..data.packing import IGNORE, DataConfig, DataMix, PackedRows, build_data, warn_cut_examples
 from ..errors import CheckpointError, ConfigError
 from ..models import ThinkfastForCausalLM, from_teacher
-from ..utils import atomic_write_json, disk_space_line, failed_writes_as_os_errors, folder_bytes, usual_permissions
+from ..utils import (HeldLock, atomic_write_json, clear_leftovers, disk_space_line, failed_writes_as_os_errors, folder_bytes,
+                     is_leftover, usual_permissions)
 from .losses import KL_KINDS, hidden_loss, matrix_loss, vocab_loss
 from .trainer import ProgressArg, TrainConfig, TrainResult, barrier, dist_info, pick_device, setting_changes, train
 
@@ -465,8 +466,10 @@ def _prepare_out(out_dir: Path, run: dict, resume: bool) -> None:
     barrier()
     _check_out_dir(out_dir, run, resume)
     barrier()
-    if dist_info().main and not (out_dir / "run.json").is_file():
-        atomic_write_json(out_dir / "run.json", run)
+    if dist_info().main:
+        clear_leftovers(out_dir, deep=True)  # what killed writes left (temporary checkpoints: GBs on a real model)
+        if not (out_dir / "run.json").is_file():
+            atomic_write_json(out_dir / "run.json", run)
 
 
 def run_disk_bytes(model: nn.Module, n_stages: int) -> int:
@@ -507,7 +510,7 @@ def _check_out_dir(out_dir: Path, run: dict, resume: bool) -> None:
                 "settings, or choose a new --out"
             )
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(not is_leftover(p) for p in out_dir.iterdir()):  # a killed first write is no run
         raise CheckpointError(f"{out_dir} is not empty and holds no thinkfast run; choose a new --out")
 
 
@@ -641,6 +644,22 @@ def distill(
     declared = declared_prompt_instruction(t_model)  # a DataConfig without an instruction: the teacher's prompts
     source = _DataSource(data, tokenizer, cache=examples_cache, declared=declared)
     out = Path(out_dir) if out_dir is not None else None
+    with run_lock(out):
+        return _distill(t_model, student, source, stages, tokenizer, out, resume, progress, fsdp_teacher, callback,
+                        eval_data, stop_after, declared)
+
+
+def run_lock(out: Path | None):
+    """One run at a time in a run folder (`<out>.lock` beside it, held by the main process): two would both
+    write its log and checkpoints (a second `--resume` of a killed run, two demos on one --out)."""
+    if out is None or int(os.environ.get("RANK", "0") or 0) > 0:
+        return contextlib.nullcontext()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return HeldLock(out.with_name(out.name + ".lock"), str(out), "let it finish, or choose another --out")
+
+
+def _distill(t_model, student, source, stages, tokenizer, out, resume, progress, fsdp_teacher, callback, eval_data,
+             stop_after, declared) -> ThinkfastForCausalLM:
     if out is not None:  # the run's record needs only the data's description, not the data
         run = json.loads(json.dumps({
             "command": "distill",
@@ -691,6 +710,11 @@ def sft(
     declared = declared_prompt_instruction(model)
     source = _DataSource(data, tokenizer, declared=declared)
     out = Path(out_dir) if out_dir is not None else None
+    with run_lock(out):
+        return _sft(model, stage, source, tokenizer, out, resume, progress, callback, eval_data, declared)
+
+
+def _sft(model, stage, source, tokenizer, out, resume, progress, callback, eval_data, declared) -> ThinkfastForCausalLM:
     if out is not None:
         run = json.loads(json.dumps({"command": "sft", "model": _model_fingerprint(model),
                                      "stages": [stage.fingerprint()], "data": source.describe(stage)}))

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
+from ..utils import HeldLock
 
 RECORD_FIELDS = (
     "problem_id", "sample_idx", "model", "role", "completion", "answer", "gold", "kind", "correct", "grade_error",
@@ -185,39 +186,31 @@ class SamplesWriter:
         if self.out.exists() and self.out.is_dir():
             raise DataError(f"--out {self.out} is a folder; give a .jsonl file path")
         self._settings_missing: bool | None = None  # known at the first append
-        self._lock: tuple[int, Path, Path | None] | None = None
+        self._lock: tuple[HeldLock, Path | None] | None = None
 
     def lock(self) -> None:
         """Hold `<file>.lock` while this run writes: a second run on the same file (which would draw the same
-        samples again and append them twice) is refused. The lock dies with its process, so a crash leaves none
-        held; the file is removed on release."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return
+        samples again and append them twice) is refused (`HeldLock`)."""
         made = None if self.path.parent.exists() else next(p for p in [self.path.parent, *self.path.parent.parents]
                                                                 if p.parent.exists())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        held = HeldLock(self.path.with_name(self.path.name + ".lock"), str(self.path), "let it finish, or pass another --out")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip()
-            os.close(fd)
-            raise DataError(f"{self.path} is being written by another run (process {holder or '?'}, holding "
-                            f"{lock_path.name}); let it finish, or pass another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock = (fd, lock_path, made)
+            held.acquire()
+        except BaseException:
+            self._remove_made(made)
+            raise
+        self._lock = (held, made)
 
     def release(self) -> None:
         if self._lock is None:
             return
-        fd, lock_path, made = self._lock
+        held, made = self._lock
         self._lock = None
-        lock_path.unlink(missing_ok=True)
-        os.close(fd)
+        held.release()
+        self._remove_made(made)
+
+    def _remove_made(self, made: Path | None) -> None:
         if made is not None and not self.path.exists():  # a refused run leaves no folder behind
             for folder in [self.path.parent, *self.path.parent.parents]:
                 try:

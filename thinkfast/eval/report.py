@@ -9,6 +9,7 @@ number n of samples per problem (extra samples beyond the smallest count are lef
 from __future__ import annotations
 
 import math
+import re
 import os
 import tempfile
 from pathlib import Path
@@ -482,12 +483,20 @@ def _check_dataset_holds(sset: SampleSet, problems, dataset: str) -> None:
                         f"{outside[0]!r}); pass the data spec the samples were drawn from (a larger limit= or size=?)")
 
 
+PLOT_FILE = re.compile(r"^((coverage|accuracy)_vs_\w+|pareto)\.png$")  # the plots a report draws
+
+
 def is_report_folder(path) -> bool:
     """Whether a folder holds a report written here before (re-running the report into it replaces that): its
     report.md starts with our title, or its metrics.json names the samples files it was computed from."""
     import json
 
+    from ..utils import is_leftover
+
     path = Path(path)
+    entries = list(path.iterdir()) if path.is_dir() else []
+    if entries and all(PLOT_FILE.match(p.name) or is_leftover(p) for p in entries):
+        return True  # a report killed while it drew its plots (they come before report.md and metrics.json)
     try:
         with (path / "report.md").open(encoding="utf-8") as f:
             if f.readline().rstrip("\n") == REPORT_TITLE:
@@ -541,6 +550,8 @@ def build_report(samples_paths, out_dir, dataset: str | None = None, wall_second
         metrics["summary"] = summary_notes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(".*.png.tmp-*"):  # a killed report's half-drawn plots
+        leftover.unlink(missing_ok=True)
     earlier = _plots_written_before(out)
     written = write_plots(metrics, out, title or dataset or "samples") if plots else []
     for stale in sorted(earlier - set(written)):  # an earlier report's plots here would show other data beside this one
