@@ -147,3 +147,23 @@ def test_a_demo_killed_while_writing_its_first_record_is_no_demo(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ThinkfastError, match="not empty and holds no demo run"):
         Demo(out, DemoSettings.quick_settings(), progress=False, log=lambda m: None)
+
+
+def test_score_waits_for_no_sampler_and_clears_a_killed_rewrite(tmp_path, capsys):
+    """score rewrites the samples file: beside a running `thinkfast sample` (holding its lock) the samples that run
+    appends would be lost, so score is refused; a killed score's temporary copy is removed by the next one."""
+    samples = _write(tmp_path / "s.jsonl", [_record("p1", j, correct=None) for j in range(3)])
+    before = samples.read_bytes()
+    holder = _hold(tmp_path / "s.jsonl.lock")
+    try:
+        assert main(["score", str(samples)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "being written by another run (process 4242" in err
+        assert samples.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / ".s.jsonl.tmp-zzz").write_text("half")
+    assert main(["score", str(samples)]) == 0
+    assert all(json.loads(x)["correct"] is True for x in samples.read_text().splitlines())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]

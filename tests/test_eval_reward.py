@@ -210,8 +210,11 @@ def test_cli_train_score_report(backbone_dir, tmp_path, capsys):
     assert cli(["train-rm", "--samples", str(train), "--backbone", str(backbone_dir), "--out", str(tmp_path / "bad"),
                 "--train-layers", "1"]) == 2  # the likelihood features have no blocks to fine-tune under
     assert "add --features both" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    (tmp_path / ".rm.tmp-k1ll3d").mkdir()  # what a save killed mid-copy leaves: cleared by the next run
+    (tmp_path / ".rm.tmp-k1ll3d" / "head.safetensors").write_bytes(b"half")
     assert cli(["train-rm", "--samples", str(train), "--backbone", str(backbone_dir), "--out", str(tmp_path / "rm"),
                 "--features", "both"]) == 0
+    assert not list(tmp_path.glob(".rm.tmp-*")) and not (tmp_path / "rm.lock").exists()
     assert "validation AUC" in capsys.readouterr().out
     for name in ("reward_config.json", "head.safetensors", "backbone/config.json", "backbone/model.safetensors", "backbone/tokenizer.json"):
         assert (tmp_path / "rm" / name).is_file(), name

@@ -7,12 +7,14 @@ to replace a file that grew while it was being scored (a sampler still appending
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from ..errors import DataError, ThinkfastError
-from ..utils import atomic_write_text, progress_bar
+from ..utils import HeldLock, atomic_write_text, glob_escape, progress_bar
 from .grading import DEFAULT_TIMEOUT, grade_many
 from .reward import (ORM_CONFIG, check_reward_model_out, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, check_labels, load_backbone,
                      train_orm)
@@ -45,6 +47,15 @@ def train_reward_model(samples_paths, backbone: str, out_dir, data=None, orm: OR
                        training: ORMTraining | None = None, skip_bad_lines: bool = False, device=None, log=print) -> OutcomeRewardModel:
     """Train an ORM on the graded samples of the given files and save it to `out_dir` (written atomically)."""
     check_reward_model_out(out_dir)  # before the samples are read and the backbone trains
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with HeldLock(out.with_name(out.name + ".lock"), str(out), "let it finish, or choose another --out"):
+        for leftover in out.parent.glob(f".{glob_escape(out.name)}.tmp-*"):  # a killed save's copy (a whole backbone)
+            shutil.rmtree(leftover, ignore_errors=True)
+        return _train_reward_model(samples_paths, backbone, out_dir, data, orm, training, skip_bad_lines, device, log)
+
+
+def _train_reward_model(samples_paths, backbone, out_dir, data, orm, training, skip_bad_lines, device, log):
     sset = read_samples(samples_paths, skip_bad_lines)
     graded = [s for s in sset.samples if s.correct is not None]
     if not graded:
@@ -83,6 +94,18 @@ def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregatio
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if not paths:
         raise DataError("no samples files given")
+    with contextlib.ExitStack() as held:
+        for p in dict.fromkeys(paths):  # the samples run's own lock: its appends would be lost in the rewrite
+            if p.is_file():
+                held.enter_context(HeldLock(p.with_name(p.name + ".lock"), str(p), "let it finish, then score"))
+                for leftover in p.parent.glob(f".{glob_escape(p.name)}.tmp-*"):  # a killed score's rewrite
+                    leftover.unlink(missing_ok=True)
+        return _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, rescore, skip_bad_lines,
+                            batch_size, device, grade_timeout, log)
+
+
+def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, rescore, skip_bad_lines, batch_size, device,
+                 grade_timeout, log) -> dict:
     files = [read_samples_file(p, skip_bad_lines) for p in paths]  # validate all before touching any
     for f in files:
         if not f.samples:  # "0 samples scored" would read as success
