@@ -4,6 +4,8 @@ the hybrid give the weights of the one-after-the-other run; a crash beside it re
 import hashlib
 import json
 import logging
+import os
+import sys
 
 import pytest
 import torch
@@ -168,3 +170,42 @@ def test_llamba_process_stops_when_the_first_process_is_gone(monkeypatch):
     monkeypatch.setattr(demo_module.os, "getppid", lambda: 1)  # re-parented: the first process died
     with pytest.raises(KeyboardInterrupt):
         check(2, {})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_second_process_dies_with_the_first_even_when_it_is_killed_outright(tmp_path):
+    """`kill -9` of the demo cannot stop its second process (its own session, so Ctrl-C reaches only the first):
+    the kernel ends it with its parent, instead of a check at its next training step (~13 s late)."""
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    second = tmp_path / "second.py"  # the second process: dies with its parent, then waits
+    second.write_text("import os, time\nfrom thinkfast.demo import die_with_parent\nassert die_with_parent(os.getppid())\n"
+                      f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, {str(second)!r}], start_new_session=True)\n"
+        "time.sleep(60)\n")])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for _ in range(50):  # gone within 5 s (the kernel signals it at once)
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the second process outlived the first")
+    finally:
+        parent.kill()
+    gone = subprocess.run([sys.executable, "-c", "import sys; from thinkfast.demo import llamba_tail_main; "
+                           f"sys.exit(llamba_tail_main([{str(tmp_path)!r}, '1', '1']))"], timeout=120)
+    assert gone.returncode == 130  # started by a process already gone: it stops before any work

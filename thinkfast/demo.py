@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,7 +407,7 @@ class Demo:
         # spawned one re-runs the caller's script when it lacks an `if __name__ == "__main__"` guard
         child = self.tail_process = subprocess.Popen(
             [sys.executable, "-c", "import sys; from thinkfast.demo import llamba_tail_main; sys.exit(llamba_tail_main())",
-             str(self.out), str(llamba_threads)], stdout=subprocess.PIPE, text=True,
+             str(self.out), str(llamba_threads), str(os.getpid())], stdout=subprocess.PIPE, text=True,
             start_new_session=True)  # Ctrl-C reaches this process only, which stops the other in `finally`
         tail_started, tail_seconds = time.perf_counter(), None
 
@@ -559,7 +560,10 @@ def llamba_tail_main(argv: list[str] | None = None) -> int:
     from .commands.demo import _quiet_hf
     from .errors import ThinkfastError
 
-    out, threads = argv if argv is not None else sys.argv[1:]
+    out, threads, *first = argv if argv is not None else sys.argv[1:]
+    parent = int(first[0]) if first else os.getppid()  # the first process's pid, as it started this one
+    if first and not die_with_parent(parent):
+        return 130  # the first process was killed while this one started: nothing to do
     report, sys.stdout = sys.stdout, sys.stderr  # stdout carries the one result line; nothing else may fill its pipe
     torch.set_num_threads(int(threads))
     _quiet_hf()  # as the CLI does: no weight-loading bars or warnings
@@ -576,7 +580,7 @@ def llamba_tail_main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, KeyError, TypeError):
             return fail("CheckpointError", f"{state_path} is damaged; choose a new --out")
         Demo(out, settings, progress=False, log=lambda msg: None)._distill(
-            "llamba", "llamba", settings.llamba_tokens, callback=stop_when_orphaned(os.getppid()))
+            "llamba", "llamba", settings.llamba_tokens, callback=stop_when_orphaned(parent))
     except KeyboardInterrupt:
         return 130  # stopped by stop_when_orphaned: the first process is gone
     except ThinkfastError as e:
@@ -586,6 +590,20 @@ def llamba_tail_main(argv: list[str] | None = None) -> int:
     finally:
         sys.stdout = report
     return 0
+
+
+def die_with_parent(parent: int) -> bool:
+    """Linux: the kernel ends this process (SIGTERM) as soon as the first one dies, killed outright or not (a
+    check per training step came up to ~13 s late). False when `parent` is already gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # no prctl: the per-step check below still stops it
+    return os.getppid() == parent
 
 
 def stop_when_orphaned(parent: int):
