@@ -9,8 +9,8 @@ number n of samples per problem (extra samples beyond the smallest count are lef
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import tempfile
 from pathlib import Path
 
