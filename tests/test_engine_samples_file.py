@@ -67,14 +67,16 @@ def test_sample_writes_every_field_and_rerun_is_a_no_op(setup, tmp_path, capsys)
     assert out.read_bytes() == before
 
 
-@pytest.mark.parametrize("cut", ["half", 5])
+@pytest.mark.parametrize("cut", ["half", 5, "zeros"])
 def test_resume_after_a_crash_gives_exactly_the_same_samples(setup, tmp_path, cut):
     root, spec = setup
     full, crashed = tmp_path / "full.jsonl", tmp_path / "crashed.jsonl"
     assert main(_args(root, spec, full)) == 0
     lines = full.read_text().splitlines(keepends=True)
-    # a crash after 5 samples, in the middle of writing the 6th line (or within its first key)
-    crashed.write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2 if cut == "half" else cut])
+    # a crash after 5 samples, in the middle of writing the 6th line (or within its first key); or a power loss
+    # that left the last blocks as zeros after a torn line
+    torn = lines[5][: len(lines[5]) // 2 if cut in ("half", "zeros") else cut] + ("\0" * 700 if cut == "zeros" else "")
+    crashed.write_text("".join(lines[:5]) + torn)
     assert main(_args(root, spec, crashed)) == 0
     assert _content(crashed) == _content(full)
 

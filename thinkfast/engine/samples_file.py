@@ -6,7 +6,7 @@ itself under `sampling`, so that a refusal can name the settings that differ (a 
 removed records them again on its next line). Re-running the same command reads
 the file, skips the (problem_id, sample_idx) pairs already there and writes exactly the missing ones; a file
 written under another configuration is refused and left untouched. A crash can leave only a torn last line (no
-newline): it is not a sample, and is cut off before appending.
+newline), and a power loss zeros after it: neither is a sample, and both are cut off before appending.
 
 Sharded runs (torchrun): rank r appends to `OUT.part<r>`; when every rank is done, rank 0 moves the parts'
 lines into OUT (skipping pairs already there) and removes the parts. Every rank counts the samples in OUT and
@@ -125,7 +125,8 @@ def _read_lines(path: Path, sampling: dict, config: str, repair: bool) -> set[tu
     done: set[tuple[str, int]] = set()
     if not path.exists():
         return done
-    data = path.read_bytes()
+    whole = path.read_bytes()
+    data = whole.rstrip(b"\0")  # a power loss can leave the file's last blocks as zeros: never a record
     cut = len(data)
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1  # a crash mid-write: the unfinished last line holds no complete sample
@@ -157,7 +158,7 @@ def _read_lines(path: Path, sampling: dict, config: str, repair: bool) -> set[tu
         if theirs != config:
             raise _refusal(path, theirs, config, sampling, lines)
         done.add(key)
-    if repair and cut < len(data):  # only once the whole file is known to be ours
+    if repair and cut < len(whole):  # only once the whole file is known to be ours
         with open(path, "r+b") as f:
             f.truncate(cut)
     return done
