@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
@@ -62,15 +63,21 @@ def recover_replaced(final: str | os.PathLike) -> bool:
     final = Path(final)
     if final.exists() or not final.parent.is_dir():
         return False
-    olds = sorted(final.parent.glob(f".{glob_escape(final.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = sorted(final.parent.glob(f".{glob.escape(final.name)}.old-*"), key=lambda p: p.stat().st_mtime)
     if not olds:
         return False
     os.replace(olds[-1], final)
     return True
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
+def remove_temp_copies(target: str | os.PathLike) -> None:
+    """Remove what killed atomic writes of `target` left beside it (`.NAME.tmp-*`: a file, or a whole folder)."""
+    target = Path(target)
+    for path in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def clear_leftovers(folder: str | os.PathLike, deep: bool = False) -> int:

@@ -376,8 +376,7 @@ def sample_interleaved(jobs: list[dict], common: dict, turn_seconds: float = 1.0
     common = dict(common)
     if "progress" in common:  # one bar per model either way: sample_to_file's flag, given with the rest
         progress = common.pop("progress")
-    per_job = [k for job in jobs for k in job if k == "progress"]
-    if per_job:
+    if any("progress" in job for job in jobs):
         raise ConfigError("progress is one setting for all the models here: pass sample_interleaved(..., progress=...)")
     if common.get("problems") is None and "data_spec" in common and not any("data_spec" in job for job in jobs):
         common = {**common, "problems": load_problems(common["data_spec"])}  # read (or generated) once for all

@@ -404,9 +404,9 @@ def _paired_texts(questions, completions) -> tuple[list, list]:
 def check_labels(labels) -> np.ndarray:
     """The labels as a bool array; refuses one-class data (cheap: callers check before loading a backbone)."""
     labels = list(labels)
-    if any(not isinstance(x, (bool, np.bool_, int, np.integer)) or x not in (0, 1) for x in labels):
-        bad = next(x for x in labels if not isinstance(x, (bool, np.bool_, int, np.integer)) or x not in (0, 1))
-        raise DataError(f"label {bad!r}: labels are True (correct) or False (wrong); leave ungraded completions out")
+    bad = [x for x in labels if not isinstance(x, (bool, np.bool_, int, np.integer)) or x not in (0, 1)]
+    if bad:
+        raise DataError(f"label {bad[0]!r}: labels are True (correct) or False (wrong); leave ungraded completions out")
     y = np.array(labels, dtype=bool)
     if y.all() or not y.any():
         raise DataError(f"all {len(y)} graded completions are {'correct' if y.all() else 'wrong'}; a verifier needs both kinds "

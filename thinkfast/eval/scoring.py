@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 from ..errors import DataError, ThinkfastError
-from ..utils import HeldLock, atomic_write_text, glob_escape, progress_bar
+from ..utils import HeldLock, atomic_write_text, progress_bar, remove_temp_copies
 from .grading import DEFAULT_TIMEOUT, grade_many
 from .reward import (ORM_CONFIG, check_reward_model_out, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, check_labels, load_backbone,
                      train_orm)
@@ -50,8 +49,7 @@ def train_reward_model(samples_paths, backbone: str, out_dir, data=None, orm: OR
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with HeldLock(out.with_name(out.name + ".lock"), str(out), "let it finish, or choose another --out"):
-        for leftover in out.parent.glob(f".{glob_escape(out.name)}.tmp-*"):  # a killed save's copy (a whole backbone)
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_temp_copies(out)  # a killed save's copy (a whole backbone)
         return _train_reward_model(samples_paths, backbone, out_dir, data, orm, training, skip_bad_lines, device, log)
 
 
@@ -98,8 +96,7 @@ def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregatio
         for p in dict.fromkeys(paths):  # the samples run's own lock: its appends would be lost in the rewrite
             if p.is_file():
                 held.enter_context(HeldLock(p.with_name(p.name + ".lock"), str(p), "let it finish, then score"))
-                for leftover in p.parent.glob(f".{glob_escape(p.name)}.tmp-*"):  # a killed score's rewrite
-                    leftover.unlink(missing_ok=True)
+                remove_temp_copies(p)  # a killed score's rewrite
         return _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, rescore, skip_bad_lines,
                             batch_size, device, grade_timeout, log)
 
