@@ -231,3 +231,17 @@ def test_demo_temperature_is_checked_before_the_run_records_it(tmp_path, capsys,
     out = tmp_path / "demo"
     _argparse_refuses(capsys, ["demo", "--quick", "--out", str(out), "--temperature", value], f"argument --temperature: {needle}")
     assert not out.exists()
+
+
+def test_messages_name_flags_under_the_command_and_arguments_from_python(tmp_path, capsys):
+    from thinkfast import errors
+    from thinkfast.eval.report import build_report
+
+    samples = _write(tmp_path / "a.jsonl", [_record("p1", j) for j in range(2)])
+    empty = tmp_path / "none.jsonl"
+    empty.write_text("")
+    assert main(["report", str(samples), "--out", str(tmp_path / "rep"), "--dataset", f"jsonl:{empty}"]) == 2
+    _one_line_error(capsys, f"--dataset 'jsonl:{empty}' names no problems")
+    assert errors._command_line is False  # the command's style ends with it, failed or not
+    with pytest.raises(errors.DataError, match=r"^dataset='jsonl:.*' names no problems"):
+        build_report([samples], tmp_path / "rep", dataset=f"jsonl:{empty}", plots=False)

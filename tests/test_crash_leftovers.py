@@ -139,6 +139,26 @@ def test_a_report_killed_while_drawing_its_plots_runs_again(tmp_path, capsys):
     assert "holds other files" in capsys.readouterr().err
 
 
+def test_two_reports_into_one_folder_are_one_at_a_time(tmp_path, capsys):
+    """Two `thinkfast report` runs writing one folder at once would leave one's plots beside the other's metrics
+    (each removes plots the other drew): the second is refused while the first holds `rep.lock`."""
+    samples = _write(tmp_path / "s.jsonl", [_record("p1", j, correct=j % 2 == 0) for j in range(4)])
+    rep = tmp_path / "rep"
+    assert main(["report", str(samples), "--out", str(rep)]) == 0
+    before = {p.name: p.read_bytes() for p in rep.iterdir()}
+    holder = _hold(tmp_path / "rep.lock")
+    try:
+        assert main(["report", str(samples), "--out", str(rep), "--seed", "3"]) == 2
+        err = capsys.readouterr().err
+        assert "is being written by another run (process 4242" in err and "choose another --out" in err, err
+        assert {p.name: p.read_bytes() for p in rep.iterdir()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["report", str(samples), "--out", str(rep)]) == 0  # a killed holder holds nothing
+    assert not (tmp_path / "rep.lock").exists()
+
+
 def test_a_demo_killed_while_writing_its_first_record_is_no_demo(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()

@@ -102,7 +102,7 @@ def test_mixing_follows_weights_and_resumes_exactly(tok):
 
 
 def test_bad_data_inputs_raise_one_line_errors(tmp_path, tok):
-    with pytest.raises(DataError, match="one weight per --data"):
+    with pytest.raises(DataError, match="one weight per spec"):
         build_data(DataConfig(specs=[[Problem("1", "q", "1", solution="s")]], weights=[0.5, 0.5]), tok, 32)
     with pytest.raises(DataError, match="does not exist"):
         build_data(DataConfig(specs=[f"gsm8k:{tmp_path}/missing.jsonl"]), tok, 32)

@@ -13,10 +13,10 @@ from conftest import tiny_thinkfast_teacher, write_distill_files
 import torch
 
 from thinkfast.data.packing import DataConfig, build_data
-from thinkfast.distill.stages import SFTTask, StageConfig, distill
+from thinkfast.distill.stages import SFTTask, StageConfig, distill, fsdp_runs_on_cpu
 from thinkfast.distill.toy import chain_sum_problems
 from thinkfast.distill.trainer import TrainConfig, TrainingDiverged, lr_at, train
-from thinkfast.errors import CheckpointError, ConfigError
+from thinkfast.errors import CheckpointError, ConfigError, command_line
 
 
 
@@ -113,7 +113,10 @@ def test_existing_run_is_never_overwritten(tmp_path, tok):
     out = tmp_path / "run"
     distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(2))], tokenizer=tok, out_dir=out, progress=False)
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(CheckpointError, match="already holds a run"):
+    # from Python the line names the arguments to pass; `thinkfast distill` names its flags
+    with pytest.raises(CheckpointError, match="already holds a run; pass resume=True to continue it, or choose a new out_dir"):
+        distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(2))], tokenizer=tok, out_dir=out, progress=False)
+    with command_line(), pytest.raises(CheckpointError, match="pass --resume to continue it, or choose a new --out$"):
         distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(2))], tokenizer=tok, out_dir=out, progress=False)
     with pytest.raises(CheckpointError, match="other settings"):  # resume with another budget = another run
         distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(3))], tokenizer=tok, out_dir=out,
@@ -164,9 +167,10 @@ def saved_teacher(tmp_path_factory, tok):
 TWO_RUNS = """
 import sys
 from thinkfast.cli import main
+from thinkfast.distill.stages import fsdp_runs_on_cpu
 args, root = sys.argv[1:-1], sys.argv[-1]
 assert main(args + ["--out", root + "/two"]) == 0
-assert main(args + ["--out", root + "/fsdp", "--fsdp-teacher"]) == 0
+assert main(args + ["--out", root + "/fsdp", "--fsdp-teacher"]) == (0 if fsdp_runs_on_cpu() else 2)
 """
 
 
@@ -187,12 +191,16 @@ def test_two_processes_match_one_with_the_same_global_batch(saved_teacher):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = subprocess.run(cmd + common + [str(root)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two, fsdp = (_curve(root / d) for d in ("one", "two", "fsdp"))
-    assert len(one) == 6 and [x[:2] for x in one] == [x[:2] for x in two] == [x[:2] for x in fsdp]
-    for x, y, z in zip(one, two, fsdp):
-        assert x[2] == pytest.approx(y[2], rel=1e-4, abs=1e-6), (x, y)
-        assert x[2] == pytest.approx(z[2], rel=1e-4, abs=1e-6), (x, z)
-    assert one[-1][2] < one[3][2]  # and it did train
+    runs = ("two", "fsdp")
+    if not fsdp_runs_on_cpu():  # torch < 2.7: refused in one line, not a CUDA error from inside FSDP
+        assert "--fsdp-teacher on a CPU needs torch 2.7 or newer" in proc.stderr
+        runs = ("two",)
+    one = _curve(root / "one")
+    assert len(one) == 6 and one[-1][2] < one[3][2]  # and it did train
+    for other in (_curve(root / d) for d in runs):
+        assert [x[:2] for x in one] == [x[:2] for x in other]
+        for x, y in zip(one, other):
+            assert x[2] == pytest.approx(y[2], rel=1e-4, abs=1e-6), (x, y)
 
 
 def test_kill_before_the_first_checkpoint_restarts_cleanly(tmp_path, tok):

@@ -134,7 +134,7 @@ def test_refusals_come_before_any_model_loads(pair, tmp_path, monkeypatch):
         sample_interleaved([jobs[0], {**jobs[1], "out": jobs[0]["out"]}], _common(spec), progress=False)
     with pytest.raises(ConfigError, match="turn_seconds"):
         sample_interleaved(jobs, _common(spec), turn_seconds=0, progress=False)
-    with pytest.raises(ConfigError, match="--n 0"):
+    with pytest.raises(ConfigError, match="n=0"):
         sample_interleaved(jobs, _common(spec, n=0), progress=False)
     with pytest.raises(ConfigError, match="one setting for all the models"):
         sample_interleaved([{**jobs[0], "progress": False}, jobs[1]], _common(spec), progress=False)

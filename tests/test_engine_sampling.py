@@ -8,7 +8,7 @@ from conftest import tiny_llama
 from thinkfast.engine import Engine, SamplingParams, sample_seed, sample_tokens
 from thinkfast.engine import engine as engine_mod
 from thinkfast.engine.sampling import filtered_probs
-from thinkfast.errors import ThinkfastError
+from thinkfast.errors import ThinkfastError, command_line
 from thinkfast.models import from_teacher
 
 KINDS = [("teacher", None), ("llamba", "discrete"), ("hybrid", "mamba2")]
@@ -308,9 +308,11 @@ def test_bad_input_is_one_clear_error(monkeypatch):
             list(eng.generate(text, 1, params))
     # a batch that does not fit: the message says so and suggests one that does
     monkeypatch.setattr(engine_mod, "available_memory", lambda device: 10 * 2**20)
-    with pytest.raises(ThinkfastError, match=r"batch size 100000 needs .* use --batch-size \d+") as e:
+    with pytest.raises(ThinkfastError, match=r"batch size 100000 needs .* use batch_size=\d+") as e:
         Engine(lm, batch_size=100000, max_len=64)
     assert "\n" not in str(e.value)
+    with command_line(), pytest.raises(ThinkfastError, match=r"use --batch-size \d+ or fewer --max-new-tokens"):
+        Engine(lm, batch_size=100000, max_len=64)  # under the command: its flags
 
 
 def test_a_growing_state_is_measured_after_the_old_one_and_its_step_are_given_back(monkeypatch):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from thinkfast.cli import main as cli
-from thinkfast.errors import DataError
+from thinkfast.errors import DataError, command_line
 from thinkfast.eval.metrics import pass_at_k
 from thinkfast.eval.report import build_report
 from thinkfast.eval.samples import read_samples
@@ -67,7 +67,9 @@ def test_malformed_line_names_file_and_line(runs, mutate, match):
     runs[0].write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=match) as e:
         read_samples(runs)
-    assert f"{runs[0]}:10:" in str(e.value) and "--skip-bad-lines" in str(e.value)
+    assert f"{runs[0]}:10:" in str(e.value) and "pass skip_bad_lines=True to skip it" in str(e.value)
+    with command_line(), pytest.raises(DataError, match="pass --skip-bad-lines to skip it"):
+        read_samples(runs)
     sset = read_samples(runs, skip_bad_lines=True)
     assert len(sset.bad) == 1 and sset.bad[0].line == 10
     assert len(sset.samples) == 2 * 96 - 1

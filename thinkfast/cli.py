@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from .errors import ThinkfastError
+from .errors import ThinkfastError, command_line
 from .utils import free_bytes, write_failure
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.platform == "win32":  # new sessions (the demo's Ctrl-C), flock, rlimits, select on pipes: POSIX-only
+        print("thinkfast: runs on Linux and macOS, not on native Windows; use WSL2 (Windows Subsystem for Linux)",
+              file=sys.stderr)
+        return 2
     argv = sys.argv[1:] if argv is None else list(argv)
     OneLineErrors.argv = argv
     try:  # the command modules import the engine and the data sources first
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0") or 0) > 0:  # under torchrun every rank would repeat rank 0's warnings
         logging.getLogger("thinkfast").setLevel(logging.ERROR)
     try:
-        result = args.func(args)
+        with command_line():
+            result = args.func(args)
     except ThinkfastError as e:
         print(f"thinkfast {args.command}: error: {e}", file=sys.stderr)
         return 2

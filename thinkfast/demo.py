@@ -501,7 +501,8 @@ class Demo:
 
         paths = [self.samples_path(m) for m in MODELS]
         title = "thinkfast demo: embedded teacher vs its Llamba and hybrid students"
-        metrics = build_report(paths, self.out, dataset=self.dataset_spec, wall_seconds=None, plots=False)
+        # the demo holds DIR.lock already (`run`): the report's own lock there would refuse this very process
+        metrics = build_report(paths, self.out, dataset=self.dataset_spec, wall_seconds=None, plots=False, lock=False)
         wall = self.state["wall_seconds"]
         claims = check_claims(metrics, paths) + [wall_claim(wall, self.s.wall_target_seconds)]
         notes = summary_notes(metrics, claims, wall)
@@ -515,7 +516,7 @@ class Demo:
         if mixed:
             notes.append(mixed)
         metrics = build_report(paths, self.out, dataset=self.dataset_spec, wall_seconds=wall, summary_notes=notes, title=title,
-                               group_by="terms")
+                               group_by="terms", lock=False)
         metrics["claims"] = claims
         metrics["demo"] = {"settings": dataclasses.asdict(self.s), "step_seconds": self.state["step_seconds"], "environment": envs,
                            "models": {m: str(self.model_dir(m)) for m in MODELS}, "held_out_loss": held_out}
@@ -558,7 +559,7 @@ def llamba_tail_main(argv: list[str] | None = None) -> int:
     import sys
 
     from .commands.demo import _quiet_hf
-    from .errors import ThinkfastError
+    from .errors import ThinkfastError, command_line
 
     out, threads, *first = argv if argv is not None else sys.argv[1:]
     parent = int(first[0]) if first else os.getppid()  # the first process's pid, as it started this one
@@ -579,8 +580,9 @@ def llamba_tail_main(argv: list[str] | None = None) -> int:
             settings = DemoSettings(**json.loads(state_path.read_text())["settings"])
         except (OSError, ValueError, KeyError, TypeError):
             return fail("CheckpointError", f"{state_path} is damaged; choose a new --out")
-        Demo(out, settings, progress=False, log=lambda msg: None)._distill(
-            "llamba", "llamba", settings.llamba_tokens, callback=stop_when_orphaned(parent))
+        with command_line():  # its messages reach the user of `thinkfast demo`
+            Demo(out, settings, progress=False, log=lambda msg: None)._distill(
+                "llamba", "llamba", settings.llamba_tokens, callback=stop_when_orphaned(parent))
     except KeyboardInterrupt:
         return 130  # stopped by stop_when_orphaned: the first process is gone
     except ThinkfastError as e:

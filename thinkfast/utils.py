@@ -320,6 +320,8 @@ def check_device(name, flag: str = "--device", allow_meta: bool = False) -> str 
         dev = torch.device(name)
     except (RuntimeError, ValueError, TypeError):
         raise ConfigError(f"{what} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "mps":
+        raise ConfigError(f"{what}: thinkfast runs on cpu or cuda, not yet on Apple's MPS; on a Mac use {fix('cpu')}")
     if dev.type not in ("cpu", "cuda") + (("meta",) if allow_meta else ()):
         raise ConfigError(f"{what}: thinkfast runs on cpu or cuda; use one of those")
     if dev.type == "cuda":

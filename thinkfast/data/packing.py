@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, option
 from .prompts import PromptStyle, render_example
 from .sources import Problem, load_problems, parse_spec
 
@@ -85,7 +85,8 @@ def encode_problems(
 ) -> list[Example]:
     """Problems -> Examples (prompt ids + completion ids). `text=True`: each problem's solution is a plain document."""
     if tokenizer is None:
-        raise DataError("tokenising data needs a tokenizer; give the teacher's (or --tokenizer DIR)")
+        raise DataError("tokenising data needs a tokenizer; give the teacher's (or "
+                        + option("--tokenizer DIR", "the tokenizer argument") + ")")
     eos = getattr(tokenizer, "eos_token_id", None)
     if text:
         ids = _encode_batch(tokenizer, [p.solution or "" for p in problems], add_special_tokens=True)
@@ -213,9 +214,10 @@ def _parse_weights(weights, n: int) -> list[float]:
         return [1.0] * n
     weights = [float(w) for w in weights]
     if len(weights) != n:
-        raise DataError(f"--data-weights has {len(weights)} values for {n} data specs; give one weight per --data")
+        raise DataError(f"{option('--data-weights', 'weights')} has {len(weights)} values for {n} data specs; give one "
+                        f"weight per {option('--data', 'spec')}")
     if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise DataError(f"--data-weights {weights}: weights must be non-negative numbers with a positive sum")
+        raise DataError(f"{option('--data-weights ', 'weights=')}{weights}: weights must be non-negative numbers with a positive sum")
     return weights
 
 
@@ -232,7 +234,7 @@ class DataMix:
 
     def __init__(self, sources: list[PackedRows], weights: list[float] | None = None, seed: int = 0, group: int = 0):
         if not sources:
-            raise DataError("no data: give at least one --data spec")
+            raise DataError(f"no data: give at least one {option('--data spec', 'data spec')}")
         self.sources = sources
         w = _parse_weights(weights, len(sources))
         self.weights = torch.tensor(w, dtype=torch.float64) / sum(w)
@@ -356,7 +358,8 @@ def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = No
     without re-reading or re-tokenising. `warn_cut`: log a warning when examples are longer than the rows.
     """
     if not cfg.specs:
-        raise DataError("no data: give at least one --data spec (e.g. gsm8k:../shared/data/gsm8k_train.jsonl)")
+        raise DataError(f"no data: give at least one {option('--data spec', 'data spec in DataConfig.specs')} "
+                        "(e.g. gsm8k:../shared/data/gsm8k_train.jsonl)")
     weights = _parse_weights(cfg.weights, len(cfg.specs))
     instruction = cfg.instruction or "auto"  # None: a plan nobody resolved against its teacher (recipes.use_declared_instruction)
     style = PromptStyle(instruction=instruction, chat=cfg.chat, template_kwargs=cfg.template_kwargs)

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..data.packing import IGNORE, DataConfig, DataMix, PackedRows, build_data, warn_cut_examples
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, option
 from ..models import ThinkfastForCausalLM, from_teacher
 from ..utils import (HeldLock, atomic_write_json, clear_leftovers, disk_space_line, failed_writes_as_os_errors, folder_bytes,
                      is_leftover, usual_permissions)
@@ -87,7 +87,7 @@ class StageConfig:
         if not (self.ce_weight >= 0 and math.isfinite(self.ce_weight)):
             raise ConfigError(f"{where}: ce_weight {self.ce_weight} must be a finite number >= 0")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
-            raise ConfigError(f"{where}: chunk_tokens={self.chunk_tokens} must be at least 1 (--tokens-per-chunk)")
+            raise ConfigError(f"{where}: chunk_tokens={self.chunk_tokens} must be at least 1 ({option('--tokens-per-chunk', 'chunk_tokens')})")
         if student_cfg is not None and self.kind in ("matrix", "hidden"):
             mamba = set(student_cfg.mamba_layers)
             if not mamba:
@@ -173,12 +173,25 @@ def set_trainable(student: ThinkfastForCausalLM, predicate) -> list[tuple[str, n
     return out
 
 
+def _fsdp2():
+    """(fully_shard, FSDPModule): public in torch.distributed.fsdp from torch 2.6, under _composable before."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+    return fully_shard, FSDPModule
+
+
+def fsdp_runs_on_cpu() -> bool:
+    """FSDP2 on CPU tensors (gloo), as measured here: torch 2.4 and 2.5 make CUDA streams ("FSDP requires CUDA
+    for streams"), 2.6 calls a CUDA-only `Stream.record_event`, 2.7 runs."""
+    return torch.__version__ >= "2.7"
+
+
 @contextlib.contextmanager
 def gathered(module: nn.Module):
     """Full parameters of an FSDP-sharded module inside the block (no-op for an ordinary module)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(module, FSDPModule):
+    if _is_fsdp(module):
         module.unshard()
         try:
             yield
@@ -225,9 +238,7 @@ class _Task:
 
 
 def _is_fsdp(module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
+    return isinstance(module, _fsdp2()[1])
 
 
 class AlignTask(_Task):
@@ -498,20 +509,21 @@ def _check_out_dir(out_dir: Path, run: dict, resume: bool) -> None:
         try:
             saved = json.loads(marker.read_text())
         except json.JSONDecodeError:
-            raise CheckpointError(f"{marker} is damaged; choose a new --out") from None
+            raise CheckpointError(f"{marker} is damaged; choose a new {option('--out', 'out_dir')}") from None
         theirs, ours = (saved.get("command") if isinstance(saved, dict) else None), run.get("command")
         if theirs and ours and theirs != ours:  # another command's run: --resume could never continue it
-            raise CheckpointError(f"{out_dir} holds a `thinkfast {theirs}` run, not a `thinkfast {ours}` one; choose a new --out")
+            raise CheckpointError(f"{out_dir} holds a `thinkfast {theirs}` run, not a `thinkfast {ours}` one; choose a new {option('--out', 'out_dir')}")
         if not resume:
-            raise CheckpointError(f"{out_dir} already holds a run; pass --resume to continue it, or choose a new --out")
+            raise CheckpointError(f"{out_dir} already holds a run; pass {option('--resume', 'resume=True')} to continue it, "
+                                  f"or choose a new {option('--out', 'out_dir')}")
         if saved != run:
             raise CheckpointError(
                 f"{out_dir} holds a run with other settings ({setting_changes(saved, run)}); resume with the same "
-                "settings, or choose a new --out"
+                f"settings, or choose a new {option('--out', 'out_dir')}"
             )
         return
     if out_dir.exists() and any(not is_leftover(p) for p in out_dir.iterdir()):  # a killed first write is no run
-        raise CheckpointError(f"{out_dir} is not empty and holds no thinkfast run; choose a new --out")
+        raise CheckpointError(f"{out_dir} is not empty and holds no thinkfast run; choose a new {option('--out', 'out_dir')}")
 
 
 def save_final(model: ThinkfastForCausalLM, out_dir: Path, tokenizer=None) -> None:
@@ -578,10 +590,12 @@ def shard_teacher(teacher: ThinkfastForCausalLM, device: torch.device) -> None:
     Only the teacher is sharded (it only runs forward); the student stays replicated. The stages gather a
     sharded module's weights explicitly (`gathered`) where they use it outside its forward.
     """
-    from torch.distributed.fsdp import fully_shard
-
+    fully_shard = _fsdp2()[0]
     if dist_info().world <= 1:
         raise ConfigError("--fsdp-teacher shards the teacher across processes: launch with torchrun --nproc_per_node N")
+    if device.type != "cuda" and not fsdp_runs_on_cpu():
+        raise ConfigError(f"--fsdp-teacher on a CPU needs torch 2.7 or newer (this is torch {torch.__version__}, whose "
+                          "FSDP needs CUDA); upgrade torch, or drop --fsdp-teacher")
     teacher.to(device)
     for block in teacher.lm.layers:
         fully_shard(block)
@@ -655,7 +669,7 @@ def run_lock(out: Path | None):
     if out is None or int(os.environ.get("RANK", "0") or 0) > 0:
         return contextlib.nullcontext()
     out.parent.mkdir(parents=True, exist_ok=True)
-    return HeldLock(out.with_name(out.name + ".lock"), str(out), "let it finish, or choose another --out")
+    return HeldLock(out.with_name(out.name + ".lock"), str(out), "let it finish, or choose another " + option("--out", "out_dir"))
 
 
 def _distill(t_model, student, source, stages, tokenizer, out, resume, progress, fsdp_teacher, callback, eval_data,

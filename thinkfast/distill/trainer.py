@@ -35,7 +35,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, ConfigError, ThinkfastError
+from ..errors import CheckpointError, ConfigError, ThinkfastError, option
 from ..utils import atomic_dir, atomic_write_json, atomic_write_text, progress_bar
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -76,7 +76,7 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ConfigError(f"{where}: {name}={value!r} must be a whole number")
         if self.tokens <= 0:
-            raise ConfigError(f"{where}: token budget {self.tokens} must be positive (e.g. --tokens 2M)")
+            raise ConfigError(f"{where}: token budget {self.tokens} must be positive (e.g. {option('--tokens 2M', 'tokens=2_000_000')})")
         for name in ("batch_size", "seq_len", "log_every", "eval_rows"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: {name}={getattr(self, name)} must be positive")
@@ -214,7 +214,7 @@ def pick_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
     if cfg.device:
         dev = torch.device(cfg.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {cfg.device!r}: no CUDA device here; use --device cpu")
+            raise ConfigError(f"device {cfg.device!r}: no CUDA device here; use " + option("--device cpu", "device='cpu'"))
         return dev
     if torch.cuda.is_available():
         return torch.device("cuda", info.local_rank)
@@ -466,7 +466,8 @@ def train(
     micro = min(cfg.micro_batch_size or share, share)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if use_bf16 and device.type != "cuda":
-        raise ConfigError(f"{name}: precision bf16 needs a GPU (autocast is GPU-only here); use --precision fp32")
+        raise ConfigError(f"{name}: precision bf16 needs a GPU (autocast is GPU-only here); use "
+                          + option("--precision fp32", "precision='fp32'"))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
@@ -475,7 +476,8 @@ def train(
     total = cfg.steps_for(row_tokens)
     state = read_checkpoint_state(ckpt_dir) if ckpt_dir is not None else None
     if state is not None and not resume:
-        raise CheckpointError(f"{ckpt_dir} already holds a checkpoint; pass --resume to continue it, or choose a new --out")
+        raise CheckpointError(f"{ckpt_dir} already holds a checkpoint; pass {option('--resume', 'resume=True')} to "
+                              f"continue it, or choose a new {option('--out', 'folder')}")
     if state is not None:
         check_fingerprint(state, fingerprint, ckpt_dir)
 

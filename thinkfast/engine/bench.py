@@ -20,7 +20,6 @@ import datetime
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -198,9 +197,20 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _rss_bytes() -> int | None:
+    """This process's resident memory now: from /proc on Linux, psutil elsewhere (macOS; it comes with
+    accelerate); None where neither can say."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except Exception:  # noqa: BLE001  no psutil, or it cannot read this process either: not measured
+        return None
 
 
 def _reset_peak_rss() -> bool:
@@ -213,13 +223,36 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes(since_reset: bool) -> int:
+def _peak_rss_bytes(since_reset: bool) -> int | None:
+    """The resident high-water mark: since `_reset_peak_rss` (Linux), else the whole process's (getrusage);
+    None where neither exists (Windows)."""
     if since_reset:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB; whole-process peak
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes; Linux and the BSDs KiB
+
+
+def _cpu_row_peak(base: int | None, since_reset: bool, peak_before: int | None) -> tuple[int | None, str | None]:
+    """(the row's peak growth over `base`, None) or (None, why it was not measured). Where the high-water mark
+    cannot be restarted (macOS), it is the row's own only if the row raised it above `peak_before`: else loading
+    set it, and subtracting would report loading's memory as the row's."""
+    peak = _peak_rss_bytes(since_reset)
+    if base is None or peak is None:
+        return None, "resident memory cannot be read on this platform"
+    if not since_reset and (peak_before is None or peak <= peak_before):
+        return None, "the row stayed under the peak set while loading, which this platform cannot restart"
+    return max(peak - base, 0), None
+
+
+def _mib(n: int | None) -> str:
+    return "n/m" if n is None else f"{n / 2**20:,.1f}"
 
 
 def _make_resident(model) -> None:
@@ -300,6 +333,7 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
         _make_resident(model)
         reset = _reset_peak_rss()
         base = _rss_bytes()
+        peak_before = None if reset else _peak_rss_bytes(False)
     try:
         if engine == "hf":
             from transformers import GenerationConfig
@@ -337,7 +371,10 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
         return _failed(row, str(e))
     if generated != batch * gen_len:  # tokens/s counts batch x gen: a row that stopped early would be flattered
         return _failed(row, f"generated {generated} tokens, not batch x gen = {batch * gen_len}")
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes(reset)) - base
+    if cuda:
+        peak, unmeasured = max(torch.cuda.max_memory_allocated(device) - base, 0), None
+    else:
+        peak, unmeasured = _cpu_row_peak(base, reset, peak_before)
     bw = copy_bandwidth(device)
     roof = batch / (bytes_per_step / bw)
     tps = batch * gen_len / wall
@@ -345,9 +382,11 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
     if engine == "thinkfast":  # what the step really ran with: a failed graph capture falls back to eager steps
         step = getattr(eng._step, "step", eng._step)  # a compiled or graph step wraps the DecodeStep
         row.update(cuda_graphs=eng.use_graphs, compiled=eng.use_compile, onednn_products=step.onednn_products())
-    row.update(tokens_per_s=round(tps, 1), seconds_per_sample=round(wall / batch, 6), generated_tokens=generated, peak_mem_bytes=int(max(peak, 0)),
+    row.update(tokens_per_s=round(tps, 1), seconds_per_sample=round(wall / batch, 6), generated_tokens=generated, peak_mem_bytes=peak,
                state_bytes=state_bytes, roofline_tokens_per_s=round(roof, 1), roofline_fraction=round(tps / roof, 3),
                cpu_seconds=round(cpu, 3), wall_seconds=round(wall, 3))
+    if unmeasured:
+        row["peak_mem_unmeasured"] = unmeasured
     return row
 
 
@@ -434,7 +473,9 @@ def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None,
             row = _run_isolated(args, threads, role) if isolate else run_row(**args)
             row["role"] = row.get("role") or role  # a checkpoint whose weights failed to load: its config's role
             if row.get("tokens_per_s") is not None:
-                log(f"  {row['tokens_per_s']:,.0f} tok/s, {row['seconds_per_sample']:.3f} s/sample, peak {row['peak_mem_bytes'] / 2**20:.1f} MiB")
+                peak = (f"peak {_mib(row['peak_mem_bytes'])} MiB" if row["peak_mem_bytes"] is not None
+                        else f"peak memory not measured: {row.get('peak_mem_unmeasured')}")
+                log(f"  {row['tokens_per_s']:,.0f} tok/s, {row['seconds_per_sample']:.3f} s/sample, {peak}")
             else:
                 log(f"  {row.get('error')}")
             if rounds > 1:
@@ -534,6 +575,11 @@ def markdown(rows: list[dict], preset_name: str, hardware: str, command: str) ->
         "- decode state: the engine's static per-slot state (KV cache, SSM + conv state) for the batch",
         "- peak mem: growth over the loaded model, prefill transients included (GPU: allocated; CPU: peak RSS of the row's own process)",
         "- roofline: batch / (bytes one decode step must move at the mean context / measured copy bandwidth)",
+    ]
+    unmeasured = sorted({r["peak_mem_unmeasured"] for r in rows if r.get("peak_mem_unmeasured")})
+    if unmeasured:
+        lines.append(f"- peak mem n/m: not measured ({'; '.join(unmeasured)})")
+    lines += [
         "",
         "| model | role | engine | batch | prompt | gen | tokens/s | s/sample | decode state (MiB) | peak mem (MiB) | roofline tok/s | of roofline |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -548,7 +594,7 @@ def markdown(rows: list[dict], preset_name: str, hardware: str, command: str) ->
         state = f"{r['state_bytes'] / 2**20:,.1f}" if r.get("state_bytes") is not None else "(HF cache)"
         lines.append(
             f"| {r['model']} | {r['role']} | {r['engine']} | {r['batch_size']} | {r['prompt_len']} | {r['gen_len']} | "
-            f"{r['tokens_per_s']:,.0f} | {r['seconds_per_sample']:.3f} | {state} | {r['peak_mem_bytes'] / 2**20:,.1f} | {roof_cells} |"
+            f"{r['tokens_per_s']:,.0f} | {r['seconds_per_sample']:.3f} | {state} | {_mib(r['peak_mem_bytes'])} | {roof_cells} |"
         )
     if rounds > 1:
         lines += ["", "Every round (tokens/s, in order):", ""] + [

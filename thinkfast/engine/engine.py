@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ..errors import ConfigError, ThinkfastError
+from ..errors import ConfigError, ThinkfastError, option
 from ..models.model import ModelState, ThinkfastLM
 from ..models.teacher import LLAMA_TYPES
 from .decode import (CompiledStep, CudaGraphStep, DecodeStep, compile_ssm_update, engine_state, ssm_update_,
@@ -184,8 +184,13 @@ def available_memory(device: torch.device) -> int | None:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
+        pass
+    try:  # no /proc (macOS): psutil, which comes with accelerate, asks the kernel (free + inactive pages there)
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001  no psutil or no answer: the state is allocated without this check
         return None
-    return None
 
 
 def _gib(b: float) -> str:
@@ -264,8 +269,8 @@ class Engine:
             fit = max(1, int(self.memory_fraction * free // max(per_slot, 1)))
             raise ThinkfastError(
                 f"batch size {self.batch_size} needs {_gib(need)} of decode state ({per_slot / 2**20:.1f} MiB per slot at "
-                f"{max_len} positions) but only {_gib(free)} is free on {self.device}; use --batch-size {fit} or fewer "
-                "--max-new-tokens"
+                f"{max_len} positions) but only {_gib(free)} is free on {self.device}; use {option('--batch-size ', 'batch_size=')}{fit} or "
+                f"fewer {option('--max-new-tokens', 'max_new_tokens')}"
             )
         try:
             self.state = engine_state(self.lm, self.batch_size, max_len, self.device, self.dtype, self.ssm_dtype)
@@ -276,7 +281,7 @@ class Engine:
             fit = max(1, self.batch_size // 2)
             raise ThinkfastError(
                 f"batch size {self.batch_size} does not fit in memory on {self.device} ({_gib(need)} of decode state); "
-                f"try --batch-size {fit}"
+                f"try {option('--batch-size ', 'batch_size=')}{fit}"
             ) from None
         self.max_len = max_len
         B, dev = self.batch_size, self.device

@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from ..data import Problem, load_problems
 from ..data.prompts import PromptStyle, declared_instruction, render_prompt
 from ..data.sources import empty_spec_hint
-from ..errors import CheckpointError, ConfigError, ThinkfastError
+from ..errors import CheckpointError, ConfigError, ThinkfastError, option
 from ..utils import check_device, parse_dtype
 from .engine import Engine, EngineStats, model_role, parse_ssm_state_dtype
 from .samples_file import SamplesWriter, part_files
@@ -38,9 +40,9 @@ def load_for_sampling(spec: str, device=None, dtype: torch.dtype = torch.float32
     all-attention thinkfast models, so the teacher and its students run in the same engine."""
     from ..models.teacher import load_thinkfast
 
-    model, tok = load_thinkfast(spec, dtype=dtype, device=device, where="--model")
+    model, tok = load_thinkfast(spec, dtype=dtype, device=device, where=option("--model", "model"))
     if tok is None:
-        raise CheckpointError(f"--model {spec}: no tokenizer found beside the weights; save one there "
+        raise CheckpointError(f"{option('--model', 'model')} {spec}: no tokenizer found beside the weights; save one there "
                               f"(tokenizer.save_pretrained), or write the model with its teacher's: thinkfast convert {spec} "
                               "--tokenizer TEACHER --out DIR")
     return model, tok, default_model_name(spec)
@@ -67,18 +69,30 @@ def hardware_string(device, threads: bool = True) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
+    cpu = _cpu_name()
+    n = torch.get_num_threads()
+    detail = (f"{n} thread{'' if n == 1 else 's'}" if threads else "") + _cpu_kernels()
+    return f"{cpu} ({detail.removeprefix(', ')})" if detail else cpu
+
+
+def _cpu_name() -> str:
+    """The CPU's model name: /proc/cpuinfo on Linux, sysctl on macOS (where platform.processor() says only "arm"
+    or "i386"), else the machine type."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    n = torch.get_num_threads()
-    detail = (f"{n} thread{'' if n == 1 else 's'}" if threads else "") + _cpu_kernels()
-    return f"{cpu} ({detail.removeprefix(', ')})" if detail else cpu
+    if sys.platform == "darwin":
+        try:
+            said = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+            if said.returncode == 0 and said.stdout.strip():
+                return said.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
 
 
 def _cpu_kernels() -> str:
@@ -197,9 +211,9 @@ class _SamplingJob:
                  ssm_state_dtype: str | torch.dtype | None = None):
         self.t0 = time.perf_counter()
         if n < 1:
-            raise ConfigError(f"--n {n}: ask for at least 1 sample per problem")
+            raise ConfigError(f"{option('--n ', 'n=')}{n}: ask for at least 1 sample per problem")
         if batch_size < 1:
-            raise ConfigError(f"--batch-size {batch_size}: use at least 1")
+            raise ConfigError(f"{option('--batch-size ', 'batch_size=')}{batch_size}: use at least 1")
         # as `thinkfast sample`: the prompts the checkpoint declares it was trained on, else the auto instruction
         self.style = style or PromptStyle(instruction=declared_instruction(model_spec) or "auto")
         self.rank, self.world, local_rank = dist_env()
@@ -231,8 +245,9 @@ class _SamplingJob:
             written_as = _written_name(out) if done else None
             if written_as is not None:
                 if name is not None and name != written_as:
-                    raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with --name {written_as} "
-                                      f"(or none), or write {name!r} to another --out")
+                    raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with "
+                                      f"{option('--name ' + written_as, f'name={written_as!r}')} (or none), or write "
+                                      f"{name!r} to another {option('--out', 'out file')}")
                 name = written_as  # a moved checkpoint folder resumes under the name its samples already carry
         except BaseException:
             self.writer.release()

@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, option
 from ..utils import HeldLock
 
 RECORD_FIELDS = (
@@ -136,7 +136,7 @@ def _read_lines(path: Path, sampling: dict, config: str, repair: bool) -> set[tu
                 raise DataError(f"{path}: its unfinished last line is not a samples record, while the lines before it "
                                 "are (something else wrote to the file); fix or delete that line, then re-run the same "
                                 "command to continue")
-            raise DataError(f"{path}: last line is not a samples-file record; it was not written by `thinkfast sample`: pass another --out or move it away")
+            raise DataError(f"{path}: last line is not a samples-file record; it was not written by `thinkfast sample`: pass another {option('--out', 'out file')} or move it away")
     lines = data[:cut].split(b"\n")
     for n, raw in enumerate(lines, 1):
         if not raw.strip():
@@ -185,7 +185,7 @@ class SamplesWriter:
         self.config, self.rank, self.world_size = config_hash(self.sampling), rank, world_size
         self.path = self.out if world_size == 1 else part_path(self.out, rank)
         if self.out.exists() and self.out.is_dir():
-            raise DataError(f"--out {self.out} is a folder; give a .jsonl file path")
+            raise DataError(f"{option('--out', 'out')} {self.out} is a folder; give a .jsonl file path")
         self._settings_missing: bool | None = None  # known at the first append
         self._lock: tuple[HeldLock, Path | None] | None = None
 
@@ -195,7 +195,7 @@ class SamplesWriter:
         made = None if self.path.parent.exists() else next(p for p in [self.path.parent, *self.path.parent.parents]
                                                                 if p.parent.exists())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        held = HeldLock(self.path.with_name(self.path.name + ".lock"), str(self.path), "let it finish, or pass another --out")
+        held = HeldLock(self.path.with_name(self.path.name + ".lock"), str(self.path), "let it finish, or pass another " + option("--out", "out file"))
         try:
             held.acquire()
         except BaseException:

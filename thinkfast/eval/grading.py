@@ -359,6 +359,8 @@ class MathGraderPool:
     threads (one batch at a time). Workers live until `close()` or interpreter exit."""
 
     def __init__(self, workers: int | None = None, startup_timeout: float = 60.0, cache_size: int = 200_000):
+        if sys.platform == "win32":  # select() there takes sockets only, not the workers' pipes
+            raise ThinkfastError("math grading runs on Linux and macOS, not on native Windows; use WSL2")
         self.size = max(1, workers or min(4, os.cpu_count() or 1))
         self.startup_timeout = startup_timeout
         self.workers: list[_Worker] = []
@@ -442,7 +444,8 @@ class MathGraderPool:
                         w.job = None
             if failed_starts >= 3:
                 self.close_quietly()
-                raise ThinkfastError("math grading workers die on start-up (3 in a row); run `python -c 'import math_verify'` to see why")
+                raise ThinkfastError(f"math grading workers die on start-up (3 in a row); run `{sys.executable} -I {WORKER_SCRIPT} "
+                                     f"{WORKER_MEMORY_MB} < /dev/null` to see why")
             now = time.monotonic()
             for w in list(self.workers):
                 if w.job is not None and now > w.deadline:

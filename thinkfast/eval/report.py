@@ -8,6 +8,7 @@ number n of samples per problem (extra samples beyond the smallest count are lef
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from ..utils import atomic_write_json, atomic_write_text
+from ..errors import DataError, option
+from ..utils import HeldLock, atomic_write_json, atomic_write_text
 from .budget import ModelTiming, best_within, check_hardware, model_timing, pareto_front
 from .grading import canonical_answer, extract_answer
 from .metrics import DEFAULT_SUBSETS, METRICS, ProblemSamples, dataset_curves, effective_correct, ks_for, subsets_used
@@ -472,14 +473,14 @@ def _check_dataset_holds(sset: SampleSet, problems, dataset: str) -> None:
     if not ids:
         from ..data.sources import empty_spec_hint
 
-        raise DataError(f"--dataset {dataset!r} names no problems ({empty_spec_hint(dataset)}); pass the data spec the samples were drawn from")
+        raise DataError(f"{option('--dataset ', 'dataset=')}{dataset!r} names no problems ({empty_spec_hint(dataset)}); pass the data spec the samples were drawn from")
     sampled = list(dict.fromkeys(s.problem_id for s in sset.samples))
     outside = [pid for pid in sampled if pid not in ids]
     if len(outside) == len(sampled):
-        raise DataError(f"--dataset {dataset!r} holds none of the samples' {len(sampled)} problems (samples: "
+        raise DataError(f"{option('--dataset ', 'dataset=')}{dataset!r} holds none of the samples' {len(sampled)} problems (samples: "
                         f"{sampled[0]!r}..., dataset: {problems[0].id!r}...); pass the data spec the samples were drawn from")
     if outside:
-        raise DataError(f"--dataset {dataset!r} lacks {len(outside)} of the samples' {len(sampled)} problems (e.g. "
+        raise DataError(f"{option('--dataset ', 'dataset=')}{dataset!r} lacks {len(outside)} of the samples' {len(sampled)} problems (e.g. "
                         f"{outside[0]!r}); pass the data spec the samples were drawn from (a larger limit= or size=?)")
 
 
@@ -525,9 +526,10 @@ def build_report(samples_paths, out_dir, dataset: str | None = None, wall_second
                  summary_notes: str | list[str] | None = None, *, ks: list[int] | None = None, max_k: int | None = None,
                  n_subsets: int = DEFAULT_SUBSETS, n_boot: int = 1000, seed: int = 0, allow_mixed_hardware: bool = False,
                  skip_bad_lines: bool = False, common_problems: bool = True, plots: bool = True, title: str | None = None,
-                 group_by: str | None = None) -> dict:
+                 group_by: str | None = None, lock: bool = True) -> dict:
     """Write report.md, metrics.json and PNG plots into `out_dir` (each file replaced atomically); return the metrics.
-    `group_by`: a field of the problems in `dataset` (a data spec) to break accuracy down by."""
+    `group_by`: a field of the problems in `dataset` (a data spec) to break accuracy down by. `lock`: hold
+    `out_dir.lock` while writing, refusing a second report into the folder meanwhile (False: the caller holds it)."""
     paths = [Path(p) for p in ([samples_paths] if isinstance(samples_paths, (str, Path)) else samples_paths)]
     sset = read_samples(paths, skip_bad_lines)
     problems = None
@@ -542,18 +544,25 @@ def build_report(samples_paths, out_dir, dataset: str | None = None, wall_second
     groups = None
     if group_by is not None:
         if dataset is None:
-            raise DataError(f"grouping by {group_by!r} needs the problems' data spec: pass it with --dataset SPEC")
+            raise DataError(f"grouping by {group_by!r} needs the problems' data spec: pass it with {option('--dataset SPEC', 'dataset=SPEC')}")
         groups = ProblemGroups.from_spec(dataset, group_by, problems)
     computed = compute_metrics(sset, ks, max_k, n_subsets, n_boot, seed, allow_mixed_hardware, common_problems, groups)
     metrics = {"wall_seconds": wall_seconds, "dataset": dataset, **computed, "samples_files": [str(p) for p in paths]}
     if summary_notes:
         metrics["summary"] = summary_notes
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (HeldLock(out.with_name(out.name + ".lock"), str(out), f"let it finish, or choose another "
+                   f"{option('--out', 'out_dir')}") if lock else contextlib.nullcontext()):
+        return _write_report(out, metrics, plots, title or dataset or "samples", summary_notes)
+
+
+def _write_report(out: Path, metrics: dict, plots: bool, title: str, summary_notes) -> dict:
+    out.mkdir(exist_ok=True)
     for leftover in out.glob(".*.png.tmp-*"):  # a killed report's half-drawn plots
         leftover.unlink(missing_ok=True)
     earlier = _plots_written_before(out)
-    written = write_plots(metrics, out, title or dataset or "samples") if plots else []
+    written = write_plots(metrics, out, title) if plots else []
     for stale in sorted(earlier - set(written)):  # an earlier report's plots here would show other data beside this one
         (out / stale).unlink(missing_ok=True)
     metrics["plots"] = written

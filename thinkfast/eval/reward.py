@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, DataError, ThinkfastError
+from ..errors import CheckpointError, ConfigError, DataError, ThinkfastError, option
 from ..utils import atomic_dir, check_out_path, wrong_field_type
 
 ORM_CONFIG = "reward_config.json"
@@ -62,7 +62,7 @@ def load_backbone(path, device=None, dtype=torch.float32):
     from ..models.teacher import load_thinkfast
 
     if not Path(path).exists():
-        raise CheckpointError(f"backbone {path} does not exist; point --backbone at a checkpoint folder (a student or teacher)")
+        raise CheckpointError(f"backbone {path} does not exist; point {option('--backbone', 'backbone')} at a checkpoint folder (a student or teacher)")
     model, tokenizer = load_thinkfast(str(path), dtype=dtype, device=device or "cpu", where="backbone")
     if tokenizer is None:
         raise CheckpointError(f"backbone {path}: no tokenizer found beside the weights; save the tokenizer into that folder")

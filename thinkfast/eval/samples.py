@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, option
 from .grading import KINDS
 
 ROLES = ("teacher", "llamba", "hybrid")
@@ -142,7 +142,7 @@ def read_samples_file(path, skip_bad_lines: bool = False) -> SamplesFile:
             out.samples[i] = parse_sample(obj, where)
         except DataError as e:
             if not skip_bad_lines:
-                raise DataError(f"{where}: {e}; fix or delete that line, or pass --skip-bad-lines to skip it") from None
+                raise DataError(f"{where}: {e}; fix or delete that line, or pass {option('--skip-bad-lines', 'skip_bad_lines=True')} to skip it") from None
             out.bad.append(BadLine(path, i + 1, str(e)))
     return out
 

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import DataError, ThinkfastError
+from ..errors import DataError, ThinkfastError, option
 from ..utils import HeldLock, atomic_write_text, progress_bar, remove_temp_copies
 from .grading import DEFAULT_TIMEOUT, grade_many
 from .reward import (ORM_CONFIG, check_reward_model_out, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, check_labels, load_backbone,
@@ -37,7 +37,7 @@ def questions_for(samples: list[Sample], questions: dict[str, str] | None) -> li
     for s in samples:
         q = questions.get(s.problem_id) if questions else s.record.get("question")
         if questions and q is None:
-            raise DataError(f"{s.where}: problem_id {s.problem_id!r} is not in the data given with --data; pass the spec the samples were drawn from")
+            raise DataError(f"{s.where}: problem_id {s.problem_id!r} is not in the data given with {option('--data', 'data')}; pass the spec the samples were drawn from")
         out.append(q if isinstance(q, str) else None)
     return out
 
@@ -48,7 +48,7 @@ def train_reward_model(samples_paths, backbone: str, out_dir, data=None, orm: OR
     check_reward_model_out(out_dir)  # before the samples are read and the backbone trains
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with HeldLock(out.with_name(out.name + ".lock"), str(out), "let it finish, or choose another --out"):
+    with HeldLock(out.with_name(out.name + ".lock"), str(out), "let it finish, or choose another " + option("--out", "out_dir")):
         remove_temp_copies(out)  # a killed save's copy (a whole backbone)
         return _train_reward_model(samples_paths, backbone, out_dir, data, orm, training, skip_bad_lines, device, log)
 
@@ -88,7 +88,7 @@ def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregatio
 
     reward_model: an ORM folder (or a loaded OutcomeRewardModel); prm: a PRM hub id or folder. Returns counts."""
     if reward_model is not None and prm is not None:
-        raise ThinkfastError("give either --reward-model or --prm, not both")
+        raise ThinkfastError(f"give either {option('--reward-model', 'reward_model')} or {option('--prm', 'prm')}, not both")
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if not paths:
         raise DataError("no samples files given")
@@ -116,7 +116,7 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
         scorer = reward_model if isinstance(reward_model, OutcomeRewardModel) else load_reward_model(reward_model, device)
         if scorer.cfg.uses_question and questions is None and not all(
                 isinstance(s.record.get("question"), str) for f in files for s in f.samples.values()):
-            raise DataError("this reward model was trained with questions; pass --data SPEC (the data the samples were drawn from)")
+            raise DataError(f"this reward model was trained with questions; pass {option('--data SPEC', 'data=SPEC')} (the data the samples were drawn from)")
     elif prm is not None:
         scorer = ProcessRewardModel.from_pretrained(prm, prm_aggregation, device)
     totals = {"files": len(files), "samples": 0, "regraded": 0, "ungraded": 0, "scored": 0, "skipped_lines": 0}
@@ -140,7 +140,7 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
             if todo:
                 qs = questions_for(todo, questions)
                 if isinstance(scorer, ProcessRewardModel) and any(q is None for q in qs):
-                    raise DataError("the PRM needs each problem's question; pass --data SPEC")
+                    raise DataError(f"the PRM needs each problem's question; pass {option('--data SPEC', 'data=SPEC')}")
                 with progress_bar(len(todo), f"scoring {f.path.name}", "sample", leave=False) as bar:
                     rewards = scorer.score(qs, [s.completion for s in todo], batch_size=batch_size, progress=bar)
                 for s, r in zip(todo, rewards):
