@@ -101,6 +101,15 @@ def test_from_teacher_refuses_arguments_it_would_ignore_or_misread(kwargs, needl
     assert needle in _one_line(e)
 
 
+def test_a_one_layer_teacher_has_no_default_hybrid():
+    """The default (attention in a quarter of the layers, at least one) kept a 1-layer teacher's only layer: a
+    "hybrid" that was the teacher itself, built without a word."""
+    with pytest.raises(ConfigError) as e:
+        from_teacher(tiny_llama(layers=1), "hybrid")
+    assert "this teacher has 1 layer; use kind='llamba'" in _one_line(e)
+    assert from_teacher(tiny_llama(layers=2), "hybrid").config.role == "hybrid"
+
+
 def test_from_teacher_says_what_a_teacher_can_be():
     teacher = from_teacher(tiny_llama(), kind="teacher")
     for bad, needle in [(None, "got None"), (teacher.state_dict(), "load it into its model first"),

@@ -18,7 +18,7 @@ def add_parsers(sub) -> None:
         "report.md, metrics.json and plots in --out. Re-running the same command continues an interrupted run.",
     )
     d.add_argument("--out", default="thinkfast-demo", help="output folder (default: ./thinkfast-demo)")
-    d.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in a few minutes (tiny budgets, no quality claims)")
+    d.add_argument("--quick", action="store_true", help="smoke run of the whole pipeline in about a minute (tiny budgets, no quality claims)")
     d.add_argument("--teacher", help="a thinkfast all-attention teacher folder instead of the embedded one (e.g. from train-teacher)")
     d.add_argument("--problems", type=positive_int, help="held-out problems (default 40; --quick 4)")
     d.add_argument("--n", type=positive_int, help="samples per problem and model (default 32; --quick 4)")

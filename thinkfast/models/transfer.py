@@ -190,6 +190,9 @@ def _attention_layers(kind: str, attn_layers: list[int] | None, n: int) -> list[
                               "attn_layers, or use kind='hybrid' to keep it in some")
         return list(range(n))
     if attn_layers is None:
+        if n < 2:  # the default would keep attention in the only layer: the teacher itself, not a hybrid
+            raise ConfigError(f"a hybrid keeps attention in some layers and Mamba in the others, and this teacher has "
+                              f"{n} layer; use kind='llamba' (--student llamba)")
         return default_hybrid_layers(n)
     twice = sorted({i for i in attn_layers if attn_layers.count(i) > 1})
     if twice:
