@@ -112,7 +112,7 @@ def test_one_run_at_a_time_in_a_training_or_demo_folder(toy, tmp_path, capsys):
     demo_out = tmp_path / "demo"
     holder = _hold(tmp_path / "demo.lock")
     try:
-        with pytest.raises(ThinkfastError, match="let it finish, or choose another --out"):
+        with pytest.raises(ThinkfastError, match="let it finish, or choose another out$"):
             Demo(demo_out, DemoSettings.quick_settings(), progress=False, log=lambda m: None).run()
         assert not demo_out.exists()
     finally:

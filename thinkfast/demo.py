@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .embedded import PROMPT_STYLE, TEACHER_SPEC, embedded_teacher_dir, sums_spec
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, option
 from .utils import HeldLock, atomic_dir, atomic_write_json, clear_leftovers, disk_space_line, folder_bytes, is_leftover
 
 STEPS = ("data", "teacher", "llamba", "hybrid", "sample", "reward", "report")
@@ -157,15 +157,15 @@ class Demo:
             try:
                 state = json.loads(self.state_path.read_text())
             except json.JSONDecodeError:
-                raise CheckpointError(f"{self.state_path} is damaged; choose a new --out") from None
+                raise CheckpointError(f"{self.state_path} is damaged; choose a new {option('--out', 'out')}") from None
             if state.get("fingerprint") != self.s.fingerprint():
                 raise CheckpointError(
-                    f"{self.out} holds a demo run with other settings; re-run it with the same flags to continue, "
-                    "or choose a new --out"
+                    f"{self.out} holds a demo run with other settings; re-run it with the same "
+                    f"{option('flags', 'settings')} to continue, or choose a new {option('--out', 'out')}"
                 )
             return state
         if self.out.exists() and any(not is_leftover(p) for p in self.out.iterdir()):  # a killed first write is none
-            raise CheckpointError(f"{self.out} is not empty and holds no demo run; choose a new --out")
+            raise CheckpointError(f"{self.out} is not empty and holds no demo run; choose a new {option('--out', 'out')}")
         # a new run's record is written by its first step (`run`), after the disk check: a refused run leaves
         # nothing behind that a re-run with other flags would be refused for
         return {"fingerprint": self.s.fingerprint(), "settings": dataclasses.asdict(self.s), "done": [],
@@ -189,7 +189,7 @@ class Demo:
         steps = self.steps = STEPS[: STEPS.index(until) + 1] if until is not None else STEPS
         self.out.parent.mkdir(parents=True, exist_ok=True)
         # two demos on one --out would train, sample and log into the same files: the second is refused
-        with HeldLock(self.out.with_name(self.out.name + ".lock"), str(self.out), "let it finish, or choose another --out"):
+        with HeldLock(self.out.with_name(self.out.name + ".lock"), str(self.out), "let it finish, or choose another " + option("--out", "out")):
             return self._run_steps(steps)
 
     def _run_steps(self, steps: list[str]) -> dict | None:
@@ -222,7 +222,7 @@ class Demo:
         need = DISK_PER_TEACHER_BYTE * weights - folder_bytes(self.out)
         line = disk_space_line(self.out, need, "the demo")
         if line:
-            raise ConfigError(f"{line} (models, checkpoints, samples); free some space or choose another --out, "
+            raise ConfigError(f"{line} (models, checkpoints, samples); free some space or choose another {option('--out', 'out')}, "
                               "then re-run the same command")
 
     # ------------------------------------------------------------------ paths and shared pieces
@@ -288,7 +288,8 @@ class Demo:
         seen |= {p.question for p in heldout}
         rm = [p for p in load_problems(sums_spec(self.s.rm_problems * 4, RM_SEED)) if p.question not in seen][: self.s.rm_problems]
         if len(heldout) < self.s.problems or len(rm) < self.s.rm_problems:
-            raise ConfigError("too few unseen problems for the held-out or reward-model split; lower --problems")
+            raise ConfigError("too few unseen problems for the held-out or reward-model split; lower "
+                              + option("--problems", "problems"))
         with atomic_dir(self.out / "data") as d:
             for name, probs in (("heldout.jsonl", heldout), ("rm_train.jsonl", rm)):
                 with open(d / name, "w") as f:
@@ -303,7 +304,7 @@ class Demo:
 
         model = ThinkfastForCausalLM.from_pretrained(src, dtype=torch.float32)
         if model.config.role != "teacher":
-            raise ConfigError(f"--teacher {src}: a thinkfast {model.config.role}, not an all-attention teacher")
+            raise ConfigError(f"{option('--teacher', 'teacher')} {src}: a thinkfast {model.config.role}, not an all-attention teacher")
         with atomic_dir(self.model_dir("teacher")) as d:
             for name in MODEL_FILES:
                 if (src / name).is_file():
