@@ -189,7 +189,7 @@ class Demo:
         steps = self.steps = STEPS[: STEPS.index(until) + 1] if until is not None else STEPS
         self.out.parent.mkdir(parents=True, exist_ok=True)
         # two demos on one --out would train, sample and log into the same files: the second is refused
-        with HeldLock(self.out.with_name(self.out.name + ".lock"), str(self.out), "let it finish, or choose another " + option("--out", "out")):
+        with HeldLock.beside(self.out, "let it finish, or choose another " + option("--out", "out")):
             return self._run_steps(steps)
 
     def _run_steps(self, steps: list[str]) -> dict | None:

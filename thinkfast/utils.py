@@ -111,6 +111,12 @@ class HeldLock:
         self.path, self.what, self.fix = Path(lock_path), what, fix
         self.fd: int | None = None
 
+    @classmethod
+    def beside(cls, target: str | os.PathLike, fix: str) -> "HeldLock":
+        """The lock of a run writing `target` (a file or a folder): `<target>.lock` next to it."""
+        target = Path(target)
+        return cls(target.with_name(target.name + ".lock"), str(target), fix)
+
     def acquire(self) -> "HeldLock":
         try:
             import fcntl

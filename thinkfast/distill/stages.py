@@ -669,7 +669,7 @@ def run_lock(out: Path | None):
     if out is None or int(os.environ.get("RANK", "0") or 0) > 0:
         return contextlib.nullcontext()
     out.parent.mkdir(parents=True, exist_ok=True)
-    return HeldLock(out.with_name(out.name + ".lock"), str(out), "let it finish, or choose another " + option("--out", "out_dir"))
+    return HeldLock.beside(out, "let it finish, or choose another " + option("--out", "out_dir"))
 
 
 def _distill(t_model, student, source, stages, tokenizer, out, resume, progress, fsdp_teacher, callback, eval_data,

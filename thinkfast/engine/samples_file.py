@@ -195,7 +195,7 @@ class SamplesWriter:
         made = None if self.path.parent.exists() else next(p for p in [self.path.parent, *self.path.parent.parents]
                                                                 if p.parent.exists())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        held = HeldLock(self.path.with_name(self.path.name + ".lock"), str(self.path), "let it finish, or pass another " + option("--out", "out file"))
+        held = HeldLock.beside(self.path, "let it finish, or pass another " + option("--out", "out file"))
         try:
             held.acquire()
         except BaseException:

@@ -552,8 +552,8 @@ def build_report(samples_paths, out_dir, dataset: str | None = None, wall_second
         metrics["summary"] = summary_notes
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with (HeldLock(out.with_name(out.name + ".lock"), str(out), f"let it finish, or choose another "
-                   f"{option('--out', 'out_dir')}") if lock else contextlib.nullcontext()):
+    held = HeldLock.beside(out, "let it finish, or choose another " + option("--out", "out_dir"))
+    with held if lock else contextlib.nullcontext():
         return _write_report(out, metrics, plots, title or dataset or "samples", summary_notes)
 
 

@@ -48,7 +48,7 @@ def train_reward_model(samples_paths, backbone: str, out_dir, data=None, orm: OR
     check_reward_model_out(out_dir)  # before the samples are read and the backbone trains
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with HeldLock(out.with_name(out.name + ".lock"), str(out), "let it finish, or choose another " + option("--out", "out_dir")):
+    with HeldLock.beside(out, "let it finish, or choose another " + option("--out", "out_dir")):
         remove_temp_copies(out)  # a killed save's copy (a whole backbone)
         return _train_reward_model(samples_paths, backbone, out_dir, data, orm, training, skip_bad_lines, device, log)
 
@@ -95,7 +95,7 @@ def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregatio
     with contextlib.ExitStack() as held:
         for p in dict.fromkeys(paths):  # the samples run's own lock: its appends would be lost in the rewrite
             if p.is_file():
-                held.enter_context(HeldLock(p.with_name(p.name + ".lock"), str(p), "let it finish, then score"))
+                held.enter_context(HeldLock.beside(p, "let it finish, then score"))
                 remove_temp_copies(p)  # a killed score's rewrite
         return _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, rescore, skip_bad_lines,
                             batch_size, device, grade_timeout, log)
