@@ -88,7 +88,7 @@ def add_parsers(sub) -> None:
     d.add_argument("--positions", choices=["all", "completion"], help="kd: distil on all tokens or on completions only")
     d.add_argument("--teacher-dtype", dest="teacher_dtype", help="dtype to load the teacher in (float32, bfloat16)")
     d.add_argument("--fsdp-teacher", dest="fsdp_teacher", action="store_const", const=True,
-                   help="shard the teacher across torchrun processes (FSDP) when it does not fit one device")
+                   help="shard the teacher across torchrun processes (FSDP) when it does not fit one device (on a CPU: torch >= 2.7)")
     _add_common(d)
     d.set_defaults(func=run_distill)
 
