@@ -14,7 +14,7 @@ import thinkfast  # noqa: F401  (registers the Auto classes)
 from thinkfast.engine.engine import Engine
 from thinkfast.engine.sampling import SamplingParams
 from thinkfast.errors import CheckpointError, ConfigError, ThinkfastError
-from thinkfast.models import ThinkfastConfig, ThinkfastForCausalLM, from_teacher
+from thinkfast.models import ModelConfig, ThinkfastConfig, ThinkfastForCausalLM, from_teacher
 from thinkfast.models.teacher import load_teacher, load_thinkfast
 
 ROLES = ["teacher", "llamba", "hybrid"]
@@ -267,6 +267,43 @@ def test_hf_config_names_read_and_write_thinkfast_fields(tmp_path):
     assert AutoConfig.from_pretrained(tmp_path).tie_embeddings is True
     with pytest.raises(ConfigError, match="hidden_size=32 and d_model=64 name the same setting"):
         ThinkfastConfig(d_model=64, hidden_size=32)
+
+
+def test_hf_rope_parameters_become_thinkfast_fields_and_match_the_teacher(tmp_path):
+    """transformers 5's rope_parameters (and 4's rope_scaling) were stored unread: the model rotated by the default."""
+    teacher = tiny_llama(rope_scaling=True)
+    own = from_teacher(teacher, kind="teacher")
+    fields = {name: value for name, value in own.model_config.to_dict().items() if not name.startswith("rope_")}
+    rope = teacher.config.rope_parameters
+    for given in ({"rope_parameters": dict(rope)},
+                  {"rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}, "rope_theta": rope["rope_theta"]}):
+        cfg = ThinkfastConfig(**fields, **given)
+        assert cfg.to_model_config() == own.model_config
+        model = ThinkfastForCausalLM(cfg)
+        model.load_state_dict(own.state_dict())
+        ids = torch.randint(0, 101, (1, 150))  # past original_max_position_embeddings=64: the scaling shows
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, teacher(ids).logits, rtol=0, atol=1e-4)
+    assert ThinkfastConfig(rope_parameters={"rope_type": "default", "rope_theta": 5e5}).to_model_config().rope_params is None
+    with pytest.raises(ConfigError, match="rope_theta=5.0 and rope_theta=6.0 is given too"):
+        ThinkfastConfig(rope_parameters={"rope_type": "default", "rope_theta": 5.0}, rope_theta=6.0)
+    with pytest.raises(ConfigError, match="give only rope_params"):
+        ThinkfastConfig(rope_parameters=dict(rope), rope_params={"rope_type": "linear", "factor": 2.0})
+
+
+@pytest.mark.parametrize("rope,message", [
+    ({"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' is not supported; thinkfast computes 'default', 'linear'"),
+    ({"rope_type": "llama3", "factor": 8.0}, "rope_type 'llama3' needs numbers for low_freq_factor, high_freq_factor"),
+    ({"rope_type": "linear", "factor": "2"}, "rope_type 'linear' needs numbers for factor"),
+])
+def test_rotations_thinkfast_cannot_compute_are_refused_when_configured(rope, message):
+    """Before, such a config built a model whose first forward raised a KeyError or ValueError."""
+    with pytest.raises(ConfigError, match=f"^model config: {message}"):
+        ModelConfig(rope_params=rope)
+    teacher = tiny_llama(rope_scaling=False)
+    teacher.config.rope_parameters = dict(rope, rope_theta=10000.0)
+    with pytest.raises(ConfigError, match=f"^teacher: {message}"):
+        from_teacher(teacher, kind="llamba")
 
 
 # ---------------------------------------------------------------- meta device (R9)

@@ -9,6 +9,34 @@ from ..errors import ConfigError
 from ..utils import wrong_field_type
 
 SSM_PARAMS = ("discrete", "mamba2", "mamba1")
+# the rotary scalings thinkfast computes (`rope_inv_freq`) and the keys each needs: Llama 3's and linear
+ROPE_TYPES = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def split_rope_parameters(params: dict | None, rope_theta: float = 10000.0) -> tuple[float, dict | None]:
+    """transformers 5's `rope_parameters` (rope_theta inside) or 4's `rope_scaling` -> (rope_theta, rope_params),
+    rope_params None for the default rotation."""
+    params = dict(params or {})
+    theta = float(params.pop("rope_theta", rope_theta))
+    kind = params.get("rope_type", params.get("type", "default"))
+    return theta, (None if kind == "default" else params)
+
+
+def rope_problem(params: dict | None) -> str | None:
+    """Why thinkfast cannot compute these rope_params, or None."""
+    params = params or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        return (f"rope_type {kind!r} is not supported; thinkfast computes {', '.join(map(repr, ROPE_TYPES))} "
+                "(Llama 3's) rotations")
+    missing = [key for key in ROPE_TYPES[kind]
+               if isinstance(params.get(key), bool) or not isinstance(params.get(key), (int, float))]
+    if missing:
+        return f"rope_type {kind!r} needs numbers for {', '.join(missing)}"
+    return None
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 256
@@ -136,6 +164,9 @@ class ModelConfig:
         if self.ssm_norm_group is not None and (self.ssm_norm_group <= 0 or width % self.ssm_norm_group):
             raise ConfigError(f"model config: ssm_norm_group={self.ssm_norm_group} must divide the Mamba mixer's "
                               f"width heads x head size = {width}")
+        problem = rope_problem(self.rope_params)
+        if problem:
+            raise ConfigError(f"model config: {problem}")
         if self.ssm_param not in SSM_PARAMS:
             raise ConfigError(f"model config: ssm_param={self.ssm_param!r}; use one of {', '.join(SSM_PARAMS)}")
 

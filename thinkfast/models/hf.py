@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.utils import ModelOutput
 
 from ..errors import ConfigError, ThinkfastError
-from .config import ModelConfig
+from .config import ModelConfig, split_rope_parameters
 from .mixers import MLP, Attention, KVCache, Mamba1Mixer, Mamba2Mixer, RMSNorm, Rotary
 from .model import Block, ModelState, ThinkfastLM
 
@@ -47,6 +47,17 @@ def _own_names(kwargs: dict) -> dict:
         elif kwargs[own] != value and hf_name != "tie_word_embeddings":
             raise ConfigError(f"model config: {hf_name}={value!r} and {own}={kwargs[own]!r} name the same setting "
                               f"with different values; give only {own}")
+    # transformers' rotary settings: 5.x's rope_parameters (rope_theta inside), 4.x's rope_scaling
+    for hf_name in ("rope_parameters", "rope_scaling"):
+        value = kwargs.pop(hf_name, None)
+        if value is None:
+            continue
+        if "rope_params" in kwargs:
+            raise ConfigError(f"model config: {hf_name} and rope_params name the same setting; give only rope_params")
+        theta, kwargs["rope_params"] = split_rope_parameters(value, kwargs.get("rope_theta", 10000.0))
+        if kwargs.setdefault("rope_theta", theta) != theta:
+            raise ConfigError(f"model config: {hf_name} has rope_theta={theta!r} and rope_theta={kwargs['rope_theta']!r} "
+                              "is given too; give it once")
     return kwargs
 
 

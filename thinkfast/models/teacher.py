@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from .config import ModelConfig
+from .config import ModelConfig, rope_problem, split_rope_parameters
 
 # model types whose layers thinkfast reproduces exactly: Llama's, and those that differ from it only in q, k, v
 # biases (Qwen2), per-head q and k norms (Qwen3) or a sliding window (Mistral)
@@ -25,13 +25,8 @@ SUPPORTED = ("model_type 'llama', 'mistral', 'qwen2' or 'qwen3', e.g. Llama-3.2-
 def _rope_from_hf(hf_cfg) -> tuple[float, dict | None]:
     params = getattr(hf_cfg, "rope_parameters", None)  # transformers 5
     if params is None:  # transformers 4 style
-        theta = getattr(hf_cfg, "rope_theta", 10000.0)
-        scaling = getattr(hf_cfg, "rope_scaling", None)
-        params = dict(scaling or {}, rope_theta=theta)
-    params = dict(params)
-    theta = float(params.pop("rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
-    return theta, (None if kind == "default" else params)
+        params = getattr(hf_cfg, "rope_scaling", None)
+    return split_rope_parameters(params, getattr(hf_cfg, "rope_theta", 10000.0))
 
 
 def model_config_from_hf(hf_cfg, where: str = "teacher") -> ModelConfig:
@@ -49,6 +44,9 @@ def model_config_from_hf(hf_cfg, where: str = "teacher") -> ModelConfig:
     if act != "silu":
         raise ConfigError(f"{where}: hidden_act={act!r}; Llama-family MLPs use 'silu'")
     theta, scaling = _rope_from_hf(hf_cfg)
+    problem = rope_problem(scaling)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     n_layers = hf_cfg.num_hidden_layers
     positions = hf_cfg.max_position_embeddings
     window = getattr(hf_cfg, "sliding_window", None)  # Mistral's, or Qwen2's / Qwen3's when use_sliding_window is on
