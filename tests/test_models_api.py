@@ -193,8 +193,6 @@ def test_forward_takes_hf_kwargs(kind):
     (lambda m, ids: m(ids, output_attentions=True), "no attention weights"),
     (lambda m, ids: m.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True),
      "no attention weights"),
-    (lambda m, ids: m.generate(ids, max_new_tokens=2, output_hidden_states=True, return_dict_in_generate=True),
-     "use_cache=False"),
     (lambda m, ids: m(ids[0]), "input_ids has shape (6,); give a (batch, length) tensor"),
     (lambda m, ids: m.generate(ids[0], max_new_tokens=2), "input_ids has shape (6,)"),
     (lambda m, ids: m(torch.tensor([[5, 101]])), "token id 101 is outside the model's vocabulary of 101"),
@@ -211,11 +209,29 @@ def test_forward_and_generate_refuse_in_one_line(call, needle):
     assert isinstance(e.value, ThinkfastError) and needle in _one_line(e)
 
 
-def test_generate_without_a_cache_returns_hidden_states():
-    model = from_teacher(tiny_llama(), kind="hybrid")
-    out = model.generate(torch.randint(3, 101, (1, 6)), max_new_tokens=2, do_sample=False, use_cache=False,
-                         output_hidden_states=True, return_dict_in_generate=True)
-    assert len(out.hidden_states) == 2 and out.hidden_states[0][-1].shape == (1, 6, 64)
+@pytest.mark.parametrize("kind", ROLES)
+def test_generate_returns_hidden_states_with_and_without_the_cache(kind):
+    """With the cache, each new token's hidden states come from the model's own step (the fast one keeps none; this
+    was refused): equal to those of the whole sequence's forward, which generate(use_cache=False) runs."""
+    model = from_teacher(tiny_llama(), kind=kind)
+    ids = torch.randint(3, 101, (2, 6))
+    outs = [model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=cached, output_hidden_states=True,
+                           return_dict_in_generate=True) for cached in (True, False)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert len(outs[0].hidden_states) == len(outs[1].hidden_states) == 3  # one tuple per generated token
+    for step, (cached, whole) in enumerate(zip(outs[0].hidden_states, outs[1].hidden_states)):
+        assert len(cached) == len(whole) == 4  # embeddings, three blocks (the last after the final norm)
+        for a, b in zip(cached, whole):
+            assert a.shape == ((2, 6, 64) if step == 0 else (2, 1, 64))
+            torch.testing.assert_close(a, b[:, -a.shape[1]:], rtol=0, atol=1e-4)
+    # and forward() on a cache with several new tokens gives each of theirs
+    prefill = model(ids, use_cache=True)
+    more = torch.randint(3, 101, (2, 4))
+    with torch.no_grad():
+        cached = model(more, past_key_values=prefill.past_key_values, output_hidden_states=True).hidden_states
+        whole = model(torch.cat([ids, more], 1), output_hidden_states=True).hidden_states
+    for a, b in zip(cached, whole):
+        torch.testing.assert_close(a, b[:, -4:], rtol=0, atol=1e-4)
 
 
 # ---------------------------------------------------------------- gradient checkpointing (R7)

@@ -340,7 +340,7 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
     ):
         """As transformers' causal LMs: `input_ids` (B, T) or `inputs_embeds` (B, T, D); `labels` give the loss;
         `use_cache` / `cache` (or `past_key_values`) prefill and continue a `ThinkfastCache`; `output_hidden_states`
-        adds `hidden_states` (not while continuing a cache: its step keeps none); `return_dict=False` gives a tuple.
+        adds `hidden_states` (while continuing a cache, those of the new tokens); `return_dict=False` gives a tuple.
         `output_attentions=True` is refused: Mamba layers have no attention weights, and attention runs fused."""
         config = self.config
         if output_attentions if output_attentions is not None else getattr(config, "output_attentions", False):
@@ -357,10 +357,7 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(state, ThinkfastCache):
             if inputs_embeds is not None:
                 raise ModelInputError("thinkfast: a cache is continued from token ids; pass input_ids, not inputs_embeds")
-            if output_hidden_states:
-                raise ModelInputError("thinkfast: output_hidden_states: a cache's decode step keeps no hidden states; "
-                                      "generate with use_cache=False, or run the model on the whole sequence")
-            logits = self._decode_with_cache(input_ids, state, attention_mask)
+            logits, hidden_states = self._decode_with_cache(input_ids, state, attention_mask, bool(output_hidden_states))
         else:
             if use_cache and labels is None:
                 out, state = self._prefill_with_cache(input_ids, inputs_embeds, attention_mask, bool(output_hidden_states))
@@ -433,8 +430,9 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
                         c.v[:, :, :T] = c.v[:, :, :T].gather(2, idx)
         return out, ThinkfastCache(state, lengths, T, lambda st: step(self.lm, st))
 
-    def _decode_with_cache(self, input_ids, state: ThinkfastCache, attention_mask=None):
-        """The new columns one at a time, through the model's recurrent step."""
+    def _decode_with_cache(self, input_ids, state: ThinkfastCache, attention_mask=None, output_hidden_states=False):
+        """The new columns one at a time, through the model's recurrent step: logits (B, new, V) and, when asked,
+        the hidden states (transformers' tuple, each (B, new, D)) from the model's own step, which keeps them."""
         new = input_ids.shape[1]
         if new == 0:
             raise ModelInputError("thinkfast: no new tokens to feed a cache that has seen them all; pass the cache "
@@ -444,12 +442,17 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
                                   "continue rows whose new text differs in length one at a time")
         longest = int(state.lengths.max())  # one host sync per call, not per token
         state.reserve(longest + new)
-        logits = []
+        logits, columns = [], []
         for j in range(new):  # nothing past the longest row is ever attended
-            logits.append(state.step(input_ids[:, j], state.lengths, longest + j + 1))
+            if output_hidden_states:  # the fast step keeps none; the model's own reads and writes the same state
+                columns.append([])
+                logits.append(self.lm.step(input_ids[:, j], state.lengths, state.state, longest + j + 1, columns[-1]))
+            else:
+                logits.append(state.step(input_ids[:, j], state.lengths, longest + j + 1))
             state.lengths = state.lengths + 1
         state.seen += new
-        return torch.stack(logits, 1)
+        hidden_states = tuple(torch.stack(layer, 1) for layer in zip(*columns)) if output_hidden_states else None
+        return torch.stack(logits, 1), hidden_states
 
 
 AutoConfig.register("thinkfast", ThinkfastConfig, exist_ok=True)

@@ -135,14 +135,22 @@ class ThinkfastLM(nn.Module):
         last = self.norm(h)
         return LMOutput(self.logits(last) if compute_logits else None, last, tuple(hidden) if hidden else None)
 
-    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, state: ModelState, kv_len: int | None = None):
-        """Decode one token per row. input_ids (B,), positions (B,) -> logits (B, V). Updates `state` in place."""
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, state: ModelState, kv_len: int | None = None,
+             hidden_states: list | None = None):
+        """Decode one token per row. input_ids (B,), positions (B,) -> logits (B, V). Updates `state` in place.
+        `hidden_states`, a list, receives what a forward's would hold at this position: the embeddings, then each
+        block's output, the last one after the final norm."""
         rope = self.rotary(positions.unsqueeze(1))
         rope = (rope[0][:, 0:1], rope[1][:, 0:1])
         h = self.embed(input_ids)
         for layer, cache in zip(self.layers, state.caches):
+            if hidden_states is not None:
+                hidden_states.append(h)
             h = layer.step(h, rope, positions, cache, kv_len)
-        return self.logits(self.norm(h))
+        h = self.norm(h)
+        if hidden_states is not None:
+            hidden_states.append(h)
+        return self.logits(h)
 
     def allocate_state(self, batch: int, max_len: int, device=None, dtype=None, ssm_dtype=None) -> ModelState:
         """KV caches and conv states in `dtype` (default: the weights'), SSM states in `ssm_dtype` (default fp32)."""
