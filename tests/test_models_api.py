@@ -285,6 +285,17 @@ def test_hf_config_names_read_and_write_thinkfast_fields(tmp_path):
         ThinkfastConfig(d_model=64, hidden_size=32)
 
 
+def test_config_warns_about_a_near_miss_of_its_settings_and_nothing_else(tmp_path):
+    with pytest.warns(UserWarning, match=r"n_layer=2 is not a thinkfast setting and changes nothing; did you mean n_layers\?"):
+        cfg = ThinkfastConfig(n_layer=2)
+    assert cfg.n_layers == 4  # stored as transformers stores any key, unread
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers' own keys, a saved config and a converted teacher: no warning
+        ThinkfastConfig(use_cache=False, pad_token_id=0, num_labels=3, chunk_size_feed_forward=0, hidden_act="silu")
+        from_teacher(tiny_llama(), kind="hybrid").save_pretrained(tmp_path)
+        AutoConfig.from_pretrained(tmp_path)
+
+
 def test_hf_rope_parameters_become_thinkfast_fields_and_match_the_teacher(tmp_path):
     """transformers 5's rope_parameters (and 4's rope_scaling) were stored unread: the model rotated by the default."""
     teacher = tiny_llama(rope_scaling=True)

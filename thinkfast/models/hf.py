@@ -11,6 +11,8 @@ this package cannot import); `thinkfast sample` stays faster (static slots, refi
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import warnings
 
 import torch
 import torch.nn as nn
@@ -61,6 +63,17 @@ def _own_names(kwargs: dict) -> dict:
     return kwargs
 
 
+def _warn_near_misses(kwargs: dict) -> None:
+    """A config takes any key, as transformers' do, so `n_layer=2` would build the default 4 layers in silence:
+    a key that is nearly one of thinkfast's settings (none of transformers' standard keys is) gets a warning."""
+    names = [*MODEL_FIELDS, *HF_NAMES, "rope_parameters", "rope_scaling"]
+    for key in kwargs:
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+        if close and key not in names:
+            warnings.warn(f"ThinkfastConfig: {key}={kwargs[key]!r} is not a thinkfast setting and changes nothing; "
+                          f"did you mean {close[0]}?", stacklevel=3)
+
+
 class ThinkfastConfig(PretrainedConfig):
     model_type = "thinkfast"
     attribute_map = HF_NAMES  # read and written through; tying is ThinkfastLM's own (one shared parameter)
@@ -68,6 +81,7 @@ class ThinkfastConfig(PretrainedConfig):
 
     def __init__(self, **kwargs):
         kwargs = _own_names(kwargs)
+        _warn_near_misses(kwargs)
         defaults = ModelConfig()
         values = {name: kwargs.pop(name, getattr(defaults, name)) for name in MODEL_FIELDS}
         super().__init__(**kwargs)
