@@ -27,6 +27,7 @@ COMMAND_MODULES = {
     "thinkfast.commands.sample": ["sample", "bench"],
     "thinkfast.commands.evaluate": ["score", "train-rm", "report"],
     "thinkfast.commands.harness": ["lm-eval"],
+    "thinkfast.commands.env": ["env"],
 }
 
 
