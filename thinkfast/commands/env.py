@@ -46,29 +46,13 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _total_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:  # no /proc (macOS)
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except Exception:  # noqa: BLE001  no psutil or no answer
-        return None
-
-
 def environment() -> dict:
     """Everything `thinkfast env` prints, as a dict (None where a value could not be found)."""
     import torch
     from huggingface_hub import constants as hub
 
     from .. import __version__
-    from ..engine.engine import available_memory
+    from ..engine.engine import system_memory
     from ..engine.run import hardware_string
 
     gpus = []
@@ -85,8 +69,8 @@ def environment() -> dict:
         "platform": platform.platform(),
         "cpu": hardware_string("cpu"),
         "cpu_count": os.cpu_count(),
-        "memory_total_bytes": _total_memory(),
-        "memory_available_bytes": available_memory(torch.device("cpu")),
+        "memory_total_bytes": system_memory("total"),
+        "memory_available_bytes": system_memory("available"),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cudnn": cudnn,

@@ -178,18 +178,25 @@ def slot_bytes(cfg, max_len: int, dtype: torch.dtype, ssm_dtype: torch.dtype = t
 def available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":  # what the driver has free, plus what PyTorch holds cached but unused
         return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return system_memory("available")  # None: the state is allocated without this check
+
+
+def system_memory(which: str = "available") -> int | None:
+    """The machine's "total" or "available" memory in bytes: /proc/meminfo, else (macOS) psutil, which comes with
+    accelerate and asks the kernel (free + inactive pages there); None where neither answers."""
+    key = {"total": "MemTotal:", "available": "MemAvailable:"}[which]
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:  # no /proc (macOS): psutil, which comes with accelerate, asks the kernel (free + inactive pages there)
+    try:
         import psutil
 
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001  no psutil or no answer: the state is allocated without this check
+        return int(getattr(psutil.virtual_memory(), which))
+    except Exception:  # noqa: BLE001  no psutil or no answer
         return None
 
 
