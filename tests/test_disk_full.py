@@ -91,7 +91,7 @@ def test_a_full_disk_is_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch
         assert str(out) in err  # a bare write() names no file: the line names the output
 
 
-def test_errors_that_are_not_write_failures_still_raise(monkeypatch):
+def test_errors_that_are_not_write_failures_still_raise(monkeypatch, capsys):
     import thinkfast.commands.distill as distill_cmd
 
     def bug(args):
@@ -100,6 +100,8 @@ def test_errors_that_are_not_write_failures_still_raise(monkeypatch):
     monkeypatch.setattr(distill_cmd, "run_distill", bug)
     with pytest.raises(RuntimeError, match="mat1"):
         main(["distill", "--teacher", "t", "--stages", "sft", "--tokens", "8", "--out", "o"])
+    assert capsys.readouterr().err == ("thinkfast distill: unexpected RuntimeError, a bug: please report it with the "
+                                       "traceback below and the output of `thinkfast env`\n")
 
 
 def _limited(max_file_bytes):

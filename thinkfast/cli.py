@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # a path that cannot be read or written, met mid-run (what was written before stays)
         failure = write_failure(e)
-        if failure is None:
+        if failure is None:  # a bug, here or in a library: its traceback, and what a report needs
+            print(f"thinkfast {args.command}: unexpected {type(e).__name__}, a bug: please report it with the "
+                  "traceback below and the output of `thinkfast env`", file=sys.stderr)
             raise
         print(f"thinkfast {args.command}: error: {os_error_line(failure, args)}", file=sys.stderr)
         return 2
