@@ -73,12 +73,15 @@ def smollm2_gguf() -> Path | None:
 
 
 def tiny_llama(vocab=101, hidden=64, layers=3, heads=8, kv_heads=2, rope_scaling=True, tie=False, seed=0):
-    """A random tiny transformers.LlamaForCausalLM with GQA and (optionally) Llama-3 rope scaling."""
+    """A random tiny transformers.LlamaForCausalLM with GQA and (optionally) Llama-3 rope scaling, or the
+    rope_parameters `rope_scaling` gives."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     rope = {"rope_type": "default", "rope_theta": 10000.0}
-    if rope_scaling:
+    if isinstance(rope_scaling, dict):
+        rope = dict(rope_scaling, rope_theta=10000.0)
+    elif rope_scaling:
         rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

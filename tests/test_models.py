@@ -33,6 +33,27 @@ def test_llama3_rope_scaling_changes_logits():
         assert (a(ids).logits - b(ids).logits).abs().max() > 1e-3
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("rope", [YARN, dict(YARN, attention_factor=1.3, beta_fast=16, beta_slow=2),
+                                  dict(YARN, mscale=1.0, mscale_all_dim=0.5, truncate=False)])
+def test_yarn_teacher_reproduces_hf_llama_in_forward_and_decode(rope):
+    """YaRN (Qwen's and DeepSeek's long-context rotation) was refused; now each form of it gives transformers'
+    logits, and greedy decoding through the engine's step (generate() with the cache) gives its tokens."""
+    teacher = tiny_llama(rope_scaling=rope)
+    student = from_teacher(teacher, kind="teacher")
+    ids = torch.randint(3, 101, (2, 200))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=0, atol=1e-4)
+        plain = from_teacher(tiny_llama(rope_scaling=False), kind="teacher")
+        assert (plain(ids).logits - student(ids).logits).abs().max() > 1e-3  # the scaling shows
+        prompt = ids[:1, :120]
+        ours = student.generate(prompt, max_new_tokens=12, do_sample=False)
+        theirs = teacher.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("kind,ssm_param,d_conv", [("llamba", "discrete", 4), ("llamba", "mamba2", 4), ("hybrid", "mamba2", 4),
                                                    ("teacher", None, 4), ("llamba", "mamba2", 9), ("llamba", "discrete", 1)])
 def test_step_decoding_equals_full_forward(kind, ssm_param, d_conv):

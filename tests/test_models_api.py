@@ -316,10 +316,15 @@ def test_hf_rope_parameters_become_thinkfast_fields_and_match_the_teacher(tmp_pa
         ThinkfastConfig(rope_parameters={"rope_type": "default", "rope_theta": 5.0}, rope_theta=6.0)
     with pytest.raises(ConfigError, match="give only rope_params"):
         ThinkfastConfig(rope_parameters=dict(rope), rope_params={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ConfigError, match="^model config: rope_parameters: partial_rotary_factor=0.5"):
+        ThinkfastConfig(rope_parameters={"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5})
 
 
 @pytest.mark.parametrize("rope,message", [
-    ({"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' is not supported; thinkfast computes 'default', 'linear'"),
+    ({"rope_type": "dynamic", "factor": 4.0}, "rope_type 'dynamic' is not supported; thinkfast computes 'default', "
+     "'linear', 'llama3', 'yarn' rotations"),
+    ({"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' needs numbers for original_max_position_embeddings"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5: thinkfast rotates every"),
     ({"rope_type": "llama3", "factor": 8.0}, "rope_type 'llama3' needs numbers for low_freq_factor, high_freq_factor"),
     ({"rope_type": "linear", "factor": "2"}, "rope_type 'linear' needs numbers for factor"),
 ])

@@ -9,9 +9,11 @@ from ..errors import ConfigError
 from ..utils import wrong_field_type
 
 SSM_PARAMS = ("discrete", "mamba2", "mamba1")
-# the rotary scalings thinkfast computes (`rope_inv_freq`) and the keys each needs: Llama 3's and linear
+# the rotary scalings thinkfast computes (`rope_inv_freq`) and the keys each needs: linear, Llama 3's, and YaRN
+# (Qwen's and DeepSeek's long-context one)
 ROPE_TYPES = {"default": (), "linear": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "yarn": ("factor", "original_max_position_embeddings")}
 
 
 def split_rope_parameters(params: dict | None, rope_theta: float = 10000.0) -> tuple[float, dict | None]:
@@ -28,8 +30,10 @@ def rope_problem(params: dict | None) -> str | None:
     params = params or {}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
-        return (f"rope_type {kind!r} is not supported; thinkfast computes {', '.join(map(repr, ROPE_TYPES))} "
-                "(Llama 3's) rotations")
+        return f"rope_type {kind!r} is not supported; thinkfast computes {', '.join(map(repr, ROPE_TYPES))} rotations"
+    if params.get("partial_rotary_factor") not in (None, 1, 1.0):
+        return (f"partial_rotary_factor={params['partial_rotary_factor']!r}: thinkfast rotates every dimension of a "
+                "head, as Llama-family models do")
     missing = [key for key in ROPE_TYPES[kind]
                if isinstance(params.get(key), bool) or not isinstance(params.get(key), (int, float))]
     if missing:

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.utils import ModelOutput
 
 from ..errors import ConfigError, ThinkfastError
-from .config import ModelConfig, split_rope_parameters
+from .config import ModelConfig, rope_problem, split_rope_parameters
 from .mixers import MLP, Attention, KVCache, Mamba1Mixer, Mamba2Mixer, RMSNorm, Rotary
 from .model import Block, ModelState, ThinkfastLM
 
@@ -56,6 +56,9 @@ def _own_names(kwargs: dict) -> dict:
             continue
         if "rope_params" in kwargs:
             raise ConfigError(f"model config: {hf_name} and rope_params name the same setting; give only rope_params")
+        problem = rope_problem(value)
+        if problem:
+            raise ConfigError(f"model config: {hf_name}: {problem}")
         theta, kwargs["rope_params"] = split_rope_parameters(value, kwargs.get("rope_theta", 10000.0))
         if kwargs.setdefault("rope_theta", theta) != theta:
             raise ConfigError(f"model config: {hf_name} has rope_theta={theta!r} and rope_theta={kwargs['rope_theta']!r} "

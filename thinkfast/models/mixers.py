@@ -61,7 +61,7 @@ class MLP(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (hd/2,) with the rope types Llama checkpoints use: default, linear, llama3."""
+    """Inverse frequencies (hd/2,) with the rope types Llama-family checkpoints use: default, linear, llama3, yarn."""
     hd = cfg.hd
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     rs = cfg.rope_params or {}
@@ -80,9 +80,38 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":  # YaRN (Peng et al., 2023): interpolate the slow dimensions, keep the fast ones
+        factor, old_len = rs["factor"], rs["original_max_position_embeddings"]
+
+        def dimension(rotations):  # the dimension that turns `rotations` times over the original context
+            return hd * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+        low, high = dimension(rs.get("beta_fast") or 32), dimension(rs.get("beta_slow") or 1)
+        if rs.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, hd - 1)
+        ramp = ((torch.arange(hd // 2, dtype=torch.float64) - low) / (high - low if high != low else 1e-3)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     else:
-        raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3)")
+        raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3, yarn)")
     return inv_freq.float()
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What cos and sin are scaled by: YaRN's temperature (1 for the other rope types)."""
+    rs = cfg.rope_params or {}
+    if rs.get("rope_type", rs.get("type")) != "yarn":
+        return 1.0
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
+
+    def mscale(scale, weight=1.0):
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    factor = rs["factor"]
+    if rs.get("mscale") and rs.get("mscale_all_dim"):  # DeepSeek's form
+        return mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"])
+    return mscale(factor)
 
 
 def rotate_half(x):
@@ -102,6 +131,7 @@ class Rotary(nn.Module):
         # recomputed from the config rather than saved: no buffer to lose on meta-device loading
         self.cfg = cfg
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.scale = rope_attention_factor(cfg)
 
     def forward(self, positions: torch.Tensor):
         """positions (B, T) int -> cos, sin (B, T, hd) fp32."""
@@ -110,6 +140,8 @@ class Rotary(nn.Module):
             self._inv_freq[dev] = rope_inv_freq(self.cfg).to(dev)
         freqs = positions.float().unsqueeze(-1) * self._inv_freq[dev]
         emb = torch.cat((freqs, freqs), dim=-1)
+        if self.scale != 1.0:
+            return emb.cos() * self.scale, emb.sin() * self.scale
         return emb.cos(), emb.sin()
 
 

@@ -22,10 +22,13 @@ SUPPORTED = ("model_type 'llama', 'mistral', 'qwen2' or 'qwen3', e.g. Llama-3.2-
              "Qwen2.5-Math-1.5B-Instruct, Qwen3-1.7B")
 
 
-def _rope_from_hf(hf_cfg) -> tuple[float, dict | None]:
+def _rope_from_hf(hf_cfg, where: str) -> tuple[float, dict | None]:
     params = getattr(hf_cfg, "rope_parameters", None)  # transformers 5
     if params is None:  # transformers 4 style
         params = getattr(hf_cfg, "rope_scaling", None)
+    problem = rope_problem(params)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     return split_rope_parameters(params, getattr(hf_cfg, "rope_theta", 10000.0))
 
 
@@ -43,10 +46,7 @@ def model_config_from_hf(hf_cfg, where: str = "teacher") -> ModelConfig:
     act = getattr(hf_cfg, "hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{where}: hidden_act={act!r}; Llama-family MLPs use 'silu'")
-    theta, scaling = _rope_from_hf(hf_cfg)
-    problem = rope_problem(scaling)
-    if problem:
-        raise ConfigError(f"{where}: {problem}")
+    theta, scaling = _rope_from_hf(hf_cfg, where)
     n_layers = hf_cfg.num_hidden_layers
     positions = hf_cfg.max_position_embeddings
     window = getattr(hf_cfg, "sliding_window", None)  # Mistral's, or Qwen2's / Qwen3's when use_sliding_window is on
