@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..ops.selective import selective_scan, selective_step
 from ..ops.ssd import autocast_off, ssd_matrix, ssd_scan, ssd_step
-from .config import ModelConfig
+from .config import ROPE_TYPES, ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -93,7 +93,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         ramp = ((torch.arange(hd // 2, dtype=torch.float64) - low) / (high - low if high != low else 1e-3)).clamp(0, 1)
         inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     else:
-        raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3, yarn)")
+        raise ValueError(f"rope_type {kind!r} is not supported ({', '.join(ROPE_TYPES)})")  # configs refuse it first
     return inv_freq.float()
 
 
