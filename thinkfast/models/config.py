@@ -16,19 +16,24 @@ ROPE_TYPES = {"default": (), "linear": ("factor",),
               "yarn": ("factor", "original_max_position_embeddings")}
 
 
+def rope_type(params: dict | None) -> str:
+    """The rotation's kind: transformers 5 names it `rope_type`, configs from 4.x `type`."""
+    params = params or {}
+    return params.get("rope_type", params.get("type", "default"))
+
+
 def split_rope_parameters(params: dict | None, rope_theta: float = 10000.0) -> tuple[float, dict | None]:
     """transformers 5's `rope_parameters` (rope_theta inside) or 4's `rope_scaling` -> (rope_theta, rope_params),
     rope_params None for the default rotation."""
     params = dict(params or {})
     theta = float(params.pop("rope_theta", rope_theta))
-    kind = params.get("rope_type", params.get("type", "default"))
-    return theta, (None if kind == "default" else params)
+    return theta, (None if rope_type(params) == "default" else params)
 
 
 def rope_problem(params: dict | None) -> str | None:
     """Why thinkfast cannot compute these rope_params, or None."""
     params = params or {}
-    kind = params.get("rope_type", params.get("type", "default"))
+    kind = rope_type(params)
     if kind not in ROPE_TYPES:
         return f"rope_type {kind!r} is not supported; thinkfast computes {', '.join(map(repr, ROPE_TYPES))} rotations"
     if params.get("partial_rotary_factor") not in (None, 1, 1.0):

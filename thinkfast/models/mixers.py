@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..ops.selective import selective_scan, selective_step
 from ..ops.ssd import autocast_off, ssd_matrix, ssd_scan, ssd_step
-from .config import ROPE_TYPES, ModelConfig
+from .config import ROPE_TYPES, ModelConfig, rope_type
 
 
 class RMSNorm(nn.Module):
@@ -65,7 +65,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     hd = cfg.hd
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     rs = cfg.rope_params or {}
-    kind = rs.get("rope_type", rs.get("type", "default"))
+    kind = rope_type(rs)
     if kind == "default":
         pass
     elif kind == "linear":
@@ -100,7 +100,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 def rope_attention_factor(cfg: ModelConfig) -> float:
     """What cos and sin are scaled by: YaRN's temperature (1 for the other rope types)."""
     rs = cfg.rope_params or {}
-    if rs.get("rope_type", rs.get("type")) != "yarn":
+    if rope_type(rs) != "yarn":
         return 1.0
     if rs.get("attention_factor") is not None:
         return float(rs["attention_factor"])
