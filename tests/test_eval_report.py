@@ -270,3 +270,23 @@ def test_a_report_rewritten_without_plots_drops_the_old_ones(runs, tmp_path):
     (out / "mine.png").write_bytes(b"not ours")
     build_report(runs[:1], out, n_boot=20, plots=False)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "mine.png", "report.md"]
+
+
+@pytest.mark.parametrize("theirs", ["report.md", "metrics.json", "pareto.png"])
+def test_build_report_never_replaces_a_file_no_report_wrote(runs, tmp_path, theirs):
+    """The Python API writes into any folder (as save_pretrained does), but a report.md, metrics.json or plot of
+    someone else's there is refused, not replaced; the user's other files and a report's own files are fine."""
+    from thinkfast.errors import ConfigError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / theirs).write_text("keep me\n")
+    (out / "notes.txt").write_text("kept\n")
+    with pytest.raises(ConfigError, match=rf"out_dir {out}: its {theirs} did not come from a thinkfast report"):
+        build_report(runs, out, n_boot=20, plots=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([theirs, "notes.txt"])
+    assert (out / theirs).read_text() == "keep me\n"
+    (out / theirs).unlink()
+    for _ in range(2):  # beside other files, then over its own report
+        build_report(runs, out, n_boot=20)
+    assert (out / "notes.txt").read_text() == "kept\n"

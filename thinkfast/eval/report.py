@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, option
+from ..errors import ConfigError, DataError, option
 from ..utils import HeldLock, atomic_write_json, atomic_write_text
 from .budget import ModelTiming, best_within, check_hardware, model_timing, pareto_front
 from .grading import canonical_answer, extract_answer
@@ -522,6 +522,16 @@ def _plots_written_before(out: Path) -> set[str]:
     return {p for p in listed if isinstance(p, str) and p.endswith(".png") and Path(p).name == p}
 
 
+def _refuse_replacing_foreign_files(out: Path) -> None:
+    """Writing a report replaces report.md, metrics.json and the plots by name: only a report's own are ours to replace."""
+    if not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir() if p.name in ("report.md", "metrics.json") or PLOT_FILE.match(p.name))
+    if names and not is_report_folder(out):
+        raise ConfigError(f"{option('--out', 'out_dir')} {out}: its {', '.join(names)} did not come from a thinkfast "
+                          "report, and writing the report there would replace them; choose another folder or move them")
+
+
 def build_report(samples_paths, out_dir, dataset: str | None = None, wall_seconds: float | None = None,
                  summary_notes: str | list[str] | None = None, *, ks: list[int] | None = None, max_k: int | None = None,
                  n_subsets: int = DEFAULT_SUBSETS, n_boot: int = 1000, seed: int = 0, allow_mixed_hardware: bool = False,
@@ -529,7 +539,9 @@ def build_report(samples_paths, out_dir, dataset: str | None = None, wall_second
                  group_by: str | None = None, lock: bool = True) -> dict:
     """Write report.md, metrics.json and PNG plots into `out_dir` (each file replaced atomically); return the metrics.
     `group_by`: a field of the problems in `dataset` (a data spec) to break accuracy down by. `lock`: hold
-    `out_dir.lock` while writing, refusing a second report into the folder meanwhile (False: the caller holds it)."""
+    `out_dir.lock` while writing, refusing a second report into the folder meanwhile (False: the caller holds it).
+    A report.md, metrics.json or plot in `out_dir` that no thinkfast report wrote is refused, not replaced."""
+    _refuse_replacing_foreign_files(Path(out_dir))
     paths = [Path(p) for p in ([samples_paths] if isinstance(samples_paths, (str, Path)) else samples_paths)]
     sset = read_samples(paths, skip_bad_lines)
     problems = None
