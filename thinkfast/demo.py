@@ -30,8 +30,8 @@ from .utils import HeldLock, atomic_dir, atomic_write_json, clear_leftovers, dis
 
 STEPS = ("data", "teacher", "llamba", "hybrid", "sample", "reward", "report")
 # the demo's peak disk use over its teacher's weights: copies of each model, every stage's checkpoint and the one
-# being written beside it (weights and Adam's moments), samples, the reward model (embedded teacher, measured on
-# a tmpfs: 93 MiB at the peak, 87 MiB at the end; asked: 128 MiB)
+# being written beside it (weights and Adam's moments), samples, the reward model (embedded teacher: 96.5 MiB at
+# the peak, 86 MiB at the end, benchmarks/demo_disk.md; asked: 128 MiB)
 DISK_PER_TEACHER_BYTE = 20
 MODELS = ("teacher", "llamba", "hybrid")
 FROM_LLAMBA = object()  # the hybrid's attention layers: where the Llamba's stage 2 fitted worst
