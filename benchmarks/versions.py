@@ -45,6 +45,10 @@ def main() -> None:
             versions = json.loads(subprocess.run([python, "-c", VERSIONS], capture_output=True, text=True,
                                                  check=True).stdout)
             env = dict(os.environ, PYTHONPATH=str(clone), PATH=f"{Path(venv) / 'bin'}{os.pathsep}{os.environ['PATH']}")
+            where = subprocess.run([python, "-c", "import thinkfast; print(thinkfast.__file__)"], env=env, cwd=tmp,
+                                   capture_output=True, text=True, check=True).stdout.strip()
+            if not Path(where).is_relative_to(clone):  # an installed copy would shadow the commit under test
+                raise SystemExit(f"{venv}: imports thinkfast from {where}, not from the clone")
             t0 = time.perf_counter()
             done = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=clone, env=env,
                                   capture_output=True, text=True)
