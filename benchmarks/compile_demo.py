@@ -42,12 +42,9 @@ def main() -> None:
     import torch
 
     from thinkfast.data import load_problems
-    from thinkfast.data.prompts import PromptStyle
     from thinkfast.demo import DemoSettings
-    from thinkfast.embedded import PROMPT_STYLE
     from thinkfast.engine.engine import Engine
     from thinkfast.engine.run import hardware_string, load_for_sampling, sample_interleaved
-    from thinkfast.engine.sampling import SamplingParams
 
     s = DemoSettings()
     build_seconds = {}
@@ -64,10 +61,7 @@ def main() -> None:
 
     spec = (f"jsonl:{demo / 'data' / 'heldout.jsonl'}?question=question&answer=answer&id=id&kind=number"
             f"&limit={args.problems}")
-    params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens)
-    common = dict(data_spec=spec, n=s.n, params=params, seed=s.seed, batch_size=s.batch_size, device="cpu",
-                  dtype="float32", style=PromptStyle(instruction=PROMPT_STYLE["instruction"]),
-                  problems=load_problems(spec))
+    common = {**s.sampling_arguments(spec), "problems": load_problems(spec)}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [dict(model_spec=str(demo / "models" / m), out=Path(tmp) / f"{m}-{c}.jsonl", name=f"{m}-{c}",
                      compile=c == "compiled") for m in MODELS for c in ("eager", "compiled")]

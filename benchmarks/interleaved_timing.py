@@ -41,17 +41,12 @@ def main() -> None:
 
     from thinkfast.data import load_problems
     from thinkfast.demo import DemoSettings
-    from thinkfast.embedded import PROMPT_STYLE
-    from thinkfast.data.prompts import PromptStyle
     from thinkfast.engine.run import hardware_string, sample_interleaved, sample_to_file
-    from thinkfast.engine.sampling import SamplingParams
 
     s = DemoSettings()
     spec = f"jsonl:{demo / 'data' / 'heldout.jsonl'}?question=question&answer=answer&id=id&kind=number&limit={args.problems}"
     problems = load_problems(spec)
-    params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens)
-    common = dict(data_spec=spec, n=s.n, params=params, seed=s.seed, batch_size=s.batch_size, device="cpu",
-                  dtype="float32", style=PromptStyle(instruction=PROMPT_STYLE["instruction"]), problems=problems)
+    common = {**s.sampling_arguments(spec), "problems": problems}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.rounds):

@@ -111,6 +111,18 @@ class DemoSettings:
                    hybrid_tokens={"hidden": 4096, "sft": 8192}, distill_batch=4, rm_problems=4, rm_samples=2,
                    rm_max_len=96, wall_target_seconds=180.0)
 
+    def sampling_arguments(self, data_spec: str, n: int | None = None) -> dict:
+        """The arguments every model's `sample_interleaved` job shares in the demo (data, sampling settings, prompt
+        style, grader): benchmarks that re-sample a demo's problems take them from here, so they sample as it did."""
+        from .data.prompts import PromptStyle
+        from .engine.sampling import SamplingParams
+        from .eval.grading import grade_many
+
+        params = SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+        return dict(data_spec=data_spec, n=self.n if n is None else n, params=params, seed=self.seed,
+                    batch_size=self.batch_size, device="cpu", dtype="float32", style=PromptStyle(**PROMPT_STYLE),
+                    grade_fn=grade_many, compile=self.compile)
+
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -255,11 +267,6 @@ class Demo:
 
         return DataConfig(specs=[sums_spec(self.eval_rows, EVAL_SEED)], instruction=PROMPT_STYLE["instruction"],
                           seed=self.s.seed, pack=self.s.pack)
-
-    def style(self):
-        from .data.prompts import PromptStyle
-
-        return PromptStyle(**PROMPT_STYLE)
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -458,12 +465,8 @@ class Demo:
         """Sample every model in `outs` (name -> samples file) on `spec`, the models taking turns (so that a drift
         in the machine's speed reaches each of them alike, not the one that happens to run last)."""
         from .engine.run import sample_interleaved
-        from .engine.sampling import SamplingParams
-        from .eval.grading import grade_many
 
-        params = SamplingParams(temperature=self.s.temperature, top_p=self.s.top_p, max_new_tokens=self.s.max_new_tokens)
-        common = dict(data_spec=spec, n=n, params=params, seed=self.s.seed, batch_size=self.s.batch_size, device="cpu",
-                      dtype="float32", style=self.style(), grade_fn=grade_many, compile=self.s.compile)
+        common = self.s.sampling_arguments(spec, n)
         jobs = [dict(model_spec=str(self.model_dir(name)), out=out, name=name) for name, out in outs.items()]
         for name, summary in zip(outs, sample_interleaved(jobs, common, progress=self.progress)):
             if summary.stats is not None:
