@@ -224,3 +224,65 @@ def test_padding_in_the_tokens_after_a_cache_is_refused(models):
         assert "padded" in str(e.value) and "\n" not in str(e.value)
         with pytest.raises(ValueError):
             model(more[:, :0], cache=cache)
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "llamba"])
+def test_a_forward_hook_is_run_by_cached_generate(kind):
+    """The recurrent step calls blocks' `step`, not their forward: a hooked model re-runs its forward instead."""
+    model = from_teacher(tiny_llama(layers=4), kind=kind).eval()
+    ids, mask = _left_padded(seed=4)
+    kw = dict(attention_mask=mask, max_new_tokens=12, **GREEDY)
+    with torch.no_grad():
+        plain = model.generate(ids, **kw)
+        model.lm.layers[2].register_forward_hook(lambda module, args, out: out * 0.5)
+        with pytest.warns(UserWarning, match="hooks"):
+            hooked = model.generate(ids, **kw)
+        recomputed = model.generate(ids, use_cache=False, **kw)
+        beams = model.generate(ids, num_beams=3, **kw)
+        beams_recomputed = model.generate(ids, num_beams=3, use_cache=False, **kw)
+    assert not torch.equal(hooked, plain)  # the hook matters
+    assert torch.equal(hooked, recomputed)
+    assert torch.equal(beams, beams_recomputed)
+
+
+def test_an_offloaded_model_generates_with_its_cache(tmp_path):
+    """accelerate's disk offload loads a layer's weights in its forward's hook; cached generate() must run it."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    model = from_teacher(tiny_llama(layers=4), kind="hybrid", attn_layers=[1]).eval()
+    model.save_pretrained(tmp_path / "m")
+    device_map = {"lm.embed": "cpu", "lm.rotary": "cpu", "lm.layers.0": "cpu", "lm.layers.1": "disk",
+                  "lm.layers.2": "disk", "lm.layers.3": "cpu", "lm.norm": "cpu", "lm.lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map,
+                                                     offload_folder=tmp_path / "offload")
+    assert offloaded.lm.layers[1].mixer.q_proj.weight.device.type == "meta"  # really offloaded
+    ids, mask = _left_padded(seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=10, **GREEDY)
+    with torch.no_grad(), pytest.warns(UserWarning, match="hooks"):
+        out = offloaded.generate(ids, output_hidden_states=True, return_dict_in_generate=True, **kw)
+    with torch.no_grad():
+        expected = model.generate(ids, output_hidden_states=True, return_dict_in_generate=True, **kw)
+    assert torch.equal(out.sequences, expected.sequences)
+    for got, want in zip(out.hidden_states[-1], expected.hidden_states[-1]):  # the last step's, every layer
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_position_ids_with_a_cache_are_checked_not_dropped(models):
+    model = models["teacher"]
+    ids, mask = _left_padded(seed=6)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=model.lm.positions_for(ids, mask), use_cache=True)
+        more = torch.randint(3, 101, (3, 2))
+        full = torch.cat([mask, torch.ones(3, 2, dtype=torch.long)], 1)
+        after = out.cache.lengths[:, None] + torch.arange(2)
+        model(more, attention_mask=full, position_ids=after, cache=out.cache)  # the cache's own numbering: fine
+        shifted = model.lm.positions_for(ids, mask) + 3
+        for call in (lambda: model(ids, attention_mask=mask, position_ids=shifted, use_cache=True),
+                     lambda: model(more, attention_mask=torch.cat([full, torch.ones(3, 2, dtype=torch.long)], 1),
+                                   position_ids=after, cache=out.cache)):  # the cache has moved on by 2 since
+            with pytest.raises(ValueError) as e:
+                call()
+            assert "position_ids" in str(e.value) and "\n" not in str(e.value)
+        # without a cache, any positions go, as transformers' models take them
+        assert model(ids, attention_mask=mask, position_ids=shifted).logits.shape == (3, 12, model.config.vocab_size)

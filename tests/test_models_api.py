@@ -349,3 +349,40 @@ def test_every_role_runs_on_the_meta_device(kind):
     mask = torch.ones(2, 150, dtype=torch.long, device="meta")
     out = model(ids, attention_mask=mask, labels=ids)
     assert out.logits.shape == (2, 150, 101) and out.logits.device.type == "meta" and out.loss.shape == ()
+
+
+# ---------------------------------------------------------------- transformers' Trainer
+
+
+def test_trainer_gradient_accumulation_matches_the_teacher_it_copies(tmp_path):
+    """Trainer passes `num_items_in_batch` to a forward that takes **kwargs and then leaves the division to the
+    model: the loss and gradients must not grow with the accumulation steps (as transformers' Llama's do not)."""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Rows(Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.ids = torch.randint(3, 101, (8, 16), generator=g)
+            self.labels = self.ids.clone()
+            self.labels[::2, :5] = -100  # rows with fewer labels: a plain mean of micro-batch means would differ
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+    def first_step(model, accumulation):
+        args = TrainingArguments(output_dir=str(tmp_path / f"run{accumulation}"), per_device_train_batch_size=8 // accumulation,
+                                 gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.0, logging_steps=1,
+                                 report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, max_grad_norm=1e9)
+        trainer = Trainer(model=model, args=args, train_dataset=Rows())
+        trainer.train()
+        log = trainer.state.log_history[0]
+        return log["loss"], float(log["grad_norm"])
+
+    reference = first_step(tiny_llama(layers=2), 1)
+    for accumulation in (1, 4):
+        loss, grad_norm = first_step(from_teacher(tiny_llama(layers=2), kind="teacher"), accumulation)
+        assert loss == pytest.approx(reference[0], rel=1e-4) and grad_norm == pytest.approx(reference[1], rel=1e-3)

@@ -18,7 +18,7 @@ def random_inputs(b, T, H, P, N, dtype=torch.float32, requires_grad=False):
     return ts
 
 
-@pytest.mark.parametrize("T", [1, 2, 5, 16, 63, 64, 65, 100, 129, 300])
+@pytest.mark.parametrize("T", [0, 1, 2, 5, 16, 63, 64, 65, 100, 129, 300])
 @pytest.mark.parametrize("chunk", [8, 64])
 def test_chunked_equals_sequential_with_states(T, chunk):
     x, log_a, B, C = random_inputs(2, T, 3, 4, 5)

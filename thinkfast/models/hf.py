@@ -129,10 +129,19 @@ PLAIN_MODULES = (ThinkfastLM, Block, Attention, Mamba1Mixer, Mamba2Mixer, MLP, R
                  nn.ModuleList)
 
 
+def _has_hook(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
+
+
 def plain_modules(model: nn.Module) -> bool:
     """No adapter (PEFT's LoRA), quantised or parametrised layer, and no hook (accelerate's offloading) anywhere."""
-    return all(type(m) in PLAIN_MODULES and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
-               for m in model.modules())
+    return all(type(m) in PLAIN_MODULES and not _has_hook(m) for m in model.modules())
+
+
+def hooked(model: nn.Module) -> bool:
+    """A hook anywhere: accelerate's offloading or device placement, or a user's forward hook. A recurrent step
+    calls the blocks' and mixers' `step`, not their forward, and reads some weights directly, so it would skip them."""
+    return any(_has_hook(m) for m in model.modules())
 
 
 class ThinkfastCache:
@@ -140,37 +149,43 @@ class ThinkfastCache:
 
     Rows keep their real tokens from slot 0 (a left-padded prompt's pads are dropped at prefill), so a row's length is
     both its next token's position and its KV slot, as in the engine. The KV caches grow by doubling; Mamba layers'
-    states never grow. Duck-typed for transformers 5.x's generation loop (`get_seq_length`, `reorder_cache` for
+    states never grow. A model with hooks keeps no state (`state` None): it keeps the columns seen so far
+    (`prefix`: ids and attention mask) and re-runs them through its forward, where the hooks run. Duck-typed for transformers 5.x's generation loop (`get_seq_length`, `reorder_cache` for
     beam search, `is_compileable`), which has renamed its cache classes and arguments across minor versions.
     """
 
     is_compileable = False  # generate() asks before compiling the forward; the engine has its own compiled step
 
-    def __init__(self, state: ModelState, lengths: torch.Tensor, seen: int, make_step):
+    def __init__(self, state: ModelState | None, lengths: torch.Tensor, seen: int, make_step=None,
+                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.state = state
         self.lengths = lengths  # (B,) long
         self.seen = seen  # input columns consumed, pads included: generate() feeds the ones after these
         self.make_step = make_step  # state -> step; rebuilt when the KV caches grow
-        self.step = make_step(state)
+        self.step = None if state is None else make_step(state)
+        self.prefix = prefix  # (ids, mask) (B, seen) when state is None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
     @property
     def capacity(self) -> int:
-        return self.state.max_len
+        return self.seen if self.state is None else self.state.max_len
 
     def reorder_cache(self, beam_idx: torch.Tensor):
         """Rows take the rows `beam_idx` names (beam search keeps the beams it extends)."""
         beam_idx = beam_idx.to(self.lengths.device)
+        self.lengths = self.lengths.index_select(0, beam_idx)
+        if self.state is None:
+            self.prefix = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.prefix)
+            return
         for c in self.state.caches:
             for t in (c.k, c.v) if isinstance(c, KVCache) else (c.conv, c.ssm):
                 t.copy_(t.index_select(0, beam_idx))  # in place: the step may rely on the state's memory layout
-        self.lengths = self.lengths.index_select(0, beam_idx)
 
     def reserve(self, needed: int):
         """Room for `needed` KV slots per row: attention layers' caches double until it fits."""
-        if needed <= self.capacity:
+        if self.state is None or needed <= self.capacity:
             return
         capacity = self.capacity
         while capacity < needed:
@@ -374,9 +389,15 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(state, ThinkfastCache):
             if inputs_embeds is not None:
                 raise ModelInputError("thinkfast: a cache is continued from token ids; pass input_ids, not inputs_embeds")
+            if position_ids is not None:
+                self._check_cache_positions(position_ids, state.lengths[:, None] + torch.arange(
+                    input_ids.shape[1], device=state.lengths.device))
             logits, hidden_states = self._decode_with_cache(input_ids, state, attention_mask, bool(output_hidden_states))
         else:
             if use_cache and labels is None:
+                if position_ids is not None:
+                    x = input_ids if inputs_embeds is None else inputs_embeds[..., 0]
+                    self._check_cache_positions(position_ids, self.lm.positions_for(x, attention_mask), attention_mask)
                 out, state = self._prefill_with_cache(input_ids, inputs_embeds, attention_mask, bool(output_hidden_states))
             else:
                 state = None
@@ -389,9 +410,15 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].float()
+            # transformers' Trainer with gradient accumulation passes the whole step's label count, and then leaves
+            # the division to the model (so that every token weighs the same, however the micro-batches split)
+            num_items = kwargs.get("num_items_in_batch")
             loss = torch.nn.functional.cross_entropy(
-                shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+                shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+                reduction="mean" if num_items is None else "sum",
             )
+            if num_items is not None:
+                loss = loss / (num_items.to(loss.device) if isinstance(num_items, torch.Tensor) else num_items)
         if not return_dict:  # transformers' tuple: the fields that are set, in order (the cache once)
             return tuple(v for v in (loss, logits, state, hidden_states) if v is not None)
         return ThinkfastCausalLMOutput(loss=loss, logits=logits, past_key_values=state, cache=state,
@@ -417,6 +444,19 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
                                       f"of {vocab}; tokenizer and model do not match (after adding tokens to the "
                                       "tokenizer, call model.resize_token_embeddings(len(tokenizer)))")
 
+    @staticmethod
+    def _check_cache_positions(position_ids, expected, attention_mask=None):
+        """A cache numbers each row's tokens itself (its length is the next position and KV slot), so other
+        position_ids are refused rather than dropped; where the mask pads a column, any position goes."""
+        position_ids = position_ids.to(expected.device).expand_as(expected)
+        differ = position_ids != expected
+        if attention_mask is not None:
+            differ &= attention_mask.to(expected.device).bool()
+        if bool(differ.any()):
+            raise ModelInputError("thinkfast: position_ids with a cache must count each row's tokens from 0, as the "
+                                  "attention mask implies (the cache numbers them itself); pass position_ids=None, or "
+                                  "use_cache=False for other positions")
+
     def _prefill_with_cache(self, input_ids, inputs_embeds, attention_mask, output_hidden_states):
         """The prompts' forward (LMOutput) and a new `ThinkfastCache` holding their state."""
         x = input_ids if inputs_embeds is None else inputs_embeds
@@ -426,6 +466,8 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
                 "thinkfast: generating with a cache needs left-padded prompts (tokenizer.padding_side = 'left'); "
                 "this attention_mask has pads after a prompt's tokens"
             )
+        if hooked(self.lm):
+            return self._prefill_for_recompute(input_ids, inputs_embeds, attention_mask, output_hidden_states)
         capacity = max(self.GENERATION_MIN_CAPACITY, 2 * T)
         step = type(self).generation_step
         if getattr(step, "reads_weights", False) and not plain_modules(self.lm):
@@ -447,6 +489,20 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
                         c.v[:, :, :T] = c.v[:, :, :T].gather(2, idx)
         return out, ThinkfastCache(state, lengths, T, lambda st: step(self.lm, st))
 
+    def _prefill_for_recompute(self, input_ids, inputs_embeds, attention_mask, output_hidden_states):
+        """A hooked model's prefill: its forward, and a cache that keeps the columns to re-run (see `hooked`)."""
+        if inputs_embeds is not None:
+            raise ModelInputError("thinkfast: this model has hooks (accelerate's offloading or device map, or forward "
+                                  "hooks), so its cache re-runs the token ids each step; pass input_ids, not "
+                                  "inputs_embeds")
+        warnings.warn("thinkfast: the model has hooks (accelerate's offloading or device map, or forward hooks), which "
+                      "its recurrent step would skip, so generate() re-runs the whole sequence every step (slow at "
+                      "length; the model on one device without hooks takes the cached step)", stacklevel=2)
+        out = self.lm(input_ids, attention_mask=attention_mask, compute_logits=False,
+                      output_hidden_states=output_hidden_states)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+        return out, ThinkfastCache(None, mask.long().sum(-1), input_ids.shape[1], prefix=(input_ids, mask))
+
     def _decode_with_cache(self, input_ids, state: ThinkfastCache, attention_mask=None, output_hidden_states=False):
         """The new columns one at a time, through the model's recurrent step: logits (B, new, V) and, when asked,
         the hidden states (transformers' tuple, each (B, new, D)) from the model's own step, which keeps them."""
@@ -457,6 +513,8 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask[:, -new:].all()):
             raise ModelInputError("thinkfast: tokens after a cache cannot be padded (each row's state has moved on); "
                                   "continue rows whose new text differs in length one at a time")
+        if state.state is None:
+            return self._decode_by_recompute(input_ids, state, output_hidden_states)
         longest = int(state.lengths.max())  # one host sync per call, not per token
         state.reserve(longest + new)
         logits, columns = [], []
@@ -470,6 +528,19 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         state.seen += new
         hidden_states = tuple(torch.stack(layer, 1) for layer in zip(*columns)) if output_hidden_states else None
         return torch.stack(logits, 1), hidden_states
+
+    def _decode_by_recompute(self, input_ids, state: ThinkfastCache, output_hidden_states):
+        """A hooked model's new columns: the whole sequence through its forward again, the new columns' outputs."""
+        new = input_ids.shape[1]
+        ids, mask = state.prefix
+        ids = torch.cat([ids, input_ids.to(ids.device)], 1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], new)], 1)
+        out = self.lm(ids, attention_mask=mask, compute_logits=False, output_hidden_states=output_hidden_states)
+        state.prefix, state.seen, state.lengths = (ids, mask), state.seen + new, state.lengths + new
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(h[:, -new:] for h in (*out.hidden_states[:-1], out.last_hidden))
+        return self.lm.logits(out.last_hidden[:, -new:]), hidden_states
 
 
 AutoConfig.register("thinkfast", ThinkfastConfig, exist_ok=True)

@@ -59,6 +59,10 @@ def _ssd_chunked(x, log_a, B, C, chunk_size, initial_state, return_final_state):
     b, T, H, P = x.shape
     N = B.shape[-1]
     out_dtype = x.dtype
+    if T == 0:  # nothing to scan: the state passes through
+        state = torch.zeros(b, H, P, N, device=x.device) if initial_state is None else initial_state.float()
+        y = x.new_zeros(b, 0, H, P)
+        return (y, state) if return_final_state else y
     x, log_a, B, C = (t.float() for t in (x, log_a, B, C))
     # a short sequence is one chunk: no padding to a chunk multiple (prefill of short prompts)
     L = T if T <= 2 * chunk_size else chunk_size
