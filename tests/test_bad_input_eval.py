@@ -12,9 +12,9 @@ TINY_TEACHER = Path(__file__).resolve().parents[1] / "thinkfast" / "assets" / "t
 RG = "rg:chain_sum?size=4&seed=3&min_terms=2&max_terms=2&min_digits=1&max_digits=1"
 
 
-def _record(pid, j, model="teacher", correct=True, reward=None):
+def _record(pid, j, model="teacher", correct=True, reward=None, gold="5"):
     return {"problem_id": pid, "sample_idx": j, "model": model, "role": "teacher", "completion": "2 + 3 = 5\n#### 5",
-            "answer": "5", "gold": "5", "kind": "number", "correct": correct, "grade_error": None, "reward": reward,
+            "answer": "5", "gold": gold, "kind": "number", "correct": correct, "grade_error": None, "reward": reward,
             "gen_tokens": 3, "prompt_tokens": 5, "seconds": 0.01, "seed": j, "finish_reason": "eos",
             "hardware": "cpu", "config": "aaaa"}
 
@@ -24,8 +24,16 @@ def _write(path, records):
     return path
 
 
+def _rg_answers(spec=RG):
+    from thinkfast.data import load_problems
+
+    return {p.id: p.answer for p in load_problems(spec)}
+
+
 def _samples(path, pids=("chain_sum:3:0", "chain_sum:3:1")):
-    return _write(path, [_record(p, j, correct=j == 0) for p in pids for j in range(2)])
+    """Samples of RG's problems (their gold answers are the spec's)."""
+    gold = _rg_answers()
+    return _write(path, [_record(p, j, correct=j == 0, gold=gold.get(p, "5")) for p in pids for j in range(2)])
 
 
 def _one_line_error(capsys, *needles, absent=()):
@@ -225,8 +233,44 @@ def test_report_checks_its_dataset_against_the_samples(tmp_path, capsys):
     assert main(["report", str(samples), "--out", str(rep), "--dataset", part, "--no-plots"]) == 2
     _one_line_error(capsys, "lacks 1 of the samples' 2 problems", "'chain_sum:3:1'")
     assert not rep.exists()
+    # the same problem ids with other answers: a spec with the same seed and other options
+    other_digits = RG.replace("max_digits=1", "max_digits=3")
+    assert _rg_answers(other_digits).keys() == _rg_answers().keys() != set()
+    assert main(["report", str(samples), "--out", str(rep), "--dataset", other_digits, "--no-plots"]) == 2
+    _one_line_error(capsys, "is not the data these samples were drawn from", "'chain_sum:3:0'", f"{samples}:1")
+    assert not rep.exists()
     assert main(["report", str(samples), "--out", str(rep), "--dataset", RG, "--no-plots"]) == 0
     assert json.loads((rep / "metrics.json").read_text())["dataset"] == RG
+
+
+def test_score_checks_every_files_problems_against_its_data_before_rewriting_any(tmp_path, capsys):
+    first = _samples(tmp_path / "a.jsonl")
+    first.write_text(first.read_text().replace('"correct": true', '"correct": null'))  # something for score to do
+    before = first.read_text()
+    outside = _samples(tmp_path / "b.jsonl", pids=("chain_sum:3:9",))  # not in RG (size 4)
+    assert main(["score", str(first), str(outside), "--data", RG]) == 2
+    _one_line_error(capsys, f"{outside}:1", "'chain_sum:3:9' is not in the data")
+    assert first.read_text() == before  # the first file was not rewritten
+    other_digits = RG.replace("max_digits=1", "max_digits=3")
+    assert main(["score", str(first), "--data", other_digits]) == 2
+    _one_line_error(capsys, "is not the data these samples were drawn from")
+    assert first.read_text() == before
+    assert main(["score", str(first), "--data", RG]) == 0
+    assert '"correct": null' not in first.read_text()
+
+
+def test_train_rm_checks_the_samples_data_and_says_what_it_left_out(tmp_path, capsys):
+    samples = _samples(tmp_path / "s.jsonl", pids=("chain_sum:3:0", "chain_sum:3:1", "chain_sum:3:2"))
+    lines = samples.read_text().splitlines()
+    lines[-1] = lines[-1].replace('"correct": false', '"correct": null')
+    samples.write_text("\n".join(lines) + "\n")
+    args = ["train-rm", "--samples", str(samples), "--backbone", str(TINY_TEACHER), "--val-fraction", "0"]
+    assert main([*args, "--out", str(tmp_path / "rm0"), "--data", RG.replace("max_digits=1", "max_digits=3")]) == 2
+    _one_line_error(capsys, "is not the data these samples were drawn from")
+    assert not (tmp_path / "rm0").exists()
+    assert main([*args, "--out", str(tmp_path / "rm"), "--data", RG]) == 0
+    out = capsys.readouterr().out
+    assert "on 5 completions" in out and "1 ungraded samples left out" in out, out
 
 
 def test_report_refuses_a_folder_it_did_not_write_and_rewrites_its_own(tmp_path, capsys):

@@ -73,6 +73,9 @@ def test_a_failed_save_leaves_the_old_folder_and_names_the_folder_not_its_tempor
      ["DEST/model.safetensors: no space left on its disk"]),
     (OSError(errno.EFBIG, "File too large"), ["file too large", "ulimit -f"]),
     (OSError(errno.EIO, "Input/output error"), ["Input/output error; check the disk", "re-run the same command with --resume"]),
+    (OSError(errno.EROFS, "Read-only file system", "RO/s.jsonl.lock"),
+     ["RO/s.jsonl.lock: Read-only file system; this command writes there", "work on a copy in a writable folder"]),
+    (OSError(errno.EACCES, "Permission denied", "DATA/x.jsonl"), ["DATA/x.jsonl: Permission denied; check its permissions"]),
 ])
 def test_a_full_disk_is_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch, failure, needles):
     import thinkfast.commands.distill as distill_cmd
@@ -82,6 +85,8 @@ def test_a_full_disk_is_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(distill_cmd, "run_distill", fails)
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")  # a run that had started: the same command continues it with --resume
     assert main(["distill", "--teacher", "t", "--stages", "sft", "--tokens", "8", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err

@@ -294,6 +294,11 @@ def test_interrupted_run_says_how_to_continue(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(distill_cmd, "run_distill", interrupted)
     monkeypatch.setattr(sample_cmd, "cmd_sample", interrupted)
+    # interrupted while the teacher or the data loaded: no run to resume yet
+    assert main(["distill", "--teacher", "t", "--stages", "sft", "--tokens", "8", "--out", str(tmp_path / "a")]) == 130
+    assert "re-run the same command as it is to continue" in capsys.readouterr().err
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "run.json").write_text("{}")  # the run had started
     assert main(["distill", "--teacher", "t", "--stages", "sft", "--tokens", "8", "--out", str(tmp_path / "a")]) == 130
     assert "re-run the same command with --resume to continue" in capsys.readouterr().err
     assert main(["distill", "--teacher", "t", "--stages", "sft", "--tokens", "8", "--out", str(tmp_path / "a"), "--resume"]) == 130

@@ -81,6 +81,27 @@ def test_resume_after_a_crash_gives_exactly_the_same_samples(setup, tmp_path, cu
     assert _content(crashed) == _content(full)
 
 
+def test_resuming_on_other_hardware_says_the_report_will_refuse_the_mix(setup, tmp_path, capsys, caplog):
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out)) == 0
+    lines = out.read_text().splitlines()
+    timed = json.loads(lines[0])["hardware"]
+    # a run that stopped after 5 samples, on another machine (or with other --threads)
+    out.write_text("".join(line.replace(json.dumps(timed), '"Other CPU (8 threads)"') + "\n" for line in lines[:5]))
+    assert main(_args(root, spec, out)) == 0
+    note = caplog.text  # a logged warning: the command's stderr shows it as it is
+    assert "'Other CPU (8 threads)'" in note and repr(timed) in note and "will refuse the mix" in note, note
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--no-plots"]) == 2
+    assert "timed on 2 machines or thread counts" in capsys.readouterr().err
+    # resuming on the hardware the file was timed on says nothing
+    caplog.clear()
+    out.write_text("".join(line + "\n" for line in lines[:5]))
+    assert main(_args(root, spec, out)) == 0
+    assert "will refuse" not in caplog.text
+
+
 def test_another_configuration_is_refused_and_the_file_left_untouched(setup, tmp_path, capsys):
     root, spec = setup
     out = tmp_path / "s.jsonl"

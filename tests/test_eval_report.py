@@ -80,12 +80,13 @@ def test_malformed_line_names_file_and_line(runs, mutate, match):
 
 def test_report_files_and_schema(runs, tmp_path):
     out = tmp_path / "report"
-    m = build_report(runs, out, dataset="gsm8k:../shared/data/gsm8k_test.jsonl", wall_seconds=12.5, summary_notes="Students win.")
+    spec = write_levels(tmp_path / "problems.jsonl")  # the problems the samples carry the answers of
+    m = build_report(runs, out, dataset=spec, wall_seconds=12.5, summary_notes="Students win.")
     for name in ("report.md", "metrics.json", "coverage_vs_k.png", "coverage_vs_seconds.png", "accuracy_vs_k.png",
                  "accuracy_vs_seconds.png", "pareto.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     on_disk = json.loads((out / "metrics.json").read_text())
-    assert on_disk["wall_seconds"] == 12.5 and on_disk["dataset"].startswith("gsm8k:")
+    assert on_disk["wall_seconds"] == 12.5 and on_disk["dataset"] == spec
     assert set(on_disk["models"]) == {"teacher", "llamba"}
     t = on_disk["models"]["teacher"]
     assert t["role"] == "teacher"
@@ -128,6 +129,20 @@ def test_mixed_hardware_is_refused_unless_allowed(tmp_path):
         build_report([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "r", plots=False)
     m = build_report([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "r", plots=False, allow_mixed_hardware=True)
     assert m["hardware"] is None and any("not comparable" in n for n in m["notes"])
+    # one model's own samples timed on two (a run resumed with other --threads): named as that
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    lines[-1] = lines[-1].replace('"NVIDIA H100"', '"NVIDIA H100 (2 GPUs)"')
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"model 'a'\'s samples were timed on 2 machines or thread counts") as e:
+        build_report([tmp_path / "a.jsonl"], tmp_path / "r2", plots=False)
+    assert "resumed" in str(e.value) and "NVIDIA H100 (2 GPUs)" in str(e.value)
+
+
+def test_json_errors_read_as_one_sentence(tmp_path):
+    bad = tmp_path / "s.jsonl"
+    bad.write_text('{"problem_id": "a\tb"}\n')  # a raw tab inside a JSON string
+    with pytest.raises(DataError, match=r"not valid JSON \(Invalid control character at column \d+\)"):
+        read_samples(bad)
 
 
 def test_cli_report_and_errors(runs, tmp_path, capsys):

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from .errors import ThinkfastError, command_line
 from .utils import free_bytes, write_failure
@@ -92,8 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    logger = logging.getLogger("thinkfast")
+    level = logger.level
     if int(os.environ.get("RANK", "0") or 0) > 0:  # under torchrun every rank would repeat rank 0's warnings
-        logging.getLogger("thinkfast").setLevel(logging.ERROR)
+        logger.setLevel(logging.ERROR)
+    try:
+        return _run_command(args)
+    finally:
+        logger.setLevel(level)  # main() called in a process that goes on (a notebook, tests) leaves logging as it was
+
+
+def _run_command(args) -> int:
     try:
         with command_line():
             result = args.func(args)
@@ -116,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _how_to_continue(args) -> str:
-    return "with --resume" if getattr(args, "resume", None) is False else "as it is"  # commands with --resume want it
+    """Commands with --resume want it, once their run folder holds a run (interrupted while loading, it holds none)."""
+    out = getattr(args, "out", None)
+    started = out is not None and (Path(out) / "run.json").is_file()
+    return "with --resume" if getattr(args, "resume", None) is False and started else "as it is"
 
 
 def os_error_line(e: OSError, args) -> str:
@@ -140,6 +153,10 @@ def os_error_line(e: OSError, args) -> str:
     if e.errno == errno.EIO:
         return (f"{prefix}{e.strerror}; check the disk (and its free space), then re-run the same command "
                 f"{_how_to_continue(args)} to continue from what was saved")
+    if e.errno == errno.EROFS:
+        return f"{prefix}{e.strerror}; this command writes there (or beside it): work on a copy in a writable folder"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"{prefix}{e.strerror}; check its permissions (and its folder's), or work on a copy you own"
     return f"{prefix}{e.strerror or e}"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -27,6 +28,8 @@ from ..utils import check_device, parse_dtype
 from .engine import Engine, EngineStats, model_role, parse_ssm_state_dtype
 from .samples_file import SamplesWriter, part_files
 from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 GradeFn = Callable[[list[str], list[str], list[str]], list]
 
@@ -242,7 +245,8 @@ class _SamplingJob:
         self.writer.lock()  # before reading: a live run's half-written last line is not a crash's to cut
         try:
             done = self.writer.done()  # refuses a file of another configuration before any work
-            written_as = _written_name(out) if done else None
+            first = _first_record(out) if done else {}
+            written_as, self.written_on = first.get("model"), first.get("hardware")
             if written_as is not None:
                 if name is not None and name != written_as:
                     raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with "
@@ -278,6 +282,11 @@ class _SamplingJob:
         self.engine = Engine(model, tokenizer, batch_size=self.batch_size, device=self.device, dtype=self.dtype,
                              compile=self.compile, ssm_state_dtype=self.ssm_dtype)
         self.hardware = hardware_string(self.device)
+        if self.skipped and self.written_on and self.written_on != self.hardware:
+            log.warning("note: %s holds samples timed on %r and this run is %r; seconds are comparable only on one "
+                        "machine and thread count, so `thinkfast report` will refuse the mix (unless "
+                        "--allow-mixed-hardware): stop now and resume as before (the same device and --threads), or "
+                        "sample into a new file", self.out, self.written_on, self.hardware)
         desc = self.name + (f" rank {self.rank}" if self.world > 1 else "")
         self.bar = _progress_bar(sum(len(v) for v in self.todo.values()), desc, progress and self.rank == 0,
                                  position=bar_position)
@@ -429,16 +438,17 @@ def _take_turns(runs: list["_SamplingJob"], turn_seconds: float, progress: bool)
     return [r.finish() for r in runs]
 
 
-def _written_name(out) -> str | None:
-    """The model name of a samples file's first record (None when it has none)."""
+def _first_record(out) -> dict:
+    """A samples file's first record ({} when it has none)."""
     try:
         with open(out, encoding="utf-8") as f:
             for line in f:
                 if line.strip():
-                    return json.loads(line).get("model")
+                    record = json.loads(line)
+                    return record if isinstance(record, dict) else {}
     except (OSError, ValueError):
-        return None
-    return None
+        return {}
+    return {}
 
 
 def _record(c, problem: Problem, grade, name: str, role: str, hardware: str, config: str) -> dict:

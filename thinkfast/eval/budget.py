@@ -41,6 +41,14 @@ def model_timing(samples: list[Sample]) -> ModelTiming:
 def check_hardware(timings: dict[str, ModelTiming], allow_mixed: bool = False) -> str | None:
     """The one hardware string shared by all models; DataError when they differ (unless allowed)."""
     seen = {hw: [m for m, t in timings.items() if hw in t.hardware] for t in timings.values() for hw in t.hardware}
+    split = next((m for m, t in timings.items() if len(t.hardware) > 1), None)
+    if split is not None and not allow_mixed:  # one run resumed elsewhere, or with other --threads
+        raise DataError(
+            f"model {split!r}'s samples were timed on {len(timings[split].hardware)} machines or thread counts "
+            f"({', '.join(map(repr, timings[split].hardware))}): its run was resumed on another device or with other "
+            "--threads; seconds are only comparable on one machine: re-sample it on one, or pass --allow-mixed-hardware "
+            "to compare anyway"
+        )
     if len(seen) > 1 and not allow_mixed:
         detail = "; ".join(f"{hw!r}: {', '.join(models)}" for hw, models in seen.items())
         raise DataError(

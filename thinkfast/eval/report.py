@@ -22,7 +22,7 @@ from ..utils import HeldLock, atomic_write_json, atomic_write_text
 from .budget import ModelTiming, best_within, check_hardware, model_timing, pareto_front
 from .grading import canonical_answer, extract_answer
 from .metrics import DEFAULT_SUBSETS, METRICS, ProblemSamples, dataset_curves, effective_correct, ks_for, subsets_used
-from .samples import Sample, SampleSet, read_samples
+from .samples import Sample, SampleSet, check_drawn_from, read_samples
 
 LABELS = {"pass_at_k": "coverage (pass@k)", "maj_at_k": "majority vote (maj@k)", "bon_at_k": "Best-of-N (BoN@k)",
           "weighted_bon_at_k": "weighted Best-of-N"}
@@ -469,7 +469,8 @@ def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
 def _check_dataset_holds(sset: SampleSet, problems, dataset: str) -> None:
     """The dataset must hold every problem of the samples: it is recorded as their data, and grouped by (another
     spec, or a slice of it, would name the wrong data and put the problems it lacks in the group `(none)`)."""
-    ids = {p.id for p in problems}
+    by_id = {p.id: p for p in problems}
+    ids = by_id.keys()
     if not ids:
         from ..data.sources import empty_spec_hint
 
@@ -482,6 +483,7 @@ def _check_dataset_holds(sset: SampleSet, problems, dataset: str) -> None:
     if outside:
         raise DataError(f"{option('--dataset ', 'dataset=')}{dataset!r} lacks {len(outside)} of the samples' {len(sampled)} problems (e.g. "
                         f"{outside[0]!r}); pass the data spec the samples were drawn from (a larger limit= or size=?)")
+    check_drawn_from(sset.samples, by_id, option('--dataset ', 'dataset='), dataset)
 
 
 PLOT_FILE = re.compile(r"^((coverage|accuracy)_vs_\w+|pareto)\.png$")  # the plots a report draws

@@ -128,7 +128,7 @@ class OutcomeRewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         n = backbone.lm.cfg.n_layers
         if not 0 <= cfg.train_layers <= n:
-            raise ConfigError(f"train_layers={cfg.train_layers}: the backbone has {n} layers; use 0..{n}")
+            raise ConfigError(f"{option('--train-layers ', 'train_layers=')}{cfg.train_layers}: the backbone has {n} layers; use 0..{n}")
         if cfg.train_layers and not cfg.reads_pooled:
             raise ConfigError(f"train_layers={cfg.train_layers} fine-tunes blocks under the pooled features, which "
                               f"features={cfg.features!r} does not read; use features 'both' or 'pooled', or train_layers 0")

@@ -138,7 +138,8 @@ def read_samples_file(path, skip_bad_lines: bool = False) -> SamplesFile:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                # json's own message can end in "at" ("Invalid control character at")
+                raise DataError(f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
             out.samples[i] = parse_sample(obj, where)
         except DataError as e:
             if not skip_bad_lines:
@@ -172,6 +173,22 @@ class SampleSet:
 
     def field_values(self, model: str, name: str) -> list:
         return list(dict.fromkeys(getattr(s, name) for s in self.samples if s.model == model))
+
+
+def check_drawn_from(samples, problems: dict, flag: str, spec) -> None:
+    """Each sample whose problem id is in `problems` (id -> Problem) has that problem's gold answer and grader kind:
+    ids alone can name other data (a reasoning-gym spec with the same seed and other options, a file of another
+    split under the same name). Ids that are missing are the caller's to word."""
+    checked = set()
+    for s in samples:
+        p = problems.get(s.problem_id)
+        if p is None or s.problem_id in checked:
+            continue
+        checked.add(s.problem_id)
+        if (str(p.answer).strip(), p.kind) != (s.gold.strip(), s.kind):
+            raise DataError(f"{flag}{spec!r} is not the data these samples were drawn from: problem {s.problem_id!r} has "
+                            f"the answer {p.answer!r} ({p.kind}) there and {s.gold!r} ({s.kind}) at {s.where}; pass the "
+                            "spec the samples were drawn from")
 
 
 def read_samples(paths, skip_bad_lines: bool = False) -> SampleSet:

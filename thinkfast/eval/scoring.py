@@ -17,29 +17,34 @@ from ..utils import HeldLock, atomic_write_text, progress_bar, remove_temp_copie
 from .grading import DEFAULT_TIMEOUT, grade_many
 from .reward import (ORM_CONFIG, check_reward_model_out, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, check_labels, load_backbone,
                      train_orm)
-from .samples import Sample, read_samples, read_samples_file
+from .samples import Sample, check_drawn_from, read_samples, read_samples_file
 
 
-def load_questions(data_specs) -> dict[str, str]:
-    """problem_id -> question text, from data specs (the ones the samples were drawn from)."""
-    from ..data import load_problems
+class Questions:
+    """The problems of data specs (the ones the samples were drawn from), by problem_id."""
 
-    out: dict[str, str] = {}
-    for spec in [data_specs] if isinstance(data_specs, str) else (data_specs or []):
-        for p in load_problems(spec):
-            out[str(p.id)] = p.question
-    return out
+    def __init__(self, data_specs):
+        from ..data import load_problems
+
+        self.specs = [data_specs] if isinstance(data_specs, str) else list(data_specs or [])
+        self.problems = {str(p.id): p for spec in self.specs for p in load_problems(spec)}
+
+    def check(self, samples: list[Sample]) -> None:
+        """Every sample's problem is here, with the sample's gold answer and kind (ids alone can name other data)."""
+        for s in samples:
+            if s.problem_id not in self.problems:
+                raise DataError(f"{s.where}: problem_id {s.problem_id!r} is not in the data given with "
+                                f"{option('--data', 'data')}; pass the spec the samples were drawn from")
+        check_drawn_from(samples, self.problems, option("--data ", "data="), ", ".join(self.specs))
 
 
-def questions_for(samples: list[Sample], questions: dict[str, str] | None) -> list[str | None]:
-    """The question of each sample: from the data specs when given, else a `question` field on the line."""
-    out = []
-    for s in samples:
-        q = questions.get(s.problem_id) if questions else s.record.get("question")
-        if questions and q is None:
-            raise DataError(f"{s.where}: problem_id {s.problem_id!r} is not in the data given with {option('--data', 'data')}; pass the spec the samples were drawn from")
-        out.append(q if isinstance(q, str) else None)
-    return out
+def questions_for(samples: list[Sample], questions: Questions | None) -> list[str | None]:
+    """The question of each sample: from the data specs when given (checked to be the samples' data), else a
+    `question` field on the line."""
+    if questions is not None:
+        questions.check(samples)
+        return [questions.problems[s.problem_id].question for s in samples]
+    return [q if isinstance(q := s.record.get("question"), str) else None for s in samples]
 
 
 def train_reward_model(samples_paths, backbone: str, out_dir, data=None, orm: ORMConfig | None = None,
@@ -59,15 +64,16 @@ def _train_reward_model(samples_paths, backbone, out_dir, data, orm, training, s
     if not graded:
         raise DataError("no graded samples (every `correct` is null); run `thinkfast score` without a reward model to grade them first")
     check_labels([bool(s.correct) for s in graded])  # before the backbone loads (tens of seconds)
-    questions = load_questions(data) if data else None
-    qs = questions_for(graded, questions)
+    qs = questions_for(graded, Questions(data) if data else None)
     cfg = orm or ORMConfig()
     cfg.uses_question = any(q is not None for q in qs)
-    if not cfg.uses_question:
-        log("note: no questions (no --data and no `question` field): the verifier sees completions only")
     model, tokenizer = load_backbone(backbone, device)
+    if not cfg.uses_question:  # after the backbone loads: a bad backbone's error stays the only line
+        log("note: no questions (no --data and no `question` field): the verifier sees completions only")
+    ungraded = len(sset.samples) - len(graded)
     log(f"training a reward model on {len(graded)} completions ({sum(s.correct for s in graded)} correct) of "
-        f"{len({s.problem_id for s in graded})} problems; backbone {backbone} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
+        f"{len({s.problem_id for s in graded})} problems; backbone {backbone} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)"
+        + (f"; {ungraded} ungraded samples left out (`thinkfast score` grades them)" if ungraded else ""))
     rm = train_orm(qs, [s.completion for s in graded], [bool(s.correct) for s in graded], [s.problem_id for s in graded],
                    model, tokenizer, cfg, training, log)
     rm.save(out_dir)
@@ -110,7 +116,9 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
                     else "it is empty")
             raise DataError(f"{f.path}: no samples to score ({what}); pass samples files written by `thinkfast sample`")
     sizes = {p: os.stat(p).st_size for p in paths}
-    questions = load_questions(data) if data else None
+    questions = Questions(data) if data else None
+    if questions is not None:  # every file's problems, before the first file is rewritten
+        questions.check([s for f in files for s in f.samples.values()])
     scorer = None
     if reward_model is not None:
         scorer = reward_model if isinstance(reward_model, OutcomeRewardModel) else load_reward_model(reward_model, device)
