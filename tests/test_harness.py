@@ -132,11 +132,11 @@ metric_list:
     return task_dir
 
 
-def _run(task_dir, out, model, model_args, monkeypatch):
+def _run(task_dir, out, model, model_args, monkeypatch, device=("--device", "cpu")):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # run_cli rewrites it for lm-eval's parser
     rc = main(["lm-eval", "--model", model, "--model_args", model_args, "--tasks", "tf_sums", "--include_path",
-               str(task_dir), "--output_path", str(out), "--device", "cpu", "--batch_size", "4", "--log_samples"])
+               str(task_dir), "--output_path", str(out), *device, "--batch_size", "4", "--log_samples"])
     assert rc == 0
     results = next(out.rglob("results_*.json"))
     return json.loads(results.read_text())["results"]["tf_sums"]
@@ -144,7 +144,9 @@ def _run(task_dir, out, model, model_args, monkeypatch):
 
 def test_the_lm_eval_command_runs_a_task_with_the_engine_as_with_hf(tmp_path, monkeypatch):
     task_dir = _task(tmp_path)
-    ours = _run(task_dir, tmp_path / "ours", "thinkfast", f"pretrained={embedded_teacher_dir()},slots=4", monkeypatch)
+    # no --device, as the README's command: lm-eval's default (cuda:0) runs on the CPU where there is no GPU, as hf does
+    ours = _run(task_dir, tmp_path / "ours", "thinkfast", f"pretrained={embedded_teacher_dir()},slots=4", monkeypatch,
+                device=())
     # lm-eval's own `hf` model reads the same thinkfast folder, since the command has imported thinkfast
     theirs = _run(task_dir, tmp_path / "hf", "hf", f"pretrained={embedded_teacher_dir()}", monkeypatch)
     assert ours["exact_match,final"] == theirs["exact_match,final"] >= 0.5
@@ -155,6 +157,9 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
         sampling_params({"num_beams": 4, "do_sample": False}, 256)
     assert sampling_params({"until": "\n", "do_sample": False, "temperature": 0.7}, 256).temperature == 0
     assert sampling_params({"do_sample": True}, 32).temperature == 1.0
+    # a temperature with do_sample unset does what the model's generation_config says, as HFLM's generate() does
+    assert sampling_params({"temperature": 0.7}, 32).temperature == 0
+    assert sampling_params({"temperature": 0.7}, 32, model_samples=True).temperature == 0.7
     assert sampling_params({"max_new_tokens": 9}, 32).max_new_tokens == 9
     task_dir = _task(tmp_path, n=2)
     monkeypatch.setattr(sys, "argv", list(sys.argv))

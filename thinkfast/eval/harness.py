@@ -13,6 +13,7 @@ Importing this module needs lm-eval (`pip install 'thinkfast[lm-eval]'`).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import torch
@@ -25,13 +26,17 @@ from ..engine.sampling import SamplingParams
 from ..errors import ConfigError, ThinkfastError
 from ..models.teacher import load_thinkfast
 
+log = logging.getLogger(__name__)
+
 # gen_kwargs the engine honours; a task asking for anything else (beams, penalties) is refused, not half-run
 GEN_KEYS = {"until", "do_sample", "temperature", "top_p", "top_k", "min_p", "max_gen_toks", "max_new_tokens", "max_tokens"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
 
 
-def sampling_params(gen_kwargs: dict, default_max_gen_toks: int) -> SamplingParams:
-    """An lm-eval task's generation_kwargs as the engine's SamplingParams (greedy unless do_sample is true)."""
+def sampling_params(gen_kwargs: dict, default_max_gen_toks: int, model_samples: bool = False) -> SamplingParams:
+    """An lm-eval task's generation_kwargs as the engine's SamplingParams, greedy unless they sample as HFLM's
+    `generate()` would: do_sample true, or a temperature with do_sample unset where the model's generation_config
+    samples (`model_samples`)."""
     unknown = sorted(set(gen_kwargs) - GEN_KEYS)
     if unknown:
         raise ConfigError(f"generation setting {unknown[0]!r} of this task: the thinkfast engine samples with temperature, "
@@ -41,8 +46,10 @@ def sampling_params(gen_kwargs: dict, default_max_gen_toks: int) -> SamplingPara
     max_new = next((gen_kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in gen_kwargs),
                    default_max_gen_toks)
     sample = gen_kwargs.get("do_sample")
+    if sample is None:  # HFLM passes do_sample=None on: generate() then does what the model's generation_config says
+        sample = model_samples
     temperature = float(gen_kwargs.get("temperature", 1.0 if sample else 0.0))
-    if sample is False:
+    if not sample:
         temperature = 0.0
     return SamplingParams(temperature=temperature, top_p=float(gen_kwargs.get("top_p") or 1.0),
                           top_k=int(gen_kwargs.get("top_k") or 0), min_p=float(gen_kwargs.get("min_p") or 0.0),
@@ -98,7 +105,13 @@ class ThinkfastHarnessLM(HFLM):
         if isinstance(pretrained, str):
             if str(dtype) not in DTYPES:
                 raise ConfigError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
-            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            dev = device or "cuda"
+            if str(dev).startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's command line passes device=cuda:0 unless told otherwise; its hf model then runs on the
+                # CPU, and so does this one
+                if device:
+                    log.warning("thinkfast lm-eval: device=%s, but there is no CUDA device here; running on the CPU", device)
+                dev = "cpu"
             model, tok = load_thinkfast(pretrained, dtype=DTYPES[str(dtype)], device=dev, where="pretrained",
                                         trust_remote_code=bool(trust_remote_code))
             if tok is None:
@@ -112,6 +125,10 @@ class ThinkfastHarnessLM(HFLM):
         self.engine = Engine(model, self.tokenizer, batch_size=slots, ssm_state_dtype=ssm_state_dtype)
         self.seed = seed
 
+    def _model_samples(self) -> bool:
+        config = getattr(self.model, "generation_config", None)
+        return bool(getattr(config, "do_sample", False))
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         groups: dict[str, tuple[dict, list[int]]] = {}  # one engine run per generation setting
         for i, req in enumerate(requests):
@@ -120,7 +137,7 @@ class ThinkfastHarnessLM(HFLM):
             groups.setdefault(key, (gen_kwargs, []))[1].append(i)
         runs = []  # every setting checked before any answer is generated
         for gen_kwargs, members in groups.values():
-            params = sampling_params(gen_kwargs, self.max_gen_toks)
+            params = sampling_params(gen_kwargs, self.max_gen_toks, self._model_samples())
             if self.max_length - params.max_new_tokens < 1:
                 raise ConfigError(f"max_gen_toks={params.max_new_tokens} leaves no room for a prompt in the model's "
                                   f"{self.max_length} positions; lower it or raise max_length")
