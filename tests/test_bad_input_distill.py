@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import folder_bytes_by_file, tiny_thinkfast_teacher, write_distill_files
 
 from thinkfast.cli import main
@@ -294,3 +295,40 @@ def test_train_teacher_refuses_a_foreign_out_before_generating_data(tmp_path, ca
     (out / "notes.txt").write_text("keep me")
     _fails(capsys, ["train-teacher", "--out", str(out), "--no-progress"], f"{out} is not empty and holds no thinkfast run")
     assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_flags_no_stage_of_the_run_reads_are_refused(files, tmp_path, capsys):
+    """Accepted without a word before, like --freeze was: they changed nothing."""
+    for stages, flag, says in [("hidden", ["--kd-loss", "reverse_kl"], "--kd-loss: only the kd stage read"),
+                               ("hidden", ["--temperature", "2"], "--temperature: only the kd stage read"),
+                               ("hidden", ["--ce-weight", "1"], "--ce-weight: only the kd stage read"),
+                               ("hidden", ["--positions", "completion"], "--positions: only the kd stage read"),
+                               ("kd", ["--layers", "1"], "--layers: only the matrix and hidden stages read"),
+                               ("matrix,kd", ["--train-mlp"], "--train-mlp: only the hidden stage read"),
+                               ("kd", ["--decay", "0.5"], "--decay: only the wsd schedule")]:
+        _fails(capsys, _distill(files, tmp_path / "a", "--stages", stages, "--tokens", "128", *flag), says,
+               f"this run's stages are {stages}" if "decay" not in says else "pass --schedule wsd")
+    _fails(capsys, _sft(files, tmp_path / "a", "--tokens", "128", "--decay", "0.5"), "--decay: only the wsd schedule")
+    assert not (tmp_path / "a").exists()
+    # where a stage reads them, they go through
+    assert main(_distill(files, tmp_path / "b", "--stages", "kd", "--tokens", "128", "--kd-loss", "reverse_kl",
+                         "--schedule", "wsd", "--decay", "0.5")) == 0
+
+
+def test_settings_a_later_stage_refuses_are_refused_before_anything_is_written(files, tmp_path, capsys):
+    """A stage that cannot train was refused only when it started: after the earlier stages trained and run.json
+    was written, so that the corrected command no longer resumed the run."""
+    every = "embed,norm,mlp,attn,mamba"
+    _fails(capsys, _distill(files, tmp_path / "a", "--stages", "hidden,kd", "--tokens", "128", "--freeze", every),
+           "stage kd: nothing to train (every parameter is frozen: --freeze embed,norm,mlp,attn,mamba)")
+    _fails(capsys, _sft(files, tmp_path / "a", "--tokens", "128", "--freeze", every), "stage sft: nothing to train")
+    if not torch.cuda.is_available():
+        _fails(capsys, _distill(files, tmp_path / "a", "--stages", "hidden,kd", "--tokens", "128", "--precision", "bf16"),
+               "hidden: precision bf16 needs a GPU")
+    assert not (tmp_path / "a").exists()
+
+
+def test_held_out_data_that_is_the_training_spec_is_refused(files, tmp_path, capsys):
+    _fails(capsys, _distill(files, tmp_path / "a", "--stages", "kd", "--tokens", "128", "--eval-data", _data(files)),
+           f"--eval-data {_data(files)}: the training data names the same spec")
+    assert not (tmp_path / "a").exists()

@@ -124,6 +124,20 @@ def test_existing_run_is_never_overwritten(tmp_path, tok):
     with pytest.raises(CheckpointError, match="other settings"):  # another teacher of the same shape
         distill(_teacher(tok, seed=5), "llamba", DATA, [StageConfig("kd", _tc(2))], tokenizer=tok, out_dir=out,
                 progress=False, resume=True)
+    # the same teacher fine-tuned with its embeddings frozen (or a LoRA merged in): only a deeper weight differs
+    tuned = _teacher(tok)
+    with torch.no_grad():
+        tuned.lm.layers[-1].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(CheckpointError, match=r"other settings \(teacher weights differ \(another model of the same shape\)\)"):
+        distill(tuned, "llamba", DATA, [StageConfig("kd", _tc(2))], tokenizer=tok, out_dir=out, progress=False, resume=True)
+    # a run started before the sampled digest existed resumes (its run.json has only the embeddings' digest)
+    run_json = out / "run.json"
+    saved = json.loads(run_json.read_text())
+    del saved["teacher"]["weights_sampled"]
+    run_json.write_text(json.dumps(saved))
+    files[run_json] = run_json.read_bytes()
+    distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(2))], tokenizer=tok, out_dir=out, progress=False,
+            resume=True)  # finished already: nothing to do
     assert files == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError, match="token budget 0"):
         distill(_teacher(tok), "llamba", DATA, [StageConfig("kd", _tc(0))], tokenizer=tok, out_dir=tmp_path / "z",

@@ -114,6 +114,9 @@ def _run_command(args) -> int:
         print(f"thinkfast {args.command}: interrupted; re-run the same command {_how_to_continue(args)} to continue",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `thinkfast env | head`: the reader has gone; nothing to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush is quiet
+        return 1
     except Exception as e:  # a path that cannot be read or written, met mid-run (what was written before stays)
         failure = write_failure(e)
         if failure is None:  # a bug, here or in a library: its traceback, and what a report needs

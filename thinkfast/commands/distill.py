@@ -125,7 +125,21 @@ def _plan(args, command):
     if given and plan.eval_data is None:
         raise ConfigError(f"{' and '.join(given)} without held-out data: add --eval-data SPEC (examples kept out of training)")
     _check_specs(plan)
+    _check_held_out_is_not_trained_on(args, plan)
     return plan
+
+
+def _check_held_out_is_not_trained_on(args, plan) -> None:
+    """A held-out spec that is also a training spec would log a training loss as held-out (the library can only
+    tell when it is given the very same data object)."""
+    if plan.eval_data is None:
+        return
+    trained = {spec for cfg in plan.data_configs()[:-1] for spec in cfg.specs if isinstance(spec, str)}
+    same = next((spec for spec in plan.eval_data.specs if isinstance(spec, str) and spec in trained), None)
+    if same is not None:
+        raise ConfigError(f"{_source(args, plan, 'eval_data')} {same}: the training data names the same spec, so its "
+                          "loss would be a training loss; give examples kept out of training (another split, or another "
+                          "seed= for an rg: spec)")
 
 
 def _check_specs(plan) -> None:
@@ -233,6 +247,24 @@ def _progress(args):
     return no_bar if args.no_progress else True  # --no-progress drops the bar, not the budget line
 
 
+# flags that only some stages read: given for a run without such a stage they would change nothing
+STAGE_FLAGS = {"loss": ("--kd-loss", ("kd",)), "ce_weight": ("--ce-weight", ("kd",)),
+               "temperature": ("--temperature", ("kd",)), "positions": ("--positions", ("kd",)),
+               "layers": ("--layers", ("matrix", "hidden")), "train_mlp": ("--train-mlp", ("hidden",))}
+
+
+def _refuse_flags_no_stage_reads(args, plan) -> None:
+    kinds = {s.kind for s in plan.stages}
+    stages = ",".join(s.kind for s in plan.stages)
+    for key, (flag, readers) in STAGE_FLAGS.items():
+        if getattr(args, key, None) is not None and not kinds & set(readers):
+            raise ConfigError(f"{flag}: only the {' and '.join(readers)} stage{'s' if len(readers) > 1 else ''} read it, "
+                              f"and this run's stages are {stages}; drop it")
+    if getattr(args, "decay", None) is not None and not any(s.train.schedule == "wsd" for s in plan.stages):
+        raise ConfigError("--decay: only the wsd schedule decays in a final fraction of its steps, and this run's "
+                          "stages use another; drop it, or pass --schedule wsd")
+
+
 def run_distill(args) -> int:
     from ..distill.recipes import SHAPE_KEYS, use_declared_instruction
     from ..distill.stages import distill
@@ -245,6 +277,7 @@ def run_distill(args) -> int:
     if any(s.freeze for s in plan.stages) and not any(s.kind in ("kd", "sft") for s in plan.stages):
         raise ConfigError(f"{_source(args, plan, 'freeze')}: frozen groups apply to kd and sft stages, and this run has "
                           "neither (matrix and hidden stages train the Mamba mixers they align); drop it")
+    _refuse_flags_no_stage_reads(args, plan)
     out = Path(args.out)
     _check_out(out, args.resume, "distill")
     t_label = _source(args, plan, "teacher")
@@ -291,6 +324,7 @@ def run_sft(args) -> int:
         raise ConfigError("no model: pass --model (a thinkfast folder or an HF Llama) or set model in the recipe")
     if len(plan.stages) != 1 or plan.stages[0].kind != "sft":
         raise ConfigError("thinkfast sft runs the sft stage only; use thinkfast distill --stages ... for others")
+    _refuse_flags_no_stage_reads(args, plan)
     out = Path(args.out)
     _check_out(out, args.resume, "sft")
     m_label = _source(args, plan, "model")

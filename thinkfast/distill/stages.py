@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -38,7 +39,8 @@ from ..models import ThinkfastForCausalLM, from_teacher
 from ..utils import (HeldLock, atomic_write_json, clear_leftovers, disk_space_line, failed_writes_as_os_errors, folder_bytes,
                      is_leftover, usual_permissions)
 from .losses import KL_KINDS, hidden_loss, matrix_loss, vocab_loss
-from .trainer import ProgressArg, TrainConfig, TrainResult, barrier, dist_info, pick_device, setting_changes, train
+from .trainer import (ProgressArg, TrainConfig, TrainResult, barrier, dist_info, pick_device, setting_changes, train,
+                      uses_bf16)
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +345,19 @@ class SFTTask(_Task):
         return loss, {}
 
 
+def check_stages_can_run(stages: list[StageConfig], student: ThinkfastForCausalLM) -> None:
+    """What `train` would refuse only when a stage starts (after earlier stages trained, and the run folder was
+    written, so that fixing the setting no longer resumes it): bf16 without a GPU, a stage with nothing to train."""
+    info = dist_info()
+    lm = student.lm
+    for stage in stages:
+        uses_bf16(stage.train, pick_device(stage.train, info), stage.label)
+        frozen = set(stage.freeze)
+        if stage.kind in ("kd", "sft") and all(_group_of(n, lm) in frozen for n, _ in lm.named_parameters()):
+            raise ConfigError(f"stage {stage.label}: nothing to train (every parameter is frozen: "
+                              f"{option('--freeze', 'freeze')} {','.join(stage.freeze)}); freeze fewer groups")
+
+
 def make_task(stage: StageConfig, teacher, student):
     if stage.kind in ("matrix", "hidden"):
         return AlignTask(teacher, student, stage.kind, stage.layers, stage.train_mlp, stage.label)
@@ -516,6 +531,8 @@ def _check_out_dir(out_dir: Path, run: dict, resume: bool) -> None:
         if not resume:
             raise CheckpointError(f"{out_dir} already holds a run; pass {option('--resume', 'resume=True')} to continue it, "
                                   f"or choose a new {option('--out', 'out_dir')}")
+        if _started_before_sampled_digest(saved, run):  # such a run compares its embeddings' digest only
+            run = {**run, "teacher": {k: v for k, v in run["teacher"].items() if k != "weights_sampled"}}
         if saved != run:
             raise CheckpointError(
                 f"{out_dir} holds a run with other settings ({setting_changes(saved, run)}); resume with the same "
@@ -524,6 +541,11 @@ def _check_out_dir(out_dir: Path, run: dict, resume: bool) -> None:
         return
     if out_dir.exists() and any(not is_leftover(p) for p in out_dir.iterdir()):  # a killed first write is no run
         raise CheckpointError(f"{out_dir} is not empty and holds no thinkfast run; choose a new {option('--out', 'out_dir')}")
+
+
+def _started_before_sampled_digest(saved, run: dict) -> bool:
+    teacher = saved.get("teacher") if isinstance(saved, dict) else None
+    return isinstance(teacher, dict) and "weights_sampled" not in teacher and "weights_sampled" in run.get("teacher", {})
 
 
 def save_final(model: ThinkfastForCausalLM, out_dir: Path, tokenizer=None) -> None:
@@ -544,11 +566,24 @@ def save_final(model: ThinkfastForCausalLM, out_dir: Path, tokenizer=None) -> No
 
 def _model_fingerprint(model: ThinkfastForCausalLM, weights: bool = False) -> dict:
     d = model.model_config.to_dict()
-    if weights:  # a cheap digest, so resuming against another teacher of the same shape is caught
+    if weights:  # cheap digests, so resuming against another teacher of the same shape is caught
         w = model.lm.embed.weight.detach().reshape(-1)[:4096].float()
         w = w.double().cpu()
         d["weights_digest"] = f"{float((w * torch.arange(1, w.numel() + 1, dtype=torch.float64)).sum()):.6g}"
+        d["weights_sampled"] = _sampled_weights_digest(model)
     return d
+
+
+def _sampled_weights_digest(model: nn.Module, per_tensor: int = 256) -> str:
+    """A hash of `per_tensor` evenly spaced values of every parameter: a fine-tune that left the embeddings as they
+    were (frozen, or a merged LoRA) changes it, where the embeddings' first values alone did not."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].float().cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def run_stages(
@@ -674,6 +709,7 @@ def run_lock(out: Path | None):
 
 def _distill(t_model, student, source, stages, tokenizer, out, resume, progress, fsdp_teacher, callback, eval_data,
              stop_after, declared) -> ThinkfastForCausalLM:
+    check_stages_can_run(stages, student)
     if out is not None:  # the run's record needs only the data's description, not the data
         run = json.loads(json.dumps({
             "command": "distill",
@@ -729,6 +765,7 @@ def sft(
 
 
 def _sft(model, stage, source, tokenizer, out, resume, progress, callback, eval_data, declared) -> ThinkfastForCausalLM:
+    check_stages_can_run([stage], model)
     if out is not None:
         run = json.loads(json.dumps({"command": "sft", "model": _model_fingerprint(model),
                                      "stages": [stage.fingerprint()], "data": source.describe(stage)}))

@@ -221,6 +221,15 @@ def pick_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device, name: str) -> bool:
+    """Whether training runs under bf16 autocast; refused where it cannot (a CPU)."""
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if use_bf16 and device.type != "cuda":
+        raise ConfigError(f"{name}: precision bf16 needs a GPU (autocast is GPU-only here); use "
+                          + option("--precision fp32", "precision='fp32'"))
+    return use_bf16
+
+
 def all_reduce_(tensors: list[torch.Tensor], bucket_bytes: int = 32 << 20) -> None:
     """Sum tensors in place across processes, a few flat buckets at a time."""
     import torch.distributed as dist
@@ -326,8 +335,10 @@ def setting_changes(saved, now, limit: int = 3) -> str:
                 walk(x, y, path + [str(y.get("name") or y.get("kind"))])
             return
         name = " ".join(path) or "settings"
-        if path and path[-1] == "weights_digest":  # a digest's value means nothing to the reader
-            found.append(f"{' '.join(path[:-1]) or 'model'} weights differ (another model of the same shape)")
+        if path and path[-1] in ("weights_digest", "weights_sampled"):  # a digest's value means nothing to the reader
+            what = f"{' '.join(path[:-1]) or 'model'} weights differ (another model of the same shape)"
+            if what not in found:
+                found.append(what)
         else:
             found.append(f"{name} was {show(a)}, now {show(b)}")
 
@@ -464,10 +475,7 @@ def train(
         raise ConfigError(f"{name}: batch_size={cfg.batch_size} must be divisible by the {info.world} processes")
     share = cfg.batch_size // info.world
     micro = min(cfg.micro_batch_size or share, share)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if use_bf16 and device.type != "cuda":
-        raise ConfigError(f"{name}: precision bf16 needs a GPU (autocast is GPU-only here); use "
-                          + option("--precision fp32", "precision='fp32'"))
+    use_bf16 = uses_bf16(cfg, device, name)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
