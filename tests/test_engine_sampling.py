@@ -1,6 +1,8 @@
 """The engine: greedy == full-forward argmax, continuous batching, forks, HF equality, sampling, time accounting,
 stop conditions, bad input."""
 
+import re
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -331,3 +333,73 @@ def test_a_growing_state_is_measured_after_the_old_one_and_its_step_are_given_ba
     monkeypatch.setattr(engine_mod, "available_memory", free_memory)
     list(eng.generate(_prompts([20]), 1, SamplingParams(temperature=0, max_new_tokens=8)))
     assert seen == [(None, None)] and eng.max_len == 28 and eng.state.nbytes() > old
+
+
+class _ByteTok(_TinyTok):
+    """Each id < 256 is one UTF-8 byte (a byte-level vocabulary, as the embedded teacher's)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def _cycling_model(cycle: list[int], start: int, vocab: int = 260):
+    """A 1-layer Llama whose greedy continuation of `start` repeats `cycle` forever."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=8, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                         tie_word_embeddings=False)).eval()
+    nxt = {i: cycle[0] for i in range(vocab)} | {a: b for a, b in zip(cycle, cycle[1:] + cycle[:1])}
+    with torch.no_grad():  # the residual stream is the token's one-hot embedding; the head maps it to its successor
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab))
+        model.lm_head.weight.zero_()
+        for i, j in nxt.items():
+            model.lm_head.weight[j, i] = 1.0
+    return model
+
+
+def test_a_stop_string_longer_in_bytes_than_in_characters_is_found():
+    """The text searched for a stop is decoded from the last tokens: a byte-level token holds one byte of it."""
+    emoji = "\N{GRINNING FACE}"
+    eng = Engine(_cycling_model(list(emoji.encode()), 97), _ByteTok(), batch_size=2)
+    for stop in (emoji, emoji * 3, emoji * 4):  # 4, 12 and 16 bytes: the window was 2 x characters + 4 tokens
+        c = next(eng.generate([("p", [97])], params=SamplingParams(temperature=0, max_new_tokens=40, stop=stop)))
+        assert c.finish_reason == "stop" and c.text == "", (stop, c.finish_reason, c.text)
+
+
+def test_max_new_tokens_beyond_the_context_costs_only_the_context():
+    """Each sample stops at the model's positions; a huge max_new_tokens must not size anything by itself."""
+    eng = Engine(_cycling_model([97, 98], 97), _ByteTok(), batch_size=4)
+    (c,) = eng.generate([("p", [97, 98])], params=SamplingParams(temperature=1.0, max_new_tokens=10**9))
+    assert c.finish_reason == "length" and c.gen_tokens == 256 - 2
+    short = next(eng.generate([("p", [97, 98])], params=SamplingParams(temperature=1.0, max_new_tokens=300)))
+    assert short.tokens == c.tokens  # the same seed's draws: a prefix of one stream
+
+
+def test_python_arguments_of_the_wrong_kind_are_one_line_errors():
+    lm = _lm("llamba", "discrete")
+    eng = Engine(lm, batch_size=2)
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    prompts = _prompts([3])
+    for make, says in [(lambda: Engine(lm, batch_size=2.5), "batch size 2.5: use a whole number"),
+                       (lambda: Engine(lm, batch_size="4"), "batch size '4'"),
+                       (lambda: list(eng.generate(prompts, 2.5, params)), "n=2.5"),
+                       (lambda: list(eng.generate(prompts, "2", params)), "n='2'"),
+                       (lambda: list(eng.generate(prompts, 1, params, seed=None)), "seed=None"),
+                       (lambda: list(eng.generate(prompts, 1, params, seed=1.7)), "seed=1.7"),
+                       (lambda: list(eng.generate(prompts, 1, {"temperature": 0})), "give a SamplingParams"),
+                       (lambda: list(eng.generate([("a", {"input_ids": [1, 2]})], 1, params)), "give its input_ids"),
+                       (lambda: list(eng.generate([("a", [[1, 2]])], 1, params)), "not a list of token ids"),
+                       (lambda: SamplingParams(ignore_eos="no"), "ignore_eos='no': give True or False"),
+                       (lambda: SamplingParams(stop=b"x"), "not bytes")]:
+        with pytest.raises(ThinkfastError, match=re.escape(says)) as e:
+            make()
+        assert "\n" not in str(e.value)
+
+
+def test_a_vanishing_temperature_is_greedy():
+    logits = torch.tensor([[5.0, 1.0, 0.0, -3.0]])
+    for t in (1e-40, 1e-6):  # logits / 1e-40 overflow: the softmax would be NaN
+        assert sample_tokens(logits, torch.tensor([0.5], dtype=torch.float64), SamplingParams(temperature=t)).tolist() == [0]

@@ -16,6 +16,13 @@ from pathlib import Path
 import torch
 
 
+def whole_number(value) -> bool:
+    """An int (numpy's too), not a bool: what counts, sizes and seeds must be (2.5 or "4" are not)."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike):
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.

@@ -25,6 +25,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -33,6 +34,7 @@ import torch
 from ..errors import ConfigError, ThinkfastError, option
 from ..models.model import ModelState, ThinkfastLM
 from ..models.teacher import LLAMA_TYPES
+from ..utils import whole_number
 from .decode import (CompiledStep, CudaGraphStep, DecodeStep, compile_ssm_update, engine_state, ssm_update_,
                      ssm_update_functional)
 from .sampling import SamplingParams, sample_seed, sample_tokens, sample_uniforms
@@ -222,8 +224,8 @@ class Engine:
     def __init__(self, model, tokenizer=None, max_len: int | None = None, batch_size: int = 64, device=None, dtype=None,
                  stop_ids: Iterable[int] | None = None, compile="auto", cuda_graphs="auto", memory_fraction: float = 0.9,
                  row_group: int | None = ROW_GROUP, ssm_state_dtype: str | torch.dtype | None = None):
-        if batch_size < 1:
-            raise ConfigError(f"batch size {batch_size}: use at least 1")
+        if not whole_number(batch_size) or batch_size < 1:
+            raise ConfigError(f"batch size {batch_size!r}: use a whole number, at least 1")
         self.ssm_dtype = parse_ssm_state_dtype(ssm_state_dtype)
         self.model = model
         self.lm = as_lm(model)
@@ -405,9 +407,13 @@ class Engine:
         """
         if yield_every is not None and not yield_every > 0:
             raise ConfigError(f"yield_every={yield_every}: use a positive number of seconds, or None")
-        params = params or SamplingParams()
-        if n < 1:
-            raise ConfigError(f"n={n}: ask for at least 1 sample per problem")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"params={type(params).__name__}: give a SamplingParams (SamplingParams(temperature=...))")
+        if not whole_number(n) or n < 1:
+            raise ConfigError(f"n={n!r}: ask for at least 1 sample per problem (a whole number)")
+        if not whole_number(seed) or seed < 0:
+            raise ConfigError(f"seed={seed!r}: use a whole number, 0 or more")
         if params.stop and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer to read the text; give the engine one or drop the stop strings")
         requests, seen = [], set()
@@ -416,10 +422,16 @@ class Engine:
                 raise ConfigError(f"prompt {str(item)[:60]!r}: give (problem_id, token_ids) pairs; encode the text with "
                                   "the model's tokenizer first")
             pid, ids = item
+            if isinstance(ids, Mapping):  # a tokenizer's BatchEncoding ({"input_ids": ..., "attention_mask": ...})
+                raise ConfigError(f"problem {pid}: the prompt is a tokenizer's output (a mapping); give its "
+                                  "input_ids, a list of token ids")
             if str(pid) in seen:
                 raise ConfigError(f"problem id {pid!r} occurs twice; samples are keyed by (problem id, sample index)")
             seen.add(str(pid))
-            ids = [int(t) for t in ids]
+            try:
+                ids = [int(t) for t in ids]
+            except (TypeError, ValueError):
+                raise ConfigError(f"problem {pid}: the prompt is not a list of token ids") from None
             if not ids:
                 raise ConfigError(f"problem {pid}: empty prompt; it needs at least one token (e.g. BOS)")
             if len(ids) >= self.limit:
@@ -437,7 +449,8 @@ class Engine:
             return
         longest = max(len(r.prompt) for r in requests)
         self.ensure_capacity(longest + params.max_new_tokens)
-        self._stop_window = 2 * max((len(s) for s in params.stop), default=1) + 4
+        # tokens decoded to look for a stop: a byte-level token can hold one UTF-8 byte of it
+        self._stop_window = 2 * max((len(s.encode()) for s in params.stop), default=1) + 4
         self.stats = EngineStats()
         yield from self._loop(requests, params, int(seed), progress, yield_every)
 
@@ -473,7 +486,9 @@ class _Run:
         self.pending = deque(sorted(requests, key=lambda r: len(r.prompt)))  # requests with samples not yet placed
         self.prefills: dict[int, _Prefill] = {}
         self.slots: list[_Slot | None] = [None] * B
-        self.uniforms = torch.zeros(B, params.max_new_tokens, dtype=torch.float64, device=dev)
+        # a sample draws at most max_len - its prompt tokens, however large max_new_tokens is (a prefix of its stream)
+        self.draws = min(params.max_new_tokens, engine.max_len)
+        self.uniforms = torch.zeros(B, self.draws, dtype=torch.float64, device=dev)
         self.gen_idx = torch.zeros(B, dtype=torch.long, device=dev)  # uniforms column of each row's next token
         self.alive = torch.zeros(B, dtype=torch.long, device=dev)
         self.compact = not engine.use_graphs  # graphs replay all B rows: free rows just idle there
@@ -568,7 +583,7 @@ class _Run:
             for r, j in take:
                 self.slots[r] = _Slot(req, j, sample_seed(self.seed, req.problem_id, j), limit, pre.share)
                 new.append(self.slots[r])
-            self.uniforms[rows_t] = torch.stack([sample_uniforms(s.seed, params.max_new_tokens) for s in new]).to(dev)
+            self.uniforms[rows_t] = torch.stack([sample_uniforms(s.seed, self.draws) for s in new]).to(dev)
             first = sample_tokens(pre.logits.expand(len(rows), -1), self.uniforms[rows_t, 0], params).tolist()
             e.stats.gen_tokens += len(rows)
             ended = []

@@ -24,7 +24,7 @@ from ..data import Problem, load_problems
 from ..data.prompts import PromptStyle, declared_instruction, render_prompt
 from ..data.sources import empty_spec_hint
 from ..errors import CheckpointError, ConfigError, ThinkfastError, option
-from ..utils import check_device, parse_dtype
+from ..utils import check_device, parse_dtype, whole_number
 from .engine import Engine, EngineStats, model_role, parse_ssm_state_dtype
 from .samples_file import SamplesWriter, part_files
 from .sampling import SamplingParams
@@ -213,10 +213,12 @@ class _SamplingJob:
                  compile="auto", problems: list[Problem] | None = None,
                  ssm_state_dtype: str | torch.dtype | None = None):
         self.t0 = time.perf_counter()
-        if n < 1:
-            raise ConfigError(f"{option('--n ', 'n=')}{n}: ask for at least 1 sample per problem")
-        if batch_size < 1:
-            raise ConfigError(f"{option('--batch-size ', 'batch_size=')}{batch_size}: use at least 1")
+        if not whole_number(n) or n < 1:
+            raise ConfigError(f"{option('--n ', 'n=')}{n!r}: ask for at least 1 sample per problem (a whole number)")
+        if not whole_number(batch_size) or batch_size < 1:
+            raise ConfigError(f"{option('--batch-size ', 'batch_size=')}{batch_size!r}: use a whole number, at least 1")
+        if not whole_number(seed) or seed < 0:  # recorded in the file's configuration as given
+            raise ConfigError(f"{option('--seed ', 'seed=')}{seed!r}: use a whole number, 0 or more")
         # as `thinkfast sample`: the prompts the checkpoint declares it was trained on, else the auto instruction
         self.style = style or PromptStyle(instruction=declared_instruction(model_spec) or "auto")
         self.rank, self.world, local_rank = dist_env()

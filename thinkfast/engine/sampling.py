@@ -17,9 +17,12 @@ import torch
 from ..errors import ConfigError
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's threshold)
+
+
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy (so is anything under GREEDY_BELOW, as in vLLM)
     top_p: float = 1.0  # nucleus: smallest set of tokens whose mass reaches top_p (1 = off)
     top_k: int = 0  # keep the k most likely tokens (0 = off)
     min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (0 = off)
@@ -28,6 +31,10 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     def __post_init__(self):
+        if isinstance(self.stop, (bytes, bytearray)):  # list() would make its byte values the stops
+            raise ConfigError(f"stop={self.stop!r}: give a string (or a list of strings), not bytes")
+        if not isinstance(self.ignore_eos, bool):  # "no" would be true
+            raise ConfigError(f"ignore_eos={self.ignore_eos!r}: give True or False")
         if isinstance(self.stop, str):  # one stop string, not its characters
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -47,7 +54,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # logits / 1e-40 overflow to inf and the softmax to NaN: a temperature this small is argmax anyway
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
