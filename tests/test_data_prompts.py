@@ -6,6 +6,7 @@ from conftest import SHARED_DATA, smollm2_gguf
 from thinkfast.data import Problem, load_problems
 from thinkfast.data.prompts import PromptStyle, few_shot_examples, render_example, render_prompt, solution_text
 from thinkfast.data.tokenizer import build_byte_tokenizer
+from thinkfast.embedded import embedded_teacher_dir
 from thinkfast.errors import DataError
 from thinkfast.eval.grading import grade
 
@@ -109,6 +110,45 @@ def test_few_shot_excludes_evaluated_problems_and_unsolved():
     with pytest.raises(DataError, match="only 3"):
         few_shot_examples(pool, 4, exclude=[pool[1], "p3"])
     assert few_shot_examples(pool, 0) == []
+    # a text: document has a "solution" (its text) and no question or answer: no worked example
+    with pytest.raises(DataError, match="only 0 problems with a question, a worked solution and an answer"):
+        few_shot_examples(f"text:{SHARED_DATA / 'README.md'}", 1)
+
+
+def test_a_template_that_refuses_the_prompt_is_one_line_naming_what_to_change(tmp_path, capsys):
+    """Gemma's template takes no system turn and Mistral's wants turns to alternate: they raise in jinja."""
+    import shutil
+
+    from thinkfast.cli import main
+    from thinkfast.errors import ConfigError
+
+    tok = build_byte_tokenizer()
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert render_prompt(GSM, tok).endswith("<|im_start|>assistant\n")
+    for make in (lambda: render_prompt(GSM, tok, PromptStyle(system="Be brief.")),
+                 lambda: render_example(GSM, tok, PromptStyle(system="Be brief."))):
+        with pytest.raises(ConfigError, match=r"chat template refused the prompt \(System role not supported\); drop system") as e:
+            make()
+        assert "\n" not in str(e.value)
+    # the command: one line naming its flag, exit 2
+    model = tmp_path / "gemma-like"
+    shutil.copytree(embedded_teacher_dir(), model)
+    (model / "chat_template.jinja").write_text(tok.chat_template)
+    out = tmp_path / "s.jsonl"
+    rc = main(["sample", "--model", str(model), "--data", "rg:chain_sum?size=1&seed=5", "--system", "Be brief.",
+               "--max-new-tokens", "2", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not out.exists() and err.count("\n") == 0 and "drop --system" in err, err
+
+
+def test_load_questions_names_what_load_problems_loads():
+    """The held-out split drops questions that occur in a training split: both must read the same items."""
+    from thinkfast.data.sources import load_questions
+
+    for spec in ("rg:chain_sum?size=8&max_chars=150&limit=4", "rg:chain_sum?size=8&max_chars=150", "rg:chain_sum?size=8&limit=3"):
+        assert load_questions(spec) == [p.question for p in load_problems(spec)], spec
 
 
 @pytest.mark.slow
@@ -137,3 +177,26 @@ def test_an_instruction_key_typo_is_refused_not_written_into_prompts():
         assert PromptStyle(instruction=fine).instruction == fine
     with pytest.raises(ConfigError, match="template_kwargs"):
         PromptStyle(template_kwargs="x")
+
+
+def test_a_model_trained_without_chat_is_sampled_without_it(tmp_path):
+    """Its config declares chat off (and template variables, where it trained with them): sample's defaults."""
+    import json
+
+    from thinkfast.data.prompts import declared_style
+    from thinkfast.distill.stages import sft
+    from thinkfast.distill.trainer import TrainConfig
+    from thinkfast.data.packing import DataConfig
+    from thinkfast.models.teacher import load_thinkfast
+
+    model, tok = load_thinkfast(str(embedded_teacher_dir()))
+    spec = "rg:chain_sum?size=4&seed=9&min_terms=2&max_terms=2&min_digits=1&max_digits=1"
+    train = TrainConfig(tokens=64, seq_len=256, batch_size=1, lr=1e-6, log_every=1, ckpt_every=0)
+    sft(model, DataConfig(specs=[spec], chat=False, instruction="none"), train, tokenizer=tok, out_dir=tmp_path / "plain",
+        progress=False)
+    declared = json.loads((tmp_path / "plain" / "config.json").read_text())["prompt_style"]
+    assert declared == {"instruction": "none", "chat": False}
+    style = declared_style(tmp_path / "plain")
+    assert not style.chat and render_prompt(GSM, tok, style).startswith("Question: ")
+    assert declared_style(tmp_path / "plain", chat=True).chat  # a caller's setting still wins
+    assert declared_style(embedded_teacher_dir()).chat  # the shipped teacher trained with its template

@@ -187,7 +187,7 @@ def test_bad_input_one_line_and_checkpoints_untouched(files, good_run, tmp_path,
                          "--d-conv", "8"), "a saved student keeps its shape; drop --d-conv")
     # grouping by length is for one-example rows
     _fails(capsys, _args(files, tmp_path / "i", "--stages", "kd", "--tokens", "256", "--group-by-length"),
-           "group_by_length groups one-example rows")
+           "--group-by-length: group_by_length groups one-example rows")
     assert folder_bytes_by_file(good_run) == before
     for d in "abcdefghi":  # nothing half-made either
         assert not (tmp_path / d / "run.json").exists()
@@ -391,3 +391,10 @@ def test_chat_template_kwargs_from_a_recipe_table_or_the_flag_reach_the_prompts(
         make_plan(None, {"stages": "sft", "tokens": "64", "chat_template_kwargs": "enable_thinking=false"}, "sft")
     with pytest.raises(ConfigError, match="with chat off"):
         make_plan(None, {"stages": "sft", "tokens": "64", "chat": False, "chat_template_kwargs": '{"a": 1}'}, "sft")
+    # settings given as flags are named as the flags, though a recipe is in use (it set neither)
+    with pytest.raises(ConfigError, match="^--no-chat and --chat-template-kwargs: chat_template_kwargs with chat off"):
+        make_plan({"_path": "r.toml", "tokens": 64}, {"stages": "sft", "chat": False, "chat_template_kwargs": '{"a": 1}'},
+                  "sft")
+    with pytest.raises(ConfigError, match="^recipe r.toml: chat_template_kwargs with chat off"):
+        make_plan({"_path": "r.toml", "tokens": 64, "chat": False}, {"stages": "sft", "chat_template_kwargs": '{"a": 1}'},
+                  "sft")

@@ -124,7 +124,7 @@ def _sample_specs(events) -> list[tuple[str, str | None]]:
 
 def cmd_sample(args) -> int:
     no_hf_progress_bars()
-    from ..data.prompts import PromptStyle, declared_instruction
+    from ..data.prompts import declared_style
     from ..engine.run import default_model_name, sample_interleaved, sample_to_file
     from ..engine.sampling import SamplingParams
 
@@ -153,10 +153,9 @@ def cmd_sample(args) -> int:
     problems = load_problems(args.data)  # once, here: grading needs every gold answer before a model loads
     examples = _few_shot(args, problems)
 
-    def style(spec):
-        instruction = args.instruction or declared_instruction(spec) or "auto"
-        return PromptStyle(instruction=instruction, system=args.system, chat=not args.no_chat, few_shot=examples,
-                           template_kwargs=template_kwargs)
+    def style(spec):  # the prompts the checkpoint declares it was trained on, where no flag says otherwise
+        return declared_style(spec, instruction=args.instruction, system=args.system,
+                              chat=False if args.no_chat else None, few_shot=examples, template_kwargs=template_kwargs)
 
     grade_fn = None
     if not args.no_grade:

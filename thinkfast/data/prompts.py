@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ConfigError, option
 from .sources import Problem
 
 INSTRUCTIONS = {
@@ -69,17 +69,27 @@ def parse_template_kwargs(value, where: str) -> dict | None:
     return value or None
 
 
-def declared_instruction(model_dir) -> str | None:
-    """The prompt instruction a checkpoint says it was trained with (`prompt_style` in its config.json), if any."""
+def declared_prompt_style(model_dir) -> dict:
+    """How a checkpoint says it was trained to be prompted (`prompt_style` in its config.json): `instruction`,
+    and `chat: false` / `template_kwargs` where it was trained so; {} when it says nothing."""
     import json
     from pathlib import Path
 
     cfg = Path(model_dir) / "config.json"
     try:
         style = json.loads(cfg.read_text()).get("prompt_style") or {}
-    except (OSError, json.JSONDecodeError):
-        return None
-    return style.get("instruction")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return style if isinstance(style, dict) else {}
+
+
+def declared_style(model_dir, **given) -> "PromptStyle":
+    """The PromptStyle a checkpoint declares (instruction, else "auto"; chat; template kwargs), with `given`
+    settings (those a caller set) taking precedence."""
+    declared = declared_prompt_style(model_dir)
+    style = {"instruction": declared.get("instruction") or "auto", "chat": declared.get("chat", True) is not False,
+             "template_kwargs": declared.get("template_kwargs") or None}
+    return PromptStyle(**{**style, **{k: v for k, v in given.items() if v is not None}})
 
 
 def user_message(problem: Problem, style: PromptStyle) -> str:
@@ -115,12 +125,24 @@ def messages_for(problem: Problem, style: PromptStyle) -> list[dict]:
     return msgs
 
 
+def _apply_template(tokenizer, messages: list[dict], style: PromptStyle, **kwargs) -> str:
+    """The chat template's text; a template that raises (Gemma's takes no system turn, Mistral's wants turns
+    to alternate) is a one-line error naming what to change."""
+    from jinja2 import TemplateError  # what chat templates raise (transformers renders them with jinja2)
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs, **(style.template_kwargs or {}))
+    except TemplateError as e:
+        hint = (f"drop {option('--system', 'system')} (this template takes no system turn)" if style.system
+                else f"pass {option('--no-chat', 'chat=False')} for plain Question/Answer prompts")
+        raise ConfigError(f"the model's chat template refused the prompt ({str(e).splitlines()[0][:120]}); {hint}") from None
+
+
 def render_prompt(problem: Problem, tokenizer=None, style: PromptStyle | None = None) -> str:
     """Text that precedes the model's answer (the assistant turn is opened, not closed)."""
     style = style or PromptStyle()
     if style.chat and has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages_for(problem, style), tokenize=False, add_generation_prompt=True,
-                                             **(style.template_kwargs or {}))
+        return _apply_template(tokenizer, messages_for(problem, style), style, add_generation_prompt=True)
     parts = [style.system] if style.system else []
     for ex in style.few_shot or []:
         parts.append(f"Question: {user_message(ex, style)}\nAnswer: {solution_text(ex, style)}")
@@ -135,8 +157,7 @@ def render_example(problem: Problem, tokenizer=None, style: PromptStyle | None =
     completion = solution_text(problem, style)
     if style.chat and has_chat_template(tokenizer):
         messages = messages_for(problem, style)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False,
-                                             **(style.template_kwargs or {}))
+        full = _apply_template(tokenizer, messages + [{"role": "assistant", "content": completion}], style)
         if full.startswith(prompt):  # the template's own end-of-turn marker follows the answer
             return prompt, full[len(prompt):]
         # a template that rewrites an assistant turn (R1-style ones drop its <think> part from the history) and
@@ -179,8 +200,11 @@ def few_shot_examples(source, k: int, seed: int = 0, exclude=()) -> list[Problem
         return []
     problems = load_problems(source) if isinstance(source, str) else list(source)
     banned = {x.id if isinstance(x, Problem) else x for x in exclude} | {x.question for x in exclude if isinstance(x, Problem)}
-    pool = [p for p in problems if p.solution and p.id not in banned and p.question not in banned]
+    # a text document has a "solution" (its text) but no question or answer: no worked example
+    pool = [p for p in problems if p.solution and p.question.strip() and str(p.answer).strip()
+            and p.id not in banned and p.question not in banned]
     if len(pool) < k:
-        raise DataError(f"few-shot: asked for {k} examples but only {len(pool)} problems with worked solutions are "
-                        "available (problems also being evaluated are left out)")
+        raise DataError(f"few-shot: asked for {k} examples but only {len(pool)} problems with a question, a worked "
+                        "solution and an answer are available (problems also being evaluated are left out; text: "
+                        "documents have neither question nor answer)")
     return random.Random(seed).sample(pool, k)

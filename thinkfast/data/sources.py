@@ -147,7 +147,7 @@ def load_questions(spec: str) -> list[str]:
     """The questions a spec names (same order and slice as `load_problems`), cheaper for large generated sets:
     used to drop held-out problems that occur in a training split."""
     s = parse_spec(spec)
-    if s.scheme != "rg":
+    if s.scheme != "rg" or "max_chars" in s.params:  # max_chars filters by the worked solution: build them
         return [p.question for p in load_problems(spec)]
     offset, limit = s.slice_params()
     ds = _rg_dataset(s)

@@ -292,12 +292,12 @@ def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Pla
         data = None
         if any(k in table for k in DATA_KEYS):
             if "data" not in flags:  # a flag's data applies to every stage
-                data = _data_config(get, where)
+                data = _data_config(get, where, flags)
         out.append(StageConfig(kind, TrainConfig(**train_kw), **stage_kw, data=data))
     plan = Plan(
         stages=out,
         # the run's own data config only binds the stages without one of their own
-        data=_data_config(top, where, check=any(s.data is None for s in out)),
+        data=_data_config(top, where, flags, check=any(s.data is None for s in out)),
         teacher=top("teacher"),
         model=top("model"),
         student=top("student", "llamba"),
@@ -334,14 +334,22 @@ def _check_sft_recipe(stages, src, recipe: dict, tables: dict, where: str) -> No
                           f"one model as it is: remove {'it' if len(unused) == 1 else 'them'}")
 
 
-def _data_config(get, where, check: bool = True) -> DataConfig:
+FLAG_NAMES = {"chat": "--no-chat", "pack": "--no-pack", "group_by_length": "--group-by-length",
+              "chat_template_kwargs": "--chat-template-kwargs"}
+
+
+def _data_config(get, where, flags: dict, check: bool = True) -> DataConfig:
+    def origin(*keys) -> str:  # flags the user gave name themselves; otherwise the recipe did it
+        return " and ".join(FLAG_NAMES[k] for k in keys) if all(k in flags for k in keys) else where
+
     specs = get("data") or []
     if check and get("group_by_length", False) and get("pack", True):
-        raise ConfigError(f"{where}: group_by_length groups one-example rows; packed rows are all one length (add --no-pack or pack = false)")
+        raise ConfigError(f"{origin('group_by_length')}: group_by_length groups one-example rows; packed rows are all "
+                          "one length (add --no-pack or pack = false)")
     template_kwargs = get("chat_template_kwargs")
     if check and template_kwargs and not get("chat", True):
-        raise ConfigError(f"{where}: chat_template_kwargs with chat off (--no-chat): the variables are for the chat "
-                          "template; drop one of them")
+        raise ConfigError(f"{origin('chat', 'chat_template_kwargs')}: chat_template_kwargs with chat off (--no-chat): "
+                          "the variables are for the chat template; drop one of them")
     return DataConfig(
         specs=list(specs),
         weights=get("data_weights"),

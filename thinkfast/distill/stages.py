@@ -381,8 +381,19 @@ def _declare_trained_instruction(model, source: "_DataSource", stages: list[Stag
     """A model trained on other prompts than it declares says so in its config, so that `thinkfast sample` prompts
     it as it was trained (the last stage's prompts: SFT's, where it has one)."""
     cfg = source._config(stages[-1])
-    if isinstance(cfg, DataConfig) and cfg.instruction != (declared or "auto"):
-        model.config.prompt_style = {**(getattr(model.config, "prompt_style", None) or {}), "instruction": cfg.instruction}
+    if not isinstance(cfg, DataConfig):
+        return
+    style = dict(getattr(model.config, "prompt_style", None) or {})
+    if cfg.instruction != (declared or "auto"):
+        style["instruction"] = cfg.instruction
+    style.pop("chat", None)  # chat and its template variables as the last stage trained them (chat is the default)
+    style.pop("template_kwargs", None)
+    if not cfg.chat:
+        style["chat"] = False
+    elif cfg.template_kwargs:
+        style["template_kwargs"] = dict(cfg.template_kwargs)
+    if style != (getattr(model.config, "prompt_style", None) or {}):
+        model.config.prompt_style = style
 
 
 def _as_data_config(data) -> DataConfig | DataMix:

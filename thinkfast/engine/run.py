@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..data import Problem, load_problems
-from ..data.prompts import PromptStyle, declared_instruction, render_prompt
+from ..data.prompts import PromptStyle, declared_style, render_prompt
 from ..data.sources import empty_spec_hint
 from ..errors import CheckpointError, ConfigError, ThinkfastError, option
 from ..utils import check_device, parse_dtype, whole_number
@@ -220,7 +220,7 @@ class _SamplingJob:
         if not whole_number(seed) or seed < 0:  # recorded in the file's configuration as given
             raise ConfigError(f"{option('--seed ', 'seed=')}{seed!r}: use a whole number, 0 or more")
         # as `thinkfast sample`: the prompts the checkpoint declares it was trained on, else the auto instruction
-        self.style = style or PromptStyle(instruction=declared_instruction(model_spec) or "auto")
+        self.style = style or declared_style(model_spec)
         self.rank, self.world, local_rank = dist_env()
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
