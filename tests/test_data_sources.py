@@ -238,3 +238,12 @@ def test_limit_minus_one_on_a_file_is_refused_not_a_short_slice():
     with pytest.raises(DataError, match="limit=-1 must be at least 1"):
         load_problems(f"gsm8k:{GSM8K_TEST}?limit=-1")
     assert len(load_problems("rg:chain_sum?size=3&allow_negation=true&min_terms=2")) == 3  # good options still pass
+
+
+def test_ids_count_rows_and_messages_name_lines_past_blank_lines(tmp_path):
+    data = tmp_path / "blank.jsonl"
+    data.write_text('{"q": "a", "a": "1"}\n\n{"q": "b", "a": "2"}\n{"a": "3"}\n')
+    with pytest.raises(DataError, match=r"blank\.jsonl:4: no field 'q'"):  # the fourth line, the third row
+        load_problems(f"jsonl:{data}?question=q&answer=a")
+    data.write_text('{"q": "a", "a": "1"}\n\n{"q": "b", "a": "2"}\n')
+    assert [p.id for p in load_problems(f"jsonl:{data}?question=q&answer=a")] == ["blank:0", "blank:1"]  # as before

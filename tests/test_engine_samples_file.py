@@ -487,6 +487,8 @@ def test_the_refusal_names_each_differing_setting_and_only_those(setup, tmp_path
     capsys.readouterr()
     assert main(_args(root, spec, out, "--system", "Be brief.")) == 2
     assert "prompt.system 'Be brief.' here, none in the file" in capsys.readouterr().err
+    assert main(_args(root, spec, out, "--system", "")) == 0  # renders as no system prompt: the same configuration
+    assert "nothing to do" in capsys.readouterr().out
 
 
 def test_the_recorded_configuration_survives_a_torn_first_line_and_the_merge_of_shards(setup, tmp_path, monkeypatch,

@@ -166,7 +166,8 @@ def _data_file(s: DataSpec) -> Path:
     return path
 
 
-def _read_jsonl(s: DataSpec) -> list[dict]:
+def _read_jsonl(s: DataSpec) -> list[tuple[int, dict]]:
+    """(line number, row) of every non-blank line: ids count rows (blank lines skipped), messages name lines."""
     path = _data_file(s)
     rows = []
     with path.open() as f:
@@ -174,7 +175,7 @@ def _read_jsonl(s: DataSpec) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((n, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
     return rows
@@ -239,21 +240,21 @@ def gsm8k_final_answer(answer_text: str) -> str:
 def _gsm8k(s: DataSpec) -> list[Problem]:
     stem = Path(s.target).stem
     out = []
-    for n, row in enumerate(_read_jsonl(s), 1):
+    for i, (n, row) in enumerate(_read_jsonl(s)):
         full = _field(row, "answer", s, n)
         if "####" not in full:
             raise DataError(f"{s.target}:{n}: GSM8K answer has no '#### <number>' line; is this a GSM8K file?")
         solution = CALCULATOR_MARK.sub("", full)
-        out.append(Problem(f"{stem}:{n - 1}", _field(row, "question", s, n), gsm8k_final_answer(full), "gsm8k", solution))
+        out.append(Problem(f"{stem}:{i}", _field(row, "question", s, n), gsm8k_final_answer(full), "gsm8k", solution))
     return out
 
 
 def _math(s: DataSpec) -> list[Problem]:
     stem = Path(s.target).stem
     out = []
-    for n, row in enumerate(_read_jsonl(s), 1):
+    for i, (n, row) in enumerate(_read_jsonl(s)):
         meta = {k: row[k] for k in ("subject", "level") if k in row}
-        pid = row.get("unique_id") or f"{stem}:{n - 1}"
+        pid = row.get("unique_id") or f"{stem}:{i}"
         out.append(Problem(pid, _field(row, "problem", s, n), str(_field(row, "answer", s, n)), "math", row.get("solution"), meta))
     return out
 
@@ -271,8 +272,8 @@ def _jsonl(s: DataSpec) -> list[Problem]:
     kind = _kind(s, "number")
     stem = Path(s.target).stem
     out = []
-    for n, row in enumerate(_read_jsonl(s), 1):
-        pid = _text_field(row, idf, s, n) if idf else f"{stem}:{n - 1}"
+    for i, (n, row) in enumerate(_read_jsonl(s)):
+        pid = _text_field(row, idf, s, n) if idf else f"{stem}:{i}"
         solution = _solution_field(row, sol, s, n)
         # the row's other plain fields (a difficulty level, a topic) stay with the problem: reports group by them
         used = {part for name in (q, a, sol, idf) if name for part in (name, name.split(".")[0])}

@@ -186,7 +186,8 @@ def sample_config(model_spec: str, problems: list[Problem], n: int, params: Samp
         "temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(params.top_k),
         "min_p": float(params.min_p), "max_new_tokens": int(params.max_new_tokens), "stop": list(params.stop),
         "ignore_eos": bool(params.ignore_eos),  # samples that run past their end are other samples
-        "prompt": {"instruction": style.instruction, "system": style.system, "chat": style.chat,
+        # an empty system prompt renders as none: one configuration
+        "prompt": {"instruction": style.instruction, "system": style.system or None, "chat": style.chat,
                    "few_shot": [p.id for p in few_shot],
                    # the examples' text is in every prompt: an edited example is another configuration
                    "few_shot_content": _digest([[p.id, p.question, p.answer, p.kind, p.solution] for p in few_shot])
