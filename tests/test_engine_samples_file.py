@@ -739,8 +739,8 @@ def test_few_shot_prompts_show_the_drawn_examples_and_never_an_evaluated_problem
     (["--few-shot", "2"], "--few-shot 2 needs --few-shot-data SPEC"),
     (["--few-shot-data", "{shots}"], "--few-shot-data without --few-shot K"),
     (["--few-shot", "-1", "--few-shot-data", "{shots}"], "--few-shot -1: give a number of examples, 0 or more"),
-    (["--few-shot", "4", "--few-shot-data", "{shots}"], "asked for 4 examples but only 2 problems with worked solutions"),
-    (["--few-shot", "1", "--few-shot-data", "{spec}"], "only 0 problems with worked solutions"),
+    (["--few-shot", "4", "--few-shot-data", "{shots}"], "asked for 4 examples but only 2 problems with a question, a worked solution"),
+    (["--few-shot", "1", "--few-shot-data", "{spec}"], "only 0 problems with a question, a worked solution"),
     (["--few-shot", "1", "--few-shot-data", "jsonl:{missing}?question=q&answer=a"], "does not exist"),
 ])
 def test_bad_few_shot_options_are_one_line(setup, tmp_path, capsys, extra, needle):

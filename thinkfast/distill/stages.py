@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..data.packing import IGNORE, DataConfig, DataMix, PackedRows, build_data, warn_cut_examples
+from ..data.prompts import has_chat_template
 from ..errors import CheckpointError, ConfigError, option
 from ..models import ThinkfastForCausalLM, from_teacher
 from ..utils import (HeldLock, atomic_write_json, clear_leftovers, disk_space_line, failed_writes_as_os_errors, folder_bytes,
@@ -389,7 +390,8 @@ def _declare_trained_instruction(model, source: "_DataSource", stages: list[Stag
     style.pop("chat", None)  # chat and its template variables as the last stage trained them (chat is the default)
     style.pop("template_kwargs", None)
     if not cfg.chat:
-        style["chat"] = False
+        if has_chat_template(source.tokenizer):  # without a template every prompt is plain anyway
+            style["chat"] = False
     elif cfg.template_kwargs:
         style["template_kwargs"] = dict(cfg.template_kwargs)
     if style != (getattr(model.config, "prompt_style", None) or {}):
