@@ -354,6 +354,24 @@ def test_every_role_runs_on_the_meta_device(kind):
 # ---------------------------------------------------------------- transformers' Trainer
 
 
+def test_the_loss_divides_by_the_label_count_it_is_given():
+    """What Trainer's gradient accumulation relies on (`num_items_in_batch`): a sum over this micro-batch's labels
+    divided by the whole step's count, as transformers' Llama computes it."""
+    llama = tiny_llama(layers=2)
+    model = from_teacher(tiny_llama(layers=2), kind="teacher")
+    ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    count = int((labels[:, 1:] != -100).sum())
+    with torch.no_grad():
+        mean = model(ids, labels=labels).loss
+        for items in (count, torch.tensor(3 * count)):
+            ours = model(ids, labels=labels, num_items_in_batch=items).loss
+            theirs = llama(ids, labels=labels, num_items_in_batch=items).loss
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ours, mean * count / items, rtol=1e-5, atol=1e-6)
+
+
 def test_trainer_gradient_accumulation_matches_the_teacher_it_copies(tmp_path):
     """Trainer passes `num_items_in_batch` to a forward that takes **kwargs and then leaves the division to the
     model: the loss and gradients must not grow with the accumulation steps (as transformers' Llama's do not)."""
@@ -382,7 +400,10 @@ def test_trainer_gradient_accumulation_matches_the_teacher_it_copies(tmp_path):
         log = trainer.state.log_history[0]
         return log["loss"], float(log["grad_norm"])
 
-    reference = first_step(tiny_llama(layers=2), 1)
+    try:
+        reference = first_step(tiny_llama(layers=2), 1)
+    except TypeError as e:  # transformers 5.0's Trainer with accelerate 1.2 (our floor): unwrap_model(keep_torch_compile)
+        pytest.skip(f"transformers' Trainer does not run with the installed accelerate ({e})")
     for accumulation in (1, 4):
         loss, grad_norm = first_step(from_teacher(tiny_llama(layers=2), kind="teacher"), accumulation)
         assert loss == pytest.approx(reference[0], rel=1e-4) and grad_norm == pytest.approx(reference[1], rel=1e-3)
