@@ -179,7 +179,7 @@ def test_an_instruction_key_typo_is_refused_not_written_into_prompts():
         PromptStyle(template_kwargs="x")
 
 
-def test_a_model_trained_without_chat_is_sampled_without_it(tmp_path):
+def test_a_model_trained_without_chat_is_sampled_without_it(tmp_path, capsys):
     """Its config declares chat off (and template variables, where it trained with them): sample's defaults."""
     import json
 
@@ -200,3 +200,32 @@ def test_a_model_trained_without_chat_is_sampled_without_it(tmp_path):
     assert not style.chat and render_prompt(GSM, tok, style).startswith("Question: ")
     assert declared_style(tmp_path / "plain", chat=True).chat  # a caller's setting still wins
     assert declared_style(embedded_teacher_dir()).chat  # the shipped teacher trained with its template
+    from thinkfast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trained without its chat template.*chat=True"):
+        declared_style(tmp_path / "plain", template_kwargs={"enable_thinking": False})  # would go unused
+    assert declared_style(tmp_path / "plain", chat=True, template_kwargs={"a": 1}).template_kwargs == {"a": 1}
+
+    from thinkfast.cli import main
+
+    def sampled_config(*flags):
+        out = tmp_path / f"s{len(flags)}.jsonl"
+        assert main(["sample", "--model", str(tmp_path / "plain"), "--data", spec, "--n", "1", "--max-new-tokens", "2",
+                     "--quiet", "--out", str(out), *flags]) == 0
+        from thinkfast.engine.samples_file import SAMPLING_KEY
+        return json.loads(out.read_text().splitlines()[0])[SAMPLING_KEY]["prompt"]
+
+    assert sampled_config()["chat"] is False  # as declared
+    assert sampled_config("--chat")["chat"] is True  # --chat overrides the declaration
+
+    # training it further keeps its prompts: an unset chat setting follows the declaration
+    again, _ = load_thinkfast(str(tmp_path / "plain"))
+    sft(again, DataConfig(specs=[spec]), train, tokenizer=tok, out_dir=tmp_path / "again", progress=False)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["prompt_style"] == declared
+    back, _ = load_thinkfast(str(tmp_path / "plain"))
+    sft(back, DataConfig(specs=[spec], chat=True), train, tokenizer=tok, out_dir=tmp_path / "chat", progress=False)
+    assert json.loads((tmp_path / "chat" / "config.json").read_text())["prompt_style"] == {"instruction": "none"}
+    assert main(["sft", "--model", str(tmp_path / "plain"), "--data", spec, "--tokens", "64", "--seq-len", "256",
+                 "--chat-template-kwargs", '{"a": 1}', "--out", str(tmp_path / "refused")]) != 0
+    assert "trained without its chat template" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

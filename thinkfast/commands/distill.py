@@ -44,7 +44,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder when the model has none")
     p.add_argument("--instruction", help="prompt instruction: auto | boxed | hash | none | literal text (default: the "
                    "recipe's, else the one the teacher (sft: the model) declares in its config.json, else auto)")
-    p.add_argument("--no-chat", dest="chat", action="store_const", const=False, help="plain 'Question:/Answer:' prompts, no chat template")
+    p.add_argument("--chat", dest="chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="--no-chat: plain 'Question:/Answer:' prompts, no chat template; --chat: the template even where "
+                   "the teacher (sft: the model) declares it trained without (default: as it declares, else the template)")
     p.add_argument("--chat-template-kwargs", dest="chat_template_kwargs", metavar="JSON",
                    help="extra variables for the chat template, a JSON object (e.g. '{\"enable_thinking\": false}')")
     p.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="one example per row instead of packing several (the token budget then counts the examples' real tokens)")
@@ -266,7 +268,7 @@ def _refuse_flags_no_stage_reads(args, plan) -> None:
 
 
 def run_distill(args) -> int:
-    from ..distill.recipes import SHAPE_KEYS, use_declared_instruction
+    from ..distill.recipes import SHAPE_KEYS, use_declared_style
     from ..distill.stages import distill
     from ..models import ThinkfastForCausalLM, from_teacher
 
@@ -284,7 +286,7 @@ def run_distill(args) -> int:
     teacher, tokenizer = _load_thinkfast_or_teacher(plan.teacher, _dtype(plan.teacher_dtype), t_label)
     if isinstance(teacher, ThinkfastForCausalLM) and teacher.config.role != "teacher":
         raise ConfigError(f"{t_label} {plan.teacher}: a thinkfast {teacher.config.role} model; the teacher needs attention in every layer")
-    use_declared_instruction(plan, teacher)
+    use_declared_style(plan, teacher)
     tokenizer = _load_tokenizer(plan.tokenizer, tokenizer)
     if tokenizer is None:
         raise ConfigError(f"{t_label} {plan.teacher} has no tokenizer; pass --tokenizer DIR")
@@ -315,7 +317,7 @@ def run_distill(args) -> int:
 
 
 def run_sft(args) -> int:
-    from ..distill.recipes import use_declared_instruction
+    from ..distill.recipes import use_declared_style
     from ..distill.stages import sft
 
     progress = _progress(args)
@@ -329,7 +331,7 @@ def run_sft(args) -> int:
     _check_out(out, args.resume, "sft")
     m_label = _source(args, plan, "model")
     model, tokenizer = _load_thinkfast_or_teacher(plan.model, _dtype("float32"), m_label)
-    use_declared_instruction(plan, model)
+    use_declared_style(plan, model)
     tokenizer = _load_tokenizer(plan.tokenizer, tokenizer)
     if tokenizer is None:
         raise ConfigError(f"{m_label} {plan.model} has no tokenizer; pass --tokenizer DIR")

@@ -43,7 +43,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--instruction", help="prompt instruction: auto, boxed, hash, none, or literal text (default: the one the "
                    "model's config.json declares, e.g. none for the embedded models; else auto)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--no-chat", action="store_true", help="plain 'Question: ... Answer:' prompts even when the tokenizer has a chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="--no-chat: plain 'Question: ... Answer:' prompts even when the tokenizer has a chat template; "
+                   "--chat: its chat template even where the model declares it was trained without (default: as "
+                   "its config.json declares, else the template)")
     p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                    help="extra variables for the chat template, a JSON object, e.g. '{\"enable_thinking\": false}' "
                    "(Qwen3 without its thinking); part of the samples file's configuration")
@@ -155,7 +158,7 @@ def cmd_sample(args) -> int:
 
     def style(spec):  # the prompts the checkpoint declares it was trained on, where no flag says otherwise
         return declared_style(spec, instruction=args.instruction, system=args.system,
-                              chat=False if args.no_chat else None, few_shot=examples, template_kwargs=template_kwargs)
+                              chat=args.chat, few_shot=examples, template_kwargs=template_kwargs)
 
     grade_fn = None
     if not args.no_grade:
@@ -191,7 +194,7 @@ def _template_kwargs(args) -> dict | None:
     from ..data.prompts import parse_template_kwargs
 
     value = parse_template_kwargs(args.chat_template_kwargs, "--chat-template-kwargs")
-    if args.no_chat:
+    if args.chat is False:
         raise ConfigError("--chat-template-kwargs with --no-chat: the variables are for the chat template, which "
                           "--no-chat turns off; drop one of them")
     return value

@@ -26,12 +26,12 @@ import itertools
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from ..errors import DataError, option
+from ..errors import ConfigError, DataError, option
 from .prompts import PromptStyle, render_example
 from .sources import Problem, load_problems, parse_spec
 
@@ -55,7 +55,8 @@ class DataConfig:
     pack: bool = True
     instruction: str | None = None  # PromptStyle instruction: auto | boxed | hash | none | literal text (None: what
     # the teacher, or the model `sft` trains, declares in its config's prompt_style, else auto)
-    chat: bool = True  # use the tokenizer's chat template when it has one
+    chat: bool | None = None  # use the tokenizer's chat template when it has one (None: unless the model declares
+    # `chat: false`, with the template variables it declares)
     template_kwargs: dict | None = None  # variables for the chat template (Qwen3: {"enable_thinking": false})
     train_prompt: bool = False  # also train next-token targets on prompt tokens (CE); KD stages choose separately
     seed: int = 0
@@ -63,6 +64,24 @@ class DataConfig:
 
     def describe(self) -> list[str]:
         return [s if isinstance(s, str) else f"<{len(s)} problems>" for s in self.specs]
+
+    def with_declared(self, declared: dict | None, check: bool = False) -> "DataConfig":
+        """A copy whose unset prompt settings (None) are those a model declares in its config (`prompt_style`):
+        its instruction, else auto; its template unless it declares `chat: false`, with its template variables.
+        `check`: refuse template variables given for a model that declares it trained without the template."""
+        declared = declared if isinstance(declared, dict) else {}
+        instruction = self.instruction if self.instruction is not None else declared.get("instruction") or "auto"
+        chat, template_kwargs = self.chat, self.template_kwargs
+        if chat is None:
+            chat = declared.get("chat", True) is not False
+            if check and template_kwargs and not chat:  # the variables would go unused in silence
+                raise ConfigError(
+                    "the model declares it was trained without its chat template (prompt_style chat: false in its "
+                    f"config.json), so {option('--chat-template-kwargs', 'template_kwargs')} would go unused; add "
+                    f"{option('--chat', 'chat=True')} to train through the template")
+            if chat and template_kwargs is None:
+                template_kwargs = declared.get("template_kwargs") or None
+        return replace(self, instruction=instruction, chat=chat, template_kwargs=template_kwargs)
 
 
 # ---------------------------------------------------------------- tokenisation
@@ -361,7 +380,8 @@ def build_data(cfg: DataConfig, tokenizer, seq_len: int, cache: dict | None = No
         raise DataError(f"no data: give at least one {option('--data spec', 'data spec in DataConfig.specs')} "
                         "(e.g. gsm8k:../shared/data/gsm8k_train.jsonl)")
     weights = _parse_weights(cfg.weights, len(cfg.specs))
-    instruction = cfg.instruction or "auto"  # None: a plan nobody resolved against its teacher (recipes.use_declared_instruction)
+    cfg = cfg.with_declared(None)  # unset settings of a plan nobody resolved against its teacher: the defaults
+    instruction = cfg.instruction
     style = PromptStyle(instruction=instruction, chat=cfg.chat, template_kwargs=cfg.template_kwargs)
     pad = pad_id_of(tokenizer)
     sources = []

@@ -89,7 +89,13 @@ def declared_style(model_dir, **given) -> "PromptStyle":
     declared = declared_prompt_style(model_dir)
     style = {"instruction": declared.get("instruction") or "auto", "chat": declared.get("chat", True) is not False,
              "template_kwargs": declared.get("template_kwargs") or None}
-    return PromptStyle(**{**style, **{k: v for k, v in given.items() if v is not None}})
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("template_kwargs") and "chat" not in given and not style["chat"]:
+        # the variables would be dropped in silence: the model says it was trained without its template
+        raise ConfigError(f"{model_dir}: its config.json declares it was trained without its chat template "
+                          f"(prompt_style chat: false), so {option('--chat-template-kwargs', 'template_kwargs')} "
+                          f"would go unused; add {option('--chat', 'chat=True')} to prompt it through the template")
+    return PromptStyle(**{**style, **given})
 
 
 def user_message(problem: Problem, style: PromptStyle) -> str:

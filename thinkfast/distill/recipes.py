@@ -220,14 +220,16 @@ def _coerce(key: str, value, where: str):
     return value
 
 
-def use_declared_instruction(plan: "Plan", model) -> None:
-    """Fill the prompt instruction of every data config that neither a flag nor the recipe set with the one `model`
-    (the teacher, or the model `sft` trains) declares in its config (`prompt_style`), else "auto": a student
-    learns on the prompts its teacher was trained on, and inherits that declaration for `thinkfast sample`."""
-    declared = (getattr(getattr(model, "config", None), "prompt_style", None) or {}).get("instruction") or "auto"
+def use_declared_style(plan: "Plan", model) -> None:
+    """Fill the prompt settings of every data config that neither a flag nor the recipe set with those `model` (the
+    teacher, or the model `sft` trains) declares in its config (`prompt_style`: the instruction, else "auto"; chat
+    off, or template variables): a student learns on the prompts its teacher was trained on, and inherits that
+    declaration for `thinkfast sample`."""
+    declared = getattr(getattr(model, "config", None), "prompt_style", None) or {}
     for cfg in plan.data_configs():
-        if isinstance(cfg, DataConfig) and cfg.instruction is None:
-            cfg.instruction = declared
+        if isinstance(cfg, DataConfig):
+            resolved = cfg.with_declared(declared, check=True)
+            cfg.instruction, cfg.chat, cfg.template_kwargs = resolved.instruction, resolved.chat, resolved.template_kwargs
 
 
 def make_plan(recipe: dict | None, flags: dict, command: str = "distill") -> Plan:
@@ -347,15 +349,15 @@ def _data_config(get, where, flags: dict, check: bool = True) -> DataConfig:
         raise ConfigError(f"{origin('group_by_length')}: group_by_length groups one-example rows; packed rows are all "
                           "one length (add --no-pack or pack = false)")
     template_kwargs = get("chat_template_kwargs")
-    if check and template_kwargs and not get("chat", True):
+    if check and template_kwargs and get("chat") is False:
         raise ConfigError(f"{origin('chat', 'chat_template_kwargs')}: chat_template_kwargs with chat off (--no-chat): "
                           "the variables are for the chat template; drop one of them")
     return DataConfig(
         specs=list(specs),
         weights=get("data_weights"),
         pack=get("pack", True),
-        instruction=get("instruction"),  # None: the style the teacher declares (use_declared_instruction)
-        chat=get("chat", True),
+        instruction=get("instruction"),  # None: the style the teacher declares (use_declared_style)
+        chat=get("chat"),  # None: as the teacher declares (use_declared_style), else the template
         template_kwargs=template_kwargs,
         train_prompt=get("train_prompt", False),
         seed=get("seed", 0),

@@ -19,7 +19,6 @@ models; the CLI (`thinkfast distill`, `thinkfast sft`) is glue over them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -111,6 +110,8 @@ def _data_fingerprint(cfg: DataConfig) -> dict:
     d = {k: v for k, v in asdict(cfg).items() if k != "specs"}
     if not d.get("group_by_length"):  # runs from before the option resume as they are
         d.pop("group_by_length", None)
+    if d.get("chat") is None:  # unset (as the model declares) fingerprints as the old default, so older runs resume
+        d["chat"] = True
     d["specs"] = cfg.describe()
     return d
 
@@ -372,20 +373,20 @@ def make_task(stage: StageConfig, teacher, student):
 # ---------------------------------------------------------------- running stages
 
 
-def declared_prompt_instruction(model) -> str | None:
-    """The prompt instruction a model's config declares (`prompt_style`), as `thinkfast sample` reads it."""
+def declared_prompt_settings(model) -> dict:
+    """The prompt settings a model's config declares (`prompt_style`), as `thinkfast sample` reads them."""
     style = getattr(getattr(model, "config", None), "prompt_style", None)
-    return style.get("instruction") if isinstance(style, dict) else None
+    return dict(style) if isinstance(style, dict) else {}
 
 
-def _declare_trained_instruction(model, source: "_DataSource", stages: list[StageConfig], declared: str | None) -> None:
+def _declare_trained_instruction(model, source: "_DataSource", stages: list[StageConfig], declared: dict) -> None:
     """A model trained on other prompts than it declares says so in its config, so that `thinkfast sample` prompts
     it as it was trained (the last stage's prompts: SFT's, where it has one)."""
     cfg = source._config(stages[-1])
     if not isinstance(cfg, DataConfig):
         return
     style = dict(getattr(model.config, "prompt_style", None) or {})
-    if cfg.instruction != (declared or "auto"):
+    if cfg.instruction != (declared.get("instruction") or "auto"):
         style["instruction"] = cfg.instruction
     style.pop("chat", None)  # chat and its template variables as the last stage trained them (chat is the default)
     style.pop("template_kwargs", None)
@@ -416,8 +417,8 @@ class _DataSource:
     """Packs data per stage (each stage may use its own row length), tokenising each spec once.
     `per_stage=False` (held-out data) ignores the stages' own data and packs the same data for every stage."""
 
-    def __init__(self, data, tokenizer, per_stage: bool = True, cache: dict | None = None, declared: str | None = None):
-        self.declared = declared or "auto"  # the instruction of a DataConfig that sets none
+    def __init__(self, data, tokenizer, per_stage: bool = True, cache: dict | None = None, declared: dict | None = None):
+        self.declared = declared or {}  # the prompt settings of a DataConfig that sets none (the model's prompt_style)
         self.default = _as_data_config(data)
         self.tokenizer = tokenizer
         self.per_stage = per_stage
@@ -426,8 +427,8 @@ class _DataSource:
 
     def _config(self, stage: StageConfig):
         cfg = (stage.data if self.per_stage else None) or self.default
-        if isinstance(cfg, DataConfig) and cfg.instruction is None:  # the prompts the model was trained on
-            cfg = dataclasses.replace(cfg, instruction=self.declared)
+        if isinstance(cfg, DataConfig):  # unset prompt settings: the prompts the model was trained on
+            cfg = cfg.with_declared(self.declared, check=True)
         return cfg
 
     def prepare(self, stages: list[StageConfig]) -> None:
@@ -487,7 +488,7 @@ def _rows_with_targets(mix: DataMix, stage: StageConfig, what: str = "") -> Data
     return DataMix(sources, mix.weights.tolist(), seed=mix.seed, group=mix.group)
 
 
-def _held_out(eval_data, tokenizer, stages: list[StageConfig], declared: str | None = None) -> _DataSource | None:
+def _held_out(eval_data, tokenizer, stages: list[StageConfig], declared: dict | None = None) -> _DataSource | None:
     """Held-out data packed for every stage up front, so a bad spec fails before anything is written."""
     if eval_data is None:
         return None
@@ -703,7 +704,7 @@ def distill(
     labels = [s.label for s in stages]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"stages {labels}: give repeated kinds distinct names (StageConfig(name=...)); logs and checkpoints are keyed by name")
-    declared = declared_prompt_instruction(t_model)  # a DataConfig without an instruction: the teacher's prompts
+    declared = declared_prompt_settings(t_model)  # a DataConfig's unset prompt settings: the teacher's prompts
     source = _DataSource(data, tokenizer, cache=examples_cache, declared=declared)
     out = Path(out_dir) if out_dir is not None else None
     with run_lock(out):
@@ -770,7 +771,7 @@ def sft(
         model = from_teacher(model, kind="teacher")
     stage = StageConfig("sft", train=train_cfg or TrainConfig(), freeze=list(freeze), chunk_tokens=chunk_tokens, name=name)
     stage.validate(model.model_config)
-    declared = declared_prompt_instruction(model)
+    declared = declared_prompt_settings(model)
     source = _DataSource(data, tokenizer, declared=declared)
     out = Path(out_dir) if out_dir is not None else None
     with run_lock(out):
