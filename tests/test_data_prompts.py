@@ -85,6 +85,21 @@ def test_solution_text_formats_are_gradable():
             assert grade(boxed, p.answer, p.kind) and grade(hashed, p.answer, p.kind)
 
 
+def test_answer_only_targets_state_the_answer_once_in_the_asked_format(chat_tok):
+    """A problem without a worked solution trains on its answer alone: once, no leading newline."""
+    from thinkfast.data.packing import encode_problems
+
+    expected = {("math", "boxed"): "The final answer is $\\boxed{42}$.", ("math", "hash"): "#### 42",
+                ("math", "none"): "42", ("gsm8k", "boxed"): "The final answer is $\\boxed{42}$.",
+                ("gsm8k", "hash"): "#### 42", ("gsm8k", "none"): "#### 42"}
+    for (kind, instruction), target in expected.items():
+        p = Problem("x", "What is 6 x 7?", "42", kind, None)
+        ex, = encode_problems([p], chat_tok, PromptStyle(instruction=instruction, chat=False))
+        completion = chat_tok.decode(ex.ids[ex.n_prompt:], skip_special_tokens=True)
+        assert completion.strip() == target and not completion.lstrip(" ").startswith("\n"), (kind, instruction, completion)
+        assert completion.count("42") == 1
+
+
 def test_few_shot_selection(chat_tok):
     train = f"gsm8k:{SHARED_DATA / 'gsm8k_train.jsonl'}?limit=200"
     if not (SHARED_DATA / "gsm8k_train.jsonl").is_file():

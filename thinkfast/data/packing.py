@@ -114,7 +114,7 @@ def encode_problems(
     prompts, completions = [], []
     for p in problems:
         if p.solution is None:  # no worked solution: the final answer alone is the completion
-            p = Problem(p.id, p.question, p.answer, p.kind, f"#### {p.answer}" if p.kind != "math" else p.answer, p.meta)
+            p = Problem(p.id, p.question, p.answer, p.kind, "", p.meta)
         prompt, completion = render_example(p, tokenizer, style)
         prompts.append(prompt)
         completions.append(completion)

@@ -112,9 +112,12 @@ def solution_text(problem: Problem, style: PromptStyle | None = None) -> str:
     if key == "auto":
         key = "boxed" if problem.kind == "math" else "hash"
     if key == "boxed" and not BOXED.search(sol):
-        sol = re.sub(r"\n?#### .*$", "", sol).rstrip() + f"\nThe final answer is $\\boxed{{{problem.answer}}}$."
+        body = re.sub(r"\n?#### .*$", "", sol).rstrip()
+        sol = "\n".join(filter(None, [body, f"The final answer is $\\boxed{{{problem.answer}}}$."]))
     elif key == "hash" and "#### " not in sol:
-        sol = f"{sol}\n#### {problem.answer}"
+        sol = "\n".join(filter(None, [sol, f"#### {problem.answer}"]))
+    elif not sol:  # answer only, in the kind's own format (no instruction names one)
+        sol = str(problem.answer) if problem.kind == "math" else f"#### {problem.answer}"
     return sol
 
 
