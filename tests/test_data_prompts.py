@@ -115,6 +115,20 @@ def test_few_shot_selection(chat_tok):
     assert all(f"#### {s.answer}" in prompt for s in shots)
     plain = render_prompt(GSM, None, PromptStyle(few_shot=shots))
     assert plain.count("Question: ") == 4 and plain.endswith("Answer:")
+    # examples of another kind show the question's answer format (one format per prompt, as lm-eval's)
+    question = Problem("m1", "Simplify $\\frac{2}{4}$.", "\\frac{1}{2}", "math", None)
+    for tok in (chat_tok, None):
+        mixed = render_prompt(question, tok, PromptStyle(few_shot=shots))
+        assert mixed.count("\\boxed{") == 7 and "#### " not in mixed  # 3 answers, 4 instructions
+        assert all(f"\\boxed{{{s.answer}}}" in mixed for s in shots)
+    from thinkfast.engine.run import sample_config
+    from thinkfast.engine.sampling import SamplingParams
+
+    def prompt_config(problems):
+        return sample_config("m", problems, 1, SamplingParams(), 0, PromptStyle(few_shot=shots))["prompt"]
+
+    assert prompt_config([question])["few_shot_format"] == "question's"  # such files from before do not resume
+    assert "few_shot_format" not in prompt_config([GSM])  # same-kind files keep their hash
 
 
 def test_few_shot_excludes_evaluated_problems_and_unsolved():

@@ -4,7 +4,7 @@ where the final answer goes, optional few-shot examples; and the matching SFT ta
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import ConfigError, option
 from .sources import Problem
@@ -125,11 +125,20 @@ def has_chat_template(tokenizer) -> bool:
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
 
+def examples_style(problem: Problem, style: PromptStyle) -> PromptStyle:
+    """The style worked examples are shown in: the question's answer format, so that examples of another kind
+    (GSM8K ones before a MATH question) show the format the question asks for, as lm-eval's share one."""
+    if style.instruction != "auto":
+        return style
+    return replace(style, instruction="boxed" if problem.kind == "math" else "hash")
+
+
 def messages_for(problem: Problem, style: PromptStyle) -> list[dict]:
     msgs = [{"role": "system", "content": style.system}] if style.system else []
+    shown = examples_style(problem, style)
     for ex in style.few_shot or []:
-        msgs.append({"role": "user", "content": user_message(ex, style)})
-        msgs.append({"role": "assistant", "content": solution_text(ex, style)})
+        msgs.append({"role": "user", "content": user_message(ex, shown)})
+        msgs.append({"role": "assistant", "content": solution_text(ex, shown)})
     msgs.append({"role": "user", "content": user_message(problem, style)})
     return msgs
 
@@ -153,8 +162,9 @@ def render_prompt(problem: Problem, tokenizer=None, style: PromptStyle | None = 
     if style.chat and has_chat_template(tokenizer):
         return _apply_template(tokenizer, messages_for(problem, style), style, add_generation_prompt=True)
     parts = [style.system] if style.system else []
+    shown = examples_style(problem, style)
     for ex in style.few_shot or []:
-        parts.append(f"Question: {user_message(ex, style)}\nAnswer: {solution_text(ex, style)}")
+        parts.append(f"Question: {user_message(ex, shown)}\nAnswer: {solution_text(ex, shown)}")
     parts.append(f"Question: {user_message(problem, style)}\nAnswer:")
     return "\n\n".join(parts)
 

@@ -198,6 +198,9 @@ def sample_config(model_spec: str, problems: list[Problem], n: int, params: Samp
         config["ssm_state_dtype"] = str(ssm_dtype).removeprefix("torch.")
     if style.template_kwargs:  # likewise
         config["prompt"]["template_kwargs"] = dict(sorted(style.template_kwargs.items()))
+    if few_shot and style.instruction == "auto" and len({p.kind == "math" for p in [*few_shot, *problems]}) > 1:
+        # examples of another kind show the question's format (they showed their own before): other prompts
+        config["prompt"]["few_shot_format"] = "question's"
     return config
 
 
