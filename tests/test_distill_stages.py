@@ -49,6 +49,57 @@ def test_matrix_stage_trains_only_mixers_and_its_loss_falls(setup):
     assert {"layer0", "layer1"} <= set(res.history[0])
 
 
+def test_matrix_stage_leaves_the_rows_its_loss_never_reads_as_they_were(setup):
+    """The mixing matrix reads only in_proj's B, C and dt rows: weight decay must not shrink the x and z rows
+    (x copied from the teacher's V), which nothing in the stage optimises."""
+    tok, teacher, data = setup
+    student = from_teacher(teacher, "llamba")
+    mixer = student.lm.layers[0].mixer
+    unread = slice(0, mixer.d_inner + mixer.d_x)  # z, then x
+    before = mixer.in_proj.weight.detach().clone()
+    train(AlignTask(teacher, student, "matrix"), build_data(data, tok, 64), _tc(5, lr=1e-2, weight_decay=0.1),
+          progress=False)
+    after = mixer.in_proj.weight.detach()
+    assert torch.equal(after[unread], before[unread])
+    assert not torch.equal(after, before)  # the rows the matrix reads did train
+    student = from_teacher(teacher, "llamba")  # the hidden stage's loss reads every row: it decays as configured
+    assert AlignTask(teacher, student, "hidden").weight_decay_applies
+
+
+def test_kd_cross_entropy_averages_over_the_solution_tokens(setup):
+    """--ce-weight w adds w x the CE per solution token (SFT's and HF's labels loss), also when the KL counts
+    every real position (prompts included)."""
+    tok, teacher, data = setup
+    student = from_teacher(teacher, "llamba")
+    batch = build_data(data, tok, 64).next_batch(4)
+    sft_task = SFTTask(student)
+    with torch.no_grad():
+        sft_loss, _ = sft_task.loss(batch)
+    ce_per_solution_token = float(sft_loss) / sft_task.count(batch)
+    for positions in ("all", "targets"):
+        with torch.no_grad():
+            totals = {}
+            for w in (0.0, 2.0):
+                task = KDTask(teacher, student, ce_weight=w, positions=positions)
+                n = task.count(batch)
+                loss, parts = task.loss(batch)
+                totals[w] = float(loss) / n
+        assert (totals[2.0] - totals[0.0]) / 2 == pytest.approx(ce_per_solution_token, rel=1e-5)
+        assert float(parts["ce"]) / n == pytest.approx(ce_per_solution_token, rel=1e-5)  # as logged
+    assert task.count(batch) < int(batch["real"].sum())
+    assert KDTask(teacher, student).count(batch) == int(batch["real"].sum())
+
+
+def test_a_python_student_built_from_a_bf16_teacher_trains_in_float32(setup, caplog):
+    tok, teacher, data = setup
+    half = random_model(teacher.model_config, seed=0, tokenizer=tok).to(torch.bfloat16)
+    student = distill(half, "llamba", data, [StageConfig("kd", train=_tc(1))], tokenizer=tok, progress=False)
+    assert student.lm.embed.weight.dtype == torch.float32
+    with caplog.at_level("WARNING", logger="thinkfast"):
+        sft(from_teacher(half, "llamba"), data, _tc(1), tokenizer=tok, progress=False)
+    assert "bfloat16" in caplog.text and "model.float()" in caplog.text
+
+
 def test_hidden_stage_loss_falls_and_mlps_train_only_when_asked(setup):
     tok, teacher, data = setup
     mix = build_data(data, tok, 64)

@@ -224,6 +224,7 @@ def layer_inputs(lm, input_ids: torch.Tensor, upto: int):
 
 class _Task:
     name = "task"
+    weight_decay_applies = True
 
     def __init__(self, teacher: ThinkfastForCausalLM | None, student: ThinkfastForCausalLM):
         self.teacher = teacher
@@ -263,6 +264,9 @@ class AlignTask(_Task):
             return parts[2] == "mixer" or (kind == "hidden" and train_mlp and parts[2] in ("mlp", "mlp_norm"))
 
         self._trainable = set_trainable(student, pick)
+        # the mixing matrix reads only in_proj's B, C and dt rows: decoupled weight decay would shrink the x and z
+        # rows (copied from the teacher's V) with nothing optimising them
+        self.weight_decay_applies = kind != "matrix"
 
     def count(self, batch) -> int:
         return int(batch["real"].sum())
@@ -308,7 +312,12 @@ class KDTask(_Task):
         return batch["real"] if self.positions == "all" else batch["targets"] != IGNORE
 
     def count(self, batch) -> int:
-        return int(self._mask(batch).sum())
+        """Positions the KL averages over. The trainer calls it with each whole batch before its micro-batches'
+        losses: the CE term is scaled here so that it averages over the solution tokens it is computed on (as
+        SFT's and HF's labels loss do), not over every counted position."""
+        n = int(self._mask(batch).sum())
+        self._ce_scale = n / max(1, int((batch["targets"] != IGNORE).sum()))
+        return n
 
     def loss(self, batch):
         ids = batch["input_ids"]
@@ -320,10 +329,12 @@ class KDTask(_Task):
             w_t = t_lm.head_weight.detach()
             if _is_fsdp(t_lm):
                 w_t = w_t.clone()  # the gathered storage is freed on reshard; chunk recompute needs it later
-        return vocab_loss(
+        scale = self._ce_scale if self.ce_weight else 1.0  # CE per solution token once the trainer divides by count()
+        loss, parts = vocab_loss(
             s_out.last_hidden, self.model.lm.head_weight, self._mask(batch), t_out.last_hidden, w_t,
-            batch["targets"], self.kind, self.temperature, self.ce_weight, self.chunk_tokens, reduction="sum",
+            batch["targets"], self.kind, self.temperature, self.ce_weight * scale, self.chunk_tokens, reduction="sum",
         )
+        return loss, {**parts, "ce": parts["ce"] * scale}
 
 
 class SFTTask(_Task):
@@ -345,6 +356,16 @@ class SFTTask(_Task):
         loss, parts = vocab_loss(out.last_hidden, self.model.lm.head_weight, mask, targets=batch["targets"],
                                  kind=None, ce_weight=1.0, chunk_tokens=self.chunk_tokens, reduction="sum")
         return loss, {}
+
+
+def warn_if_half_precision(model, what: str) -> None:
+    """Training updates smaller than a bf16/fp16 weight's precision are lost; the CLI trains fp32 weights (and
+    `TrainConfig(bf16=True)` autocasts the compute), so a half-precision model from Python gets a warning."""
+    dtype = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
+    if dtype is not None:
+        log.warning("the %s's weights are %s: AdamW updates below their precision are lost; train a float32 copy "
+                    "(model.float(); TrainConfig(bf16=True) still computes in bf16 on a GPU)", what,
+                    str(dtype).removeprefix("torch."))
 
 
 def check_stages_can_run(stages: list[StageConfig], student: ThinkfastForCausalLM) -> None:
@@ -694,9 +715,11 @@ def distill(
             raise ConfigError("stop_after needs an out_dir: the later stages resume from its checkpoints")
     t_model = as_teacher_model(teacher)
     if isinstance(student, str):
-        student = from_teacher(t_model, kind=student, attn_layers=attn_layers)
+        # fp32 master weights, as the CLI trains (a bf16 teacher's copy would round most AdamW updates away)
+        student = from_teacher(t_model, kind=student, attn_layers=attn_layers).float()
     if not isinstance(student, ThinkfastForCausalLM):
         raise ConfigError(f"student: expected a ThinkfastForCausalLM or 'llamba' / 'hybrid', got {type(student).__name__}")
+    warn_if_half_precision(student, "student")
     for s in stages:
         s.validate(student.model_config)
         if s.kind != "sft":
@@ -771,6 +794,7 @@ def sft(
         model = from_teacher(model, kind="teacher")
     stage = StageConfig("sft", train=train_cfg or TrainConfig(), freeze=list(freeze), chunk_tokens=chunk_tokens, name=name)
     stage.validate(model.model_config)
+    warn_if_half_precision(model, "model")
     declared = declared_prompt_settings(model)
     source = _DataSource(data, tokenizer, declared=declared)
     out = Path(out_dir) if out_dir is not None else None

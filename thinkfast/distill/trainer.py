@@ -490,7 +490,10 @@ def train(
         check_fingerprint(state, fingerprint, ckpt_dir)
 
     if progress is not False and info.main and not (state is not None and state.get("done")):
-        print(budget_line(name, cfg, row_tokens, total, int(state["step"]) if state is not None else 0), file=sys.stderr)
+        line = budget_line(name, cfg, row_tokens, total, int(state["step"]) if state is not None else 0)
+        if cfg.weight_decay and not getattr(task, "weight_decay_applies", True):
+            line += "; no weight decay (its loss reads only part of the matrices it trains)"
+        print(line, file=sys.stderr)
 
     task.to(device)
     if state is not None and state.get("done"):
@@ -501,8 +504,9 @@ def train(
     if not named:
         raise ConfigError(f"{name}: nothing to train (every parameter is frozen)")
     opt_kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    weight_decay = cfg.weight_decay if getattr(task, "weight_decay_applies", True) else 0.0
     optimizer = torch.optim.AdamW(
-        _param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kwargs
+        _param_groups(named, weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **opt_kwargs
     )
     params = [p for _, p in named]
 
