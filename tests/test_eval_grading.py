@@ -56,6 +56,26 @@ def pool():
     ("x #### 17 y #### 18", "gsm8k", "18"),
     ("#### 42 #####", "gsm8k", "42"),
     ("#### Final Answer: 42", "number", "42"),
+    # lm-eval minerva_math's answer line: the inner phrase, to its sentence's end
+    ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "math", "\\frac{1}{2}"),
+    ("Final Answer: The final answer is 7. I hope it is correct.", "math", "7"),
+    # markdown emphasis around the phrase or the answer
+    ("Work: 3 + 4 = 7.\n\n**Final Answer**: $\\frac{1}{2}$", "math", "\\frac{1}{2}"),
+    ("The answer is **7**.", "math", "7"),
+    # markdown headings are not GSM8K's marker
+    ("#### Step 1: Eggs\n16 - 7 = 9\n#### Step 2: Money\n9 * 2 = 18, so $18", "gsm8k", "18"),
+    ("Work.\n#### Final Answer\n$\\frac{1}{2}$", "math", "\\frac{1}{2}"),
+    ("#### Step 1: Setup\n3 + 4 = 7\n#### Step 2: Result\nThe final answer is $2k$.", "math", "2k"),
+    # gsm8k reads the phrase too, when later numbers are checks, not answers
+    ("The answer is 18.\n\nLet me double check: 16-3-4 = 9.", "gsm8k", "18"),
+    ("The final answer is 600 (= 6*100).", "gsm8k", "600"),
+    ("**Final Answer:** 18 (3 + 4 = 7 steps)", "gsm8k", "18"),
+    ("First, the answer is not obvious. She has 18 eggs.", "gsm8k", "18"),  # a phrase with no number: skipped
+    ("The answer is yes.", "number", "yes"),
+    # inside a box or after the marker: the result, not the sum; doubled braces; a remark in brackets
+    ("\\boxed{3 \\times 6 = 18}", "gsm8k", "18"),
+    ("\\boxed{{18}}", "gsm8k", "18"),
+    ("#### 18 (eighteen)", "gsm8k", "18"),
 ])
 def test_extract_answer(text, kind, expected):
     assert extract_answer(text, kind) == expected
@@ -98,6 +118,28 @@ def test_no_catastrophic_backtracking():
         assert grade("#### 5 " + "a" * n + "!", "5", "gsm8k") is False
         assert grade("#### 5 " + "ab " * n, "5", "gsm8k") is True
     assert time.perf_counter() - t < 1.0
+
+
+def test_letters_after_a_math_number_are_part_of_the_answer_not_a_unit():
+    """2k, 3R^2, y = -2x (real MATH-500 golds) must not share a voting key with 2, 3, -2: maj@1 = pass@1."""
+    from thinkfast.eval.metrics import ProblemSamples, problem_curves
+
+    for gold, wrong in (("2k", "2"), ("3R^2", "3"), ("y = -2x", "-2")):
+        assert canonical_answer(gold, "math") != canonical_answer(wrong, "math")
+        results = grade_many([f"\\boxed{{{wrong}}}", f"\\boxed{{{gold}}}", f"\\boxed{{{gold}}}"], [gold] * 3, ["math"] * 3)
+        assert [r.correct for r in results] == [False, True, True]
+        curves = problem_curves(ProblemSamples([r.answer for r in results], [r.correct for r in results]), [1, 3])
+        assert curves["maj_at_k"][0] == pytest.approx(curves["pass_at_k"][0]) and curves["maj_at_k"][1] == 1.0
+    assert canonical_answer("5 \\text{ cm}", "math") == canonical_answer("5", "math") == "5"  # units in \text{}
+    assert canonical_answer("x = 5", "math") == "5"
+
+
+def test_unclosed_boxes_are_read_in_linear_time():
+    """A degenerate completion full of cut-off boxes (a model looping) is read in one pass, not one per box."""
+    text = "Step: \\boxed{1 + " * 20000  # 340k characters; quadratic reading took minutes
+    t = time.perf_counter()
+    assert extract_answer(text, "gsm8k") == "1"
+    assert time.perf_counter() - t < 5.0
 
 
 def test_word_answers_for_number_kind():
@@ -185,6 +227,43 @@ def test_gsm8k_test_solutions_match_their_own_answers():
     assert sum(r.correct for r in shifted) == coincidences  # only genuinely equal answers pass
 
 
+# how chat models and lm-eval's prompts state a final answer; every form must read every real gold answer
+GSM8K_FORMS = {
+    "hash": "Reasoning 3 + 4 = 7.\n#### {}",
+    "boxed": "Reasoning 3 + 4 = 7.\nThe final answer is $\\boxed{{{}}}$",
+    "answer is, then a check": "The answer is {}.\nCheck: 3 + 4 = 7.",
+    "bold final answer": "**Final Answer:** {} (3 + 4 = 7 steps)",
+    "llama final answer": "## Step 1: 3 + 4 = 7\nThe final answer is: {}",
+    "step headings": "#### Step 1: Add\n3 + 4 = 7\n#### Step 2: Total\nSo the total is {}.",
+    "units": "#### {} dollars",
+}
+MATH_FORMS = {
+    "boxed": "Some reasoning.\n\nTherefore the answer is $\\boxed{{{}}}$.",
+    "minerva": "Some reasoning.\nFinal Answer: The final answer is ${}$. I hope it is correct.",
+    "answer is": "Some reasoning with 17 and 4.\nThe answer is ${}$.",
+    "bold final answer": "Work: 3 + 4 = 7.\n\n**Final Answer**: ${}$",
+    "bold answer": "Work: 3 + 4 = 7.\nThe answer is **{}**.",
+    "final answer heading": "Work: 3 + 4 = 7.\n#### Final Answer\n${}$",
+}
+
+
+def test_gsm8k_answer_forms_read_every_test_answer():
+    golds = [r["answer"].rsplit("####", 1)[-1].strip() for r in _rows("gsm8k_test.jsonl")]
+    plus_one = [str(int(g.replace(",", "")) + 1) for g in golds]
+    for name, form in GSM8K_FORMS.items():
+        right = grade_many([form.format(g) for g in golds], golds, ["gsm8k"] * len(golds))
+        assert [r.correct for r in right] == [True] * 1319, name
+        wrong = grade_many([form.format(w) for w in plus_one], golds, ["gsm8k"] * len(golds))
+        assert not any(r.correct for r in wrong), name
+
+
+def test_math_answer_forms_read_every_math500_answer(pool):
+    golds = [r["answer"] for r in _rows("math500_test.jsonl")]
+    for name, form in MATH_FORMS.items():
+        res = grade_many([form.format(g) for g in golds], golds, ["math"] * len(golds), pool=pool, timeout=30)
+        assert [(g, r.answer) for g, r in zip(golds, res) if r.correct is not True] == [], name
+
+
 def _math500_check(rows, pool):
     sols, golds = [r["solution"] for r in rows], [r["answer"] for r in rows]
     own = grade_many(sols, golds, ["math"] * len(rows), pool=pool)
@@ -225,3 +304,24 @@ def test_gold_answers_in_dataset_form_and_bad_arguments():
                          (lambda: grade_many("12", "12", ["number"] * 2), "takes lists")):
         with pytest.raises(ThinkfastError, match=needle):
             call()
+
+
+def test_score_regrade_all_grades_graded_samples_again(tmp_path, capsys):
+    """After a grader change, `--regrade-all` re-grades samples a file already holds a verdict for."""
+    from thinkfast.cli import main
+
+    record = {"problem_id": "p1", "sample_idx": 0, "model": "m", "role": "teacher", "answer": "Step 2: Money",
+              "completion": "#### Step 1: Eggs\n16 - 7 = 9\n#### Step 2: Money\n9 * 2 = 18, so $18", "gold": "18",
+              "kind": "gsm8k", "correct": False, "grade_error": None, "reward": None, "gen_tokens": 9,
+              "prompt_tokens": 5, "seconds": 0.01, "seed": 0, "finish_reason": "eos", "hardware": "cpu", "config": "aa"}
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    assert main(["score", str(path)]) == 0  # only null verdicts are graded by default
+    assert json.loads(path.read_text())["correct"] is False
+    assert main(["score", str(path), "--regrade-all"]) == 0
+    regraded = json.loads(path.read_text())
+    assert regraded["correct"] is True and regraded["answer"] == "18"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["score", str(path), "--regrade-all", "--no-regrade"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err

@@ -31,7 +31,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--prm-aggregation", default="min", choices=["last", "min", "mean", "product"], help="how PRM step scores combine (default: min)")
     p.add_argument("--data", action="append", metavar="SPEC", help="data spec(s) the samples came from, for the question text (repeatable)")
     p.add_argument("--rescore", action="store_true", help="replace existing rewards too (default: only null ones)")
-    p.add_argument("--no-regrade", dest="regrade", action="store_false", help="do not grade samples whose `correct` is null")
+    grading = p.add_mutually_exclusive_group()
+    grading.add_argument("--no-regrade", dest="regrade", action="store_false", help="do not grade samples whose `correct` is null")
+    grading.add_argument("--regrade-all", dest="regrade", action="store_const", const="all",
+                         help="grade every sample again, graded ones too (after a grader change; default: only null ones)")
     p.add_argument("--grade-timeout", type=positive_float, default=10.0, metavar="S", help="seconds per math item before it is marked ungraded (default: 10)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

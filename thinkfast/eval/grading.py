@@ -1,16 +1,19 @@
 """Grading: pull the final answer out of a completion and decide whether it equals the gold answer.
 
 Kinds:
-  gsm8k, number  the final answer is the last `\\boxed{}`, else the text after the last `####` up to the next run
-                 of four or more `#` (exactly four: a `#####` rule is not a marker; `#### 9 + 2 = 11` answers 11; a
-                 leading "Final answer:" is dropped; after a `####` line without a number, such as a `#### Final
-                 answer` heading, the last number below it), else the last number.
+  gsm8k, number  the final answer is the last `\\boxed{}`, else the last `####` marker that states a number (its
+                 text up to the next run of four or more `#`: a `#####` rule is not a marker; `#### 9 + 2 = 11`
+                 answers 11; a leading "Final answer:" is dropped); markdown headings (`#### Step 2: Money`, `####
+                 Final Answer`) are no markers: under one, the last number below it; else the number stated after
+                 the last "the (final) answer is" / "Final answer:"; else the last number.
                  Thousands separators, currency signs, `%`, units and a leading `x =` are stripped; `18.00 == 18 == 36/2`;
                  strict equality, no partial credit. A gold answer that is not a number (reasoning-gym tasks with
                  word answers) is compared as text, ignoring case and surrounding spaces.
-  math           the last `\\boxed{}`, else the text after the last `####`, else what follows the last "the (final)
-                 answer is" to the end of its sentence (a `$$ ... $$` or `\\[ ... \\]` block when one opens right after it), else the last
-                 number; equivalence is decided by math-verify with the gold
+  math           the last `\\boxed{}`, else the text after the last `####` that is no heading, else what follows the
+                 last "the (final) answer is" / "Final answer:" to the end of its sentence (also lm-eval minerva's
+                 "Final Answer: The final answer is 7. I hope it is correct."; markdown bold dropped; a `$$ ... $$`
+                 or `\\[ ... \\]` block when one opens right after it), else the last number; equivalence is
+                 decided by math-verify with the gold
                  wrapped in `$...$`, in a pool of worker processes with a hard timeout per item. A hung or crashed
                  worker is killed and replaced and its item is *ungraded* (correct=None, with the reason), never
                  silently marked wrong.
@@ -66,30 +69,44 @@ SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>|</s>|<eos>|<end_of_turn>")  # <
 # GSM8K's marker, not part of a longer run of #; its answer runs to the line's end or the next run of four or more
 # `#` (`x #### 17 y #### 18` answers 18, `#### 42 #####` answers 42)
 HASH_ANSWER = re.compile(r"(?<!#)####(?!#)[ \t]*((?:(?!####)[^\n])*)")
-ANSWER_LABEL = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)  # `#### Final answer: 42`
-FINAL_PHRASE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
+# `#### Final answer: 42`; also a bare `#### Final Answer` heading (nothing left)
+ANSWER_LABEL = re.compile(r"^[*_]*(?:the\s+)?(?:final\s+)?answer[*_]*\s*(?:is\b|:|$)[*_]*\s*:?[*_]*\s*", re.IGNORECASE)
+# markdown headings that are not answers: `#### Step 2: Money`, `#### Solution`
+HEADING = re.compile(r"^[*_]*(?:step|part|case|solution|problem|explanation|conclusion|summary|verification|check|"
+                     r"calculation|analysis|approach|method|setup|given|reasoning)\b", re.IGNORECASE)
+# "the (final) answer is", "Final Answer:", markdown emphasis allowed around it; a lookahead, so that Minerva's
+# "Final Answer: The final answer is 7. I hope it is correct." also matches at the inner phrase (the last one wins)
+FINAL_PHRASE = re.compile(r"(?=(?:final answer|the answer)[*_]*\s*(?:is|:)[*_]*\s*:?[*_]*\s*([^\n]+))", re.IGNORECASE)
 DISPLAY_MATH = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]", re.DOTALL)  # $$ ... $$ or \[ ... \], across lines
 # a number as people write it: sign, thousands separators, decimals, an optional /denominator
 NUMBER = re.compile(r"[-−+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-−+]?\.\d+")
+LEADING_NUMBER = re.compile(r"^[-−+]?[$€£¥₹]?\s*(?:\d|\.\d)")  # `#### 18`, `#### $1,200`, `#### -3`
+EQUATION = re.compile(r"^[^\s=]+\s*(?:[-+*/×x÷·]|\\times|\\cdot|\\div)\s*[^\s=]")  # `3 + 4 = 7` shows its sum
 
 
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-    """Content of the {...} group opening at text[start] and the index after it; None if unbalanced."""
-    depth = 0
-    for j in range(start, len(text)):
-        c = text[j]
+def _brace_pairs(text: str) -> dict[int, int]:
+    """Index of each `{` -> index of its matching `}`, in one pass (unbalanced ones are left out)."""
+    pairs, stack = {}, []
+    for j, c in enumerate(text):
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1: j], j + 1
-    return None
+            stack.append(j)
+        elif c == "}" and stack:
+            pairs[stack.pop()] = j
+    return pairs
+
+
+def _braced(text: str, start: int, pairs: dict[int, int] | None = None) -> tuple[str, int] | None:
+    """Content of the {...} group opening at text[start] and the index after it; None if unbalanced."""
+    end = (pairs if pairs is not None else _brace_pairs(text)).get(start)
+    if end is None:
+        return None
+    return text[start + 1: end], end + 1
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`); a cut-off one is skipped."""
     end = len(text)
+    pairs = None  # matched once, lazily: linear in the text however many boxes are left open
     while True:
         idx = max(text.rfind(cmd, 0, end) for cmd in BOX_COMMANDS)
         if idx < 0:
@@ -97,7 +114,8 @@ def last_boxed(text: str) -> str | None:
         cmd = next(c for c in BOX_COMMANDS if text.startswith(c, idx))
         i = idx + len(cmd)
         if i < len(text) and text[i] == "{":
-            got = _braced(text, i)
+            pairs = _brace_pairs(text) if pairs is None else pairs
+            got = _braced(text, i, pairs)
             if got is not None and got[0].strip():
                 return got[0].strip()
         elif i < len(text) and text[i] == " ":  # \boxed 5
@@ -105,6 +123,74 @@ def last_boxed(text: str) -> str | None:
             if m:
                 return m.group(1)
         end = idx
+
+
+def _unmarked(text: str) -> str:
+    """Without markdown emphasis (`**7**`, `__7__`) and surrounding `$`, spaces and a full stop."""
+    text = re.sub(r"\*\*|__", "", text).strip()
+    return text.rstrip(".").strip("$ ").rstrip(".").strip()
+
+
+def _number_answer(answer: str) -> str:
+    """The number a number-kind answer states: `9 + 2 = 11` -> 11, `18 (eighteen)` -> 18, `{18}` -> 18."""
+    answer = answer.strip()
+    while answer.startswith("{") and answer.endswith("}") and _braced(answer, 0) == (answer[1:-1], len(answer)):
+        answer = answer[1:-1].strip()
+    if parse_number(answer) is not None:
+        return answer
+    if "=" in answer and EQUATION.match(answer):  # the result, not the sum
+        return answer.rsplit("=", 1)[1].strip() or answer
+    first = NUMBER.search(answer) if LEADING_NUMBER.match(answer) else None
+    if first is not None and re.match(r"\s*\(", answer[first.end():]):
+        return first.group(0)  # a remark in brackets after it: `18 (eighteen)`, `600 (= 6*100)`
+    return answer  # `4 or 5` stays unreadable
+
+
+def _from_marks(text: str, kind: str) -> str | None:
+    """The answer the GSM8K `####` markers give, telling markdown headings (`#### Step 2: Money`) apart."""
+    marks = list(HASH_ANSWER.finditer(text))
+    if not marks:
+        return None
+    answers = [(ANSWER_LABEL.sub("", m.group(1).strip()).strip(), m) for m in marks]
+    if kind != "math":
+        numeric = [(a, m) for a, m in answers if LEADING_NUMBER.match(a)]
+        if numeric:  # the marker that states a number, as lm-eval's `#### (-?[0-9.,]+)` reads it
+            return _number_answer(numeric[-1][0])
+    answer, mark = answers[-1]
+    after = text[mark.end():]
+    if answer and not HEADING.match(answer) and not answer.endswith(":"):
+        if kind == "math":
+            return answer
+        if NUMBER.search(answer):
+            return _number_answer(answer)
+        if not NUMBER.search(after):
+            return answer  # a word answer
+    if kind == "math":  # under a `#### Final Answer` heading: its next line; other headings answer nothing
+        if not answer:
+            line = next((ln for ln in after.splitlines() if ln.strip()), "")
+            return _unmarked(line) or None
+        return None
+    numbers = NUMBER.findall(after)  # a heading: the last number below it
+    return numbers[-1] if numbers else None
+
+
+def _from_phrase(text: str, kind: str) -> str | None:
+    """What follows the last "the (final) answer is" / "Final answer:", to the end of its sentence."""
+    phrases = list(FINAL_PHRASE.finditer(text))
+    if not phrases:
+        return None
+    start = phrases[-1].start(1)
+    block = DISPLAY_MATH.match(text, start)  # "The final answer is:" then a display block
+    said = (block.group(1) or block.group(2)) if block else phrases[-1].group(1)
+    if not block:  # "the answer is 3. Then ..." : the sentence the phrase opens, not what comes after it
+        said = re.split(r"\.\s", said, maxsplit=1)[0]
+    said = _unmarked(said)
+    if kind != "math" and said:
+        if not NUMBER.search(said):  # a word answer, unless numbers follow ("the answer is not obvious ... 18")
+            return None if NUMBER.search(text, start) else said
+        boxed = last_boxed(said)
+        said = _number_answer(boxed if boxed is not None else said)
+    return said or None
 
 
 def extract_answer(text: str, kind: str) -> str | None:
@@ -115,32 +201,11 @@ def extract_answer(text: str, kind: str) -> str | None:
     text = SPECIAL_TOKEN.sub("\n", text)  # an end-of-turn marker left in the text is not part of the answer
     boxed = last_boxed(text)
     if boxed is not None:
-        return boxed
-    marks = list(HASH_ANSWER.finditer(text))
-    if marks:
-        answer, after = ANSWER_LABEL.sub("", marks[-1].group(1).strip()), text[marks[-1].end():]
-        if kind == "math":
-            if answer:
-                return answer
-        elif NUMBER.search(answer):
-            if "=" in answer and parse_number(answer) is None:  # `#### 9 + 2 = 11`: the result, not the sum
-                answer = answer.rsplit("=", 1)[1].strip() or answer
+        return boxed if kind == "math" else _number_answer(boxed)
+    for rule in (_from_marks, _from_phrase):
+        answer = rule(text, kind)
+        if answer:
             return answer
-        elif NUMBER.search(after):  # a `#### Final answer` heading: the number under it
-            return NUMBER.findall(after)[-1]
-        elif answer:  # a word answer
-            return answer
-    if kind == "math":
-        phrases = list(FINAL_PHRASE.finditer(text))
-        if phrases:
-            phrase = phrases[-1]
-            block = DISPLAY_MATH.match(text, phrase.start(1))  # "The final answer is:" then a display block
-            said = (block.group(1) or block.group(2)) if block else phrase.group(1)
-            if not block:  # "the answer is 3. Then ..." : the sentence the phrase opens, not what comes after it
-                said = re.split(r"\.\s", said, maxsplit=1)[0]
-            said = said.strip().rstrip(".").strip("$ ").rstrip(".").strip()
-            if said:
-                return said
     numbers = NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
@@ -212,11 +277,17 @@ def _text_key(s: str) -> str:
     return " ".join(_strip_decorations(s).split()).lower()
 
 
+def _letter_after_number(raw: str) -> bool:
+    bare = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{[^{}]*\}|\\[A-Za-z]+", " ", raw)  # units in \text{}, commands
+    return re.search(r"\d\s*[A-Za-z]", bare) is not None
+
+
 def canonical_answer(raw: str | None, kind: str) -> str | None:
     """The voting key of an extracted answer: equal answers spelled differently get one key."""
     if raw is None:
         return None
-    value = parse_number(raw)
+    # in math a letter after a number is part of the answer (2k, 3R^2, y = -2x), not a unit: only \text{} is
+    value = None if kind == "math" and _letter_after_number(raw) else parse_number(raw)
     if value is not None:
         return canonical_number(value)
     if kind != "math":
@@ -270,7 +341,7 @@ def grade_many(predictions: list[str], golds: list[str], kinds: list[str], timeo
     predictions = [None if p is None else str(p) for p in predictions]
     golds = [gold_answer(str(g), k) for g, k in zip(golds, kinds)]
     results: list[GradeResult | None] = [None] * len(predictions)
-    math_items: list[int] = []
+    math_items: dict[int, str] = {}  # item -> its extracted answer
     for i, (pred, gold, kind) in enumerate(zip(predictions, golds, kinds)):
         if kind == "math":
             raw = extract_answer(pred or "", kind)
@@ -278,14 +349,14 @@ def grade_many(predictions: list[str], golds: list[str], kinds: list[str], timeo
                 results[i] = GradeResult(False, None)
             else:
                 results[i] = GradeResult(None, canonical_answer(raw, kind))
-                math_items.append(i)
+                math_items[i] = raw
         else:
             results[i] = grade_number(pred or "", str(gold), kind)
     if math_items:
         pool = pool or default_pool()
         # math-verify sees the extracted answer boxed, so the verdict depends on the answer alone
-        pairs = [(f"\\boxed{{{extract_answer(predictions[i], 'math').strip().strip('$').strip()}}}", f"${str(golds[i]).strip().strip('$')}$")
-                 for i in math_items]
+        pairs = [(f"\\boxed{{{raw.strip().strip('$').strip()}}}", f"${str(golds[i]).strip().strip('$')}$")
+                 for i, raw in math_items.items()]
         for i, (correct, error) in zip(math_items, pool.verify_many(pairs, timeout)):
             results[i].correct, results[i].error = correct, error
     return results  # type: ignore[return-value]

@@ -90,9 +90,12 @@ def load_reward_model(path, device=None) -> OutcomeRewardModel:
 def score_files(paths, reward_model=None, prm: str | None = None, prm_aggregation: str = "min", data=None, regrade: bool = True,
                 rescore: bool = False, skip_bad_lines: bool = False, batch_size: int = 16, device=None,
                 grade_timeout: float = DEFAULT_TIMEOUT, log=print) -> dict:
-    """Grade samples whose `correct` is null and fill `reward` (null ones, or all with `rescore`) in place.
+    """Grade samples whose `correct` is null (every sample with `regrade="all"`, none with False) and fill `reward`
+    (null ones, or all with `rescore`) in place.
 
     reward_model: an ORM folder (or a loaded OutcomeRewardModel); prm: a PRM hub id or folder. Returns counts."""
+    if regrade not in (True, False, "all"):
+        raise ThinkfastError(f"regrade={regrade!r}: give True (samples whose correct is null), 'all' or False")
     if reward_model is not None and prm is not None:
         raise ThinkfastError(f"give either {option('--reward-model', 'reward_model')} or {option('--prm', 'prm')}, not both")
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
@@ -134,7 +137,7 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
         totals["skipped_lines"] += len(f.bad)
         graded = scored = 0
         if regrade:
-            todo = [s for s in samples if s.correct is None]
+            todo = [s for s in samples if regrade == "all" or s.correct is None]
             if todo:
                 results = grade_many([s.completion for s in todo], [s.gold for s in todo], [s.kind for s in todo], timeout=grade_timeout)
                 for s, r in zip(todo, results):
