@@ -259,6 +259,63 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients(kind):
         assert model.eval().generate(ids[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
 
 
+def test_generate_after_gradient_checkpointing_keeps_the_cached_step():
+    """transformers' gradient_checkpointing_enable() leaves a hook on the embedding for good; the step calls the
+    embedding as a module, so that hook runs there and must not send generate() to re-run the whole sequence."""
+    model = from_teacher(tiny_llama(), kind="llamba", seed=1)
+    ids = torch.randint(3, 101, (1, 5))
+    with torch.no_grad():
+        before = model.generate(ids, max_new_tokens=6, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_disable()
+    assert model.lm.embed._forward_hooks  # transformers' input-grad hook is still there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "re-runs the whole sequence" warning
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, before) and out.past_key_values.state is not None
+
+
+@pytest.mark.parametrize("kind", ROLES)
+def test_continuing_a_cache_with_other_rows_is_refused_in_one_line(kind):
+    """A Llamba continued row 1 from row 0's state in silence (rows after beam search, or a subset of rows)."""
+    model = from_teacher(tiny_llama(), kind=kind)
+    ids = torch.randint(3, 101, (2, 6))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError) as e:
+            model(ids[1:, -1:], past_key_values=cache)
+    assert "the cache holds 2 rows" in _one_line(e) and "input_ids has 1" in str(e.value)
+
+
+def test_logits_to_keep_takes_an_int_or_the_indices_to_keep():
+    llama = tiny_llama()
+    model = from_teacher(llama, kind="teacher")
+    ids = torch.randint(3, 101, (1, 9))
+    keep = torch.tensor([2, 7])
+    with torch.no_grad():
+        ours, theirs = model(ids, logits_to_keep=keep).logits, llama(ids, logits_to_keep=keep).logits
+        assert ours.shape == theirs.shape == (1, 2, 101)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+        assert model(ids, logits_to_keep=3).logits.shape == (1, 3, 101)
+
+
+def test_from_teacher_leaves_the_callers_random_stream_alone():
+    llama = tiny_llama()
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.rand(3)
+        torch.manual_seed(seed)
+        student = from_teacher(llama, kind="llamba", seed=0)
+        draws.append((torch.rand(3), expected, student.lm.layers[0].mixer.conv1d.weight.detach().clone()))
+    for after, expected, _ in draws:
+        assert torch.equal(after, expected)  # it was reset to the student's seed: every caller drew the same
+    assert torch.equal(draws[0][2], draws[1][2])  # the student's own initialisation is still seeded
+
+
 # ---------------------------------------------------------------- HF config names (R8)
 
 

@@ -459,6 +459,8 @@ def test_a_converted_mambainllama_hybrid_decodes_step_by_step_as_its_forward(tmp
     ({"ssm_cfg": {"expand": 1, "ngroups": 2, "d_state": 32}}, "config and weights do not belong together"),
     ({"ssm_cfg": {"expand": 1, "ngroups": 4, "d_state": 16, "D_has_hdim": True}}, "D_has_hdim=True is not supported"),
     ({"ssm_cfg": {"expand": 1, "ngroups": 4, "d_state": 16, "norm_before_gate": True}}, "norm_before_gate=True"),
+    ({"attn_layers": 5}, "lists attention at 5,"),  # damaged values: one line, not a TypeError from sorting them
+    ({"attn_layers": [1, "x"]}, "lists attention at [1, 'x']"),
 ])
 def test_mambainllama_settings_thinkfast_cannot_reproduce_are_refused_in_one_line(tmp_path, capsys, change, needle):
     write_mambainllama(tmp_path / "mil", (0, 2))
@@ -467,6 +469,14 @@ def test_mambainllama_settings_thinkfast_cannot_reproduce_are_refused_in_one_lin
     assert main(["convert", str(tmp_path / "mil"), "--out", str(tmp_path / "out"), "--tokenizer", str(ASSET)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
+
+
+def test_a_converted_mambainllama_keeps_the_stop_tokens_of_its_generation_config(tmp_path):
+    write_mambainllama(tmp_path / "mil", (0, 2))
+    cfg = json.loads((tmp_path / "mil" / "config.json").read_text())
+    (tmp_path / "mil" / "generation_config.json").write_text(json.dumps({"eos_token_id": [cfg.get("eos_token_id", 2), 7, 9]}))
+    model, _ = load_thinkfast(tmp_path / "mil")
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == [cfg.get("eos_token_id", 2), 7, 9]
 
 
 def test_mamba_ssm_style_mamba1_layers_are_refused_in_one_line(tmp_path):
@@ -495,6 +505,13 @@ def test_convert_writes_a_folder_that_sample_and_the_auto_classes_read(tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, llamba_reference(LLAMBA_CFG, w, ids), atol=2e-4, rtol=1e-4)
     assert model.config.eos_token_id == 258  # the tokenizer's, as nothing in Llamba's config names one
+    assert model.generation_config.eos_token_id == 258  # which is what transformers 5's generate() reads
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 258, (1, 4))
+    with torch.no_grad():
+        first = model(prompt).logits[0, -1].argmax()
+        model.generation_config.eos_token_id = int(first)  # a stop on the first token ends the generation there
+        assert model.generate(prompt, max_new_tokens=5, do_sample=False).shape[1] == 5
     samples = tmp_path / "s.jsonl"
     assert main(["sample", "--model", str(out), "--data", "rg:chain_sum?size=2", "--n", "2", "--max-new-tokens", "8",
                  "--out", str(samples), "--quiet"]) == 0

@@ -58,10 +58,14 @@ def cmd_convert(args) -> int:
         raise ConfigError(f"convert {args.source}: the tokenizer has {len(tok):,} tokens but the model's vocabulary "
                           f"{vocab:,}; pass the tokenizer it was trained with{_teacher_hint(args.source)}")
     # a stop token for checkpoints whose config names none (Llamba's): the tokenizer's
-    if getattr(model.config, "eos_token_id", None) is None and isinstance(tok.eos_token_id, int):
-        model.config.eos_token_id = tok.eos_token_id
-    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
-        model.config.pad_token_id = tok.pad_token_id
+    # (and in generation_config.json, which is all transformers 5's generate() reads)
+    gen = getattr(model, "generation_config", None)
+    for key, value in (("eos_token_id", tok.eos_token_id if isinstance(tok.eos_token_id, int) else None),
+                       ("pad_token_id", tok.pad_token_id)):
+        if getattr(model.config, key, None) is None and value is not None:
+            setattr(model.config, key, value)
+        if gen is not None and getattr(gen, key, None) is None and getattr(model.config, key, None) is not None:
+            setattr(gen, key, getattr(model.config, key))
     with torch.no_grad(), atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

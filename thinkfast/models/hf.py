@@ -138,10 +138,21 @@ def plain_modules(model: nn.Module) -> bool:
     return all(type(m) in PLAIN_MODULES and not _has_hook(m) for m in model.modules())
 
 
+def _kept_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """transformers' `logits_to_keep`: an int keeps the last N positions (0: all); a 1-D tensor, those indices."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() > 0:
+        return hidden[:, logits_to_keep.to(hidden.device)]
+    keep = int(logits_to_keep)
+    return hidden[:, -keep:] if keep else hidden
+
+
 def hooked(model: nn.Module) -> bool:
     """A hook anywhere: accelerate's offloading or device placement, or a user's forward hook. A recurrent step
-    calls the blocks' and mixers' `step`, not their forward, and reads some weights directly, so it would skip them."""
-    return any(_has_hook(m) for m in model.modules())
+    calls the blocks' and mixers' `step`, not their forward, and reads some weights directly, so it would skip them.
+    The embedding's own hooks do not count: the model's step calls it as a module, so they run (transformers'
+    `gradient_checkpointing_enable()` leaves one there for good)."""
+    embed = getattr(model, "embed", None)
+    return any(_has_hook(m) for m in model.modules() if m is not embed)
 
 
 class ThinkfastCache:
@@ -403,7 +414,7 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
                 state = None
                 out = self.lm(input_ids, attention_mask=attention_mask, position_ids=position_ids, compute_logits=False,
                               output_hidden_states=bool(output_hidden_states), inputs_embeds=inputs_embeds)
-            hidden = out.last_hidden[:, -logits_to_keep:] if logits_to_keep else out.last_hidden
+            hidden = _kept_positions(out.last_hidden, logits_to_keep)
             logits = self.lm.logits(hidden)
             if out.hidden_states is not None:  # transformers' convention: the last one after the final norm
                 hidden_states = (*out.hidden_states[:-1], out.last_hidden)
@@ -495,9 +506,11 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
             raise ModelInputError("thinkfast: this model has hooks (accelerate's offloading or device map, or forward "
                                   "hooks), so its cache re-runs the token ids each step; pass input_ids, not "
                                   "inputs_embeds")
-        warnings.warn("thinkfast: the model has hooks (accelerate's offloading or device map, or forward hooks), which "
-                      "its recurrent step would skip, so generate() re-runs the whole sequence every step (slow at "
-                      "length; the model on one device without hooks takes the cached step)", stacklevel=2)
+        where = next((name or "the model" for name, m in self.lm.named_modules()
+                      if m is not self.lm.embed and _has_hook(m)), "the model")
+        warnings.warn(f"thinkfast: the model has hooks (on {where}: accelerate's offloading or device map, or forward "
+                      "hooks), which its recurrent step would skip, so generate() re-runs the whole sequence every "
+                      "step (slow at length; the model on one device without hooks takes the cached step)", stacklevel=2)
         out = self.lm(input_ids, attention_mask=attention_mask, compute_logits=False,
                       output_hidden_states=output_hidden_states)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
@@ -510,6 +523,10 @@ class ThinkfastForCausalLM(PreTrainedModel, GenerationMixin):
         if new == 0:
             raise ModelInputError("thinkfast: no new tokens to feed a cache that has seen them all; pass the cache "
                                   "with a longer sequence, or none")
+        if input_ids.shape[0] != state.lengths.shape[0]:  # a Llamba would continue another row's state in silence
+            raise ModelInputError(f"thinkfast: the cache holds {state.lengths.shape[0]} rows (after beam search or "
+                                  f"num_return_sequences, one per beam / sequence) and input_ids has "
+                                  f"{input_ids.shape[0]}; continue with every row the cache was built on, or no cache")
         if attention_mask is not None and not bool(attention_mask[:, -new:].all()):
             raise ModelInputError("thinkfast: tokens after a cache cannot be padded (each row's state has moved on); "
                                   "continue rows whose new text differs in length one at a time")

@@ -187,7 +187,7 @@ def convert_llamba(folder: Path, tensors: dict[str, torch.Tensor], where: str):
         tie_embeddings=tied, attn_layers=[], ssm_param="discrete", d_state=N, ssm_kv_heads=n_v, d_conv=d_conv,
         ssm_norm=False, qkv_bias=True,  # the in_proj bias carries z_bias
     )
-    model = _empty_model(ThinkfastConfig.from_model_config(cfg, **_token_ids(raw)))
+    model = _empty_model(ThinkfastConfig.from_model_config(cfg, **_token_ids(raw, folder)))
     sd = {"embed.weight": w("backbone.embedding.weight", (vocab, d)), "norm.weight": w("backbone.final_layernorm.weight", (d,))}
     if not tied:
         sd["lm_head.weight"] = w("lm_head.weight", (vocab, d))
@@ -263,7 +263,8 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
     listed = mcfg.get("attn_layers")
     if listed is not None and (not isinstance(listed, list) or not all(isinstance(i, int) for i in listed)
                                or sorted(listed) != attn):
-        raise ConfigError(f"{where}: mamba_config.json lists attention at {sorted(listed)}, the weights have it at "
+        shown = sorted(listed) if isinstance(listed, list) and all(isinstance(i, int) for i in listed) else listed
+        raise ConfigError(f"{where}: mamba_config.json lists attention at {shown!r}, the weights have it at "
                           f"{attn}; config and weights do not belong together")
     # MambaInLlama's Mamba heads are d_state channels each (its Mamba-1 default d_state is 16, whatever the attention's
     # head size)
@@ -291,7 +292,7 @@ def convert_mambainllama(folder: Path, tensors: dict[str, torch.Tensor], where: 
                         base.rms_norm_eps, base.rms_norm_eps)
         cfg = base.replace(ssm_param="mamba2", ssm_norm=True, ssm_norm_group=N, **shape)
         layer = _mil_mamba2_layer
-    model = _empty_model(ThinkfastConfig.from_model_config(cfg, **_token_ids(_json(folder / "config.json"))))
+    model = _empty_model(ThinkfastConfig.from_model_config(cfg, **_token_ids(_json(folder / "config.json"), folder)))
     sd = {"embed.weight": w("model.embed_tokens.weight"), "norm.weight": w("model.norm.weight", (d,))}
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = w("lm_head.weight")
@@ -366,8 +367,17 @@ def _mil_mamba1_layer(w: _Weights, m: str, d, d_inner, d_xb, H, Hx, N, d_conv, r
     }
 
 
-def _token_ids(raw: dict) -> dict:
-    return {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
+def _token_ids(raw: dict, folder: Path) -> dict:
+    """Token ids of config.json, with every stop token its generation_config.json adds (as for teachers)."""
+    ids = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        listed = _json(gen).get("eos_token_id")
+        eos = [ids["eos_token_id"]] if isinstance(ids.get("eos_token_id"), int) else list(ids.get("eos_token_id") or [])
+        eos += [i for i in ([listed] if isinstance(listed, int) else listed or []) if isinstance(i, int) and i not in eos]
+        if eos:
+            ids["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return ids
 
 
 def _empty_model(config):

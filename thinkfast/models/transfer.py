@@ -8,6 +8,7 @@ conv, D = 0. Embeddings, norms, MLPs and head are copied.
 from __future__ import annotations
 
 import contextlib
+import functools
 from numbers import Integral
 
 import torch
@@ -71,6 +72,18 @@ def default_hybrid_layers(n_layers: int, fraction: float = 0.25) -> list[int]:
     return sorted({min(n_layers - 1, int(step * i + step / 2)) for i in range(n_attn)})
 
 
+def _own_random_stream(build):
+    """Run `build` on a forked random stream: a student's seeded initialisation must not reset the caller's
+    (`torch.manual_seed(s); from_teacher(...); sample` would draw the same for every s)."""
+    @functools.wraps(build)
+    def seeded(*args, **kwargs):
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            return build(*args, **kwargs)
+    return seeded
+
+
+@_own_random_stream
 def from_teacher(
     teacher,
     kind: str = "llamba",
@@ -126,7 +139,9 @@ def from_teacher(
                         ssm_norm_group=ssm_norm_group)
 
     on_meta = _on_meta(sd)
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)  # the caller's stream is restored after (_own_random_stream)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed(seed)
     hf_cfg = ThinkfastConfig.from_model_config(scfg, **{k: v for k, v in extras.items() if v is not None})
     if share_weights:
         if kind != "teacher":
