@@ -67,6 +67,39 @@ def test_bad_bench_arguments(capsys):
     assert "--configs '' names no configuration" in capsys.readouterr().err
     assert main(["bench", "--preset", "llama-1b", "--device", "cpu"]) == 2
     assert "sized for a GPU" in capsys.readouterr().err
+    assert main(["bench", "--models", "teacher,teacher", "--configs", "1x4x4"]) == 2  # a ratio of a model to itself
+    assert "--models names teacher twice" in capsys.readouterr().err
+    # a decode state that cannot fit: the advice names bench's own setting, not sample's flags
+    assert main(["bench", "--models", "teacher", "--configs", "10000000x1x1024", "--no-isolate"]) == 2
+    err = capsys.readouterr().err
+    assert "or a shorter GEN in --configs" in err and "--batch-size" not in err, err
+
+
+def test_a_bench_with_no_row_to_time_leaves_the_previous_results(tmp_path, capsys):
+    """Every planned row dropped (HF rows asked for with --no-hf, or above the preset's HF batch limit): refused
+    before anything runs; the old table was replaced by an empty one, with exit 0."""
+    out, js = tmp_path / "b.md", tmp_path / "b.json"
+    out.write_text("OLD")
+    js.write_text("[1]")
+    assert main(["bench", "--models", "teacher-hf", "--no-hf", "--configs", "1x4x4", "--out", str(out),
+                 "--json", str(js)]) == 2
+    assert "--models teacher-hf is an HF generate() row, and --no-hf drops those" in capsys.readouterr().err
+    assert main(["bench", "--preset", "llama-1b", "--models", "teacher-hf", "--configs", "512x8x8", "--out", str(out),
+                 "--json", str(js)]) == 2
+    err = capsys.readouterr().err
+    assert "no row to time: teacher-hf at batch 512 is above the llama-1b preset's HF batch limit" in err, err
+    assert out.read_text() == "OLD" and js.read_text() == "[1]"
+
+
+def test_an_hf_students_rows_run_one_fp32_state(tmp_path):
+    """generate() runs the model's own fp32 state: the preset's llamba-hf got a row per --ssm-state-dtype, labelled
+    bf16 and run with fp32 (a checkpoint's HF rows already had one)."""
+    js = tmp_path / "rows.json"
+    assert main(["bench", "--models", "llamba,llamba-hf", "--configs", "1x4x4", "--no-isolate",
+                 "--ssm-state-dtype", "float32,bfloat16", "--out", str(tmp_path / "rows.md"), "--json", str(js)]) == 0
+    rows = [(r["model"], r["engine"], r["ssm_state_dtype"]) for r in json.loads(js.read_text())]
+    assert rows == [("llamba", "thinkfast", "float32"), ("llamba (bfloat16 state)", "thinkfast", "bfloat16"),
+                    ("llamba-hf", "hf", "float32")]
 
 
 # ---------------------------------------------------------------------------------------------- --model checkpoints

@@ -20,6 +20,7 @@ import datetime
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -368,7 +369,10 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
     except (torch.OutOfMemoryError, MemoryError) as e:
         return _failed(row, f"out of memory ({str(e).splitlines()[0][:80]})")
     except ThinkfastError as e:  # e.g. the decode state does not fit: a row of the table, not the end of the bench
-        return _failed(row, str(e))
+        # the engine's advice names sample's flags; bench's rows are set by --configs BATCHxPROMPTxGEN
+        said = re.sub(r"use --batch-size (\d+) or fewer --max-new-tokens",
+                      r"use a BATCH of \1 or a shorter GEN in --configs", str(e))
+        return _failed(row, said)
     if generated != batch * gen_len:  # tokens/s counts batch x gen: a row that stopped early would be flattered
         return _failed(row, f"generated {generated} tokens, not batch x gen = {batch * gen_len}")
     if cuda:
@@ -444,6 +448,12 @@ def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None,
         bad = [m for m in models if m not in ROLES]
         if bad:
             raise ConfigError(f"--models {bad[0]!r}: use some of {', '.join(ROLES)}")
+        twice = next((m for m in models if models.count(m) > 1), None)
+        if twice is not None:  # two rows of one name, and a ratio of a model to itself
+            raise ConfigError(f"--models names {twice} twice; name each model once (--rounds or --repeats time it again)")
+        if not hf and any(m.endswith("-hf") for m in models):
+            raise ConfigError(f"--models {next(m for m in models if m.endswith('-hf'))} is an HF generate() row, and "
+                              "--no-hf drops those; drop one of them")
         positions = preset.teacher["max_position_embeddings"]
         jobs = [(m, ROLES[m], None, "hf" if m.endswith("-hf") else "thinkfast", positions) for m in models
                 if hf or not m.endswith("-hf")]
@@ -453,17 +463,26 @@ def run_bench(preset_name: str = "tiny", configs=None, models=None, device=None,
                 model = f"--model {path}" if path else f"--preset {preset_name}"
                 raise ConfigError(f"--configs {batch}x{prompt_len}x{gen_len}: {prompt_len + gen_len} positions, but {model} "
                                   f"holds {positions} (max_position_embeddings); use a shorter prompt or gen")
-    planned = []
+    planned, over_hf_batch = [], []
     for batch, prompt_len, gen_len in configs:
         for which, role, path, engine, _ in jobs:
             if engine == "hf" and preset.hf_max_batch and batch > preset.hf_max_batch:
+                over_hf_batch.append(f"{which} at batch {batch}")
                 continue
-            for state in ssm_state_dtypes if role != "teacher" else ["float32"]:  # a teacher has no SSM state
+            # a teacher has no SSM state; an HF generate() row runs the model's own fp32 state
+            for state in ssm_state_dtypes if role != "teacher" and engine != "hf" else ["float32"]:
                 args = dict(preset_name=preset_name, which=which, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
                             device=str(device), dtype=dtype, compile=compile, repeats=repeats, ssm_state_dtype=state)
                 if path is not None:
                     args.update(path=path, engine=engine)
                 planned.append((args, role))
+    if over_hf_batch:
+        log(f"bench: skipped {', '.join(over_hf_batch)}: the {preset_name} preset times HF generate() up to batch "
+            f"{preset.hf_max_batch}")
+    if not planned:  # an empty table would replace the previous results
+        why = (f"{', '.join(over_hf_batch)} is above the {preset_name} preset's HF batch limit ({preset.hf_max_batch})"
+               if over_hf_batch else "no model and config make a row")
+        raise ConfigError(f"no row to time: {why}; use a smaller BATCH in --configs, or other --models")
     rows: list[dict] = []
     for rnd in range(rounds):
         for i, (args, role) in enumerate(planned):
