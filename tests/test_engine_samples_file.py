@@ -40,10 +40,11 @@ def _args(root, spec, out, *extra):
 
 
 def _content(path):
-    """Each sample as written, minus the timing (which differs between runs) and the file's recorded
-    configuration (on whichever line came first)."""
+    """Each sample as written, minus the timing (which differs between runs, and the engine settings it was timed
+    with) and the file's recorded configuration (on whichever line came first)."""
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return sorted(tuple(sorted((k, json.dumps(v)) for k, v in r.items() if k not in ("seconds", "sampling"))) for r in rows)
+    timing = ("seconds", "sampling", "batch_size", "compiled")
+    return sorted(tuple(sorted((k, json.dumps(v)) for k, v in r.items() if k not in timing)) for r in rows)
 
 
 def test_sample_writes_every_field_and_rerun_is_a_no_op(setup, tmp_path, capsys):
@@ -100,6 +101,28 @@ def test_resuming_on_other_hardware_says_the_report_will_refuse_the_mix(setup, t
     out.write_text("".join(line + "\n" for line in lines[:5]))
     assert main(_args(root, spec, out)) == 0
     assert "will refuse" not in caplog.text
+
+
+def test_each_sample_records_the_batch_size_and_compile_it_was_timed_with(setup, tmp_path, capsys, caplog):
+    """Seconds per sample depend on the engine's batch size and compiled step as much as on the machine: each line
+    records them, a resume with others says so, and the report names the mix."""
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, spec, out) + ["--batch-size", "4"]) == 0
+    lines = out.read_text().splitlines()
+    assert {(json.loads(line)["batch_size"], json.loads(line)["compiled"]) for line in lines} == {(4, False)}
+    out.write_text("".join(line + "\n" for line in lines[:5]))  # stopped after 5 samples, resumed at batch 2
+    assert main(_args(root, spec, out) + ["--batch-size", "2"]) == 0
+    assert "batch_size 4 (now 2)" in caplog.text and "mix two speeds" in caplog.text, caplog.text
+    assert [json.loads(line)["batch_size"] for line in out.read_text().splitlines()] == [4] * 5 + [2] * (len(lines) - 5)
+    assert main(["score", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    model, = metrics["models"].values()
+    assert model["timed_with"] == ["batch 4", "batch 2"]
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "timed with batch 4 and batch 2" in text and "mix those speeds" in text
 
 
 def test_another_configuration_is_refused_and_the_file_left_untouched(setup, tmp_path, capsys):

@@ -253,6 +253,7 @@ class _SamplingJob:
             done = self.writer.done()  # refuses a file of another configuration before any work
             first = _first_record(out) if done else {}
             written_as, self.written_on = first.get("model"), first.get("hardware")
+            self.written_with = {k: first[k] for k in ("batch_size", "compiled") if k in first}
             if written_as is not None:
                 if name is not None and name != written_as:
                     raise ConfigError(f"{out} holds the samples of model {written_as!r}; resume with "
@@ -293,9 +294,19 @@ class _SamplingJob:
                         "machine and thread count, so `thinkfast report` will refuse the mix (unless "
                         "--allow-mixed-hardware): stop now and resume as before (the same device and --threads), or "
                         "sample into a new file", self.out, self.written_on, self.hardware)
+        now = self.timed_with()
+        changed = {k: (v, now[k]) for k, v in self.written_with.items() if now.get(k) != v}
+        if self.skipped and changed:
+            log.warning("note: %s holds samples timed with %s; this run differs, so its seconds per sample mix two "
+                        "speeds, and `thinkfast report` says so: resume with the same settings, or sample into a new "
+                        "file", self.out, ", ".join(f"{k} {a} (now {b})" for k, (a, b) in changed.items()))
         desc = self.name + (f" rank {self.rank}" if self.world > 1 else "")
         self.bar = _progress_bar(sum(len(v) for v in self.todo.values()), desc, progress and self.rank == 0,
                                  position=bar_position)
+
+    def timed_with(self) -> dict:
+        """The engine settings a sample's seconds depend on, recorded on each line beside the hardware."""
+        return {"batch_size": self.engine.batch_size, "compiled": bool(self.engine.use_compile)}
 
     def engine_seconds(self) -> float:
         return self.engine.stats.wall_seconds if self.engine is not None else 0.0
@@ -324,7 +335,8 @@ class _SamplingJob:
                     probs = [self.by_id[c.problem_id] for c in batch]
                     grades = (self.grade_fn(texts, [p.answer for p in probs], [p.kind for p in probs])
                               if self.grade_fn else [None] * len(batch))
-                    self.writer.append([_record(c, p, g, self.name, self.role, self.hardware, self.writer.config)
+                    timed = self.timed_with()  # a compile that failed falls back to eager: as it ran
+                    self.writer.append([_record(c, p, g, self.name, self.role, self.hardware, self.writer.config, timed)
                                         for c, p, g in zip(batch, probs, grades)])
                     self.written += len(batch)
                     if self.bar is not None:
@@ -457,7 +469,7 @@ def _first_record(out) -> dict:
     return {}
 
 
-def _record(c, problem: Problem, grade, name: str, role: str, hardware: str, config: str) -> dict:
+def _record(c, problem: Problem, grade, name: str, role: str, hardware: str, config: str, timed: dict) -> dict:
     return {
         "problem_id": c.problem_id, "sample_idx": c.sample_idx, "model": name, "role": role,
         "completion": c.text if c.text is not None else "",
@@ -465,6 +477,7 @@ def _record(c, problem: Problem, grade, name: str, role: str, hardware: str, con
         "correct": getattr(grade, "correct", None), "grade_error": getattr(grade, "error", None), "reward": None,
         "gen_tokens": c.gen_tokens, "prompt_tokens": c.prompt_tokens, "seconds": round(c.seconds, 6), "seed": c.seed,
         "finish_reason": c.finish_reason, "hardware": hardware, "config": config,
+        **timed,  # how it was timed (batch size, compiled step): not part of the configuration, as the hardware
     }
 
 

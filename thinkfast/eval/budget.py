@@ -7,7 +7,7 @@ report refuses mixed `hardware` values unless told otherwise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,6 +21,7 @@ class ModelTiming:
     tokens_per_second: float  # generated tokens / generation seconds, over all of the model's samples
     mean_gen_tokens: float
     hardware: list[str]  # distinct device strings seen
+    timed_with: list[str] = field(default_factory=list)  # distinct engine settings seen ("batch 64", "batch 64, compiled")
 
     def seconds_at(self, ks) -> np.ndarray:
         return np.asarray(ks, dtype=np.float64) * self.seconds_per_sample
@@ -35,7 +36,12 @@ def model_timing(samples: list[Sample]) -> ModelTiming:
         tokens_per_second=float(tokens.sum() / total) if total > 0 else float("nan"),
         mean_gen_tokens=float(tokens.mean()) if len(tokens) else float("nan"),
         hardware=list(dict.fromkeys(s.hardware or "unknown" for s in samples)),
+        timed_with=list(dict.fromkeys(_timed_with(s.record) for s in samples if "batch_size" in s.record)),
     )
+
+
+def _timed_with(record: dict) -> str:
+    return f"batch {record.get('batch_size')}" + (", compiled" if record.get("compiled") else "")
 
 
 def check_hardware(timings: dict[str, ModelTiming], allow_mixed: bool = False) -> str | None:

@@ -112,6 +112,9 @@ def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | N
         per_problem = {p: _problem_samples(s, model) for p, s in chosen.items()}
         curves = dataset_curves(per_problem, use_ks, n_subsets, seed, n_boot)
         timing = model_timing(used)
+        if len(timing.timed_with) > 1:
+            notes.append(f"{model}: its samples were timed with {' and '.join(timing.timed_with)} (a run resumed "
+                         "with another --batch-size or --compile): its seconds per sample mix those speeds")
         roles = [r for r in dict.fromkeys(s.role for s in used) if r]
         entry: dict = {
             "role": roles[0] if len(roles) == 1 else (",".join(roles) or None),
@@ -133,6 +136,8 @@ def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | N
             tokens_per_second=timing.tokens_per_second,
             mean_gen_tokens=timing.mean_gen_tokens,
             hardware=timing.hardware[0] if len(timing.hardware) == 1 else timing.hardware,
+            # the engine settings its seconds were measured with (None: samples written before they were recorded)
+            timed_with=(timing.timed_with[0] if len(timing.timed_with) == 1 else timing.timed_with or None),
             ungraded=ungraded,
             no_answer=sum(_answer(s) is None for s in used),
             # mean over all samples, counted as the metrics count them (= pass@1)
@@ -383,6 +388,10 @@ def _markdown(metrics: dict, plots: list[str], summary_notes) -> str:
     out = [REPORT_TITLE, ""]
     facts = [f"- dataset: `{metrics.get('dataset') or 'unknown'}`", f"- problems: {metrics['n_problems']}",
              f"- hardware: `{metrics['hardware'] or 'mixed'}`"]
+    timed = {m: e.get("timed_with") for m, e in models.items() if e.get("timed_with")}
+    if timed:  # seconds depend on the engine's batch size and compiled step too
+        facts.append("- timed with: " + "; ".join(f"{m} {w if isinstance(w, str) else ' and '.join(w)}"
+                                                   for m, w in timed.items()))
     if metrics.get("wall_seconds") is not None:
         facts.append(f"- wall time of the run: {metrics['wall_seconds']:.0f} s")
     facts.append(f"- samples files: {', '.join(f'`{p}`' for p in metrics['samples_files'])}")

@@ -2,7 +2,8 @@
 
 Fields: problem_id, sample_idx, model, role (teacher|llamba|hybrid), completion, answer, gold, kind,
 correct (true/false/null), grade_error, reward (null until scored), gen_tokens, prompt_tokens, seconds, seed,
-finish_reason, hardware (device string), config (hash). Unknown fields are kept untouched.
+finish_reason, hardware (device string), config (hash), batch_size and compiled (the engine settings it was timed
+with; absent in older files). Unknown fields are kept untouched.
 
 Every line is validated; a malformed one is an error naming file:line unless `skip_bad_lines`, and a rewrite
 (`thinkfast score`) copies skipped lines through verbatim, so nothing already written is ever lost.
