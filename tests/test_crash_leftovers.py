@@ -187,3 +187,15 @@ def test_score_waits_for_no_sampler_and_clears_a_killed_rewrite(tmp_path, capsys
     assert main(["score", str(samples)]) == 0
     assert all(json.loads(x)["correct"] is True for x in samples.read_text().splitlines())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
+
+
+def test_a_symlinked_target_takes_the_lock_of_the_folder_it_points_to(tmp_path):
+    """A second demo through a symlink took another lock and ran beside the first on the same folder."""
+    from thinkfast.errors import ConfigError
+    from thinkfast.utils import HeldLock
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with HeldLock.beside(tmp_path / "real", "let it finish"):
+        with pytest.raises(ConfigError):
+            HeldLock.beside(tmp_path / "link", "let it finish").acquire()

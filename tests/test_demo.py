@@ -61,15 +61,18 @@ def test_quick_demo_writes_the_report_contract(quick_demo):
     assert len({json.dumps(e) for e in env.values()}) == 1 and "different environments" not in report
     held = m["demo"]["held_out_loss"]
     assert list(held["llamba"]) == ["matrix", "hidden", "kd", "sft"] and list(held["hybrid"]) == ["hidden", "sft"]
-    assert held["rows"] == 8 and load_problems(held["spec"])
+    assert held["rows"] == 8 and load_problems(held["spec"]) and "no model of the run trained on" in held["selection"]
     for name in ("llamba", "hybrid"):
         logged = [json.loads(x) for x in (quick_demo / "work" / name / "train_log.jsonl").read_text().splitlines()]
         assert held[name]["sft"] == [r["eval_loss"] for r in logged if r.get("stage") == "sft" and "eval_loss" in r][-1]
     assert 0 < held["teacher_sft"] < held["llamba"]["sft"]  # the trained teacher fits them better than a --quick student
     assert f"The teacher's CE on the same solutions: {held['teacher_sft']:.4g}" in report
-    # a verifier needs right and wrong training completions; --quick's few may hold only one kind
-    assert ("Best-of-4 with the reward model" in report) == bool(m["models"]["teacher"]["bon_at_k"])
-    assert ("no reward model" in report) != bool(m["models"]["teacher"]["bon_at_k"])
+    # a verifier needs right and wrong training completions: --quick's reward-model problems are short sums, whose
+    # chains fit its 160 tokens (longer ones were all cut short and wrong: no reward model, no Best-of-N, ever)
+    assert m["models"]["teacher"]["bon_at_k"] and m["models"]["teacher"]["weighted_bon_at_k"]
+    assert "Best-of-4 with the reward model" in report and "no reward model" not in report
+    rm_problems = [json.loads(line) for line in (quick_demo / "data" / "rm_train.jsonl").read_text().splitlines()]
+    assert len(rm_problems) == 4 and all(p["terms"] == 2 for p in rm_problems)
 
 
 def test_summary_says_what_the_verifier_adds_over_voting():
@@ -157,6 +160,27 @@ def test_interrupted_demo_continues_from_the_last_finished_step(tmp_path, monkey
     assert env["llamba"]["torch"] == "2.4.0" and env["hybrid"]["torch"] == torch.__version__
     report = (out / "report.md").read_text()
     assert "llamba: torch 2.4.0" in report and "different environments" in report
+
+
+def test_a_student_as_teacher_is_refused_before_anything_is_written(quick_demo, tmp_path, capsys):
+    """Refused only at the teacher step, it left a demo.json that refused the corrected command."""
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--teacher", str(quick_demo / "models" / "llamba"), "--out", str(out)]) == 2
+    assert "a thinkfast llamba, not an all-attention teacher" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_held_out_rows_leave_out_every_trained_question(tmp_path):
+    """The held-out loss rows were drawn without that check: 14 of the demo's 64 were training questions."""
+    from thinkfast.data.sources import load_questions
+    from thinkfast.embedded import TEACHER_SPEC
+
+    d = demo_module.Demo(tmp_path / "run", demo_module.DemoSettings(), progress=False, log=lambda m: None)
+    rows = d.eval_problems()
+    assert len(rows) == 64 and not {p.question for p in rows} & set(load_questions(TEACHER_SPEC))
+    assert not {p.question for p in rows} & set(load_questions(d.distill_spec))
+    drawn = load_problems(demo_module.sums_spec(64, demo_module.EVAL_SEED))
+    assert {p.question for p in drawn} & d.trained_questions()  # the old draw held some: the check does work
 
 
 def test_out_folder_with_other_content_is_refused(tmp_path, capsys):

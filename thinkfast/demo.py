@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .embedded import PROMPT_STYLE, TEACHER_SPEC, embedded_teacher_dir, sums_spec
-from .errors import CheckpointError, ConfigError, option
+from .errors import CheckpointError, ConfigError, ThinkfastError, option
 from .utils import HeldLock, atomic_dir, atomic_write_json, clear_leftovers, disk_space_line, folder_bytes, is_leftover
 
 STEPS = ("data", "teacher", "llamba", "hybrid", "sample", "reward", "report")
@@ -99,6 +99,9 @@ class DemoSettings:
     # whole chains: the reward model's likelihood features must see every token (prompt + max_new_tokens + the end of
     # turn). Held-out ranking AUC, teacher's samples: 0.93 whole, 0.67 on a 192-token tail (benchmarks/orm_features.md)
     rm_max_len: int = 1400
+    # reward-model problems of at most this many terms (None: the held-out mix): --quick's 160 tokens cut every
+    # longer chain short, so all its reward-model samples were wrong and no reward model was ever trained
+    rm_max_terms: int | None = None
     wall_target_seconds: float = 900.0  # the whole demo, first run on a fresh 2-core machine (--quick: 180)
     teacher: str | None = None  # a thinkfast all-attention folder; default the embedded teacher
     compile: str = "auto"
@@ -109,7 +112,7 @@ class DemoSettings:
         return cls(problems=4, n=4, max_new_tokens=160, distill_examples=200,
                    llamba_tokens={"matrix": 4096, "hidden": 4096, "kd": 8192, "sft": 4096},
                    hybrid_tokens={"hidden": 4096, "sft": 8192}, distill_batch=4, rm_problems=4, rm_samples=2,
-                   rm_max_len=96, wall_target_seconds=180.0)
+                   rm_max_len=192, rm_max_terms=2, wall_target_seconds=180.0)
 
     def sampling_arguments(self, data_spec: str, n: int | None = None) -> dict:
         """The arguments every model's `sample_interleaved` job shares in the demo (data, sampling settings, prompt
@@ -124,7 +127,10 @@ class DemoSettings:
                     grade_fn=grade_many, compile=self.compile)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        settings = dataclasses.asdict(self)
+        if settings["rm_max_terms"] is None:  # runs from before the setting resume
+            del settings["rm_max_terms"]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def distill_stages(s: DemoSettings, budgets: dict) -> list:
@@ -160,6 +166,8 @@ class Demo:
         self.state_path = self.out / "demo.json"
         self.state = self._open()
         self._tokenizer = None
+        self._trained: set[str] | None = None  # questions some model of the run trained on
+        self._eval_problems: list | None = None
         self.examples: dict = {}  # the distillation split, read and tokenised once for both students
 
     # ------------------------------------------------------------------ run bookkeeping
@@ -265,8 +273,18 @@ class Demo:
     def eval_data(self):
         from .data.packing import DataConfig
 
-        return DataConfig(specs=[sums_spec(self.eval_rows, EVAL_SEED)], instruction=PROMPT_STYLE["instruction"],
+        return DataConfig(specs=[self.eval_problems()], instruction=PROMPT_STYLE["instruction"],
                           seed=self.s.seed, pack=self.s.pack)
+
+    def eval_problems(self) -> list:
+        """The held-out worked solutions: fresh ones, minus any question a model of this run trained on."""
+        from .data import load_problems
+
+        if self._eval_problems is None:
+            seen = self.trained_questions()
+            fresh = [p for p in load_problems(sums_spec(self.eval_rows * 4, EVAL_SEED)) if p.question not in seen]
+            self._eval_problems = fresh[: self.eval_rows]
+        return self._eval_problems
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -285,15 +303,15 @@ class Demo:
     def step_data(self) -> None:
         """Held-out and reward-model problems: fresh seeds, minus any question that occurs in a training split."""
         from .data import load_problems
-        from .data.sources import load_questions
 
-        seen = set(load_questions(self.distill_spec))
-        if self.s.teacher is None:
-            seen |= set(load_questions(TEACHER_SPEC))
+        seen = self.trained_questions()
         heldout = [p for p in load_problems(sums_spec(self.s.problems * 4, HELDOUT_SEED)) if p.question not in seen]
         heldout = heldout[: self.s.problems]
         seen |= {p.question for p in heldout}
-        rm = [p for p in load_problems(sums_spec(self.s.rm_problems * 4, RM_SEED)) if p.question not in seen][: self.s.rm_problems]
+        short = self.s.rm_max_terms
+        pool = load_problems(sums_spec(self.s.rm_problems * (4 if short is None else 64), RM_SEED))
+        rm = [p for p in pool if p.question not in seen and (short is None or p.meta.get("num_terms", 0) <= short)]
+        rm = rm[: self.s.rm_problems]
         if len(heldout) < self.s.problems or len(rm) < self.s.rm_problems:
             raise ConfigError("too few unseen problems for the held-out or reward-model split; lower "
                               + option("--problems", "problems"))
@@ -304,6 +322,38 @@ class Demo:
                         f.write(json.dumps({"id": p.id, "question": p.question, "answer": p.answer,
                                             "terms": p.meta.get("num_terms"), "digits": p.meta.get("num_digits")}) + "\n")
         self.log(f"  {len(heldout)} held-out problems ({self.dataset_spec}), {len(rm)} reward-model training problems")
+
+    def trained_questions(self) -> set[str]:
+        """Every question a model of this run trained on: the distillation split, the embedded teacher's recipe
+        data (a `--teacher` from `train-teacher --recipe tiny-teacher` trained on it too) and the data specs a
+        `--teacher` run folder's run.json names."""
+        from .data.sources import load_questions
+
+        if self._trained is None:
+            specs = [self.distill_spec, TEACHER_SPEC, *self.teacher_data_specs()]
+            self._trained = set().union(*(load_questions(spec) for spec in dict.fromkeys(specs)))
+        return self._trained
+
+    def teacher_data_specs(self) -> list[str]:
+        if self.s.teacher is None:
+            return []
+        try:
+            run = json.loads((Path(self.s.teacher) / "run.json").read_text())
+            specs = [spec for spec in run["data"]["specs"] if isinstance(spec, str)]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.log(f"  note: {self.s.teacher} has no readable run.json naming its training data; held-out "
+                     "problems are checked against the embedded teacher's data and the distillation split only")
+            return []
+        from .data import parse_spec
+
+        readable = []
+        for spec in specs:
+            try:
+                parse_spec(spec)
+                readable.append(spec)
+            except ThinkfastError:
+                self.log(f"  note: the teacher's training data {spec!r} cannot be read here; not checked for overlap")
+        return readable
 
     def step_teacher(self) -> None:
         src = Path(self.s.teacher) if self.s.teacher else embedded_teacher_dir()
@@ -531,7 +581,7 @@ class Demo:
     def held_out_losses(self) -> dict:
         """Each student's loss on the held-out worked solutions at the end of each of its stages (from its
         train_log.jsonl; each stage's own loss: matrix/hidden alignment, KL, or CE), and the teacher's CE on the same
-        rows, the floor the students' SFT CE compares with. Empty for runs from before the stages logged it."""
+        rows, which the students' SFT CE compares with. Empty for runs from before the stages logged it."""
         students = {}
         for name in ("llamba", "hybrid"):
             log_path = self.out / "work" / name / "train_log.jsonl"
@@ -542,7 +592,8 @@ class Demo:
                     students[name] = losses
         if not students:
             return {}
-        return {"rows": self.eval_rows, "spec": sums_spec(self.eval_rows, EVAL_SEED),
+        return {"rows": self.eval_rows, "spec": sums_spec(self.eval_rows * 4, EVAL_SEED),
+                "selection": f"the first {self.eval_rows} whose question no model of the run trained on",
                 "teacher_sft": self.teacher_held_out_ce(), **students}
 
     def teacher_held_out_ce(self) -> float:
@@ -634,9 +685,9 @@ def _child_error(class_name: str, message: str) -> Exception:
 def held_out_note(held: dict) -> str:
     parts = [f"{name} " + ", ".join(f"{stage} {loss:.4g}" for stage, loss in held[name].items())
              for name in ("llamba", "hybrid") if name in held]
-    return (f"Held-out loss at the end of each stage ({held['rows']} worked solutions no stage trained on; each stage's "
+    return (f"Held-out loss at the end of each stage ({held['rows']} worked solutions no model of the run trained on; each stage's "
             f"own loss): {'; '.join(parts)}. The teacher's CE on the same solutions: {held['teacher_sft']:.4g} "
-            "(the floor for the students' sft CE).")
+            "(to compare with the students' sft CE).")
 
 
 STEP_TITLES = {

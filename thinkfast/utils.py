@@ -120,9 +120,10 @@ class HeldLock:
 
     @classmethod
     def beside(cls, target: str | os.PathLike, fix: str) -> "HeldLock":
-        """The lock of a run writing `target` (a file or a folder): `<target>.lock` next to it."""
-        target = Path(target)
-        return cls(target.with_name(target.name + ".lock"), str(target), fix)
+        """The lock of a run writing `target` (a file or a folder): `<target>.lock` next to it, beside the real path
+        (a run through a symlink to the same target takes the same lock)."""
+        real = Path(os.path.realpath(target))
+        return cls(real.with_name(real.name + ".lock"), str(target), fix)
 
     def acquire(self) -> "HeldLock":
         try:

@@ -60,6 +60,20 @@ def _quiet_hf():
     hf_logging.set_verbosity_error()
 
 
+def _config_role(path: Path) -> str | None:
+    """A thinkfast config's role (teacher | llamba | hybrid, from its attention layers); None for anything else."""
+    import json
+
+    try:
+        raw = json.loads(path.read_text())
+        n_layers, attn = raw["n_layers"], raw.get("attn_layers") or []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # the model's own loading names what is wrong with it
+    if raw.get("model_type") != "thinkfast" or not isinstance(attn, list):
+        return None
+    return "teacher" if len(attn) == n_layers else "llamba" if not attn else "hybrid"
+
+
 def run_demo_command(args) -> int:
     from ..demo import run_demo
     from ..errors import ConfigError
@@ -75,6 +89,10 @@ def run_demo_command(args) -> int:
         if not t.is_dir() or missing:
             raise ConfigError(f"--teacher {t}: not a thinkfast model folder ({'no such folder' if not t.is_dir() else 'no ' + ', '.join(missing)}); "
                               "pass a folder written by `thinkfast train-teacher` or drop --teacher for the embedded one")
+        role = _config_role(t / "config.json")
+        if role not in (None, "teacher"):  # refused here, before the run folder records it (a re-run is then free)
+            raise ConfigError(f"--teacher {t}: a thinkfast {role}, not an all-attention teacher; pass a folder written "
+                              "by `thinkfast train-teacher` or drop --teacher for the embedded one")
     t0 = time.perf_counter()
     metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, overlap="off" if args.sequential else "auto",
                        teacher=args.teacher,
