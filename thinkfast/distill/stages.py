@@ -304,6 +304,7 @@ class KDTask(_Task):
         super().__init__(teacher, student)
         self.name, self.kind, self.ce_weight, self.temperature = name, loss, ce_weight, temperature
         self.positions, self.chunk_tokens = positions, chunk_tokens
+        self._ce_scale: float | None = None  # set by count() for the whole batch
         frozen = set(freeze)
         lm = student.lm
         self._trainable = set_trainable(student, lambda n: _group_of(n, lm) not in frozen)
@@ -329,7 +330,10 @@ class KDTask(_Task):
             w_t = t_lm.head_weight.detach()
             if _is_fsdp(t_lm):
                 w_t = w_t.clone()  # the gathered storage is freed on reshard; chunk recompute needs it later
-        scale = self._ce_scale if self.ce_weight else 1.0  # CE per solution token once the trainer divides by count()
+        scale = 1.0
+        if self.ce_weight:  # CE per solution token once the trainer divides by count() (else this batch's own ratio)
+            scale = self._ce_scale if self._ce_scale is not None else (
+                int(self._mask(batch).sum()) / max(1, int((batch["targets"] != IGNORE).sum())))
         loss, parts = vocab_loss(
             s_out.last_hidden, self.model.lm.head_weight, self._mask(batch), t_out.last_hidden, w_t,
             batch["targets"], self.kind, self.temperature, self.ce_weight * scale, self.chunk_tokens, reduction="sum",
