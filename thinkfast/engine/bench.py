@@ -20,7 +20,6 @@ import datetime
 import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -298,7 +297,7 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
     `path` (a checkpoint), `which` is the row's name and `engine` says what runs it: thinkfast or hf (generate()).
     A row whose SSM state is not fp32 is named "WHICH (DTYPE state)"."""
     from ..utils import parse_dtype
-    from .engine import Engine, model_role
+    from .engine import DecodeStateTooLarge, Engine, model_role
     from .sampling import SamplingParams
 
     engine = engine or ("hf" if which.endswith("-hf") else "thinkfast")
@@ -368,11 +367,10 @@ def run_row(preset_name: str, which: str, batch: int, prompt_len: int, gen_len: 
             wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
     except (torch.OutOfMemoryError, MemoryError) as e:
         return _failed(row, f"out of memory ({str(e).splitlines()[0][:80]})")
-    except ThinkfastError as e:  # e.g. the decode state does not fit: a row of the table, not the end of the bench
-        # the engine's advice names sample's flags; bench's rows are set by --configs BATCHxPROMPTxGEN
-        said = re.sub(r"use --batch-size (\d+) or fewer --max-new-tokens",
-                      r"use a BATCH of \1 or a shorter GEN in --configs", str(e))
-        return _failed(row, said)
+    except DecodeStateTooLarge as e:  # a row of the table, not the end of the bench; its advice in bench's terms
+        return _failed(row, f"{e.problem}; use a BATCH of {e.fit} or a shorter GEN in --configs")
+    except ThinkfastError as e:
+        return _failed(row, str(e))
     if generated != batch * gen_len:  # tokens/s counts batch x gen: a row that stopped early would be flattered
         return _failed(row, f"generated {generated} tokens, not batch x gen = {batch * gen_len}")
     if cuda:

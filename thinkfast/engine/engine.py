@@ -206,6 +206,15 @@ def _gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
 
+class DecodeStateTooLarge(ThinkfastError):
+    """The decode state does not fit: `problem`, then `advice` in sample's terms; `fit` is a batch size that would
+    (callers with other settings, such as bench's --configs, word their own advice from it)."""
+
+    def __init__(self, problem: str, advice: str, fit: int):
+        super().__init__(f"{problem}; {advice}")
+        self.problem, self.fit = problem, fit
+
+
 class Engine:
     """Batched sampler over static per-slot state. See the module docstring.
 
@@ -276,11 +285,11 @@ class Engine:
             free += old  # memory freed on a CPU need not show as available at once
         if free is not None and need > self.memory_fraction * free:
             fit = max(1, int(self.memory_fraction * free // max(per_slot, 1)))
-            raise ThinkfastError(
+            raise DecodeStateTooLarge(
                 f"batch size {self.batch_size} needs {_gib(need)} of decode state ({per_slot / 2**20:.1f} MiB per slot at "
-                f"{max_len} positions) but only {_gib(free)} is free on {self.device}; use {option('--batch-size ', 'batch_size=')}{fit} or "
-                f"fewer {option('--max-new-tokens', 'max_new_tokens')}"
-            )
+                f"{max_len} positions) but only {_gib(free)} is free on {self.device}",
+                f"use {option('--batch-size ', 'batch_size=')}{fit} or fewer {option('--max-new-tokens', 'max_new_tokens')}",
+                fit)
         try:
             self.state = engine_state(self.lm, self.batch_size, max_len, self.device, self.dtype, self.ssm_dtype)
         except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -288,10 +297,9 @@ class Engine:
                 raise
             self.state = None
             fit = max(1, self.batch_size // 2)
-            raise ThinkfastError(
-                f"batch size {self.batch_size} does not fit in memory on {self.device} ({_gib(need)} of decode state); "
-                f"try {option('--batch-size ', 'batch_size=')}{fit}"
-            ) from None
+            raise DecodeStateTooLarge(
+                f"batch size {self.batch_size} does not fit in memory on {self.device} ({_gib(need)} of decode state)",
+                f"try {option('--batch-size ', 'batch_size=')}{fit}", fit) from None
         self.max_len = max_len
         B, dev = self.batch_size, self.device
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)  # next token to feed, per row
