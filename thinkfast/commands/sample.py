@@ -36,6 +36,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (default 0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="generated tokens per sample at most (default 512)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the completion ends before it")
+    p.add_argument("--no-default-stop", dest="default_stop", action="store_false",
+                   help="plain 'Question: ... Answer:' prompts (no chat template, or --no-chat) stop at the next "
+                   "'Question:' by default, as lm-eval's gsm8k; this samples past it")
     p.add_argument("--batch-size", type=int, default=64, help="decode slots (default 64)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each sample's seed derives from (seed, problem id, sample index)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available; LOCAL_RANK under torchrun)")
@@ -168,7 +171,7 @@ def cmd_sample(args) -> int:
         grade_fn = grade_many
     common = dict(data_spec=args.data, n=args.n, params=params, seed=args.seed, batch_size=args.batch_size,
                   device=args.device, dtype=args.dtype, grade_fn=grade_fn, compile=_compile_flag(args.compile),
-                  problems=problems, ssm_state_dtype=args.ssm_state_dtype)
+                  problems=problems, ssm_state_dtype=args.ssm_state_dtype, default_stop=args.default_stop)
     if several:
         jobs = [dict(model_spec=spec, out=Path(args.out) / f"{name}.jsonl", name=name, style=style(spec))
                 for (spec, _), name in zip(specs, names)]

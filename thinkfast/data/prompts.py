@@ -121,6 +121,10 @@ def solution_text(problem: Problem, style: PromptStyle | None = None) -> str:
     return sol
 
 
+# what a plain prompt's next block would open with; sampling stops there by default, as lm-eval's gsm8k does
+PLAIN_STOP = "Question:"
+
+
 def has_chat_template(tokenizer) -> bool:
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 

@@ -14,16 +14,17 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from ..data import Problem, load_problems
-from ..data.prompts import PromptStyle, declared_style, render_prompt
+from ..data.prompts import PLAIN_STOP, PromptStyle, declared_style, has_chat_template, render_prompt
 from ..data.sources import empty_spec_hint
 from ..errors import CheckpointError, ConfigError, ThinkfastError, option
+from ..models.teacher import has_chat_template_files
 from ..utils import check_device, parse_dtype, whole_number
 from .engine import Engine, EngineStats, model_role, parse_ssm_state_dtype
 from .samples_file import SamplesWriter, part_files
@@ -215,7 +216,7 @@ class _SamplingJob:
                  batch_size: int = 64, device=None, dtype: str | torch.dtype | None = "auto",
                  style: PromptStyle | None = None, grade_fn: GradeFn | None = None, name: str | None = None,
                  compile="auto", problems: list[Problem] | None = None,
-                 ssm_state_dtype: str | torch.dtype | None = None):
+                 ssm_state_dtype: str | torch.dtype | None = None, default_stop: bool = True):
         self.t0 = time.perf_counter()
         if not whole_number(n) or n < 1:
             raise ConfigError(f"{option('--n ', 'n=')}{n!r}: ask for at least 1 sample per problem (a whole number)")
@@ -225,6 +226,10 @@ class _SamplingJob:
             raise ConfigError(f"{option('--seed ', 'seed=')}{seed!r}: use a whole number, 0 or more")
         # as `thinkfast sample`: the prompts the checkpoint declares it was trained on, else the auto instruction
         self.style = style or declared_style(model_spec)
+        # a plain Question/Answer prompt invites the next question: stop there, as lm-eval's gsm8k does
+        self.plain = not (self.style.chat and has_chat_template_files(model_spec))
+        if default_stop and self.plain and PLAIN_STOP not in params.stop:
+            params = replace(params, stop=[*params.stop, PLAIN_STOP])
         self.rank, self.world, local_rank = dist_env()
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -280,7 +285,11 @@ class _SamplingJob:
         model, tokenizer, default_name = load_for_sampling(self.model_spec, self.device, self.dtype)
         self.name = self.name or default_name
         self.role = model_role(model.lm)
-        templated = self.style.chat and bool(getattr(tokenizer, "chat_template", None))
+        templated = self.style.chat and has_chat_template(tokenizer)
+        if templated == self.plain:  # the files said otherwise: the default stop was decided on a wrong guess
+            log.warning("note: %s's tokenizer %s a chat template, which its files did not show; the default stop "
+                        "string was set for %s prompts", self.model_spec, "has" if templated else "has no",
+                        "plain" if self.plain else "templated")
         self.prompts, self.by_id = [], {}
         for p in self.mine:
             if p.id in self.todo:
@@ -382,6 +391,7 @@ def sample_to_file(
     progress: bool = True,
     problems: list[Problem] | None = None,
     ssm_state_dtype: str | torch.dtype | None = None,
+    default_stop: bool = True,
 ) -> SampleSummary:
     """Sample n completions per problem into the samples file `out`, resuming whatever is already there.
 
@@ -389,10 +399,11 @@ def sample_to_file(
     parts into `out` once all ranks are done. ssm_state_dtype: the Mamba layers' SSM state in the engine
     (None or "float32", "bfloat16", "float16"; see `Engine`). style: by default, as `thinkfast sample`, the prompt
     instruction the checkpoint declares (`prompt_style` in its config.json), else "auto". grade_fn: None leaves
-    `correct` null; `thinkfast.eval.grading.grade_many` grades as `thinkfast sample` does.
+    `correct` null; `thinkfast.eval.grading.grade_many` grades as `thinkfast sample` does. default_stop: plain
+    `Question: ... Answer:` prompts (no chat template, or chat off) also stop at the next `Question:` (PLAIN_STOP).
     """
     job = _SamplingJob(model_spec, data_spec, out, n, params, seed, batch_size, device, dtype, style, grade_fn, name,
-                       compile, problems, ssm_state_dtype)
+                       compile, problems, ssm_state_dtype, default_stop)
     try:
         job.start(progress)
         for _ in job.batches():

@@ -113,6 +113,84 @@ def _read_config_json(folder: Path, role: str = "teacher") -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e}); re-download or re-save the checkpoint") from None
 
 
+# where transformers' tokenizers find a chat template besides tokenizer_config.json's key (chat_template.json is
+# a processor's, which a tokenizer does not read)
+_TEMPLATE_FILE, _TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"
+
+
+def has_chat_template_files(spec: str | os.PathLike) -> bool:
+    """Whether the tokenizer a model spec loads has a chat template, read from its files without loading it: the
+    template decides a run's prompts, and so its samples file's configuration, before the model loads. A hub id
+    whose tokenizer files are not cached counts as templated (the loader reads them later)."""
+    spec = str(spec)
+    path = Path(spec)
+    if _is_gguf(spec):
+        return path.is_file() and _gguf_has_key(path, "tokenizer.chat_template")
+    if path.is_dir():
+        def cached(name):
+            return path / name if (path / name).is_file() else None
+        if (path / _TEMPLATE_DIR).is_dir() and any((path / _TEMPLATE_DIR).glob("*.jinja")):
+            return True
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        def cached(name):
+            try:
+                found = try_to_load_from_cache(spec, name)
+            except ValueError:  # not a hub id: the loader says so in one line
+                return None
+            return Path(found) if isinstance(found, str) else None
+        if cached("tokenizer_config.json") is None and cached(_TEMPLATE_FILE) is None:
+            return True
+    if cached(_TEMPLATE_FILE) is not None:
+        return True
+    config = cached("tokenizer_config.json")
+    try:
+        return bool(config and json.loads(config.read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):  # a damaged file: loading the tokenizer reports it
+        return False
+
+
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # fixed-size value types
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _gguf_has_key(path: Path, key: str) -> bool:
+    """Whether a GGUF file's metadata holds `key`, reading its header only (gguf's reader maps every tensor first:
+    seconds for a large file)."""
+    import struct
+
+    def skip(f, kind: int, count: int = 1) -> None:
+        if kind in _GGUF_SIZES:
+            f.seek(_GGUF_SIZES[kind] * count, 1)
+        elif kind == _GGUF_STRING:
+            for _ in range(count):
+                f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+        elif kind == _GGUF_ARRAY:
+            for _ in range(count):
+                inner, n = struct.unpack("<IQ", f.read(12))
+                skip(f, inner, n)
+        else:
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+    wanted = key.encode()
+    try:
+        with open(path, "rb") as f:
+            magic, version = struct.unpack("<4sI", f.read(8))
+            if magic != b"GGUF" or version < 2:
+                return False
+            _tensors, entries = struct.unpack("<QQ", f.read(16))
+            for _ in range(entries):
+                name = f.read(struct.unpack("<Q", f.read(8))[0])
+                kind = struct.unpack("<I", f.read(4))[0]
+                if name == wanted:
+                    return True
+                skip(f, kind)
+    except (OSError, ValueError, struct.error):  # damaged: loading the file reports it in one line
+        return False
+    return False
+
+
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick request to the hub, no retries (asked once per process)."""
