@@ -182,6 +182,20 @@ def test_math_grading_basics(pool):
     assert all(r.error is None for r in res)
 
 
+def test_several_listed_boxes_are_one_answer_as_math_verify_reads_them(pool):
+    """`$\\boxed{-2}$ and $\\boxed{1}$` answers {-2, 1}, as math-verify reads it (the last box alone was wrong).
+    Boxes with other text between them are separate answers and the last one counts (math-verify, more lenient,
+    joins a corrected guess too)."""
+    listed = [r"So $x = \boxed{-2}$ and $x = \boxed{1}$.", r"$\boxed{-2}$ and $\boxed{1}$.", r"\boxed{-2}, \boxed{1}",
+              r"\boxed{1} or \boxed{-2}", r"\boxed{-2},\boxed{1}"]
+    res = grade_many(listed, ["-2, 1"] * len(listed), ["math"] * len(listed), pool=pool)
+    assert [r.correct for r in res] == [True] * len(listed)
+    assert extract_answer(listed[2], "math") == "-2, 1"
+    separate = [r"First I guessed \boxed{3}, but checking it again gives \boxed{1}.", r"\boxed{-2} \boxed{1}"]
+    assert [extract_answer(t, "math") for t in separate] == ["1", "1"]
+    assert extract_answer(r"\boxed{-2} and \boxed{1}", "gsm8k") == "1"  # a number answer states one number
+
+
 def test_sympy_hang_is_ungraded_within_timeout(pool):
     t = time.perf_counter()
     res = grade_many([HANG, r"\boxed{2}"], ["1", "2"], ["math", "math"], timeout=2.0, pool=pool)

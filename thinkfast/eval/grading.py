@@ -105,8 +105,12 @@ def _braced(text: str, start: int, pairs: dict[int, int] | None = None) -> tuple
 
 def last_boxed(text: str) -> str | None:
     """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`); a cut-off one is skipped."""
-    end = len(text)
-    pairs = None  # matched once, lazily: linear in the text however many boxes are left open
+    found = _last_box(text, len(text))
+    return None if found is None else found[0]
+
+
+def _last_box(text: str, end: int, pairs: dict[int, int] | None = None) -> tuple[str, int, int] | None:
+    """(content, start, end) of the last complete box that starts before `end`."""
     while True:
         idx = max(text.rfind(cmd, 0, end) for cmd in BOX_COMMANDS)
         if idx < 0:
@@ -114,15 +118,35 @@ def last_boxed(text: str) -> str | None:
         cmd = next(c for c in BOX_COMMANDS if text.startswith(c, idx))
         i = idx + len(cmd)
         if i < len(text) and text[i] == "{":
-            pairs = _brace_pairs(text) if pairs is None else pairs
+            pairs = _brace_pairs(text) if pairs is None else pairs  # matched once, lazily: linear however many are open
             got = _braced(text, i, pairs)
             if got is not None and got[0].strip():
-                return got[0].strip()
+                return got[0].strip(), idx, got[1]
         elif i < len(text) and text[i] == " ":  # \boxed 5
             m = re.match(r" +([^\s$]+)", text[i:])
             if m:
-                return m.group(1)
+                return m.group(1), idx, i + m.end()
         end = idx
+
+
+# what lists boxes: `$\boxed{-2}$ and $\boxed{1}$`, `\boxed{-2}, \boxed{1}`, `$x = \boxed{-2}$ or $x = \boxed{1}$`
+BOX_JOINER = re.compile(r"\$?\s*(?:,|,?\s*\b(?:and|or)\b)\s*\$?\s*(?:[A-Za-z]\w*\s*=\s*)?")
+
+
+def boxed_answers(text: str, most: int = 6) -> str | None:
+    """The last box, or the last run of boxes listed with `,` / `and` / `or` joined as one list (`-2, 1`), as
+    math-verify reads several boxed answers; None when there is no complete box."""
+    pairs = _brace_pairs(text)
+    found = _last_box(text, len(text), pairs)
+    if found is None:
+        return None
+    answers = [found]
+    while len(answers) < most:
+        before = _last_box(text, answers[-1][1], pairs)
+        if before is None or not BOX_JOINER.fullmatch(text, before[2], answers[-1][1]):
+            break
+        answers.append(before)
+    return ", ".join(a[0] for a in reversed(answers))
 
 
 def _unmarked(text: str) -> str:
@@ -199,9 +223,14 @@ def extract_answer(text: str, kind: str) -> str | None:
     if not text:
         return None
     text = SPECIAL_TOKEN.sub("\n", text)  # an end-of-turn marker left in the text is not part of the answer
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed if kind == "math" else _number_answer(boxed)
+    if kind == "math":
+        boxed = boxed_answers(text)
+        if boxed is not None:
+            return boxed
+    else:
+        boxed = last_boxed(text)
+        if boxed is not None:
+            return _number_answer(boxed)
     for rule in (_from_marks, _from_phrase):
         answer = rule(text, kind)
         if answer:
