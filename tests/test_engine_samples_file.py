@@ -854,7 +854,10 @@ def test_plain_prompts_stop_at_the_next_question_unless_told_otherwise(setup, tm
     before = kept_going.read_bytes()
     capsys.readouterr()
     assert main(args(kept_going)) == 2
-    assert "stop" in capsys.readouterr().err and kept_going.read_bytes() == before
+    err = capsys.readouterr().err
+    assert "add --no-default-stop to resume" in err and len(err.strip().splitlines()) == 1
+    assert kept_going.read_bytes() == before
+    assert main(args(kept_going, "--no-default-stop")) == 0
 
 
 def test_the_chat_template_is_found_in_every_file_transformers_reads_it_from(tmp_path):

@@ -403,3 +403,46 @@ def test_a_vanishing_temperature_is_greedy():
     logits = torch.tensor([[5.0, 1.0, 0.0, -3.0]])
     for t in (1e-40, 1e-6):  # logits / 1e-40 overflow: the softmax would be NaN
         assert sample_tokens(logits, torch.tensor([0.5], dtype=torch.float64), SamplingParams(temperature=t)).tolist() == [0]
+
+
+def test_a_stop_string_that_is_a_special_token_ends_the_sample_at_it():
+    """Decoding leaves special tokens out of the text, where `<|im_start|>` (an lm-eval `until` string) never
+    showed: such a stop ends the sample at the token itself, and the text ends before it."""
+    from thinkfast.data.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert start not in Engine(_cycling_model([97, 98], 97), tok).stop_ids  # not an end of turn of its own
+    eng = Engine(_cycling_model([97, 98, start, 99], 97), tok, batch_size=2)
+    params = SamplingParams(temperature=0, max_new_tokens=20, stop=["<|im_start|>"])
+    c = next(eng.generate([("p", [97])], params=params))
+    assert (c.finish_reason, c.tokens, c.text) == ("stop", [98, start], "b")
+    c = next(eng.generate([("p", [97])], params=SamplingParams(temperature=0, max_new_tokens=6)))
+    assert c.finish_reason == "length" and c.tokens.count(start) == 2
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logits_that_overflow_stop_the_run_in_one_line(temperature):
+    """NaN or inf logits (a model overflowing in float16) were sampled as the vocabulary's last token (argmax: the
+    first), filling a samples file with wrong answers and no error."""
+    lm = _lm("hybrid", "mamba2")
+    with torch.no_grad():
+        lm.norm.weight[3] = float("inf")
+    eng = Engine(lm, batch_size=2)
+    with pytest.raises(ThinkfastError, match=r"logits hold NaN or inf \(problem p0, sample 0, after 0 generated "
+                                             r"tokens\): it overflows in float32; sample in float32"):
+        list(eng.generate(_prompts([5]), 1, SamplingParams(temperature=temperature, max_new_tokens=4)))
+
+
+def test_sampling_params_changed_after_they_were_made_are_checked_again():
+    eng = Engine(_lm("llamba", "discrete"), _TinyTok(), batch_size=2)
+    for field, value, says in [("top_p", 0.0, "top-p=0.0"), ("temperature", -1.0, "temperature=-1.0"),
+                               ("max_new_tokens", 0, "max-new-tokens=0")]:
+        params = SamplingParams(max_new_tokens=4)
+        setattr(params, field, value)
+        with pytest.raises(ThinkfastError, match=re.escape(says)):
+            list(eng.generate(_prompts([5]), 1, params))
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    params.stop = "abc"  # one string, as the constructor reads it: not three one-letter stops
+    c = next(Engine(_cycling_model([97, 98], 97), _ByteTok(), batch_size=2).generate([("p", [97])], params=params))
+    assert (c.finish_reason, c.text) == ("length", "bababa")

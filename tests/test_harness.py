@@ -157,9 +157,16 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
         sampling_params({"num_beams": 4, "do_sample": False}, 256)
     assert sampling_params({"until": "\n", "do_sample": False, "temperature": 0.7}, 256).temperature == 0
     assert sampling_params({"do_sample": True}, 32).temperature == 1.0
-    # a temperature with do_sample unset does what the model's generation_config says, as HFLM's generate() does
-    assert sampling_params({"temperature": 0.7}, 32).temperature == 0
-    assert sampling_params({"temperature": 0.7}, 32, model_samples=True).temperature == 0.7
+    # as HFLM (lm-eval's normalize_gen_kwargs): greedy unless do_sample or a positive temperature says otherwise,
+    # whatever the model's generation_config says; a sampled task takes the settings it leaves out from it
+    sampling = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": None}
+    assert sampling_params({"until": ["\n"]}, 32, sampling).temperature == 0
+    assert sampling_params({"temperature": 0.0}, 32, sampling).temperature == 0
+    got = sampling_params({"temperature": 0.7}, 32, sampling)
+    assert (got.temperature, got.top_p, got.top_k, got.min_p) == (0.7, 0.9, 20, 0.0)
+    got = sampling_params({"do_sample": True, "top_p": 0.5}, 32, sampling)
+    assert (got.temperature, got.top_p, got.top_k) == (0.6, 0.5, 20)
+    assert sampling_params({"temperature": 0.7}, 32).top_p == 1.0
     assert sampling_params({"max_new_tokens": 9}, 32).max_new_tokens == 9
     task_dir = _task(tmp_path, n=2)
     monkeypatch.setattr(sys, "argv", list(sys.argv))

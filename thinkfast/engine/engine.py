@@ -37,7 +37,7 @@ from ..models.teacher import LLAMA_TYPES
 from ..utils import whole_number
 from .decode import (CompiledStep, CudaGraphStep, DecodeStep, compile_ssm_update, engine_state, ssm_update_,
                      ssm_update_functional)
-from .sampling import SamplingParams, sample_seed, sample_tokens, sample_uniforms
+from .sampling import NOT_FINITE, SamplingParams, sample_seed, sample_tokens, sample_uniforms
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,23 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
 SSM_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def special_token_ids(tokenizer, texts) -> set[int]:
+    """The ids of the stop strings that are a special token's text (`<|im_end|>`, `</s>`): the text is decoded
+    without special tokens, where such a string never shows (lm-eval's `until` lists hold them)."""
+    if tokenizer is None or not texts:
+        return set()
+    special = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    special |= {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+                if getattr(t, "special", False)}
+    ids = set()
+    for text in texts:
+        if text in special:
+            found = tokenizer.convert_tokens_to_ids(text)
+            if isinstance(found, int) and found >= 0:
+                ids.add(found)
+    return ids
+
+
 def parse_ssm_state_dtype(value: str | torch.dtype | None) -> torch.dtype:
     """None -> fp32; a name in SSM_STATE_DTYPES (or bf16 / fp16 / fp32) or one of their torch dtypes."""
     if value is None:
@@ -251,6 +268,7 @@ class Engine:
         self.memory_fraction = memory_fraction
         self.limit = int(self.cfg.max_position_embeddings)
         self.stop_ids = set(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
+        self._stop_token_ids: set[int] = set()  # a run's stop strings that are special tokens (generate_batches)
         on_gpu = self.device.type == "cuda"
         # padded prompt tokens prefilled in one batch: bounds the prefill's transient memory; on a CPU, batches
         # past ~2k tokens ran slower per token (benchmarks/mixed_prefill.md)
@@ -374,9 +392,16 @@ class Engine:
 
     def _check(self, slot: _Slot, tok: int, params: SamplingParams) -> str | None:
         """Append `tok` to the slot; the finish reason if that ended the sample."""
+        if tok == NOT_FINITE:
+            raise ThinkfastError(
+                f"the model's logits hold NaN or inf (problem {slot.req.problem_id}, sample {slot.sample_idx}, after "
+                f"{len(slot.tokens)} generated tokens): it overflows in {str(self.dtype).removeprefix('torch.')}; "
+                f"sample in float32 ({option('--dtype float32', 'dtype=torch.float32')}) or check the checkpoint's weights")
         slot.tokens.append(tok)
         if tok in self.stop_ids and not params.ignore_eos:
             return "eos"
+        if tok in self._stop_token_ids:  # a stop string that is one special token, which decoding leaves out
+            return "stop"
         if params.stop and self.tokenizer is not None:
             tail = self.tokenizer.decode(slot.tokens[-self._stop_window:], skip_special_tokens=True)
             if any(s in tail for s in params.stop):
@@ -418,6 +443,7 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params={type(params).__name__}: give a SamplingParams (SamplingParams(temperature=...))")
+        params = SamplingParams(**params.to_dict())  # checked again: a field set after it was made (p.top_p = 0)
         if not whole_number(n) or n < 1:
             raise ConfigError(f"n={n!r}: ask for at least 1 sample per problem (a whole number)")
         if not whole_number(seed) or seed < 0:
@@ -457,6 +483,7 @@ class Engine:
             return
         longest = max(len(r.prompt) for r in requests)
         self.ensure_capacity(longest + params.max_new_tokens)
+        self._stop_token_ids = special_token_ids(self.tokenizer, params.stop)
         # tokens decoded to look for a stop: a byte-level token can hold one UTF-8 byte of it
         self._stop_window = 2 * max((len(s.encode()) for s in params.stop), default=1) + 4
         self.stats = EngineStats()

@@ -79,8 +79,23 @@ def explain_difference(here: dict, file: dict) -> str:
         elif key == "model" and str(a).startswith("weights:") and str(b).startswith("weights:"):
             parts.append("model: other weights (retrained, or another checkpoint)")
         else:
-            parts.append(f"{key} {_shown(a)} here, {_shown(b)} in the file")
+            parts.append(f"{key} {_shown(a)} here, {_shown(b)} in the file" + _stop_hint(key, a, b))
     return "; ".join(parts)
+
+
+def _stop_hint(key: str, here, file) -> str:
+    """Names the flag when the stops differ by the default one of plain prompts (files from before it, or sampled
+    with --no-default-stop)."""
+    from ..data.prompts import PLAIN_STOP
+
+    if key != "stop" or not (isinstance(here, list) and isinstance(file, list)):
+        return ""
+    if [s for s in here if s != PLAIN_STOP] != [s for s in file if s != PLAIN_STOP]:
+        return ""
+    if PLAIN_STOP in here:
+        return (f" (plain prompts stop at {PLAIN_STOP!r} by default: add {option('--no-default-stop', 'default_stop=False')}"
+                " to resume a file sampled without it)")
+    return f" (the file's plain prompts stopped at {PLAIN_STOP!r} by default)"
 
 
 def _recorded_sampling(lines: list[bytes], config: str) -> dict | None:

@@ -23,7 +23,7 @@ GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's threshold
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy (so is anything under GREEDY_BELOW, as in vLLM)
-    top_p: float = 1.0  # nucleus: smallest set of tokens whose mass reaches top_p (1 = off)
+    top_p: float = 1.0  # nucleus: smallest set of tokens whose mass reaches top_p, ties at its edge kept (1 = off)
     top_k: int = 0  # keep the k most likely tokens (0 = off)
     min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (0 = off)
     max_new_tokens: int = 512
@@ -107,10 +107,15 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
+NOT_FINITE = -1  # the token id sample_tokens gives a row whose logits hold NaN or inf
+
+
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """(n, V) logits and (n,) uniforms in [0, 1) -> (n,) token ids. Greedy (argmax) when temperature is 0."""
+    """(n, V) logits and (n,) uniforms in [0, 1) -> (n,) token ids. Greedy (argmax) when temperature is 0.
+    A row with NaN or inf logits (an overflow) gets NOT_FINITE, never a token it would then go on from."""
     if params.greedy:
-        return logits.argmax(dim=-1)
+        top, idx = logits.max(dim=-1)  # a NaN anywhere in the row is its max
+        return torch.where(torch.isfinite(top), idx, NOT_FINITE)
     probs = filtered_probs(logits, params)
     cdf = torch.cumsum(probs, dim=-1)  # (n, V), fp32
     target = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]  # inverse CDF over the unnormalised mass
@@ -119,4 +124,4 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, params: Sampling
     # fp32 rounding can put the target at the very end of the CDF: fall back to the last token still allowed
     V = probs.shape[-1]
     last_allowed = V - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(-1)
-    return torch.minimum(idx, last_allowed)
+    return torch.where(cdf[:, -1] > 0, torch.minimum(idx, last_allowed), NOT_FINITE)  # NaN mass compares false

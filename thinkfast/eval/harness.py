@@ -33,10 +33,13 @@ GEN_KEYS = {"until", "do_sample", "temperature", "top_p", "top_k", "min_p", "max
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
 
 
-def sampling_params(gen_kwargs: dict, default_max_gen_toks: int, model_samples: bool = False) -> SamplingParams:
-    """An lm-eval task's generation_kwargs as the engine's SamplingParams, greedy unless they sample as HFLM's
-    `generate()` would: do_sample true, or a temperature with do_sample unset where the model's generation_config
-    samples (`model_samples`)."""
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")
+
+
+def sampling_params(gen_kwargs: dict, default_max_gen_toks: int, model_defaults: dict | None = None) -> SamplingParams:
+    """An lm-eval task's generation_kwargs as the engine's SamplingParams, as HFLM's `generate()` reads them: greedy
+    unless do_sample is true or a positive temperature is given (do_sample unset); when sampling, a setting the
+    task leaves out is the model's generation_config's (`model_defaults`), as `generate()` merges it."""
     unknown = sorted(set(gen_kwargs) - GEN_KEYS)
     if unknown:
         raise ConfigError(f"generation setting {unknown[0]!r} of this task: the thinkfast engine samples with temperature, "
@@ -45,14 +48,17 @@ def sampling_params(gen_kwargs: dict, default_max_gen_toks: int, model_samples: 
     until = [until] if isinstance(until, str) else list(until)
     max_new = next((gen_kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in gen_kwargs),
                    default_max_gen_toks)
+    given = {k: gen_kwargs[k] for k in SAMPLING_KEYS if gen_kwargs.get(k) is not None}
     sample = gen_kwargs.get("do_sample")
-    if sample is None:  # HFLM passes do_sample=None on: generate() then does what the model's generation_config says
-        sample = model_samples
-    temperature = float(gen_kwargs.get("temperature", 1.0 if sample else 0.0))
+    if sample is None:  # lm-eval: temperature 0 unless given, and do_sample follows it
+        sample = float(given.get("temperature", 0.0)) > 0
     if not sample:
-        temperature = 0.0
-    return SamplingParams(temperature=temperature, top_p=float(gen_kwargs.get("top_p") or 1.0),
-                          top_k=int(gen_kwargs.get("top_k") or 0), min_p=float(gen_kwargs.get("min_p") or 0.0),
+        return SamplingParams(temperature=0.0, max_new_tokens=int(max_new), stop=[s for s in until if s])
+    if not float(given.get("temperature", 0.0)) > 0:  # do_sample without a temperature: the model's
+        given.pop("temperature", None)
+    settings = {**{k: v for k, v in (model_defaults or {}).items() if v is not None}, **given}
+    return SamplingParams(temperature=float(settings.get("temperature", 1.0)), top_p=float(settings.get("top_p", 1.0)),
+                          top_k=int(settings.get("top_k", 0)), min_p=float(settings.get("min_p", 0.0)),
                           max_new_tokens=int(max_new), stop=[s for s in until if s])
 
 
@@ -125,9 +131,10 @@ class ThinkfastHarnessLM(HFLM):
         self.engine = Engine(model, self.tokenizer, batch_size=slots, ssm_state_dtype=ssm_state_dtype)
         self.seed = seed
 
-    def _model_samples(self) -> bool:
+    def _sampling_defaults(self) -> dict:
+        """The sampling settings of the model's generation_config, which `generate()` applies when a task samples."""
         config = getattr(self.model, "generation_config", None)
-        return bool(getattr(config, "do_sample", False))
+        return {k: getattr(config, k, None) for k in SAMPLING_KEYS}
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         groups: dict[str, tuple[dict, list[int]]] = {}  # one engine run per generation setting
@@ -137,7 +144,7 @@ class ThinkfastHarnessLM(HFLM):
             groups.setdefault(key, (gen_kwargs, []))[1].append(i)
         runs = []  # every setting checked before any answer is generated
         for gen_kwargs, members in groups.values():
-            params = sampling_params(gen_kwargs, self.max_gen_toks, self._model_samples())
+            params = sampling_params(gen_kwargs, self.max_gen_toks, self._sampling_defaults())
             if self.max_length - params.max_new_tokens < 1:
                 raise ConfigError(f"max_gen_toks={params.max_new_tokens} leaves no room for a prompt in the model's "
                                   f"{self.max_length} positions; lower it or raise max_length")
