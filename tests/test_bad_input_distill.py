@@ -328,7 +328,18 @@ def test_settings_a_later_stage_refuses_are_refused_before_anything_is_written(f
     assert not (tmp_path / "a").exists()
 
 
-def test_held_out_data_that_is_the_training_spec_is_refused(files, tmp_path, capsys):
+def test_held_out_data_that_is_the_training_spec_is_refused(files, tmp_path, capsys, caplog):
     _fails(capsys, _distill(files, tmp_path / "a", "--stages", "kd", "--tokens", "128", "--eval-data", _data(files)),
            f"--eval-data {_data(files)}: the training data names the same spec")
+    # another spelling of training examples (a slice, another path) is found by its questions: refused when all
+    # of them were trained on, a note naming how many when some were
+    sliced = f"jsonl:{files}/./chain.jsonl?solution=solution&limit=3"
+    _fails(capsys, _distill(files, tmp_path / "a", "--stages", "kd", "--tokens", "128", "--eval-data", sliced),
+           f"--eval-data {sliced}: all 3 of its questions are training questions")
     assert not (tmp_path / "a").exists()
+    rows = (files / "chain.jsonl").read_text().splitlines()
+    (tmp_path / "mixed.jsonl").write_text("\n".join(rows[:2] + [json.dumps({**json.loads(rows[0]), "question": "new?"})]) + "\n")
+    mixed = f"jsonl:{tmp_path}/mixed.jsonl?solution=solution"
+    with caplog.at_level("WARNING"):
+        assert main(_distill(files, tmp_path / "b", "--stages", "kd", "--tokens", "128", "--eval-data", mixed)) == 0
+    assert f"note: 2 of the 3 held-out questions of {mixed} are also training questions" in caplog.text

@@ -1,5 +1,8 @@
 """Prompts: chat-template rendering, plain fallback, answer-format instructions, few-shot selection."""
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from conftest import SHARED_DATA, smollm2_gguf
@@ -98,6 +101,18 @@ def test_answer_only_targets_state_the_answer_once_in_the_asked_format(chat_tok)
         completion = chat_tok.decode(ex.ids[ex.n_prompt:], skip_special_tokens=True)
         assert completion.strip() == target and not completion.lstrip(" ").startswith("\n"), (kind, instruction, completion)
         assert completion.count("42") == 1
+
+
+def test_a_gold_answer_in_gsm8k_dataset_form_is_boxed_as_its_number(tmp_path):
+    """A jsonl ?kind=gsm8k file keeps GSM8K's whole answer field as the gold (graded by its `#### ` number); a
+    target in another format stated the whole worked answer inside the box."""
+    row = {"question": "Janet has 3 + 4 eggs. How many?", "answer": "She has 3 + 4 = <<3+4=7>>7.\n#### 7"}
+    (tmp_path / "g.jsonl").write_text(json.dumps(row) + "\n")
+    worked, = load_problems(f"jsonl:{tmp_path}/g.jsonl?kind=gsm8k&solution=answer")
+    bare, = load_problems(f"jsonl:{tmp_path}/g.jsonl?kind=gsm8k")
+    assert solution_text(worked, PromptStyle(instruction="boxed")) == "She has 3 + 4 = 7.\nThe final answer is $\\boxed{7}$."
+    for instruction, target in [("boxed", "The final answer is $\\boxed{7}$."), ("hash", "#### 7"), ("none", "#### 7")]:
+        assert solution_text(replace(bare, solution=""), PromptStyle(instruction=instruction)) == target
 
 
 def test_few_shot_selection(chat_tok):

@@ -1,6 +1,7 @@
 """Data specs on the real benchmark files, field mapping, reasoning-gym, slicing and bad specs."""
 
 import json
+import re
 
 import pytest
 
@@ -207,6 +208,36 @@ def test_bad_rows_name_file_and_line(tmp_path):
     # options after '&' instead of '?': the missing file's line says where they go
     with pytest.raises(DataError, match=r"does not exist; options follow a '\?' \(bad.jsonl\?limit=1\)"):
         load_problems(f"jsonl:{path}&limit=1")
+
+
+def test_rows_of_every_scheme_are_text_objects_in_utf8(tmp_path):
+    """Non-UTF-8 files and lines that are JSON but no object were tracebacks; gsm8k: and math: files took null or
+    list fields as the text `None` / `['1', '2']` into prompts and gold answers."""
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b'{"question": "ok", "answer": "#### 1", "problem": "ok"}\n{"question": "caf\xe9", "answer": "#### 1"}\n')
+    for scheme in ("jsonl", "gsm8k", "math"):
+        with pytest.raises(DataError, match=r"f.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\); re-save"):
+            load_problems(f"{scheme}:{path}")
+    for line, what in [('"str"', "string"), ("[1, 2]", "list"), ("7", "number"), ("null", "null")]:
+        path.write_text(line + "\n")
+        for scheme in ("jsonl", "gsm8k", "math"):
+            with pytest.raises(DataError, match=rf"f.jsonl:1: a JSON {what}, not an object"):
+                load_problems(f"{scheme}:{path}")
+    for scheme, row, says in [
+            ("math", {"problem": "p", "answer": None}, "field 'answer' is null"),
+            ("math", {"problem": ["a", "b"], "answer": "1"}, "field 'problem' is a list"),
+            ("math", {"problem": "p", "answer": ["1", "2"]}, "field 'answer' is a list"),
+            ("math", {"problem": "", "answer": "1"}, "field 'problem' is empty"),
+            ("math", {"problem": "p", "answer": "1", "solution": ["a"]}, "field 'solution' is a list"),
+            ("math", {"problem": "p", "answer": "1", "unique_id": ["a"]}, "field 'unique_id' is a list"),
+            ("gsm8k", {"question": None, "answer": "#### 1"}, "field 'question' is null"),
+            ("gsm8k", {"question": "q", "answer": 5}, "GSM8K answer has no '#### <number>' line")]:
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=re.escape(says)):
+            load_problems(f"{scheme}:{path}")
+    path.write_text(json.dumps({"problem": "p", "answer": 3, "solution": None}) + "\n")
+    (p,) = load_problems(f"math:{path}")
+    assert (p.question, p.answer, p.solution) == ("p", "3", None)
 
 
 def test_parse_spec_keeps_plus_signs():

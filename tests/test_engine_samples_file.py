@@ -850,6 +850,14 @@ def test_plain_prompts_stop_at_the_next_question_unless_told_otherwise(setup, tm
     assert main(args(kept_going, "--no-default-stop")) == 0 and _stops(kept_going) == []
     assert main(args(given, "--stop", "\n\n", "--stop", "Question:")) == 0
     assert _stops(given) == ["\n\n", "Question:"]  # not twice
+    # template settings for a tokenizer without a template would go unused: refused, nothing written
+    for extra, says in [(["--chat-template-kwargs", '{"enable_thinking": false}'], "--chat-template-kwargs would go unused"),
+                        (["--chat"], "--chat with --model")]:
+        capsys.readouterr()
+        assert main(args(tmp_path / "unused.jsonl", *extra)) == 2
+        err = capsys.readouterr().err
+        assert says in err and "has no chat template" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "unused.jsonl").exists()
     # a file sampled without the default stop is another configuration: refused, named, untouched
     before = kept_going.read_bytes()
     capsys.readouterr()

@@ -142,6 +142,24 @@ def _check_held_out_is_not_trained_on(args, plan) -> None:
         raise ConfigError(f"{_source(args, plan, 'eval_data')} {same}: the training data names the same spec, so its "
                           "loss would be a training loss; give examples kept out of training (another split, or another "
                           "seed= for an rg: spec)")
+    # another spelling of the same examples (a slice of the training file, another path to it): by their questions
+    import logging
+
+    from ..data.sources import load_questions
+
+    trained_questions = {q for spec in trained for q in load_questions(spec)}
+    for spec in plan.eval_data.specs:
+        if not isinstance(spec, str):
+            continue
+        questions = load_questions(spec)
+        shared = sum(q in trained_questions for q in questions)
+        if questions and shared == len(questions):
+            raise ConfigError(f"{_source(args, plan, 'eval_data')} {spec}: all {shared} of its questions are training "
+                              "questions, so its loss would be a training loss; give examples kept out of training "
+                              "(another split, or another seed= for an rg: spec)")
+        if shared:
+            logging.getLogger(__name__).warning("note: %s of the %s held-out questions of %s are also training questions; their loss is a "
+                        "training loss (give examples kept out of training for a held-out one)", shared, len(questions), spec)
 
 
 def _check_specs(plan) -> None:

@@ -132,6 +132,7 @@ def cmd_sample(args) -> int:
     no_hf_progress_bars()
     from ..data.prompts import declared_style
     from ..engine.run import default_model_name, sample_interleaved, sample_to_file
+    from ..models.teacher import has_chat_template_files
     from ..engine.sampling import SamplingParams
 
     from ..utils import check_out_path
@@ -160,6 +161,9 @@ def cmd_sample(args) -> int:
     examples = _few_shot(args, problems)
 
     def style(spec):  # the prompts the checkpoint declares it was trained on, where no flag says otherwise
+        if args.chat and not has_chat_template_files(spec):
+            raise ConfigError(f"--chat with --model {spec}: its tokenizer has no chat template to prompt it through; "
+                              "drop --chat (its prompts are plain Question/Answer blocks)")
         return declared_style(spec, instruction=args.instruction, system=args.system,
                               chat=args.chat, few_shot=examples, template_kwargs=template_kwargs)
 

@@ -108,16 +108,19 @@ def solution_text(problem: Problem, style: PromptStyle | None = None) -> str:
     if problem.solution is None:
         raise ValueError(f"problem {problem.id} has no worked solution")
     sol = problem.solution.strip()
+    # a gold answer kept in GSM8K's dataset form (a jsonl ?kind=gsm8k answer field) states its number after ####
+    answer = str(problem.answer)
+    answer = answer.rsplit("####", 1)[1].strip() if problem.kind != "math" and "####" in answer else answer
     key = (style or PromptStyle()).instruction
     if key == "auto":
         key = "boxed" if problem.kind == "math" else "hash"
     if key == "boxed" and not BOXED.search(sol):
         body = re.sub(r"\n?#### .*$", "", sol).rstrip()
-        sol = "\n".join(filter(None, [body, f"The final answer is $\\boxed{{{problem.answer}}}$."]))
+        sol = "\n".join(filter(None, [body, f"The final answer is $\\boxed{{{answer}}}$."]))
     elif key == "hash" and "#### " not in sol:
-        sol = "\n".join(filter(None, [sol, f"#### {problem.answer}"]))
+        sol = "\n".join(filter(None, [sol, f"#### {answer}"]))
     elif not sol:  # answer only, in the kind's own format (no instruction names one)
-        sol = str(problem.answer) if problem.kind == "math" else f"#### {problem.answer}"
+        sol = answer if problem.kind == "math" else f"#### {answer}"
     return sol
 
 

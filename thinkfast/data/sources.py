@@ -170,15 +170,28 @@ def _read_jsonl(s: DataSpec) -> list[tuple[int, dict]]:
     """(line number, row) of every non-blank line: ids count rows (blank lines skipped), messages name lines."""
     path = _data_file(s)
     rows = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
-                rows.append((n, json.loads(line)))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: a JSON {_json_kind(row)}, not an object; write one problem per line as "
+                                'an object, e.g. {"question": ..., "answer": ...}')
+            rows.append((n, row))
     return rows
+
+
+def _json_kind(value) -> str:
+    return {list: "list", str: "string", bool: "true/false", type(None): "null"}.get(type(value), "number")
 
 
 _MISSING = object()
@@ -241,11 +254,11 @@ def _gsm8k(s: DataSpec) -> list[Problem]:
     stem = Path(s.target).stem
     out = []
     for i, (n, row) in enumerate(_read_jsonl(s)):
-        full = _field(row, "answer", s, n)
+        full = _text_field(row, "answer", s, n)
         if "####" not in full:
             raise DataError(f"{s.target}:{n}: GSM8K answer has no '#### <number>' line; is this a GSM8K file?")
         solution = CALCULATOR_MARK.sub("", full)
-        out.append(Problem(f"{stem}:{i}", _field(row, "question", s, n), gsm8k_final_answer(full), "gsm8k", solution))
+        out.append(Problem(f"{stem}:{i}", _text_field(row, "question", s, n), gsm8k_final_answer(full), "gsm8k", solution))
     return out
 
 
@@ -254,8 +267,12 @@ def _math(s: DataSpec) -> list[Problem]:
     out = []
     for i, (n, row) in enumerate(_read_jsonl(s)):
         meta = {k: row[k] for k in ("subject", "level") if k in row}
-        pid = row.get("unique_id") or f"{stem}:{i}"
-        out.append(Problem(pid, _field(row, "problem", s, n), str(_field(row, "answer", s, n)), "math", row.get("solution"), meta))
+        pid = _text_field(row, "unique_id", s, n) if row.get("unique_id") is not None else f"{stem}:{i}"
+        solution = row.get("solution")
+        if solution is not None and not isinstance(solution, str):
+            raise DataError(f"{s.target}:{n}: field 'solution' is a {_json_kind(solution)}, not text; fix that line")
+        out.append(Problem(pid, _text_field(row, "problem", s, n), _text_field(row, "answer", s, n), "math",
+                           solution or None, meta))
     return out
 
 

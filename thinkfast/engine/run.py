@@ -228,6 +228,10 @@ class _SamplingJob:
         self.style = style or declared_style(model_spec)
         # a plain Question/Answer prompt invites the next question: stop there, as lm-eval's gsm8k does
         self.plain = not (self.style.chat and has_chat_template_files(model_spec))
+        if self.plain and self.style.chat and self.style.template_kwargs:
+            raise ConfigError(f"{option('--model', 'model')} {model_spec}: its tokenizer has no chat template, so "
+                              f"{option('--chat-template-kwargs', 'template_kwargs')} would go unused (its prompts are "
+                              "plain Question/Answer blocks); drop them")
         if default_stop and self.plain and PLAIN_STOP not in params.stop:
             params = replace(params, stop=[*params.stop, PLAIN_STOP])
         self.rank, self.world, local_rank = dist_env()
