@@ -168,6 +168,28 @@ def test_orm_encoding_keeps_question_head_and_completion_tail(backbone_dir):
         assert enc.ids[enc.start:] == tok("y" * n, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
+def test_orm_encoding_without_a_question_and_with_a_long_one(backbone_dir):
+    """A model trained on completions alone ignores questions when scoring (they changed every feature); without
+    a question BOS leads, so the first token is scored (an empty completion scored as perfectly likely); a long
+    question loses the end of its text, not the template's turn markers the completion follows."""
+    model, tok = load_backbone(backbone_dir)
+    alone = OutcomeRewardModel(model, tok, ORMConfig(max_len=64, uses_question=False))
+    assert alone.encode("What is 2 + 3?", "so 5").ids == alone.encode(None, "so 5").ids
+    lead = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    empty = alone.encode(None, "")
+    assert empty.ids == [lead, tok.eos_token_id] and empty.start == empty.scored_from == 1
+    features = alone.pooled([empty, alone.encode(None, "x")])
+    assert (features[:, -2:] < 0).all()  # log-probs of real predictions, not the (0, 0) of nothing scored
+    older = OutcomeRewardModel(model, tok, ORMConfig(max_len=64, uses_question=False, lead_token=False))
+    assert older.encode(None, "x").ids[0] != lead or older.encode(None, "x").start == 0
+
+    rm = OutcomeRewardModel(model, tok, ORMConfig(max_len=200, question_tokens=40))
+    enc = rm.encode("Add " + " + ".join(["12"] * 60) + ".", "#### 720")
+    head = tok.decode(enc.ids[: enc.start])
+    assert enc.start <= 40 and head.startswith("<|im_start|>user\nAdd 12") and head.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(enc.ids[enc.start:], skip_special_tokens=True) == "#### 720"
+
+
 def test_orm_likelihood_features_are_the_backbone_log_probs(backbone_dir):
     """Mean and min log-prob of the completion (and its end of turn), equal to a plain forward pass, in any batch."""
     model, tok = load_backbone(backbone_dir)

@@ -90,6 +90,9 @@ class ORMConfig:
     train_layers: int = 0  # top blocks fine-tuned with the head (0: frozen backbone, logistic head)
     uses_question: bool = True
     features: str = "likelihood"  # what the head reads: one of FEATURE_SETS
+    # without a question, BOS leads the completion so its first token is scored (an empty completion was scored
+    # as perfectly likely); reward models trained before this read without it
+    lead_token: bool = True
     stats: dict = field(default_factory=dict)
 
     @property
@@ -139,7 +142,11 @@ class OutcomeRewardModel(nn.Module):
         return self.head.weight.device
 
     def encode(self, question: str | None, completion: str) -> Encoded:
-        q = _ids(self.tokenizer, question_text(question, self.tokenizer))[: self.cfg.question_tokens]
+        # a model trained on completions alone reads them alone: a question in front changes every feature
+        q = self._question_ids(question) if self.cfg.uses_question else []
+        if not q and self.cfg.lead_token:  # something to predict the first token from: it is scored too
+            lead = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            q = [lead if lead is not None else 0]
         c = _ids(self.tokenizer, completion)
         eos = self.tokenizer.eos_token_id
         if self.cfg.reads_likelihood and c and eos is not None:
@@ -150,6 +157,19 @@ class OutcomeRewardModel(nn.Module):
         # after a cut the first tokens are predicted without their context; skip them unless nothing would be left
         scored_from = len(q) + (min(RESYNC_TOKENS, len(c) - 1) if cut else 0)
         return Encoded(q + c, len(q), scored_from)
+
+    def _question_ids(self, question: str | None) -> list[int]:
+        """The templated question within question_tokens: a long question loses the end of its text, never the
+        template's close of the user turn and opening of the answer, which the completion follows."""
+        if not question or self.cfg.question_tokens == 0:
+            return []
+        ids = _ids(self.tokenizer, question_text(question, self.tokenizer))
+        over = len(ids) - self.cfg.question_tokens
+        if over <= 0:
+            return ids
+        content = _ids(self.tokenizer, question)
+        shorter = self.tokenizer.decode(content[: max(1, len(content) - over - 1)])  # one more: a merge at the cut
+        return _ids(self.tokenizer, question_text(shorter, self.tokenizer))[-self.cfg.question_tokens:]
 
     def _rope(self, T: int, B: int):
         pos = torch.arange(T, device=self.device).expand(B, T)
@@ -271,6 +291,7 @@ class OutcomeRewardModel(nn.Module):
         if not isinstance(raw, dict) or raw.pop("type", None) != "orm":
             raise CheckpointError(f"{cfg_path}: not an outcome reward model")
         raw.setdefault("features", "pooled")  # folders written before the likelihood features existed
+        raw.setdefault("lead_token", False)  # and before a completion without a question was led by BOS
         cfg = _checked_config(raw, cfg_path)  # before the backbone loads, and before a bad value fails mid-scoring
         if not (path / "backbone").is_dir():  # score has no --backbone: the folder itself is incomplete
             raise CheckpointError(f"{path}: the reward model's backbone/ folder is missing; restore it, or retrain the "
@@ -576,6 +597,10 @@ class ProcessRewardModel:
                                                          **hub)
         except OSError as e:
             raise CheckpointError(f"PRM {name_or_dir}: could not load ({str(e).splitlines()[0][:200]}); check the path or hub id (network?)") from None
+        except (ValueError, KeyError) as e:  # a folder that holds no model (a train-rm folder, a report)
+            hint = (f"; it is a `thinkfast train-rm` folder: pass it as {option('--reward-model', 'reward_model')}"
+                    if (Path(name_or_dir) / ORM_CONFIG).is_file() else "; point it at a PRM checkpoint folder or hub id")
+            raise CheckpointError(f"PRM {name_or_dir}: not a model folder ({str(e).splitlines()[0][:120]}){hint}") from None
         return cls(model.to(device), tok, aggregation)
 
     def conversation(self, question: str, steps: list[str]) -> list[dict]:
