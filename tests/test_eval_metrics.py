@@ -181,3 +181,13 @@ def test_an_ungraded_sample_counts_as_its_answer_graded_elsewhere_in_every_metri
     assert curves["maj_at_k"][0] == pytest.approx(curves["pass_at_k"][0])
     assert curves["bon_at_k"][0] == pytest.approx(curves["pass_at_k"][0])
     assert curves["pass_at_k"][1] == pytest.approx(pass_at_k(6, 3, 2))
+
+
+def test_reward_gaps_are_named_as_what_they_are():
+    """All rewards missing, or one NaN, were both reported as 'some samples have a reward and others do not'."""
+    answers, correct = ["1", "2", "1"], [True, False, True]
+    for rewards, says in [([None, None, None], "problem p7: no sample has a reward"),
+                          ([0.5, None, 0.1], "problem p7: 2 of 3 samples have a reward"),
+                          ([0.5, float("nan"), 0.1], "problem p7: a reward is NaN or infinite")]:
+        with pytest.raises(ThinkfastError, match=says):
+            problem_curves(ProblemSamples(answers, correct, rewards), [1], key="p7")

@@ -268,6 +268,33 @@ def test_cli_train_score_report(backbone_dir, tmp_path, capsys):
     metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert metrics["models"]["student"]["bon_at_k"]["4"] >= metrics["models"]["student"]["pass_at_k"]["1"] - 1e-9
 
+    # each reward names its reward model: another model's never fills the gaps or stands beside them
+    assert {r["reward_model"] for r in scored} == {rm.identity} and rm.identity.startswith("rm:")
+    assert cli(["train-rm", "--samples", str(train), "--backbone", str(backbone_dir), "--out", str(tmp_path / "rm2"),
+                "--features", "pooled"]) == 0
+    capsys.readouterr()
+    before = test.read_bytes()
+    assert cli(["score", str(test), "--reward-model", str(tmp_path / "rm2"), "--skip-bad-lines"]) == 2
+    err = capsys.readouterr().err
+    assert f"its rewards come from another reward model ({rm.identity}; this one is rm2:" in err and "--rescore" in err
+    assert test.read_bytes() == before
+    mixed = tmp_path / "mixed.jsonl"
+    rows = [json.loads(x) for i, x in enumerate(out) if i != 5]
+    for r in rows[:4]:
+        r["reward_model"] = "other:0123456789abcdef"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["report", str(mixed), "--out", str(tmp_path / "rep2"), "--no-plots"]) == 2
+    assert "its rewards come from 2 reward models" in capsys.readouterr().err
+    assert cli(["score", str(mixed), "--reward-model", str(tmp_path / "rm2"), "--rescore"]) == 0
+    assert {json.loads(x)["reward_model"] for x in mixed.read_text().splitlines()} == {
+        OutcomeRewardModel.load(tmp_path / "rm2").identity}
+    # a model without rewards beside one with them: named in the notes, not silently left out of Best-of-N
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "model": "other", "reward": None}) + "\n" for r in rows))
+    assert cli(["report", str(mixed), str(other), "--out", str(tmp_path / "rep3"), "--no-plots"]) == 0
+    notes = json.loads((tmp_path / "rep3" / "metrics.json").read_text())["notes"]
+    assert any(n.startswith("other: no rewards") and "left out of the Best-of-N tables" in n for n in notes)
+
 
 # ------------------------------------------------------------------------------------------ PRM
 
@@ -337,6 +364,16 @@ def test_cli_score_with_a_prm_folder(tmp_path, capsys):
     assert np.allclose([r["reward"] for r in scored], expected, atol=1e-6)
     assert cli(["score", str(path), "--prm", str(prm_dir), "--reward-model", str(tmp_path)]) == 2
     assert "either" in capsys.readouterr().err
+    # a folder that holds no model (a train-rm folder given to the wrong flag) is one line, the file untouched
+    before = path.read_bytes()
+    (tmp_path / "orm").mkdir()
+    (tmp_path / "orm" / "reward_config.json").write_text("{}")
+    for folder, says in [(tmp_path / "orm", "it is a `thinkfast train-rm` folder: pass it as --reward-model"),
+                         (tmp_path, "point it at a PRM checkpoint folder")]:
+        assert cli(["score", str(path), "--prm", str(folder), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "not a model folder" in err and len(err.strip().splitlines()) == 1, err
+    assert path.read_bytes() == before
 
 
 @pytest.mark.parametrize("problems,extra,why", [

@@ -187,9 +187,14 @@ def problem_curves(ps: ProblemSamples, ks: list[int], n_subsets: int = DEFAULT_S
     ones = np.ones(n)
     rewards = None
     if ps.rewards is not None:
+        given = [r is not None for r in ps.rewards]
         rewards = np.array([np.nan if r is None else float(r) for r in ps.rewards], dtype=np.float64)
-        if np.isnan(rewards).any():
-            raise ThinkfastError("some samples of a problem have a reward and others do not; run `thinkfast score` on the whole file")
+        if not any(given):
+            raise ThinkfastError(f"problem {key}: no sample has a reward; pass rewards=None, or score the samples first")
+        if not all(given):
+            raise ThinkfastError(f"problem {key}: {sum(given)} of {n} samples have a reward; run `thinkfast score` on the whole file")
+        if not np.isfinite(rewards).all():
+            raise ThinkfastError(f"problem {key}: a reward is NaN or infinite; score its samples again")
     maj, bon, wbon = [], [], []
     for k in ks:
         _check_nck(n, c, k)
@@ -241,7 +246,9 @@ def dataset_curves(problems: dict[str, ProblemSamples], ks: list[int], n_subsets
     out = {}
     for name, rows in per.items():
         if len(rows) != len(problems):  # rewards on some problems only
-            raise ThinkfastError(f"{name}: rewards exist for {len(rows)} of {len(problems)} problems; score every sample first")
+            missing = next(str(p) for p, ps in problems.items() if ps.rewards is None)
+            raise ThinkfastError(f"{name}: rewards exist for {len(rows)} of {len(problems)} problems (none for problem "
+                                 f"{missing}); score every sample first")
         mat = np.stack(rows)
         out[name] = {"mean": mat.mean(0), "ci": bootstrap_ci(mat, n_boot, seed), "per_problem": mat}
     return out

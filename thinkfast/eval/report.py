@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, option
+from ..errors import ConfigError, DataError, ThinkfastError, option
 from ..utils import HeldLock, atomic_write_json, atomic_write_text
 from .budget import ModelTiming, best_within, check_hardware, model_timing, pareto_front
 from .grading import canonical_answer, extract_answer
@@ -109,8 +109,15 @@ def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | N
             notes.append(f"{model}: {ungraded} ungraded sample(s) (a grader that hung or crashed, or not graded yet; "
                          "`thinkfast score` grades them): each counts as an equal answer graded among its problem's "
                          "samples, else as wrong")
+        scorers = sorted({s.record.get("reward_model") for s in used if s.reward is not None} - {None})
+        if len(scorers) > 1:  # Best-of-N would rank samples on two scales
+            raise DataError(f"model {model!r}: its rewards come from {len(scorers)} reward models ({', '.join(scorers)}); "
+                            "re-score its samples file with one of them (`thinkfast score --rescore`) before reporting")
         per_problem = {p: _problem_samples(s, model) for p, s in chosen.items()}
-        curves = dataset_curves(per_problem, use_ks, n_subsets, seed, n_boot)
+        try:
+            curves = dataset_curves(per_problem, use_ks, n_subsets, seed, n_boot)
+        except ThinkfastError as e:  # rewards on some problems only: name the model and its file
+            raise DataError(f"model {model!r} ({used[0].where.rsplit(':', 1)[0]}): {e}") from None
         timing = model_timing(used)
         if len(timing.timed_with) > 1:
             notes.append(f"{model}: its samples were timed with {' and '.join(timing.timed_with)} (a run resumed "
@@ -148,6 +155,11 @@ def compute_metrics(sset: SampleSet, ks: list[int] | None = None, max_k: int | N
             group_rows[model] = _group_means(groups, list(chosen), curves, use_ks)
 
     metrics = [m for m in METRICS if any(e[m] is not None for e in models.values())]
+    if "bon_at_k" in metrics:  # the Best-of-N tables and fronts leave out a model without rewards: say so
+        for model, e in models.items():
+            if e["bon_at_k"] is None:
+                notes.append(f"{model}: no rewards (run `thinkfast score --reward-model RM` on its samples file); it is "
+                             "left out of the Best-of-N tables and Pareto fronts")
     pareto, budgets = {}, {}
     for name in metrics:
         points = [(models[m]["seconds_per_problem"][str(k)], models[m][name][str(k)], m, k)

@@ -136,6 +136,24 @@ class OutcomeRewardModel(nn.Module):
             raise ConfigError(f"train_layers={cfg.train_layers} fine-tunes blocks under the pooled features, which "
                               f"features={cfg.features!r} does not read; use features 'both' or 'pooled', or train_layers 0")
         self.split = n - cfg.train_layers  # blocks [0, split) are frozen
+        self.loaded_from: Path | None = None
+
+    @property
+    def identity(self) -> str:
+        """What `score` records beside each reward (`reward_model`), so rewards of two models never mix unseen: the
+        folder's name and a hash of its head, settings and backbone weights (of the head and settings alone for a
+        model not loaded from a folder)."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
+        for v in self.head.state_dict().values():
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        if self.loaded_from is None:
+            return "orm:" + h.hexdigest()[:16]
+        from ..engine.run import model_fingerprint
+
+        h.update(model_fingerprint(str(self.loaded_from / "backbone")).encode())
+        return f"{self.loaded_from.name}:{h.hexdigest()[:16]}"
 
     @property
     def device(self):
@@ -308,6 +326,7 @@ class OutcomeRewardModel(nn.Module):
         except (OSError, RuntimeError, SafetensorError) as e:  # cut short, overwritten, or a head of another shape
             raise CheckpointError(f"{path / HEAD_FILE} is damaged or incomplete ({str(e).splitlines()[0][:200]}); "
                                   "retrain the reward model with `thinkfast train-rm`") from None
+        orm.loaded_from = path.resolve()
         return orm.to(device or "cpu").eval()
 
 
@@ -581,6 +600,12 @@ class ProcessRewardModel:
         self.minus_id = _ids(tokenizer, minus)[-1]
         if self.plus_id == self.minus_id:
             raise ConfigError(f"the PRM's tokenizer maps {plus!r} and {minus!r} to the same token")
+        self.source = getattr(model, "name_or_path", None) or type(model).__name__
+
+    @property
+    def identity(self) -> str:
+        """Recorded beside each reward, as OutcomeRewardModel.identity: the checkpoint and the aggregation."""
+        return f"prm:{Path(str(self.source)).name or self.source}:{self.aggregation}"
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, aggregation: str = "min", device=None, dtype=None, trust_remote_code: bool = False):

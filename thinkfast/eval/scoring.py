@@ -148,6 +148,8 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
                 totals["ungraded"] += len(results) - graded
         if scorer is not None:
             todo = [s for s in samples if rescore or s.reward is None]
+            if not rescore:
+                _check_reward_source(f.path, samples, scorer.identity, bool(todo), log)
             if todo:
                 qs = questions_for(todo, questions)
                 if isinstance(scorer, ProcessRewardModel) and any(q is None for q in qs):
@@ -156,6 +158,7 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
                     rewards = scorer.score(qs, [s.completion for s in todo], batch_size=batch_size, progress=bar)
                 for s, r in zip(todo, rewards):
                     s.record["reward"] = float(r)
+                    s.record["reward_model"] = scorer.identity
                 scored = len(todo)
                 totals["scored"] += scored
         lines = list(f.lines)
@@ -173,3 +176,16 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
         os.chmod(f.path, mode)  # the temporary file was private; keep the samples file's own permissions
         log(f"{f.path}: {len(samples)} samples" + (f", {len(f.bad)} bad line(s) kept as they were" if f.bad else ""))
     return totals
+
+
+def _check_reward_source(path: Path, samples: list[Sample], identity: str, filling: bool, log) -> None:
+    """Rewards already in a file come from this reward model: filling the missing ones from another (or keeping
+    another's while told to score) would rank one problem's samples on two scales."""
+    theirs = sorted({s.record.get("reward_model") for s in samples if s.reward is not None} - {None, identity})
+    if theirs:
+        raise DataError(f"{path}: its rewards come from another reward model ({', '.join(theirs)}; this one is {identity}); "
+                        f"pass {option('--rescore', 'rescore=True')} to replace them all with this one's")
+    unnamed = sum(s.reward is not None and s.record.get("reward_model") is None for s in samples)
+    if unnamed and filling:
+        log(f"note: {path}: {unnamed} reward(s) were written before files recorded their reward model; if another "
+            f"model gave them, pass {option('--rescore', 'rescore=True')} so that one model scores every sample")
