@@ -328,6 +328,17 @@ def test_settings_a_later_stage_refuses_are_refused_before_anything_is_written(f
     assert not (tmp_path / "a").exists()
 
 
+def test_a_batch_the_processes_cannot_share_is_refused_before_anything_is_written(files, tmp_path, capsys, monkeypatch):
+    """Checked only when its stage started, after earlier stages trained and run.json was written."""
+    import thinkfast.distill.stages as stages
+    from thinkfast.distill.trainer import DistInfo
+
+    monkeypatch.setattr(stages, "dist_info", lambda: DistInfo(0, 2, 0))
+    _fails(capsys, _distill(files, tmp_path / "a", "--stages", "hidden,kd", "--tokens", "128", "--batch-size", "3"),
+           "stage hidden: batch_size=3 must be divisible by the 2 processes; give --batch-size a multiple of 2")
+    assert not (tmp_path / "a").exists()
+
+
 def test_held_out_data_that_is_the_training_spec_is_refused(files, tmp_path, capsys, caplog):
     _fails(capsys, _distill(files, tmp_path / "a", "--stages", "kd", "--tokens", "128", "--eval-data", _data(files)),
            f"--eval-data {_data(files)}: the training data names the same spec")

@@ -269,6 +269,7 @@ def test_sharded_ranks_merge_into_the_single_process_file(setup, tmp_path, monke
     assert main(_args(root, spec, single)) == 0
     merged = tmp_path / "merged.jsonl"
     monkeypatch.setattr(run_mod, "_barrier", lambda: None)  # ranks run one after the other here
+    monkeypatch.setattr(run_mod, "_join_process_group", lambda: None)
     for rank in (1, 0):  # rank 0 last: it merges the parts once everyone is done
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
@@ -537,6 +538,7 @@ def test_the_recorded_configuration_survives_a_torn_first_line_and_the_merge_of_
 
     merged = tmp_path / "merged.jsonl"
     monkeypatch.setattr(run_mod, "_barrier", lambda: None)
+    monkeypatch.setattr(run_mod, "_join_process_group", lambda: None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert main(_args(root, spec, merged)) == 0
@@ -556,6 +558,7 @@ def test_a_sharded_run_that_crashed_resumes_in_one_process(setup, tmp_path, monk
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(run_mod, "_barrier", lambda: None)
+    monkeypatch.setattr(run_mod, "_join_process_group", lambda: None)
     assert main(_args(root, spec, out)) == 0
     assert list(tmp_path.glob("s.jsonl.part*")) and not out.exists()
     monkeypatch.delenv("WORLD_SIZE")
@@ -923,3 +926,71 @@ def test_the_chat_template_is_found_in_every_file_transformers_reads_it_from(tmp
     except importlib.metadata.PackageNotFoundError:
         return
     assert has_chat_template_files(real) is True
+
+
+def test_torchrun_ranks_hold_the_samples_file_against_other_runs(setup, tmp_path, capsys, monkeypatch):
+    """Each rank locked only its part file: a one-process run on the same --out went ahead and the merged file
+    held 112 samples twice. The ranks now share OUT's lock, which a one-process run (or `score`) is refused by."""
+    from thinkfast.engine.samples_file import SamplesWriter
+
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    ranks = [SamplesWriter(out, {"x": 1}, rank, 2) for rank in (0, 1)]
+    for w in ranks:
+        w.lock()  # together: shared
+    try:
+        assert main(_args(root, spec, out)) == 2
+        err = capsys.readouterr().err
+        assert "being written by another run (the processes of a torchrun run, holding s.jsonl.lock)" in err
+        assert main(["score", str(out)]) == 2
+    finally:
+        for w in ranks:
+            w.release()
+    assert not list(tmp_path.glob("*.lock"))  # the last holder removes it
+
+
+def test_a_crashed_sharded_run_resumes_under_the_name_its_parts_carry(setup, tmp_path, capsys, monkeypatch):
+    root, spec = setup
+    out = tmp_path / "s.jsonl"
+    monkeypatch.setattr(run_mod, "_barrier", lambda: None)
+    monkeypatch.setattr(run_mod, "_join_process_group", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(_args(root, spec, out, "--name", "alpha")) == 0
+    assert list(tmp_path.glob("s.jsonl.part*")) and not out.exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    capsys.readouterr()
+    assert main(_args(root, spec, out, "--name", "beta")) == 2
+    assert "holds the samples of model 'alpha'; resume with --name alpha" in capsys.readouterr().err
+    assert main(_args(root, spec, out)) == 0
+    assert {json.loads(x)["model"] for x in out.read_text().splitlines()} == {"alpha"}
+
+
+def test_every_rank_refuses_a_prompt_any_rank_would_before_writing(setup, tmp_path, capsys, monkeypatch):
+    """Prompts were checked per rank: rank 1 wrote its part before rank 0 refused a long prompt of its own share,
+    and the corrected command was then refused as other settings."""
+    root, spec = setup
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"q": "What is 1 + 1?" * (400 if i == 0 else 1), "a": "2"}) + "\n" for i in range(4)))
+    monkeypatch.setattr(run_mod, "_barrier", lambda: None)
+    monkeypatch.setattr(run_mod, "_join_process_group", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "s.jsonl"
+    assert main(_args(root, f"jsonl:{data}?question=q&answer=a", out)) == 2
+    assert "problem p:0: prompt has" in capsys.readouterr().err
+    assert not list(tmp_path.glob("s.jsonl*"))
+
+
+@pytest.mark.parametrize("command", [["score", "s.jsonl"], ["report", "s.jsonl", "--out", "r"], ["bench"],
+                                     ["train-rm", "--samples", "s.jsonl", "--backbone", "b", "--out", "o"]])
+def test_one_process_commands_refuse_torchrun(command, capsys, monkeypatch, tmp_path):
+    """Under torchrun each rank ran the whole job: train-rm's ranks refused each other as 'another run', bench's
+    raced for the cores and its output files."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"`thinkfast {command[0]}` runs in one process: launch it without torchrun" in err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import ThinkfastError, command_line
+from .errors import ConfigError, ThinkfastError, command_line
 from .utils import free_bytes, write_failure
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -103,9 +103,20 @@ def main(argv: list[str] | None = None) -> int:
         logger.setLevel(level)  # main() called in a process that goes on (a notebook, tests) leaves logging as it was
 
 
+# commands whose processes share work under torchrun; the others would each run the whole job, racing for its output
+TORCHRUN_COMMANDS = ("sample", "distill", "sft", "train-teacher", "lm-eval", "env")
+
+
+def _refuse_torchrun(command: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and command not in TORCHRUN_COMMANDS:
+        raise ConfigError(f"`thinkfast {command}` runs in one process: launch it without torchrun (the commands that "
+                          f"share work across processes: {', '.join(c for c in TORCHRUN_COMMANDS if c != 'env')})")
+
+
 def _run_command(args) -> int:
     try:
         with command_line():
+            _refuse_torchrun(args.command)
             result = args.func(args)
     except ThinkfastError as e:
         print(f"thinkfast {args.command}: error: {e}", file=sys.stderr)

@@ -109,21 +109,25 @@ def clear_leftovers(folder: str | os.PathLike, deep: bool = False) -> int:
     return removed
 
 
+SHARED_HOLDER = "torchrun"  # what a shared HeldLock's file says about its holders
+
+
 class HeldLock:
     """An exclusive lock on `lock_path` (a file beside what it guards) while a run writes there; a second run is
     refused at once. It dies with its process (flock), so a killed run leaves none held; the file is removed on
     release. Not POSIX: no lock."""
 
-    def __init__(self, lock_path: str | os.PathLike, what: str, fix: str):
+    def __init__(self, lock_path: str | os.PathLike, what: str, fix: str, shared: bool = False):
         self.path, self.what, self.fix = Path(lock_path), what, fix
+        self.shared = shared  # held by every rank of one torchrun run together; refuses (and is refused by) the rest
         self.fd: int | None = None
 
     @classmethod
-    def beside(cls, target: str | os.PathLike, fix: str) -> "HeldLock":
+    def beside(cls, target: str | os.PathLike, fix: str, shared: bool = False) -> "HeldLock":
         """The lock of a run writing `target` (a file or a folder): `<target>.lock` next to it, beside the real path
         (a run through a symlink to the same target takes the same lock)."""
         real = Path(os.path.realpath(target))
-        return cls(real.with_name(real.name + ".lock"), str(target), fix)
+        return cls(real.with_name(real.name + ".lock"), str(target), fix, shared)
 
     def acquire(self) -> "HeldLock":
         try:
@@ -135,11 +139,12 @@ class HeldLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except OSError:
                 holder = os.read(fd, 64).decode(errors="replace").strip()
                 os.close(fd)
-                raise ConfigError(f"{self.what} is being written by another run (process {holder or '?'}, holding "
+                who = "the processes of a torchrun run" if holder == SHARED_HOLDER else f"process {holder or '?'}"
+                raise ConfigError(f"{self.what} is being written by another run ({who}, holding "
                                   f"{self.path.name}); {self.fix}") from None
             try:  # the file we locked may have been removed by a run releasing it meanwhile: lock the one there now
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -148,8 +153,11 @@ class HeldLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        if self.shared:  # the same words from every holder
+            os.pwrite(fd, f"{SHARED_HOLDER}\n".encode(), 0)
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return self
 
@@ -157,6 +165,14 @@ class HeldLock:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
+        if self.shared:  # the last of its holders removes it: the others may still hold it
+            import fcntl
+
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return
         self.path.unlink(missing_ok=True)  # while still held: a run that opens it next finds it gone and retries
         os.close(fd)
 

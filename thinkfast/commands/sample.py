@@ -183,13 +183,19 @@ def cmd_sample(args) -> int:
     else:
         (spec, name), = specs
         summaries = [sample_to_file(spec, out=args.out, name=name, style=style(spec), progress=not args.quiet, **common)]
+    from ..engine.run import dist_env
+
+    rank, world, _ = dist_env()
+    if rank > 0:  # under torchrun the first process speaks for the run, once the parts are merged
+        return 0
+    share = f" by this process, one of {world} whose parts are merged into it" if world > 1 else ""
     for s in summaries:
         if s.stats is None:
-            print(f"{s.out}: all {s.total} samples already there (config {s.config}); nothing to do")
+            print(f"{s.out}: all {s.total} samples{share} already there (config {s.config}); nothing to do")
         else:
             st = s.stats
             # the same figure as the progress bar's: engine time counts prefill and decoding, not grading or writing
-            print(f"{s.out}: wrote {s.written} samples ({s.skipped} already there), {st.gen_tokens:,} tokens in "
+            print(f"{s.out}: wrote {s.written} samples{share} ({s.skipped} already there), {st.gen_tokens:,} tokens in "
                   f"{st.wall_seconds:.1f} s of engine time ({st.tokens_per_second:,.0f} tok/s engine), config {s.config}")
     return 0
 

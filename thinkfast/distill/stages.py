@@ -374,11 +374,16 @@ def warn_if_half_precision(model, what: str) -> None:
 
 def check_stages_can_run(stages: list[StageConfig], student: ThinkfastForCausalLM) -> None:
     """What `train` would refuse only when a stage starts (after earlier stages trained, and the run folder was
-    written, so that fixing the setting no longer resumes it): bf16 without a GPU, a stage with nothing to train."""
+    written, so that fixing the setting no longer resumes it): bf16 without a GPU, a stage with nothing to train, a
+    batch the processes cannot share."""
     info = dist_info()
     lm = student.lm
     for stage in stages:
         uses_bf16(stage.train, pick_device(stage.train, info), stage.label)
+        if stage.train.batch_size % info.world:  # each process takes an equal share of every batch
+            raise ConfigError(f"stage {stage.label}: batch_size={stage.train.batch_size} must be divisible by the "
+                              f"{info.world} processes; give {option('--batch-size', 'batch_size')} a multiple of "
+                              f"{info.world}, or launch fewer processes")
         frozen = set(stage.freeze)
         if stage.kind in ("kd", "sft") and all(_group_of(n, lm) in frozen for n, _ in lm.named_parameters()):
             raise ConfigError(f"stage {stage.label}: nothing to train (every parameter is frozen: "

@@ -426,6 +426,24 @@ class Engine:
         for batch in self.generate_batches(prompts, n, params, seed, only, progress):
             yield from batch
 
+    def check_prompt(self, pid, ids) -> list[int]:
+        """A prompt's token ids as ints, refused in one line when the model cannot take them."""
+        try:
+            ids = [int(t) for t in ids]
+        except (TypeError, ValueError):
+            raise ConfigError(f"problem {pid}: the prompt is not a list of token ids") from None
+        if not ids:
+            raise ConfigError(f"problem {pid}: empty prompt; it needs at least one token (e.g. BOS)")
+        if len(ids) >= self.limit:
+            raise ConfigError(
+                f"problem {pid}: prompt has {len(ids)} tokens but the model's limit is {self.limit} positions; "
+                "shorten it (fewer few-shot examples, a shorter system prompt) or use a longer-context model"
+            )
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ConfigError(f"problem {pid}: token id {bad[0]} is outside the model's vocabulary of {self.cfg.vocab_size}; tokenizer and model do not match")
+        return ids
+
     def generate_batches(self, prompts, n: int = 1, params: SamplingParams | None = None, seed: int = 0,
                          only: dict[str, Iterable[int]] | None = None,
                          progress: Callable[[EngineStats], None] | None = None,
@@ -462,20 +480,7 @@ class Engine:
             if str(pid) in seen:
                 raise ConfigError(f"problem id {pid!r} occurs twice; samples are keyed by (problem id, sample index)")
             seen.add(str(pid))
-            try:
-                ids = [int(t) for t in ids]
-            except (TypeError, ValueError):
-                raise ConfigError(f"problem {pid}: the prompt is not a list of token ids") from None
-            if not ids:
-                raise ConfigError(f"problem {pid}: empty prompt; it needs at least one token (e.g. BOS)")
-            if len(ids) >= self.limit:
-                raise ConfigError(
-                    f"problem {pid}: prompt has {len(ids)} tokens but the model's limit is {self.limit} positions; "
-                    "shorten it (fewer few-shot examples, a shorter system prompt) or use a longer-context model"
-                )
-            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise ConfigError(f"problem {pid}: token id {bad[0]} is outside the model's vocabulary of {self.cfg.vocab_size}; tokenizer and model do not match")
+            ids = self.check_prompt(pid, ids)
             todo = sorted(set(int(i) for i in only.get(str(pid), ()))) if only is not None else list(range(n))
             if todo:
                 requests.append(_Request(str(pid), ids, todo))

@@ -235,6 +235,8 @@ class _SamplingJob:
         if default_stop and self.plain and PLAIN_STOP not in params.stop:
             params = replace(params, stop=[*params.stop, PLAIN_STOP])
         self.rank, self.world, local_rank = dist_env()
+        if self.world > 1:
+            _join_process_group()
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(check_device(str(device)))
@@ -260,7 +262,8 @@ class _SamplingJob:
         self.writer.lock()  # before reading: a live run's half-written last line is not a crash's to cut
         try:
             done = self.writer.done()  # refuses a file of another configuration before any work
-            first = _first_record(out) if done else {}
+            # a sharded run that crashed before merging has only its part files: they name the model and timing too
+            first = next((r for r in map(_first_record, [out, *part_files(Path(out))]) if r), {}) if done else {}
             written_as, self.written_on = first.get("model"), first.get("hardware")
             self.written_with = {k: first[k] for k in ("batch_size", "compiled") if k in first}
             if written_as is not None:
@@ -273,6 +276,7 @@ class _SamplingJob:
             self.writer.release()
             raise
         self.name = name
+        self.problems = problems
         self.mine = problems[self.rank::self.world]
         todo = {p.id: [j for j in range(n) if (p.id, j) not in done] for p in self.mine}
         self.todo = {k: v for k, v in todo.items() if v}
@@ -301,6 +305,10 @@ class _SamplingJob:
                 self.by_id[p.id] = p
         self.engine = Engine(model, tokenizer, batch_size=self.batch_size, device=self.device, dtype=self.dtype,
                              compile=self.compile, ssm_state_dtype=self.ssm_dtype)
+        if self.world > 1:  # every rank refuses what any rank would, before any of them writes a sample
+            for p in self.problems:
+                if p.id not in self.by_id:
+                    self.engine.check_prompt(p.id, encode_prompt(tokenizer, render_prompt(p, tokenizer, self.style), templated))
         self.hardware = hardware_string(self.device)
         if self.skipped and self.written_on and self.written_on != self.hardware:
             log.warning("note: %s holds samples timed on %r and this run is %r; seconds are comparable only on one "
@@ -504,8 +512,10 @@ def _progress_bar(total: int, desc: str, enabled: bool, position: int | None = N
     return progress_bar(total, desc, "sample", **({} if position is None else {"position": position}))
 
 
-def _barrier() -> None:
-    """Wait for every torchrun rank (gloo; a long timeout, since ranks may sample for hours)."""
+def _join_process_group() -> None:
+    """Join torchrun's ranks (gloo) at the start, while torchrun's rendezvous store is there: joined only at the
+    end, ranks whose torchrun was killed waited for its store for days. A long timeout: the last barrier waits for
+    the slowest rank, which may sample for hours."""
     import datetime
 
     import torch.distributed as dist
@@ -515,4 +525,11 @@ def _barrier() -> None:
             dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
         except Exception as e:
             raise ThinkfastError(f"torchrun rendezvous failed ({str(e).splitlines()[0][:200]}); check MASTER_ADDR/MASTER_PORT") from None
+
+
+def _barrier() -> None:
+    """Wait for every torchrun rank."""
+    import torch.distributed as dist
+
+    _join_process_group()
     dist.barrier()

@@ -210,10 +210,17 @@ class SamplesWriter:
         made = None if self.path.parent.exists() else next(p for p in [self.path.parent, *self.path.parent.parents]
                                                                 if p.parent.exists())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        held = HeldLock.beside(self.path, "let it finish, or pass another " + option("--out", "out file"))
+        fix = "let it finish, or pass another " + option("--out", "out file")
+        # torchrun's ranks hold OUT's lock together (shared), each its part file's alone: a one-process run or a
+        # `score` on OUT is refused while they write, and they while it does
+        held = [HeldLock.beside(self.out, fix, shared=True)] if self.world_size > 1 else []
+        held.append(HeldLock.beside(self.path, fix))
         try:
-            held.acquire()
+            for lock in held:
+                lock.acquire()
         except BaseException:
+            for lock in held:
+                lock.release()
             self._remove_made(made)
             raise
         self._lock = (held, made)
@@ -223,7 +230,8 @@ class SamplesWriter:
             return
         held, made = self._lock
         self._lock = None
-        held.release()
+        for lock in reversed(held):
+            lock.release()
         self._remove_made(made)
 
     def _remove_made(self, made: Path | None) -> None:
