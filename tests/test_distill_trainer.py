@@ -89,9 +89,10 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path, tok):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-@pytest.mark.parametrize("name", ["optimizer.pt", "rng.pt"])
-def test_a_cut_optimizer_or_rng_state_is_named_as_damaged(tmp_path, tok, name):
-    # a cut rng.pt was reported as "optimizer state unreadable", its cause cut mid-sentence
+@pytest.mark.parametrize("name,keep", [("optimizer.pt", 300), ("rng.pt", 300), ("optimizer.pt", 0), ("rng.pt", 0)])
+def test_a_cut_optimizer_or_rng_state_is_named_as_damaged(tmp_path, tok, name, keep):
+    # a cut rng.pt was reported as "optimizer state unreadable", its cause cut mid-sentence; an empty one (what a
+    # power loss leaves) was an EOFError traceback
     out = tmp_path / "run"
 
     def die(step, record):
@@ -102,11 +103,52 @@ def test_a_cut_optimizer_or_rng_state_is_named_as_damaged(tmp_path, tok, name):
     with pytest.raises(KeyboardInterrupt):
         distill(_teacher(tok), "llamba", DATA, stages, tokenizer=tok, out_dir=out, progress=False, callback=die)
     state = out / "stages" / "01-kd" / "ckpt" / name
-    state.write_bytes(state.read_bytes()[:300])
+    state.write_bytes(state.read_bytes()[:keep])
     with pytest.raises(CheckpointError) as e:
         distill(_teacher(tok), "llamba", DATA, stages, tokenizer=tok, out_dir=out, progress=False, resume=True)
     assert str(e.value).startswith(f"{state}: damaged or incomplete (") and "\n" not in str(e.value)
     assert f"delete {state.parent} and resume to run this stage again" in str(e.value)
+
+
+def test_a_state_json_of_another_shape_and_data_that_changed_are_refused(tmp_path, tok):
+    """Valid JSON of another shape was a traceback (AttributeError, ValueError, KeyError); a data file whose
+    examples changed under the same spec resumed silently on the new ones."""
+    import json
+
+    out = tmp_path / "run"
+
+    def die(step, record):
+        if record.get("stage") == "kd" and step == 3:
+            raise KeyboardInterrupt
+
+    stages = [StageConfig("kd", _tc(4, ckpt_every=2))]
+    with pytest.raises(KeyboardInterrupt):
+        distill(_teacher(tok), "llamba", DATA, stages, tokenizer=tok, out_dir=out, progress=False, callback=die)
+    state_file = out / "stages" / "01-kd" / "ckpt" / "state.json"
+    good = json.loads(state_file.read_text())
+    assert isinstance(good["data"]["digest"], str)
+    for bad, says in [([], "not a JSON object"), ({**good, "step": "five"}, 'step is "five", not a count'),
+                      ({k: v for k, v in good.items() if k != "data"}, "no data position"), ({}, "step is null, not a count")]:
+        state_file.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=f"state.json: {says}; the checkpoint is damaged"):
+            distill(_teacher(tok), "llamba", DATA, stages, tokenizer=tok, out_dir=out, progress=False, resume=True)
+    state_file.write_text(json.dumps({**good, "data": {**good["data"], "digest": "0" * 16}}))
+    with pytest.raises(CheckpointError, match="other examples under the same data spec"):
+        distill(_teacher(tok), "llamba", DATA, stages, tokenizer=tok, out_dir=out, progress=False, resume=True)
+    old = {**good, "data": {k: v for k, v in good["data"].items() if k != "digest"}}  # before the digest: resumes
+    state_file.write_text(json.dumps(old))
+    distill(_teacher(tok), "llamba", DATA, stages, tokenizer=tok, out_dir=out, progress=False, resume=True)
+
+
+def test_a_refusal_names_added_stages_and_where_long_values_differ():
+    from thinkfast.distill.trainer import setting_changes
+
+    spec = "rg:basic_arithmetic?operators=+&allow_parentheses=false&allow_negation=false&min_terms=2&size=200&seed=555"
+    saved = {"stages": [{"kind": "hidden"}, {"kind": "kd"}], "data": {"specs": [spec]}}
+    now = {"stages": [{"kind": "hidden"}, {"kind": "kd"}, {"kind": "sft"}], "data": {"specs": [spec[:-1] + "6"]}}
+    said = setting_changes(saved, now)
+    assert "stages were hidden,kd, now hidden,kd,sft" in said
+    assert 'size=200&seed=555"], now ...' in said and 'size=200&seed=556"]; stages were' in said
 
 
 def test_existing_run_is_never_overwritten(tmp_path, tok):

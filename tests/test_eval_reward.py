@@ -388,3 +388,20 @@ def test_train_rm_says_why_it_has_no_validation_auc(backbone_dir, tmp_path, caps
     assert why in capsys.readouterr().out
     stats = json.loads((tmp_path / "rm" / "reward_config.json").read_text())["stats"]
     assert stats["val_examples"] == 0 and stats["no_validation"] in why
+
+
+def test_a_reward_model_moved_aside_by_a_killed_save_loads_again(backbone_dir, tmp_path):
+    """train-rm killed between its save's two renames leaves the model whole in `.NAME.old-PID`: `score` said it
+    was no reward model folder until the next train-rm put it back."""
+    from thinkfast.eval.scoring import load_reward_model
+
+    model, tok = load_backbone(backbone_dir)
+    rows = toy_samples(8, 4)
+    rm = train_orm([r["question"] for r in rows], [r["completion"] for r in rows], [r["correct"] for r in rows],
+                   [r["problem_id"] for r in rows], model, tok, ORMConfig(features="pooled"), ORMTraining(val_fraction=0),
+                   log=lambda *_: None)
+    rm.save(tmp_path / "rm")
+    (tmp_path / "rm").rename(tmp_path / ".rm.old-12345")
+    again = load_reward_model(tmp_path / "rm")
+    assert (tmp_path / "rm" / "reward_config.json").is_file() and not list(tmp_path.glob(".rm.old-*"))
+    assert again.identity == OutcomeRewardModel.load(tmp_path / "rm").identity

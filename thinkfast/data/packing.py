@@ -22,6 +22,7 @@ the same batches as an uninterrupted one, and every process of a data-parallel r
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -240,6 +241,7 @@ def _parse_weights(weights, n: int) -> list[float]:
     return weights
 
 
+DIGEST_ROWS = 4096  # rows per source a data digest reads
 GROUP_WINDOW = 64  # batches per window that group_by_length sorts: order stays random beyond a window
 
 
@@ -260,6 +262,7 @@ class DataMix:
         self.seed = int(seed)
         self.group = int(group)
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
+        self._digest: str | None = None
         self.state = self.initial_state()
 
     def initial_state(self) -> dict:
@@ -320,17 +323,36 @@ class DataMix:
 
     def state_dict(self) -> dict:
         return {"rows": self.state["rows"], "cursor": list(self.state["cursor"]), "seed": self.seed,
-                "sources": [len(s) for s in self.sources], **({"group": self.group} if self.group > 1 else {})}
+                "sources": [len(s) for s in self.sources], **({"group": self.group} if self.group > 1 else {}),
+                "digest": self.digest()}
+
+    def digest(self) -> str:
+        """A hash of the rows' tokens (up to DIGEST_ROWS evenly spaced rows per source: cheap for billions of
+        tokens): a spec whose content changed (an edited file, another generator version) is other data."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for s in self.sources:
+                rows = torch.linspace(0, len(s) - 1, min(len(s), DIGEST_ROWS)).long() if len(s) else torch.zeros(0).long()
+                for t in (s.input_ids, s.targets):
+                    h.update(str(tuple(t.shape)).encode())
+                    h.update(t[rows].to(torch.int64).numpy().tobytes())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
 
     def load_state_dict(self, d: dict) -> None:
+        from ..errors import CheckpointError
+
         if (d.get("sources") != [len(s) for s in self.sources] or d.get("seed") != self.seed
                 or d.get("group", 0) != (self.group if self.group > 1 else 0)):
-            from ..errors import CheckpointError
-
             raise CheckpointError(
                 f"checkpoint's data position is for other data ({d.get('sources')} rows, seed {d.get('seed')}; "
                 f"now {[len(s) for s in self.sources]}, seed {self.seed}); resume with the same --data and --seq-len"
             )
+        if d.get("digest") not in (None, self.digest()):  # checkpoints from before the digest resume as they did
+            raise CheckpointError(
+                "checkpoint's data is other examples under the same data spec (an edited file, another "
+                "reasoning-gym version or dataset revision); resume with the data it trained on, or choose a new "
+                f"{option('--out', 'out_dir')}")
         self.state = {"rows": int(d["rows"]), "cursor": [int(c) for c in d["cursor"]]}
 
     def summary(self) -> str:

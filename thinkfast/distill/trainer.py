@@ -25,6 +25,7 @@ import json
 import math
 import numbers
 import os
+import pickle
 import sys
 import time
 from contextlib import nullcontext
@@ -279,9 +280,25 @@ def read_checkpoint_state(ckpt_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: unreadable ({e}); the checkpoint is damaged, remove {ckpt_dir} to restart") from None
+    wrong = _state_problem(state)
+    if wrong:
+        raise CheckpointError(f"{path}: {wrong}; the checkpoint is damaged, remove {ckpt_dir} to restart")
+    return state
+
+
+def _state_problem(state) -> str | None:
+    """What makes a state.json unusable (valid JSON of another shape), or None."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    for key in ("step", "tokens"):
+        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
+            return f"{key} is {json.dumps(state.get(key))}, not a count"
+    if not state.get("done") and not isinstance(state.get("data"), dict):
+        return "no data position"
+    return None
 
 
 def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer, state: dict) -> None:
@@ -318,9 +335,19 @@ def setting_changes(saved, now, limit: int = 3) -> str:
     Stages are named by their label; the nesting words (stages, stage, train) are left out."""
     found: list[str] = []
 
-    def show(v) -> str:
+    def show(v, other) -> str:
+        """The value, and where long: the part around its first difference from `other` (two long data specs
+        cut at one place looked the same)."""
         text = "unset" if v is _UNSET else json.dumps(v)
-        return text if len(text) <= 80 else text[:77] + "..."
+        if len(text) <= 80:
+            return text
+        theirs = "" if other is _UNSET else json.dumps(other)
+        at = next((i for i, (x, y) in enumerate(zip(text, theirs)) if x != y), min(len(text), len(theirs)))
+        start = max(0, min(at - 30, len(text) - 77))
+        return ("..." if start else "") + text[start:start + 77] + ("..." if start + 77 < len(text) else "")
+
+    def labels(stages) -> str:
+        return ",".join(str(x.get("name") or x.get("kind")) for x in stages)
 
     def walk(a, b, path: list[str]) -> None:
         if a == b:
@@ -329,9 +356,11 @@ def setting_changes(saved, now, limit: int = 3) -> str:
             for k in sorted(set(a) | set(b), key=str):
                 walk(a.get(k, _UNSET), b.get(k, _UNSET), path if k in ("stages", "stage", "train") else path + [str(k)])
             return
-        if (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
-                and all(isinstance(x, dict) and "kind" in x for x in a + b)):  # stage lists, stage by stage
-            for x, y in zip(a, b):
+        if isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) and "kind" in x for x in a + b):
+            if len(a) != len(b) or labels(a) != labels(b):  # stages added, removed or reordered: say which
+                found.append(f"stages were {labels(a)}, now {labels(b)}")
+                return
+            for x, y in zip(a, b):  # stage lists, stage by stage
                 walk(x, y, path + [str(y.get("name") or y.get("kind"))])
             return
         name = " ".join(path) or "settings"
@@ -340,7 +369,7 @@ def setting_changes(saved, now, limit: int = 3) -> str:
             if what not in found:
                 found.append(what)
         else:
-            found.append(f"{name} was {show(a)}, now {show(b)}")
+            found.append(f"{name} was {show(a, b)}, now {show(b, a)}")
 
     walk(saved, now, [])
     more = len(found) - limit
@@ -518,8 +547,8 @@ def train(
                               ("rng.pt", lambda f: _set_rng_state(torch.load(f, weights_only=True)))):
             try:
                 restore(ckpt_dir / file)
-            except (OSError, RuntimeError, ValueError, KeyError) as e:
-                why = " ".join(str(e).split())[:200]  # torch's messages run over several lines
+            except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+                why = " ".join(str(e).split())[:200] or type(e).__name__  # torch's messages run over several lines
                 raise CheckpointError(f"{ckpt_dir / file}: damaged or incomplete ({why}); delete {ckpt_dir} and resume to "
                                       "run this stage again, or choose a new --out") from None
         data.load_state_dict(state["data"])

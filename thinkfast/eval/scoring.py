@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ..errors import DataError, ThinkfastError, option
-from ..utils import HeldLock, atomic_write_text, progress_bar, remove_temp_copies
+from ..utils import HeldLock, atomic_write_text, progress_bar, recover_replaced, remove_temp_copies
 from .grading import DEFAULT_TIMEOUT, grade_many
 from .reward import (ORM_CONFIG, check_reward_model_out, ORMConfig, ORMTraining, OutcomeRewardModel, ProcessRewardModel, check_labels, load_backbone,
                      train_orm)
@@ -82,6 +82,9 @@ def _train_reward_model(samples_paths, backbone, out_dir, data, orm, training, s
 
 def load_reward_model(path, device=None) -> OutcomeRewardModel:
     path = Path(path)
+    if not path.exists() and path.parent.is_dir():  # a train-rm killed between its save's two renames left the model moved aside: put back
+        with HeldLock.beside(path, "let it finish, then score"):  # never under a train-rm that is saving it
+            recover_replaced(path)
     if not (path / ORM_CONFIG).is_file():
         raise DataError(f"{path}: not a reward model folder (no {ORM_CONFIG}); train one with `thinkfast train-rm`")
     return OutcomeRewardModel.load(path, device)
