@@ -89,12 +89,8 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path, tok):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-@pytest.mark.parametrize("name,keep", [("optimizer.pt", 300), ("rng.pt", 300), ("optimizer.pt", 0), ("rng.pt", 0)])
-def test_a_cut_optimizer_or_rng_state_is_named_as_damaged(tmp_path, tok, name, keep):
-    # a cut rng.pt was reported as "optimizer state unreadable", its cause cut mid-sentence; an empty one (what a
-    # power loss leaves) was an EOFError traceback
-    out = tmp_path / "run"
-
+def _killed_at_step_3(out, tok) -> list:
+    """A kd run into `out` killed at step 3, after its step-2 checkpoint; its stages, to resume."""
     def die(step, record):
         if record.get("stage") == "kd" and step == 3:
             raise KeyboardInterrupt
@@ -102,6 +98,16 @@ def test_a_cut_optimizer_or_rng_state_is_named_as_damaged(tmp_path, tok, name, k
     stages = [StageConfig("kd", _tc(4, ckpt_every=2))]
     with pytest.raises(KeyboardInterrupt):
         distill(_teacher(tok), "llamba", DATA, stages, tokenizer=tok, out_dir=out, progress=False, callback=die)
+    return stages
+
+
+@pytest.mark.parametrize("name,keep", [("optimizer.pt", 300), ("rng.pt", 300), ("optimizer.pt", 0), ("rng.pt", 0)])
+def test_a_cut_optimizer_or_rng_state_is_named_as_damaged(tmp_path, tok, name, keep):
+    # a cut rng.pt was reported as "optimizer state unreadable", its cause cut mid-sentence; an empty one (what a
+    # power loss leaves) was an EOFError traceback
+    out = tmp_path / "run"
+
+    stages = _killed_at_step_3(out, tok)
     state = out / "stages" / "01-kd" / "ckpt" / name
     state.write_bytes(state.read_bytes()[:keep])
     with pytest.raises(CheckpointError) as e:
@@ -117,13 +123,7 @@ def test_a_state_json_of_another_shape_and_data_that_changed_are_refused(tmp_pat
 
     out = tmp_path / "run"
 
-    def die(step, record):
-        if record.get("stage") == "kd" and step == 3:
-            raise KeyboardInterrupt
-
-    stages = [StageConfig("kd", _tc(4, ckpt_every=2))]
-    with pytest.raises(KeyboardInterrupt):
-        distill(_teacher(tok), "llamba", DATA, stages, tokenizer=tok, out_dir=out, progress=False, callback=die)
+    stages = _killed_at_step_3(out, tok)
     state_file = out / "stages" / "01-kd" / "ckpt" / "state.json"
     good = json.loads(state_file.read_text())
     assert isinstance(good["data"]["digest"], str)

@@ -207,14 +207,20 @@ def test_orm_likelihood_features_are_the_backbone_log_probs(backbone_dir):
     torch.testing.assert_close(torch.cat([rm.pooled([e]) for e in encs]), batched, atol=1e-5, rtol=1e-5)
 
 
-def test_orm_without_likelihood_loads_from_an_older_folder(backbone_dir, tmp_path):
-    """A folder written before the likelihood features (no `features` key) loads as the pooled-states head it is."""
+def _small_pooled_orm(backbone_dir, out):
+    """A pooled-states reward model trained on 8 toy problems and saved to `out`; with its rows."""
     model, tok = load_backbone(backbone_dir)
     rows = toy_samples(8, 4)
     rm = train_orm([r["question"] for r in rows], [r["completion"] for r in rows], [r["correct"] for r in rows],
                    [r["problem_id"] for r in rows], model, tok, ORMConfig(features="pooled"), ORMTraining(val_fraction=0),
                    log=lambda *_: None)
-    rm.save(tmp_path / "rm")
+    rm.save(out)
+    return rm, rows
+
+
+def test_orm_without_likelihood_loads_from_an_older_folder(backbone_dir, tmp_path):
+    """A folder written before the likelihood features (no `features` key) loads as the pooled-states head it is."""
+    rm, rows = _small_pooled_orm(backbone_dir, tmp_path / "rm")
     cfg_path = tmp_path / "rm" / "reward_config.json"
     raw = json.loads(cfg_path.read_text())
     del raw["features"]
@@ -395,12 +401,7 @@ def test_a_reward_model_moved_aside_by_a_killed_save_loads_again(backbone_dir, t
     was no reward model folder until the next train-rm put it back."""
     from thinkfast.eval.scoring import load_reward_model
 
-    model, tok = load_backbone(backbone_dir)
-    rows = toy_samples(8, 4)
-    rm = train_orm([r["question"] for r in rows], [r["completion"] for r in rows], [r["correct"] for r in rows],
-                   [r["problem_id"] for r in rows], model, tok, ORMConfig(features="pooled"), ORMTraining(val_fraction=0),
-                   log=lambda *_: None)
-    rm.save(tmp_path / "rm")
+    rm, rows = _small_pooled_orm(backbone_dir, tmp_path / "rm")
     (tmp_path / "rm").rename(tmp_path / ".rm.old-12345")
     again = load_reward_model(tmp_path / "rm")
     assert (tmp_path / "rm" / "reward_config.json").is_file() and not list(tmp_path.glob(".rm.old-*"))
