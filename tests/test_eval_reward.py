@@ -275,14 +275,14 @@ def test_cli_train_score_report(backbone_dir, tmp_path, capsys):
     assert metrics["models"]["student"]["bon_at_k"]["4"] >= metrics["models"]["student"]["pass_at_k"]["1"] - 1e-9
 
     # each reward names its reward model: another model's never fills the gaps or stands beside them
-    assert {r["reward_model"] for r in scored} == {rm.identity} and rm.identity.startswith("rm:")
+    assert {r["reward_model"] for r in scored} == {rm.identity} and rm.identity.startswith("orm:")
     assert cli(["train-rm", "--samples", str(train), "--backbone", str(backbone_dir), "--out", str(tmp_path / "rm2"),
                 "--features", "pooled"]) == 0
     capsys.readouterr()
     before = test.read_bytes()
     assert cli(["score", str(test), "--reward-model", str(tmp_path / "rm2"), "--skip-bad-lines"]) == 2
     err = capsys.readouterr().err
-    assert f"its rewards come from another reward model ({rm.identity}; this one is rm2:" in err and "--rescore" in err
+    assert f"its rewards come from another reward model ({rm.identity}; this one is orm:" in err and "--rescore" in err
     assert test.read_bytes() == before
     mixed = tmp_path / "mixed.jsonl"
     rows = [json.loads(x) for i, x in enumerate(out) if i != 5]
@@ -405,4 +405,4 @@ def test_a_reward_model_moved_aside_by_a_killed_save_loads_again(backbone_dir, t
     (tmp_path / "rm").rename(tmp_path / ".rm.old-12345")
     again = load_reward_model(tmp_path / "rm")
     assert (tmp_path / "rm" / "reward_config.json").is_file() and not list(tmp_path.glob(".rm.old-*"))
-    assert again.identity == OutcomeRewardModel.load(tmp_path / "rm").identity
+    assert again.identity == OutcomeRewardModel.load(tmp_path / "rm").identity == rm.identity  # in memory, loaded, moved

@@ -136,24 +136,21 @@ class OutcomeRewardModel(nn.Module):
             raise ConfigError(f"train_layers={cfg.train_layers} fine-tunes blocks under the pooled features, which "
                               f"features={cfg.features!r} does not read; use features 'both' or 'pooled', or train_layers 0")
         self.split = n - cfg.train_layers  # blocks [0, split) are frozen
-        self.loaded_from: Path | None = None
 
     @property
     def identity(self) -> str:
-        """What `score` records beside each reward (`reward_model`), so rewards of two models never mix unseen: the
-        folder's name and a hash of its head, settings and backbone weights (of the head and settings alone for a
-        model not loaded from a folder)."""
+        """What `score` records beside each reward (`reward_model`), so rewards of two models never mix unseen: a
+        hash of the settings, the head and (evenly spaced values of) every backbone tensor, the same in memory,
+        saved, loaded or moved."""
         import hashlib
 
-        h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
-        for v in self.head.state_dict().values():
-            h.update(v.detach().float().cpu().numpy().tobytes())
-        if self.loaded_from is None:
-            return "orm:" + h.hexdigest()[:16]
-        from ..engine.run import model_fingerprint
-
-        h.update(model_fingerprint(str(self.loaded_from / "backbone")).encode())
-        return f"{self.loaded_from.name}:{h.hexdigest()[:16]}"
+        h = hashlib.sha256(json.dumps({k: v for k, v in asdict(self.cfg).items() if k != "stats"}, sort_keys=True).encode())
+        for name, v in [*self.head.state_dict().items(), *self.backbone.state_dict().items()]:
+            flat = v.detach().reshape(-1)
+            picked = flat[torch.linspace(0, flat.numel() - 1, min(flat.numel(), 4096), device=flat.device).long()]
+            h.update(f"{name}{tuple(v.shape)}".encode())
+            h.update(picked.float().cpu().numpy().tobytes())
+        return "orm:" + h.hexdigest()[:16]
 
     @property
     def device(self):
@@ -326,7 +323,6 @@ class OutcomeRewardModel(nn.Module):
         except (OSError, RuntimeError, SafetensorError) as e:  # cut short, overwritten, or a head of another shape
             raise CheckpointError(f"{path / HEAD_FILE} is damaged or incomplete ({str(e).splitlines()[0][:200]}); "
                                   "retrain the reward model with `thinkfast train-rm`") from None
-        orm.loaded_from = path.resolve()
         return orm.to(device or "cpu").eval()
 
 

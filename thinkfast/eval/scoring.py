@@ -133,6 +133,7 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
             raise DataError(f"this reward model was trained with questions; pass {option('--data SPEC', 'data=SPEC')} (the data the samples were drawn from)")
     elif prm is not None:
         scorer = ProcessRewardModel.from_pretrained(prm, prm_aggregation, device)
+    identity = scorer.identity if scorer is not None else None  # once: it hashes the backbone's weight files
     totals = {"files": len(files), "samples": 0, "regraded": 0, "ungraded": 0, "scored": 0, "skipped_lines": 0}
     for f in files:
         samples = list(f.samples.values())
@@ -152,7 +153,7 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
         if scorer is not None:
             todo = [s for s in samples if rescore or s.reward is None]
             if not rescore:
-                _check_reward_source(f.path, samples, scorer.identity, bool(todo), log)
+                _check_reward_source(f.path, samples, identity, bool(todo), log)
             if todo:
                 qs = questions_for(todo, questions)
                 if isinstance(scorer, ProcessRewardModel) and any(q is None for q in qs):
@@ -161,7 +162,7 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
                     rewards = scorer.score(qs, [s.completion for s in todo], batch_size=batch_size, progress=bar)
                 for s, r in zip(todo, rewards):
                     s.record["reward"] = float(r)
-                    s.record["reward_model"] = scorer.identity
+                    s.record["reward_model"] = identity
                 scored = len(todo)
                 totals["scored"] += scored
         lines = list(f.lines)
