@@ -158,8 +158,9 @@ def _check_held_out_is_not_trained_on(args, plan) -> None:
                               "questions, so its loss would be a training loss; give examples kept out of training "
                               "(another split, or another seed= for an rg: spec)")
         if shared:
-            logging.getLogger(__name__).warning("note: %s of the %s held-out questions of %s are also training questions; their loss is a "
-                        "training loss (give examples kept out of training for a held-out one)", shared, len(questions), spec)
+            logging.getLogger(__name__).warning(
+                "note: %s of the %s held-out questions of %s are also training questions; their loss is a training "
+                "loss (give examples kept out of training for a held-out one)", shared, len(questions), spec)
 
 
 def _check_specs(plan) -> None:

@@ -131,7 +131,7 @@ def _sample_specs(events) -> list[tuple[str, str | None]]:
 def cmd_sample(args) -> int:
     no_hf_progress_bars()
     from ..data.prompts import declared_style
-    from ..engine.run import default_model_name, sample_interleaved, sample_to_file
+    from ..engine.run import default_model_name, dist_env, sample_interleaved, sample_to_file
     from ..models.teacher import has_chat_template_files
     from ..engine.sampling import SamplingParams
 
@@ -183,8 +183,6 @@ def cmd_sample(args) -> int:
     else:
         (spec, name), = specs
         summaries = [sample_to_file(spec, out=args.out, name=name, style=style(spec), progress=not args.quiet, **common)]
-    from ..engine.run import dist_env
-
     rank, world, _ = dist_env()
     if rank > 0:  # under torchrun the first process speaks for the run, once the parts are merged
         return 0

@@ -734,7 +734,7 @@ class _Run:
             reason = e._check(slots[r], toks[r], params)
             if reason is not None:
                 ended.append((r, reason))
-        e.tok[:n] = new
+        e.tok[:n] = new.clamp_min(0)  # a finished row's stale logits never feed NOT_FINITE into the next step
         e.pos[:n] += self.alive[:n]
         self.gen_idx[:n] += self.alive[:n]
         self.charge(range(n), self.lap())

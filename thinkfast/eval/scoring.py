@@ -8,6 +8,7 @@ to replace a file that grew while it was being scored (a sampler still appending
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -158,10 +159,18 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
                 qs = questions_for(todo, questions)
                 if isinstance(scorer, ProcessRewardModel) and any(q is None for q in qs):
                     raise DataError(f"the PRM needs each problem's question; pass {option('--data SPEC', 'data=SPEC')}")
+                journal = RewardJournal(f.path, identity)
+                kept = journal.read()  # what a killed score of this file already computed
                 with progress_bar(len(todo), f"scoring {f.path.name}", "sample", leave=False) as bar:
-                    rewards = scorer.score(qs, [s.completion for s in todo], batch_size=batch_size, progress=bar)
-                for s, r in zip(todo, rewards):
-                    s.record["reward"] = float(r)
+                    left = [(s, q) for s, q in zip(todo, qs) if journal.key(s) not in kept]
+                    bar.update(len(todo) - len(left))
+                    for at in range(0, len(left), JOURNAL_EVERY):
+                        part = left[at:at + JOURNAL_EVERY]
+                        rewards = scorer.score([q for _, q in part], [s.completion for s, _ in part],
+                                               batch_size=batch_size, progress=bar)
+                        kept.update(journal.append([s for s, _ in part], rewards))
+                for s in todo:
+                    s.record["reward"] = kept[journal.key(s)]
                     s.record["reward_model"] = identity
                 scored = len(todo)
                 totals["scored"] += scored
@@ -169,6 +178,7 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
         for i, s in f.samples.items():
             lines[i] = json.dumps(s.record, ensure_ascii=False)
         if lines == f.lines:  # e.g. --rescore with the same reward model: the same rewards again
+            RewardJournal.remove(f.path)
             done = ", ".join(x for x in (f"{graded} graded" if graded else "", f"{scored} given a reward" if scored else "") if x)
             log(f"{f.path}: {len(samples)} samples, " + (f"{done} (the same values the file had); left as it was" if done
                                                           else "nothing to grade or score"))
@@ -178,6 +188,7 @@ def _score_files(paths, reward_model, prm, prm_aggregation, data, regrade, resco
         mode = os.stat(f.path).st_mode & 0o777
         atomic_write_text(f.path, "\n".join(lines) + "\n" if lines else "")
         os.chmod(f.path, mode)  # the temporary file was private; keep the samples file's own permissions
+        RewardJournal.remove(f.path)
         log(f"{f.path}: {len(samples)} samples" + (f", {len(f.bad)} bad line(s) kept as they were" if f.bad else ""))
     return totals
 
@@ -193,3 +204,53 @@ def _check_reward_source(path: Path, samples: list[Sample], identity: str, filli
     if unnamed and filling:
         log(f"note: {path}: {unnamed} reward(s) were written before files recorded their reward model; if another "
             f"model gave them, pass {option('--rescore', 'rescore=True')} so that one model scores every sample")
+
+
+JOURNAL_EVERY = 512  # samples scored between two appends to the journal
+
+
+class RewardJournal:
+    """`FILE.rewards.partial`: the rewards a `score` run has computed for FILE so far, appended and flushed every
+    JOURNAL_EVERY samples, since the file itself is rewritten only once all are scored. A killed run's journal
+    gives the next run those rewards back (those of the same reward model, for completions of the same text)
+    instead of scoring the whole file again; it is removed once the file is rewritten."""
+
+    def __init__(self, path: Path, identity: str):
+        self.path = path.with_name(path.name + ".rewards.partial")
+        self.identity = identity
+
+    @staticmethod
+    def key(s: Sample) -> tuple:
+        return s.problem_id, s.sample_idx, hashlib.sha256(s.completion.encode()).hexdigest()[:16]
+
+    def read(self) -> dict[tuple, float]:
+        kept: dict[tuple, float] = {}
+        if not self.path.is_file():
+            return kept
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # the kill's torn last line: cut, so the next append starts a line
+            data = data[: data.rfind(b"\n") + 1]
+            with open(self.path, "r+b") as f:
+                f.truncate(len(data))
+        for raw in data.decode("utf-8", errors="replace").splitlines():
+            try:  # a torn last line (the kill) or another model's lines are left out
+                rec = json.loads(raw)
+                if rec["reward_model"] == self.identity:
+                    kept[(str(rec["problem_id"]), int(rec["sample_idx"]), str(rec["text"]))] = float(rec["reward"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return kept
+
+    def append(self, samples: list[Sample], rewards) -> dict[tuple, float]:
+        got = {self.key(s): float(r) for s, r in zip(samples, rewards)}
+        text = "".join(json.dumps({"problem_id": k[0], "sample_idx": k[1], "text": k[2], "reward": r,
+                                   "reward_model": self.identity}) + "\n" for k, r in got.items())
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return got
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        path.with_name(path.name + ".rewards.partial").unlink(missing_ok=True)
